@@ -1,0 +1,48 @@
+# geoloc: the two commands a newcomer needs are `make demo` and `make test`.
+# Both create .venv with pip when it is missing and are quick to repeat afterwards.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export GEOLOC_DATA_DIR ?= $(CURDIR)/data
+export GEOLOC_RUNS_DIR ?= $(CURDIR)/runs
+
+.PHONY: venv demo test test-quick test-all lint bench system-deps up down status mlflow-ui clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch and torchvision are pinned as a pair (see DEVELOPERS.md)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## make demo: the main job on the offline demo data
+demo: venv
+	$(BIN)/geoloc data demo
+	$(BIN)/geoloc index build --config demo
+
+## make test: everything but the long `slow` tests (Prefect/MLflow/S3 servers, browser, PostgreSQL included)
+test: venv system-deps
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-quick: venv
+	$(BIN)/python -m pytest -q -m "not slow and not server and not browser and not postgres" -x
+
+test-all: venv system-deps
+	$(BIN)/python -m pytest -q
+
+system-deps:
+	@bash infra/setup-system.sh
+
+lint: venv
+	$(BIN)/ruff check geoloc flows tests benchmarks
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+mlflow-ui: venv
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}

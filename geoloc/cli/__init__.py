@@ -1,0 +1,76 @@
+"""`geoloc` command line: one sub-module per concern, assembled here.
+
+Library code raises `GeolocError` with a message naming the input and the reason; `main`
+turns it into one line on stderr and exit code 1. `print` lives only in this package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from geoloc.errors import GeolocError
+
+app = typer.Typer(
+    name="geoloc",
+    help="Single-image geolocalization on H3 cells: data, training, rerank, reports, orchestration.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # imported here so that `geoloc --help` stays the single place that lists every verb
+    from geoloc.cli import data, mlflow_cmd, report, rerank, s3, sweep, train
+
+    app.add_typer(data.data_app, name="data")
+    app.add_typer(data.index_app, name="index")
+    train.register(app)
+    rerank.register(app)
+    report.register(app)
+    app.add_typer(mlflow_cmd.mlflow_app, name="mlflow")
+    app.add_typer(s3.s3_app, name="s3")
+    sweep.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line reasons, non-zero exits, no tracebacks for user errors."""
+    logging.basicConfig(
+        level=os.environ.get("GEOLOC_LOG_LEVEL", "WARNING"),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int):  # click returns the code of a typer.Exit here
+            return rv
+    except GeolocError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except typer.TyperException as exc:  # usage errors: bad option, missing argument...
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        return int(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+def run() -> None:
+    """The `geoloc` console script."""
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Typed configuration, one model per concern, and one way to load it.
+
+`load_config(path, overrides)` merges a YAML (or JSON) file over the defaults, then `key=value`
+overrides from the CLI (`--set`) or Prefect flow parameters. Keys may be dotted
+(`train.epochs`) or flat and short (`epochs`) when the leaf name is unique across sections.
+Unknown keys are errors. The resolved model is saved whole as a run's `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoloc.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Index build
+# --------------------------------------------------------------------------------------------
+
+
+class IndexConfig(_Strict):
+    """How raw images become the canonical index under `data/index/`."""
+
+    resolution: int = Field(7, ge=0, le=15, description="H3 resolution of the classes.")
+    parent_resolution: int = Field(6, ge=0, le=15, description="H3 resolution of the parent head.")
+    extra_resolutions: list[int] = Field(
+        default_factory=list, description="More `h3_r*` columns to write in images.parquet."
+    )
+    min_images_per_class: int = Field(
+        10, ge=1, description="Cells with fewer train images are merged into the nearest kept cell."
+    )
+    split: Literal["random", "geographic", "sequence"] = Field(
+        "geographic", description="Split strategy."
+    )
+    split_resolution: int = Field(
+        3,
+        ge=0,
+        le=15,
+        description="Coarse H3 ancestor whose groups stay in one split (geographic).",
+    )
+    val_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Share of images in val.")
+    test_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Share of images in test.")
+    seed: int = Field(0, description="Seed of the split.")
+    max_side: int = Field(512, ge=16, description="Processed images are resized to this max side.")
+    workers: int = Field(2, ge=1, description="Processes for image processing.")
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Refuse images above this many pixels (decompression bombs)."
+    )
+    external_layers: list[str] = Field(
+        default_factory=list,
+        description="Extra GeoTIFF layers (paths, relative to data/external/) for h3_features.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> IndexConfig:
+        if self.parent_resolution > self.resolution:
+            raise ValueError(
+                f"parent_resolution ({self.parent_resolution}) must be <= resolution "
+                f"({self.resolution})"
+            )
+        if self.val_frac + self.test_frac >= 1.0:
+            raise ValueError("val_frac + test_frac must be < 1")
+        return self
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Every H3 resolution that images.parquet carries, finest first."""
+        res = {
+            self.resolution,
+            self.parent_resolution,
+            self.split_resolution,
+            *self.extra_resolutions,
+        }
+        return sorted(res, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Model, training, hard negatives
+# --------------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    """Which network maps an image to cell logits."""
+
+    arch: str = Field(
+        "multiscale_cnn",
+        description="Backbone from the model registry (multiscale_cnn, resnet18, resnet50, "
+        "efficientnet_b0, convnext_tiny).",
+    )
+    width: int = Field(32, ge=4, description="MultiScaleCNN: channels of the first stage.")
+    depth: int = Field(4, ge=2, le=6, description="MultiScaleCNN: number of stages.")
+    embed_dim: int = Field(256, ge=8, description="Embedding size before the heads.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the heads.")
+    pretrained: bool = Field(False, description="Load torchvision weights (needs the network).")
+    hierarchy: bool = Field(True, description="Train a parent head jointly with the child head.")
+
+
+class HardNegConfig(_Strict):
+    """Hard-negative oversampling: a share of each epoch drawn from confused cells."""
+
+    enabled: bool = Field(False, description="Turn hard-negative oversampling on.")
+    share: float = Field(0.25, ge=0.0, le=0.9, description="Share of each epoch from the pool.")
+    top_pairs: int = Field(50, ge=1, description="Most-confused (true, predicted) cell pairs kept.")
+    pool_split: Literal["train", "val"] = Field(
+        "val", description="Which split's confusion builds the pool."
+    )
+    start_epoch: int = Field(1, ge=0, description="First epoch (0-based) that draws from the pool.")
+
+
+class TrainConfig(_Strict):
+    """The optimisation loop."""
+
+    epochs: int = Field(10, ge=1, description="Training epochs.")
+    batch_size: int = Field(128, ge=1, description="Global batch size.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    scheduler: Literal["cosine", "none"] = Field("cosine", description="LR schedule.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs.")
+    image_size: int = Field(64, ge=16, description="Model input side in pixels.")
+    augment: bool = Field(True, description="Random flips/colour jitter on train images.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    amp: bool = Field(True, description="Mixed precision when on CUDA.")
+    loss: Literal["ce", "geosoft"] = Field("geosoft", description="Loss on the child head.")
+    tau_km: float | None = Field(
+        None, gt=0, description="GeoSoft temperature in km; None scales it with the resolution."
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="CE label smoothing.")
+    class_weighting: Literal["none", "inverse", "effective"] = Field(
+        "none", description="Per-class loss weights from train frequencies."
+    )
+    class_weight_beta: float = Field(
+        0.999, gt=0.0, lt=1.0, description="Beta of effective-number weighting."
+    )
+    parent_loss_weight: float = Field(0.5, ge=0.0, description="Weight of the parent-head loss.")
+    hier_topk_parents: int = Field(
+        0, ge=0, description="At eval, keep only children of the top-k parents (0: off)."
+    )
+    early_stopping_metric: str = Field("val_p90_km", description="Metric for best/early stopping.")
+    early_stopping_mode: Literal["min", "max"] = Field("min", description="min or max.")
+    early_stopping_patience: int = Field(0, ge=0, description="Epochs without gain (0: off).")
+    max_steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch (0: no cap).")
+    checkpoint_every: int = Field(1, ge=1, description="Save checkpoints/last.pt every N epochs.")
+    nproc: int = Field(1, ge=1, description="Processes for DistributedDataParallel.")
+
+
+class RerankConfig(_Strict):
+    """Post-hoc reranking, refinement and calibration."""
+
+    enabled: bool = Field(True, description="Run rerank evaluation after training.")
+    prior_alpha: float = Field(0.3, ge=0.0, description="Class prior: train frequency ** alpha.")
+    use_land_prior: bool = Field(True, description="Multiply by a land-fraction prior.")
+    k_neighbors: int = Field(20, ge=1, description="Gallery neighbours that vote.")
+    top_k: int = Field(10, ge=1, description="Model top-k cells the votes are blended into.")
+    refine: bool = Field(True, description="Refine the coordinate from in-cell neighbours.")
+    coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Conformal set coverage.")
+    index: Literal["auto", "faiss", "brute"] = Field("auto", description="Neighbour search.")
+
+
+class TrackingConfig(_Strict):
+    """MLflow mirroring."""
+
+    enabled: bool = Field(True, description="Mirror the run into MLflow.")
+    experiment: str = Field("geoloc", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).",
+    )
+    register_model: bool = Field(True, description="Register the model as `geoloc`.")
+    parent_run_id: str | None = Field(None, description="MLflow parent run (sweeps).")
+
+
+class RunConfig(_Strict):
+    """Everything one training run needs; saved whole as `runs/<run_id>/config.json`."""
+
+    name: str = Field("run", min_length=1, max_length=64, description="Human name of the run.")
+    seed: int = Field(0, description="Seeds python, numpy, torch and DataLoader workers.")
+    index_dir: str | None = Field(
+        None, description="Canonical index folder (default: $GEOLOC_DATA_DIR/index)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    hardneg: HardNegConfig = Field(default_factory=HardNegConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, v: str) -> str:
+        if "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError("name may not contain path separators or start with '.'")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_leaf_paths(ann, (*prefix, name)))
+        else:
+            out[(*prefix, name)] = field
+    return out
+
+
+def flat_keys(model: type[BaseModel]) -> dict[str, str]:
+    """Short key -> dotted key, for every leaf whose name is unique across sections."""
+    by_leaf: dict[str, list[str]] = {}
+    for path in _leaf_paths(model):
+        by_leaf.setdefault(path[-1], []).append(".".join(path))
+    return {leaf: paths[0] for leaf, paths in by_leaf.items() if len(paths) == 1}
+
+
+def resolve_key(model: type[BaseModel], key: str) -> str:
+    """Map a short or dotted key to its dotted path; unknown or ambiguous keys are errors."""
+    leaves = {".".join(p) for p in _leaf_paths(model)}
+    if key in leaves:
+        return key
+    by_leaf: dict[str, list[str]] = {}
+    for path in _leaf_paths(model):
+        by_leaf.setdefault(path[-1], []).append(".".join(path))
+    if key in by_leaf:
+        if len(by_leaf[key]) == 1:
+            return by_leaf[key][0]
+        raise ConfigError(f"config key '{key}' is ambiguous: use one of {sorted(by_leaf[key])}")
+    raise ConfigError(
+        f"unknown config key '{key}' for {model.__name__}; valid keys: {', '.join(sorted(by_leaf))}"
+    )
+
+
+def _parse_value(raw: Any) -> Any:
+    """`--set` values are YAML scalars/lists: `2`, `1e-3`, `true`, `null`, `[1, 2]`, `geosoft`."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse `key=value` strings from the command line."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def presets(model: type[BaseModel]) -> list[str]:
+    """Names of the presets shipped for a config model (`geoloc/presets/<kind>/<name>.yaml`)."""
+    folder = PRESETS_DIR / _preset_kind(model)
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _preset_kind(model: type[BaseModel]) -> str:
+    return model.__name__.removesuffix("Config").lower()
+
+
+def _read_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        # a bare name is a preset: `--config geosoft` -> geoloc/presets/run/geosoft.yaml
+        preset = PRESETS_DIR / _preset_kind(model) / f"{p.name}.yaml"
+        if p.suffix == "" and preset.is_file():
+            p = preset
+        else:
+            known = ", ".join(presets(model)) or "none"
+            raise ConfigError(
+                f"config file '{path}' does not exist (presets for {model.__name__}: {known})"
+            )
+    try:
+        text = p.read_text()
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file '{path}' could not be parsed: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def _format_validation(model: type[BaseModel], exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"invalid {model.__name__} from {source}: " + "; ".join(parts)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    model: type[M] = RunConfig,  # type: ignore[assignment]
+) -> M:
+    """Defaults <- file (YAML/JSON, or a preset name) <- overrides; validated, strict.
+
+    `overrides` is a mapping of short/dotted keys to values, or `key=value` strings.
+    """
+    tree: dict[str, Any] = _read_file(path, model) if path else {}
+    if overrides is not None:
+        ov = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
+        for key, value in ov.items():
+            _set_path(tree, resolve_key(model, key), _parse_value(value))
+    source = f"'{path}'" if path else "overrides"
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(model, exc, source)) from exc
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    """Save the resolved config whole (atomically)."""
+    from geoloc.atomic import write_json
+
+    write_json(path, cfg.model_dump(mode="json"))
+
+
+def flatten(cfg: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a config, e.g. for MLflow params."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out

@@ -1,0 +1,1 @@
+"""Data layer: sources -> raw -> processed -> canonical index -> dataset."""

@@ -1,0 +1,156 @@
+"""`summary.json`: the compact, versioned, comparable record of a run.
+
+Every write validates against the JSON Schema shipped in `geoloc/schemas/` and is atomic.
+Readers get a `SummaryError` with a reason (corrupt, unknown schema version) instead of a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+import geoloc
+from geoloc.atomic import write_json
+from geoloc.errors import GeolocError
+from geoloc.layout import RunPaths
+
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+_SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+class SummaryError(GeolocError):
+    """A summary.json that cannot be used; the message says why."""
+
+
+@cache
+def load_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    return json.loads((_SCHEMA_DIR / f"summary.v{version}.json").read_text())
+
+
+def validate_summary(summary: dict[str, Any]) -> None:
+    """Raise `SummaryError` naming the first violation of the schema."""
+    version = summary.get("schema_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise SummaryError(f"unknown schema_version {version!r} (supported: {SUPPORTED_VERSIONS})")
+    try:
+        jsonschema.validate(summary, load_schema(version))
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "<root>"
+        raise SummaryError(
+            f"summary does not match schema v{version} at {where}: {exc.message}"
+        ) from exc
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@cache
+def git_commit() -> str | None:
+    """The commit of the code that ran, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def code_version() -> dict[str, Any]:
+    return {"version": geoloc.__version__, "git_commit": git_commit()}
+
+
+def artifact_flags(run_dir: Path) -> dict[str, bool]:
+    """Which of a run's artifacts exist on disk (the aggregation penalises missing ones)."""
+    rp = RunPaths(Path(run_dir))
+    plots = rp.plots
+    return {
+        "config": rp.config.is_file(),
+        "checkpoint_best": rp.best_checkpoint.is_file(),
+        "checkpoint_last": rp.last_checkpoint.is_file(),
+        "metrics_csv": rp.metrics_csv.is_file(),
+        "val_predictions": rp.val_predictions.is_file(),
+        "test_predictions": rp.test_predictions.is_file(),
+        "plots": plots.is_dir() and any(plots.glob("*.png")),
+        "report": rp.report.is_file(),
+        "dashboard": rp.dashboard.is_file(),
+        "rerank_eval": rp.rerank_eval.is_file(),
+    }
+
+
+def new_summary(run_id: str, run_name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fresh `running` summary."""
+    ts = now_iso()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "run_name": run_name,
+        "status": "running",
+        "failure_reason": None,
+        "created_at": ts,
+        "updated_at": ts,
+        "epochs_completed": 0,
+        "best_epoch": None,
+        "best_val_acc": None,
+        "best_p90_km": None,
+        "last_geo_median_km": None,
+        "last": {},
+        "best": {},
+        "test": None,
+        "rerank": None,
+        "config": config or {},
+        "dataset": {},
+        "code": code_version(),
+        "artifacts": {},
+        "tracking": {"mirrored": False, "mlflow_run_id": None, "error": None},
+    }
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Refresh artifact flags and `updated_at`, validate, write atomically; returns what was written."""
+    summary = dict(summary)
+    summary["updated_at"] = now_iso()
+    summary["artifacts"] = artifact_flags(Path(run_dir))
+    validate_summary(summary)
+    write_json(RunPaths(Path(run_dir)).summary, summary)
+    return summary
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """Load and validate a summary.json (a file or a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = RunPaths(path).summary
+    if not path.is_file():
+        raise SummaryError(f"{path}: no summary.json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SummaryError(f"{path}: corrupt JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SummaryError(f"{path}: not a JSON object")
+    try:
+        validate_summary(data)
+    except SummaryError as exc:
+        raise SummaryError(f"{path}: {exc}") from exc
+    return data
+
+
+def update_summary(run_dir: Path, **changes: Any) -> dict[str, Any]:
+    """Read, change top-level keys, write back."""
+    summary = read_summary(Path(run_dir))
+    summary.update(changes)
+    return write_summary(Path(run_dir), summary)
