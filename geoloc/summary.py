@@ -120,7 +120,7 @@ def new_summary(run_id: str, run_name: str, config: dict[str, Any] | None = None
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Refresh artifact flags and `updated_at`, validate, write atomically; returns what was written."""
+    """Refresh artifact flags and `updated_at`, validate, write atomically; return it."""
     summary = dict(summary)
     summary["updated_at"] = now_iso()
     summary["artifacts"] = artifact_flags(Path(run_dir))

@@ -7,9 +7,19 @@ other or the developer's `data/` and `runs/`.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Shared fixtures live one concern per module in tests/fixtures/ (demo index, moto S3 server,
+# Prefect server, PostgreSQL cluster...); every module there is loaded as a plugin.
+sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = sorted(
+    f"fixtures.{p.stem}"
+    for p in (Path(__file__).parent / "fixtures").glob("*.py")
+    if p.stem != "__init__"
+)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from geoloc.errors import GeolocError
 
 app = typer.Typer(
     name="geoloc",
-    help="Single-image geolocalization on H3 cells: data, training, rerank, reports, orchestration.",
+    help="Single-image geolocalization on H3 cells: data, training, rerank, reports, flows.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,0 +1,1 @@
+"""The `folder` source (being written in the data-layer issue)."""

@@ -1,0 +1,1 @@
+"""The `manifest` source (being written in the data-layer issue)."""

@@ -1,0 +1,1 @@
+"""The `mapillary` source (being written in the data-layer issue)."""

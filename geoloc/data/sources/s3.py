@@ -1,0 +1,1 @@
+"""The `s3` source (being written in the data-layer issue)."""
