@@ -1,0 +1,4 @@
+-- One database per service on the shared PostgreSQL (run once by the postgres image).
+CREATE DATABASE prefect;
+CREATE DATABASE mlflow;
+CREATE DATABASE optuna;
