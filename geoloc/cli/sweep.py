@@ -1,14 +1,94 @@
-"""`geoloc sweep`."""
+"""`geoloc sweep`: an Optuna sweep from the command line (the Prefect `sweep` flow does the same
+with each trial as a `train` subflow)."""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
+from typing import Annotated, Any
 
-from geoloc.cli._common import not_yet
+import typer
+import yaml
+
+from geoloc.cli._common import ConfigOption, SetOption
+from geoloc.config import parse_overrides
+
+
+def _load_space(path: Path) -> list[dict[str, Any]]:
+    from geoloc.sweep import SweepError
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SweepError(f"search space file '{path}' could not be read: {exc}") from exc
+    if isinstance(data, dict):
+        data = data.get("space", [])
+    if not isinstance(data, list):
+        raise SweepError(f"search space file '{path}' must hold a list of parameters")
+    return data
 
 
 def register(app: typer.Typer) -> None:
     @app.command("sweep")
-    def _cmd() -> None:
-        """Optuna sweep over training configs."""
-        not_yet("sweep")
+    def sweep(
+        n_trials: Annotated[int, typer.Option("--n-trials", "-n", help="Trials to run here.")] = 10,
+        config: ConfigOption = None,
+        set_: SetOption = None,
+        study: Annotated[str, typer.Option(help="Study name (resumes if it exists).")] = (
+            "geoloc-sweep"
+        ),
+        storage: Annotated[
+            str | None,
+            typer.Option(help="Optuna storage URL (default: sqlite under runs/_sweeps)."),
+        ] = None,
+        objective: Annotated[str, typer.Option(help="p90 or multi (top-1 vs P90 km).")] = "p90",
+        pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+        space: Annotated[
+            Path | None, typer.Option(help="YAML list of parameters (key, type, low, high...).")
+        ] = None,
+        seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    ) -> None:
+        """Optuna sweep over training configs; every trial is a full run under runs/."""
+        from geoloc.sweep import SweepConfig, run_sweep, validate_sweep
+
+        fields: dict[str, Any] = {
+            "study": study,
+            "storage": storage,
+            "n_trials": n_trials,
+            "objective": objective,
+            "pruner": pruner,
+            "sampler_seed": seed,
+            "base_config": config,
+            "base_overrides": parse_overrides(set_ or []),
+        }
+        if space is not None:
+            fields["space"] = _load_space(space)
+        try:
+            cfg = SweepConfig.model_validate(fields)
+        except ValueError as exc:
+            from geoloc.sweep import SweepError
+
+            raise SweepError(f"invalid sweep settings: {exc}") from exc
+        base = validate_sweep(cfg)
+        parent = _parent_run(cfg.study, base)
+        result = run_sweep(cfg, parent_run_id=parent)
+        table = result.trials
+        typer.echo(table.to_string(index=False) if len(table) else "no trials")
+        typer.echo(f"best: {result.best}")
+        typer.echo(f"sweep summary: {result.out_dir}")
+        typer.echo(f"browse the study: optuna-dashboard {result.storage}")
+
+
+def _parent_run(study: str, base: Any) -> str | None:
+    """An MLflow parent run for the sweep when tracking is on (trials become its children)."""
+    if not base.tracking.enabled:
+        return None
+    try:
+        from geoloc.tracking import start_parent_run
+    except ImportError:
+        return None
+    return start_parent_run(
+        f"sweep-{study}",
+        experiment=base.tracking.experiment,
+        tags={"geoloc.sweep": study},
+        tracking_uri=base.tracking.tracking_uri,
+    )
