@@ -44,5 +44,15 @@ lint: venv
 bench: venv
 	$(BIN)/python -m benchmarks
 
+## make up / down / status: local Prefect server + work pool + deployments + worker (infra/stack.sh)
+up: venv
+	@bash infra/stack.sh up
+
+down:
+	@bash infra/stack.sh down
+
+status:
+	@bash infra/stack.sh status
+
 mlflow-ui: venv
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
