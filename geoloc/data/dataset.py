@@ -1,0 +1,234 @@
+"""The dataset, once: index split -> (image tensor, label, parent label, row index).
+
+`GeoDataset` reads the canonical index (`images.parquet` for paths and coordinates,
+`splits.parquet` for the split and the labels) and nothing else; training, evaluation, rerank
+and prediction all go through it and through `build_transforms`, so an image is decoded and
+normalised one way everywhere.
+
+Decoded images of a small split are kept in memory as uint8 tensors: on 2 CPU cores JPEG decoding
+is a visible share of an epoch at 64x64 (see `benchmarks/bench_dataloader.py`), and a cached split
+gives bit-identical samples to an uncached one because both go through the same uint8 -> float
+transform.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from geoloc.config import TrainConfig
+from geoloc.errors import DataError, IndexMissingError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val", "test")
+DEFAULT_CACHE_BYTES = 1 << 30
+"""Splits whose decoded pixels fit in this many bytes are cached in memory (1 GiB)."""
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+Sample = tuple[torch.Tensor, int, int, int]
+
+
+def index_files(index_dir: Path) -> dict[str, Path]:
+    """The three index files a training run needs, by name."""
+    return {
+        "images": index_dir / "images.parquet",
+        "splits": index_dir / "splits.parquet",
+        "labels": index_dir / "labels.json",
+    }
+
+
+def check_index(index_dir: Path) -> None:
+    """Raise `IndexMissingError` naming the folder/file when the index cannot be trained on."""
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise IndexMissingError(
+            f"index folder '{index_dir}' does not exist (run `geoloc index build` first)"
+        )
+    for name, path in index_files(index_dir).items():
+        if not path.is_file():
+            raise IndexMissingError(
+                f"index file '{path}' is missing ({name}; run `geoloc index build` first)"
+            )
+        if path.stat().st_size == 0:
+            raise IndexMissingError(f"index file '{path}' is empty (rebuild the index)")
+
+
+def read_split_table(index_dir: Path, split: str) -> pd.DataFrame:
+    """One row per image of `split`: splits.parquet joined with images.parquet, in index order.
+
+    Columns: image_id, path, lat, lon, label, parent_label, label_cell (plus width/height when
+    the index has them). Order is the order of splits.parquet, so row positions are stable.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
+    index_dir = Path(index_dir)
+    check_index(index_dir)
+    files = index_files(index_dir)
+    try:
+        splits = pd.read_parquet(files["splits"])
+        images = pd.read_parquet(files["images"])
+    except (OSError, ValueError) as exc:
+        raise IndexMissingError(f"index in '{index_dir}' could not be read: {exc}") from exc
+    _require_columns(splits, files["splits"], ("image_id", "split", "label", "parent_label"))
+    _require_columns(images, files["images"], ("image_id", "path", "lat", "lon"))
+    if images.empty or splits.empty:
+        raise IndexMissingError(f"index in '{index_dir}' has no images (rebuild the index)")
+    part = splits.loc[splits["split"] == split].reset_index(drop=True)
+    if part.empty:
+        raise DataError(f"split '{split}' of index '{files['splits']}' has no images")
+    keep = [c for c in ("image_id", "path", "lat", "lon", "width", "height") if c in images]
+    table = part.merge(images[keep], on="image_id", how="left", validate="one_to_one")
+    missing = table["path"].isna()
+    if missing.any():
+        raise DataError(
+            f"{int(missing.sum())} image(s) of split '{split}' in '{files['splits']}' are not in "
+            f"'{files['images']}' (e.g. {table.loc[missing, 'image_id'].iloc[0]})"
+        )
+    if "label_cell" not in table:
+        table["label_cell"] = ""
+    return table
+
+
+def _require_columns(df: pd.DataFrame, path: Path, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise IndexMissingError(f"index file '{path}' lacks column(s) {', '.join(missing)}")
+
+
+def decode_image(path: Path) -> torch.Tensor:
+    """(3, H, W) uint8 RGB tensor from an image file; `DataError` naming it when unreadable."""
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"image '{path}' could not be read: {exc}") from exc
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class GeoDataset(Dataset[Sample]):
+    """Images of one split of the canonical index: `(image (3,S,S), label, parent, row)`.
+
+    `row` is the position in this split (0..len-1), so evaluation maps predictions back to
+    `table.image_id` and the hard-negative pool returns train indices. Image paths in the index are
+    relative to the data root, which is the index folder's parent unless `data_root` says otherwise.
+    `cache=None` caches decoded pixels when they fit in `DEFAULT_CACHE_BYTES`.
+    """
+
+    def __init__(
+        self,
+        index_dir: Path,
+        split: str,
+        transform: Transform | None = None,
+        *,
+        data_root: Path | None = None,
+        cache: bool | None = None,
+    ) -> None:
+        self.index_dir = Path(index_dir)
+        self.split = split
+        self.transform = transform
+        self.data_root = Path(data_root) if data_root is not None else self.index_dir.parent
+        self.table = read_split_table(self.index_dir, split)
+        self.labels = self.table["label"].to_numpy(dtype=np.int64)  # (N,)
+        self.parent_labels = self.table["parent_label"].to_numpy(dtype=np.int64)  # (N,)
+        self._paths = [self.data_root / p for p in self.table["path"].astype(str)]
+        self._cache: list[torch.Tensor] | None = None
+        use_cache = cache if cache is not None else self.decoded_bytes() <= DEFAULT_CACHE_BYTES
+        if use_cache:
+            self._cache = self._decode_all()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def decoded_bytes(self) -> int:
+        """Bytes the decoded uint8 pixels of this split take (from the index's width/height)."""
+        if {"width", "height"} <= set(self.table.columns):
+            wh = self.table["width"].fillna(0).astype(np.int64) * self.table["height"].fillna(0)
+            return int(wh.sum()) * 3
+        return len(self) * 512 * 512 * 3  # unknown sizes: assume the processing default
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
+
+    def _decode_all(self) -> list[torch.Tensor]:
+        it = tqdm(self._paths, desc=f"decode {self.split}", unit="img", leave=False)
+        return [decode_image(p) for p in it]
+
+    def raw_image(self, i: int) -> torch.Tensor:
+        """(3, H, W) uint8 pixels of row `i`, from the cache or the file."""
+        return self._cache[i] if self._cache is not None else decode_image(self._paths[i])
+
+    def __getitem__(self, i: int) -> Sample:
+        image = self.raw_image(i)
+        x = self.transform(image) if self.transform is not None else image
+        return x, int(self.labels[i]), int(self.parent_labels[i]), i
+
+
+def build_transforms(train_cfg: TrainConfig, train: bool) -> Transform:
+    """uint8 (3,H,W) -> float (3,S,S) normalised; light augmentation for training when asked.
+
+    No flips: the demo images are satellite crops and street photos are not mirror-symmetric
+    either, so a flipped image shows a place that does not exist. A mild crop/scale and colour
+    jitter are what survive that argument.
+    """
+    size = train_cfg.image_size
+    steps: list[torch.nn.Module] = []
+    if train and train_cfg.augment:
+        steps += [
+            v2.RandomResizedCrop((size, size), scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15),
+        ]
+    else:
+        steps.append(v2.Resize((size, size), antialias=True))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: python and numpy follow the worker's torch seed.
+
+    torch seeds each worker from the loader's generator; python's `random` and numpy are not,
+    so without this every worker would draw the same augmentation numbers.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset[Sample],
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    sampler: Sampler[int] | Sequence[int] | None = None,
+    drop_last: bool = False,
+) -> DataLoader[Sample]:
+    """A DataLoader whose order and worker RNGs depend only on `seed` (and the sampler)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        drop_last=drop_last,
+    )
