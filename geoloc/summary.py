@@ -34,18 +34,37 @@ def load_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
     return json.loads((_SCHEMA_DIR / f"summary.v{version}.json").read_text())
 
 
+@cache
+def _validator(version: int) -> jsonschema.protocols.Validator:
+    """One compiled validator per version: `jsonschema.validate` re-checks the schema each call,
+    which dominates when the leaderboard reads thousands of summaries."""
+    schema = load_schema(version)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
 def validate_summary(summary: dict[str, Any]) -> None:
     """Raise `SummaryError` naming the first violation of the schema."""
     version = summary.get("schema_version")
     if version not in SUPPORTED_VERSIONS:
         raise SummaryError(f"unknown schema_version {version!r} (supported: {SUPPORTED_VERSIONS})")
+    error = jsonschema.exceptions.best_match(_validator(version).iter_errors(summary))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "<root>"
+        raise SummaryError(f"summary does not match schema v{version} at {where}: {error.message}")
+
+
+def parse_summary(text: str | bytes) -> dict[str, Any]:
+    """Parse and validate summary.json text; the `SummaryError` says why it is unusable."""
     try:
-        jsonschema.validate(summary, load_schema(version))
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "<root>"
-        raise SummaryError(
-            f"summary does not match schema v{version} at {where}: {exc.message}"
-        ) from exc
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SummaryError(f"corrupt JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SummaryError(f"not a JSON object but {type(data).__name__}")
+    validate_summary(data)
+    return data
 
 
 def now_iso() -> str:
@@ -137,16 +156,11 @@ def read_summary(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SummaryError(f"{path}: no summary.json")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SummaryError(f"{path}: corrupt JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise SummaryError(f"{path}: not a JSON object")
-    try:
-        validate_summary(data)
+        return parse_summary(path.read_bytes())
+    except OSError as exc:
+        raise SummaryError(f"{path}: unreadable ({exc})") from exc
     except SummaryError as exc:
         raise SummaryError(f"{path}: {exc}") from exc
-    return data
 
 
 def update_summary(run_dir: Path, **changes: Any) -> dict[str, Any]:
