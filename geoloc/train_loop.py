@@ -577,7 +577,9 @@ def fit(
     config_doc = cfg.model_dump(mode="json")
     stopped_early = False
 
-    for epoch_index in range(state.epoch, tc.epochs):
+    epochs_bar = tqdm(range(state.epoch, tc.epochs), initial=state.epoch, total=tc.epochs,
+                      desc="train", unit="epoch", disable=not progress)  # fmt: skip
+    for epoch_index in epochs_bar:
         epoch = epoch_index + 1
         start = time.perf_counter()
         order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
@@ -635,6 +637,9 @@ def fit(
             epoch, trained.loss, metrics["val_top1"], metrics["val_median_km"],
             metrics["epoch_time_s"],
         )  # fmt: skip
+        epochs_bar.set_postfix(
+            val_top1=f"{metrics['val_top1']:.3f}", val_median_km=f"{metrics['val_median_km']:.0f}"
+        )
         for callback in callbacks:
             callback(epoch, dict(metrics))
         if stop:
