@@ -1,0 +1,61 @@
+"""`aggregate` flow: rank every run under $GEOLOC_RUNS_DIR, publish the leaderboard.
+
+Writes `runs/_aggregate/` (CSV, Parquet, dashboard), a leaderboard table artifact and, when
+tracking is on, the leaderboard in MLflow (the tracking server is the one I/O worth retrying).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows._artifacts import publish_table
+from geoloc.aggregate import AggregateResult
+from geoloc.aggregate import aggregate_runs as _aggregate_runs
+from geoloc.pipeline import table_records
+
+
+@task(name="aggregate-runs", cache_policy=NO_CACHE)
+def aggregate_runs(runs_root: Path | None) -> AggregateResult:
+    return _aggregate_runs(runs_root)
+
+
+@task(name="log-leaderboard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def log_leaderboard(result: AggregateResult) -> str | None:
+    from geoloc.tracking import log_leaderboard as _log_leaderboard
+
+    return _log_leaderboard(result)
+
+
+@flow(name="aggregate", log_prints=True)
+def aggregate(runs_root: str | None = None, tracking: bool = True, top: int = 50) -> dict[str, Any]:
+    """Rank the runs and publish the leaderboard.
+
+    Args:
+        runs_root: Folder of runs (default: $GEOLOC_RUNS_DIR).
+        tracking: Also log the leaderboard to MLflow.
+        top: Rows of the leaderboard table artifact.
+    """
+    result = aggregate_runs(Path(runs_root) if runs_root else None)
+    publish_table(
+        "geoloc-leaderboard",
+        table_records(result.table, limit=top),
+        f"Leaderboard: {len(result.ranked)} ranked, {len(result.skipped)} skipped runs",
+    )
+    if result.dashboard_path is not None:
+        create_link_artifact(
+            key="geoloc-leaderboard-dashboard",
+            link=result.dashboard_path.as_uri(),
+            link_text="leaderboard dashboard",
+        )
+    mlflow_run_id = log_leaderboard(result) if tracking else None
+    return {
+        "ranked": len(result.ranked),
+        "skipped": [{"run_id": s.run_id, "reason": s.reason} for s in result.skipped],
+        "csv": str(result.csv_path) if result.csv_path else None,
+        "mlflow_run_id": mlflow_run_id,
+    }

@@ -1,0 +1,107 @@
+"""`index` flow: demo or ingest -> process -> build the canonical index, each stage a task.
+
+Stages are cached by the fingerprint of their inputs (`geoloc.pipeline.*_key`): a re-run with
+unchanged inputs, or after a failure further down, skips them. A stage whose outputs were
+deleted runs again even when its key is cached. Cache records live next to the data, under
+`data/state/prefect/`, so they follow `GEOLOC_DATA_DIR` and vanish with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from flows._artifacts import publish_table
+from geoloc import pipeline
+from geoloc.config import IndexConfig
+from geoloc.paths import DataPaths
+
+
+def _demo_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+    return pipeline.demo_key(p["out_dir"], p["n"], p["seed"], p["sigma_deg"])
+
+
+def _ingest_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+    return pipeline.ingest_key(p["spec"], p["paths"], p["cfg"], p["options"])
+
+
+def _index_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+    return pipeline.index_key(p["paths"], p["cfg"])
+
+
+@task(name="validate-index-config", cache_policy=NO_CACHE)
+def validate_config(preset: str | None, overrides: dict[str, Any] | None) -> IndexConfig:
+    return pipeline.index_config_from_params(preset, overrides)
+
+
+@task(name="make-demo", cache_key_fn=_demo_key)
+def make_demo(out_dir: Path, n: int, seed: int, sigma_deg: float) -> dict[str, Any]:
+    from geoloc.data.demo import make_demo as _make_demo
+
+    report = _make_demo(out_dir, n=n, seed=seed, sigma_deg=sigma_deg)
+    return {"out_dir": str(report.out_dir), "n": report.n, "seconds": report.seconds}
+
+
+# ingestion fetches from object storage and HTTP: the one stage worth retrying
+@task(name="ingest", cache_key_fn=_ingest_key, retries=2, retry_delay_seconds=10)
+def ingest(spec: str, paths: DataPaths, cfg: IndexConfig, options: dict[str, Any]) -> Any:
+    from geoloc.data.ingest import ingest as _ingest
+
+    return _ingest(spec, paths, cfg, **options)
+
+
+@task(name="build-index", cache_key_fn=_index_key)
+def build_index(paths: DataPaths, cfg: IndexConfig) -> Any:
+    from geoloc.data.index import build_index as _build_index
+
+    return _build_index(paths, cfg)
+
+
+@flow(name="index", log_prints=True)
+def index(
+    source: str = "demo",
+    index_preset: str | None = "demo",
+    overrides: dict[str, Any] | None = None,
+    demo_n: int = 12000,
+    demo_seed: int = 0,
+    source_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build (or reuse) the canonical index under $GEOLOC_DATA_DIR/index.
+
+    Args:
+        source: `demo` (offline demo images), a folder, a manifest file, `s3://bucket/prefix` or
+            `mapillary:minlon,minlat,maxlon,maxlat`.
+        index_preset: Index config: a preset (demo) or a YAML/JSON file; empty for defaults.
+        overrides: Any other IndexConfig key, e.g. {"resolution": 3}.
+        demo_n: Number of demo images (source=demo).
+        demo_seed: Seed of the demo images (source=demo).
+        source_options: Extra options of the source (e.g. {"limit": 1000}).
+    """
+    cfg = validate_config(index_preset, overrides)
+    paths = DataPaths.default()
+    results = pipeline.stage_cache_dir(paths)
+    if source == "demo":
+        _cached(make_demo, "demo", paths, results)(paths.demo, demo_n, demo_seed, 0.5)
+    _cached(ingest, "ingest", paths, results)(source, paths, cfg, dict(source_options or {}))
+    _cached(build_index, "index", paths, results)(paths, cfg)
+    from geoloc.data.index import index_fingerprint
+
+    fingerprint = index_fingerprint(paths)
+    publish_table(
+        "geoloc-index",
+        [{"source": source, "index": str(paths.index), "fingerprint": fingerprint}],
+        "The canonical index this flow run built or reused",
+    )
+    return {"index_dir": str(paths.index), "fingerprint": fingerprint}
+
+
+def _cached(stage_task: Any, stage: str, paths: DataPaths, results: Path) -> Any:
+    """The stage's task storing its cache under the data tree; refreshed if outputs vanished."""
+    return stage_task.with_options(
+        result_storage=results,
+        refresh_cache=not pipeline.stage_outputs_present(stage, paths),
+    )

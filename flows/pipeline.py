@@ -1,0 +1,46 @@
+"""`pipeline` flow: index -> train (rerank evaluation, report) -> aggregate, as subflows.
+
+Each step is the flow of its own deployment, so a pipeline run shows the same tasks, caching and
+artifacts as running the steps one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.aggregate import aggregate
+from flows.index import index
+from flows.train import train
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    source: str = "demo",
+    index_preset: str | None = "demo",
+    index_overrides: dict[str, Any] | None = None,
+    demo_n: int = 12000,
+    preset: str | None = "demo",
+    epochs: int | None = None,
+    tracking: bool | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build (or reuse) the index, train one run on it, and refresh the leaderboard.
+
+    Args:
+        source: Index source: `demo`, a folder, a manifest, `s3://...` or `mapillary:...`.
+        index_preset: Index config preset or file.
+        index_overrides: Any other IndexConfig key.
+        demo_n: Number of demo images (source=demo).
+        preset: Training config preset or file.
+        epochs: Training epochs (default: the preset's).
+        tracking: Mirror the run and the leaderboard into MLflow (default: the preset's).
+        overrides: Any other RunConfig key, short or dotted.
+    """
+    built = index(
+        source=source, index_preset=index_preset, overrides=index_overrides, demo_n=demo_n
+    )
+    run = train(preset=preset, epochs=epochs, tracking=tracking, overrides=overrides)
+    board = aggregate(tracking=tracking is not False)
+    return {"index": built, "run": run, "leaderboard": board}
