@@ -1,23 +1,129 @@
-"""`geoloc s3 ...`."""
+"""`geoloc s3 push|pull`: mirror a run directory or the data index to S3-compatible storage."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from geoloc.cli._common import not_yet
+from geoloc.errors import GeolocError
+from geoloc.paths import DataPaths, runs_dir
 
 s3_app = typer.Typer(
-    help="Move runs and the data index to S3-compatible storage.", no_args_is_help=True
+    help="Move runs and the data index to S3-compatible storage (AWS, MinIO...).",
+    no_args_is_help=True,
 )
+
+IndexFlag = Annotated[
+    bool, typer.Option("--index", help="Transfer the data index (data/index/) instead of a run.")
+]
+EndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint-url",
+        help="S3 endpoint, e.g. http://localhost:9000 for MinIO (default: $AWS_ENDPOINT_URL).",
+    ),
+]
+ThresholdOption = Annotated[
+    int, typer.Option("--multipart-threshold-mb", min=1, help="Multipart above this size (MiB).")
+]
+WorkersOption = Annotated[int, typer.Option("--workers", min=1, help="Files in flight at once.")]
+
+
+def _split_args(args: list[str], index: bool, verb: str, usage: str) -> tuple[str | None, str]:
+    """(local path or None, s3 url) from the positional arguments; one-line errors otherwise."""
+    if index:
+        if len(args) != 1:
+            raise GeolocError(f"s3 {verb} --index takes only the S3 URL: {usage}")
+        return None, args[0]
+    if verb == "push" and len(args) != 2:
+        raise GeolocError(f"s3 push needs a run directory and an S3 URL: {usage}")
+    if verb == "pull" and len(args) not in (1, 2):
+        raise GeolocError(f"s3 pull needs an S3 URL and optionally a run directory: {usage}")
+    if verb == "push":
+        return args[0], args[1]
+    return (args[1] if len(args) == 2 else None), args[0]
+
+
+def _print_report(verb: str, src: str, dst: str, report: object) -> None:
+    counts = (
+        f"uploaded {report.uploaded}, skipped {report.skipped}"  # type: ignore[attr-defined]
+        if verb == "push"
+        else f"downloaded {report.downloaded}, skipped {report.skipped}"  # type: ignore[attr-defined]
+    )
+    failed = len(report.failed)  # type: ignore[attr-defined]
+    size = report.bytes_transferred / 1e6  # type: ignore[attr-defined]
+    typer.echo(f"{verb} {src} -> {dst}: {counts}, failed {failed} ({size:.1f} MB transferred)")
 
 
 @s3_app.command("push")
-def push() -> None:
-    """Upload a run directory or the index."""
-    not_yet("s3 push")
+def push(
+    args: Annotated[list[str], typer.Argument(metavar="[RUN_DIR] S3_URL", show_default=False)],
+    index: IndexFlag = False,
+    endpoint_url: EndpointOption = None,
+    multipart_threshold_mb: ThresholdOption = 64,
+    workers: WorkersOption = 4,
+) -> None:
+    """Upload RUN_DIR (or --index) to s3://bucket/prefix; unchanged files are skipped."""
+    from geoloc import storage
+
+    local, url = _split_args(args, index, "push", "geoloc s3 push RUN_DIR|--index s3://b/prefix")
+    src = DataPaths.default().index if local is None else Path(local)
+    if local is None and not src.is_dir():
+        raise GeolocError(f"no data index at '{src}': run `geoloc index build` first")
+    try:
+        report = storage.push(
+            src,
+            url,
+            endpoint_url=endpoint_url,
+            multipart_threshold=multipart_threshold_mb * 1024 * 1024,
+            workers=workers,
+            progress=True,
+        )
+    except storage.StorageError as exc:
+        if exc.report is not None:
+            _print_report("push", str(src), url, exc.report)
+        raise
+    _print_report("push", str(src), url, report)
 
 
 @s3_app.command("pull")
-def pull() -> None:
-    """Download a run directory or the index."""
-    not_yet("s3 pull")
+def pull(
+    args: Annotated[list[str], typer.Argument(metavar="S3_URL [RUN_DIR]", show_default=False)],
+    index: IndexFlag = False,
+    endpoint_url: EndpointOption = None,
+    multipart_threshold_mb: ThresholdOption = 64,
+    workers: WorkersOption = 4,
+) -> None:
+    """Download s3://bucket/prefix into RUN_DIR (default: runs/<last prefix part>) or --index.
+
+    Each file is verified against the sha256 recorded at upload; a mismatch leaves the local
+    file untouched and fails the command.
+    """
+    from geoloc import storage
+
+    local, url = _split_args(args, index, "pull", "geoloc s3 pull s3://b/prefix RUN_DIR|--index")
+    if index:
+        dst = DataPaths.default().index
+    elif local is not None:
+        dst = Path(local)
+    else:
+        name = storage.parse_s3_url(url).prefix.rsplit("/", 1)[-1]
+        if not name:
+            raise GeolocError(f"'{url}' names no run folder: give RUN_DIR explicitly")
+        dst = runs_dir() / name
+    try:
+        report = storage.pull(
+            url,
+            dst,
+            endpoint_url=endpoint_url,
+            multipart_threshold=multipart_threshold_mb * 1024 * 1024,
+            workers=workers,
+            progress=True,
+        )
+    except storage.StorageError as exc:
+        if exc.report is not None:
+            _print_report("pull", url, str(dst), exc.report)
+        raise
+    _print_report("pull", url, str(dst), report)
