@@ -152,6 +152,9 @@ class PlotSpec:
     title: str
     draw: Callable[[Any, RunInputs], None]  # (matplotlib Figure, inputs)
     size: tuple[float, float] = (7.0, 4.5)
+    # fixed (left, bottom, right, top): tight_layout measures every tick label and costs about
+    # half of each plot's time
+    margins: tuple[float, float, float, float] = (0.1, 0.12, 0.97, 0.9)
 
     @property
     def filename(self) -> str:
@@ -194,12 +197,15 @@ def _epochs(df: pd.DataFrame) -> np.ndarray:
 
 
 def _draw_metric_lines(fig: Any, inputs: RunInputs, columns: Sequence[str], ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     df = _require_metrics(inputs, columns)
     ax = fig.add_subplot(1, 1, 1)
     x = _epochs(df)
     for col in columns:
         if col in df.columns and df[col].notna().any():
             ax.plot(x, df[col].to_numpy(dtype=float), marker="o", markersize=3, label=col)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -402,8 +408,20 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("metrics_loss", "Loss per epoch", draw_loss),
     PlotSpec("metrics_valacc", "Validation accuracy per epoch", draw_valacc),
     PlotSpec("geo_error", "Error distance CDF", draw_geo_error),
-    PlotSpec("confusion_matrix", "Confusion matrix", draw_confusion, size=(8.0, 7.0)),
-    PlotSpec("error_map", "Test errors on the map", draw_error_map, size=(11.0, 6.0)),
+    PlotSpec(
+        "confusion_matrix",
+        "Confusion matrix",
+        draw_confusion,
+        size=(8.0, 7.0),
+        margins=(0.2, 0.2, 0.86, 0.95),
+    ),
+    PlotSpec(
+        "error_map",
+        "Test errors on the map",
+        draw_error_map,
+        size=(11.0, 6.0),
+        margins=(0.06, 0.08, 0.9, 0.94),
+    ),
 )
 
 
@@ -411,6 +429,8 @@ def draw_plot(spec: PlotSpec, inputs: RunInputs, out_dir: Path) -> PlotOutcome:
     """Draw one plot atomically; an absent input or a drawing failure becomes the reason."""
     plt = _pyplot()
     fig = plt.figure(figsize=spec.size)
+    left, bottom, right, top = spec.margins
+    fig.subplots_adjust(left=left, bottom=bottom, right=right, top=top)
     target = out_dir / spec.filename
     try:
         spec.draw(fig, inputs)
@@ -418,7 +438,6 @@ def draw_plot(spec: PlotSpec, inputs: RunInputs, out_dir: Path) -> PlotOutcome:
             raise MissingInput("nothing to draw")
         if not fig.axes[0].get_title():
             fig.axes[0].set_title(spec.title)
-        fig.tight_layout()
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         return PlotOutcome(spec, target)
