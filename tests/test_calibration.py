@@ -1,0 +1,129 @@
+"""Temperature scaling and conformal sets on synthetic data with a known truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from geoloc.calibration import (
+    ConformalSets,
+    apply_temperature,
+    calibration_metrics,
+    conformal_scores,
+    conformal_sets,
+    conformal_threshold,
+    fit_conformal,
+    fit_temperature,
+    log_probs,
+    top1_ece,
+)
+from geoloc.errors import GeolocError
+
+
+def calibrated_task(n: int, k: int, sharpness: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn from softmax(logits): a perfectly calibrated model.
+
+    Higher `sharpness` means a more confident (better) model on an easier task.
+    """
+    rng = np.random.default_rng(seed)
+    logits = sharpness * rng.standard_normal((n, k))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    labels = (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    return logits, labels
+
+
+def test_temperature_scaling_recovers_the_overconfidence_and_lowers_ece() -> None:
+    logits, labels = calibrated_task(4000, 20, sharpness=1.5, seed=0)
+    overconfident = 3.0 * logits
+    t = fit_temperature(overconfident, labels)
+    assert t == pytest.approx(3.0, rel=0.15)
+    before = top1_ece(apply_temperature(overconfident, 1.0), labels)
+    after = top1_ece(apply_temperature(overconfident, t), labels)
+    assert after < 0.5 * before
+    # scaling never changes the predicted cell
+    assert np.array_equal(
+        apply_temperature(overconfident, t).argmax(1), overconfident.argmax(axis=1)
+    )
+
+
+def test_temperature_of_log_probabilities_equals_that_of_logits() -> None:
+    logits, labels = calibrated_task(1000, 8, sharpness=2.0, seed=1)
+    probs = apply_temperature(2.0 * logits, 1.0)
+    assert fit_temperature(log_probs(probs), labels) == pytest.approx(
+        fit_temperature(2.0 * logits, labels), rel=1e-3
+    )
+
+
+@pytest.mark.parametrize("method", ["lac", "aps"])
+@pytest.mark.parametrize("coverage", [0.8, 0.9])
+def test_conformal_sets_reach_the_coverage_on_exchangeable_data(
+    method: str, coverage: float
+) -> None:
+    logits, labels = calibrated_task(6000, 30, sharpness=1.5, seed=2)
+    probs = apply_temperature(logits, 1.0)
+    cal, test = slice(0, 3000), slice(3000, 6000)
+    sets = fit_conformal(probs[cal], labels[cal], coverage, method)  # type: ignore[arg-type]
+    result = sets.evaluate(probs[test], labels[test])
+    assert result["coverage"] >= coverage - 0.02
+    assert result["coverage"] <= coverage + 0.05, "not trivially full sets"
+    assert 1.0 <= result["set_size"] < 30
+
+
+def test_a_better_model_gets_smaller_sets_at_the_same_coverage() -> None:
+    sizes = []
+    for sharpness in (0.8, 2.0, 4.0):
+        logits, labels = calibrated_task(4000, 30, sharpness=sharpness, seed=3)
+        probs = apply_temperature(logits, 1.0)
+        sets = fit_conformal(probs[:2000], labels[:2000], 0.9)
+        sizes.append(sets.evaluate(probs[2000:], labels[2000:])["set_size"])
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_lac_sets_are_no_larger_than_aps_sets_on_average() -> None:
+    logits, labels = calibrated_task(4000, 30, sharpness=1.5, seed=4)
+    probs = apply_temperature(logits, 1.0)
+    size = {
+        m: fit_conformal(probs[:2000], labels[:2000], 0.9, m).evaluate(  # type: ignore[arg-type]
+            probs[2000:], labels[2000:]
+        )["set_size"]
+        for m in ("lac", "aps")
+    }
+    assert size["lac"] <= size["aps"]
+
+
+def test_sets_contain_the_true_label_exactly_when_its_score_is_under_the_threshold() -> None:
+    logits, labels = calibrated_task(500, 10, sharpness=1.0, seed=5)
+    probs = apply_temperature(logits, 1.0)
+    for method in ("lac", "aps"):
+        thr = 0.7
+        member = conformal_sets(probs, thr, method)  # type: ignore[arg-type]
+        scores = conformal_scores(probs, labels, method)  # type: ignore[arg-type]
+        top1 = probs.argmax(axis=1) == labels
+        inside = member[np.arange(500), labels]
+        np.testing.assert_array_equal(inside, (scores <= thr) | top1)
+
+
+def test_too_few_calibration_images_give_full_sets_and_round_trip() -> None:
+    probs = np.full((3, 4), 0.25)
+    thr = conformal_threshold(probs, np.array([0, 1, 2]), coverage=0.9)
+    assert math.isinf(thr)
+    sets = ConformalSets("lac", 0.9, thr, 3)
+    assert sets.sets(probs).all()
+    assert ConformalSets.from_dict(sets.to_dict()) == sets
+    with pytest.raises(GeolocError, match="coverage"):
+        conformal_threshold(probs, np.array([0, 1, 2]), coverage=1.0)
+
+
+def test_calibration_metrics_fit_on_val_and_report_test_columns() -> None:
+    logits, labels = calibrated_task(3000, 15, sharpness=1.5, seed=6)
+    cols, t, sets = calibration_metrics(
+        3 * logits[:1500], labels[:1500], 3 * logits[1500:], labels[1500:], coverage=0.9
+    )
+    assert set(cols) == {"ece", "ece_calibrated", "temperature", "coverage", "set_size"}
+    assert cols["ece_calibrated"] < cols["ece"]
+    assert cols["temperature"] == t > 1.5
+    assert cols["coverage"] >= 0.88
+    assert sets.coverage == 0.9
