@@ -325,7 +325,7 @@ def normalise(values: pd.Series, higher_is_better: bool) -> pd.Series:
     if pd.isna(lo):
         return pd.Series(0.0, index=v.index)
     if hi == lo:
-        out = pd.Series(1.0, index=v.index)
+        out = v.notna().astype("float64").where(v.notna())
     else:
         out = (v - lo) / (hi - lo) if higher_is_better else (hi - v) / (hi - lo)
     return out.fillna(0.0)
@@ -502,6 +502,7 @@ def render_leaderboard(result: AggregateResult) -> str:
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8"><title>geoloc leaderboard</title>',
+            '<link rel="icon" href="data:,">',  # no favicon request (a 404 on web servers)
             f"<style>{_CSS}</style></head><body>",
             "<h1>geoloc leaderboard</h1>",
             f'<p id="counts">{len(result.ranked)} ranked runs, {len(result.skipped)} skipped. '

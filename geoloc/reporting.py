@@ -732,6 +732,7 @@ def render_dashboard(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(inputs.run_name)} · geoloc run</title>",
+        '<link rel="icon" href="data:,">',  # no favicon request (a 404 on web servers)
         f"<style>{_CSS}</style></head><body>",
         f'<h1>Run <span id="run-name">{_e(inputs.run_name)}</span></h1>',
         f"<p>id <code>{_e(inputs.paths.run_id)}</code> · status "
