@@ -23,6 +23,7 @@ venv: $(STAMP)
 ## make demo: the main job on the offline demo data
 demo: venv
 	$(BIN)/geoloc data demo
+	$(BIN)/geoloc data ingest demo --config demo
 	$(BIN)/geoloc index build --config demo
 
 ## make test: everything but the long `slow` tests (Prefect/MLflow/S3 servers, browser, PostgreSQL included)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from geoloc.cli._common import not_yet
+from geoloc.cli._common import ConfigOption, SetOption
 
 data_app = typer.Typer(
     help="Get images with GPS into data/raw -> data/processed.", no_args_is_help=True
@@ -14,19 +17,82 @@ index_app = typer.Typer(
 )
 
 
+def _index_config(config: str | None, overrides: list[str] | None):
+    from geoloc.config import IndexConfig, load_config
+
+    return load_config(config, overrides or [], model=IndexConfig)
+
+
 @data_app.command("demo")
-def demo() -> None:
-    """Write the offline demo dataset (Blue Marble crops at GeoNames cities)."""
-    not_yet("data demo")
+def demo(
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 12000,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same bytes.")] = 0,
+    sigma_deg: Annotated[float, typer.Option(help="Gaussian jitter around cities (deg).")] = 0.5,
+    min_population: Annotated[int, typer.Option(help="Smallest city drawn.")] = 15000,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: $GEOLOC_DATA_DIR/raw/demo).")
+    ] = None,
+) -> None:
+    """Write the offline demo dataset (Blue Marble crops at GeoNames cities, GPS in EXIF)."""
+    from geoloc.data.demo import make_demo
+    from geoloc.paths import DataPaths
+
+    out_dir = out or DataPaths.default().demo
+    report = make_demo(out_dir, n=n, seed=seed, sigma_deg=sigma_deg, min_population=min_population)
+    typer.echo(
+        f"demo: {report.n} images near {report.n_cities} cities -> {report.out_dir} "
+        f"({report.seconds:.1f}s); next: geoloc data ingest demo"
+    )
 
 
 @data_app.command("ingest")
-def ingest(source: str) -> None:
-    """Ingest SOURCE: a folder, a CSV/Parquet manifest, s3://bucket/prefix or mapillary:bbox."""
-    not_yet("data ingest")
+def ingest(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A folder, a .csv/.parquet manifest, s3://bucket/prefix, "
+            "mapillary:minlon,minlat,maxlon,maxlat, or `demo`."
+        ),
+    ],
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    workers: Annotated[int | None, typer.Option(help="Processes for decoding.")] = None,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3 endpoint (MinIO...); default AWS_ENDPOINT_URL.")
+    ] = None,
+    fresh: Annotated[bool, typer.Option(help="Forget this job's progress and redo it.")] = False,
+) -> None:
+    """Ingest SOURCE into data/processed/ (resumable; rejects go to data/index/rejects.parquet)."""
+    from geoloc.data.ingest import ingest as run_ingest
+    from geoloc.paths import DataPaths
+
+    cfg = _index_config(config, overrides)
+    if workers is not None:
+        cfg.workers = workers
+    options = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    report = run_ingest(source, DataPaths.default(), cfg, fresh=fresh, **options)
+    typer.echo(
+        f"ingest {source}: read {report.read} = accepted {report.accepted} + rejected "
+        f"{report.rejected} + duplicates {report.duplicates} ({report.seconds:.1f}s"
+        + (f", {report.resumed} resumed" if report.resumed else "")
+        + ")"
+    )
+    for reason, count in report.reasons.items():
+        typer.echo(f"  rejected {reason}: {count}")
 
 
 @index_app.command("build")
-def build() -> None:
-    """Build images/splits/labels/h3_features under data/index/."""
-    not_yet("index build")
+def build(config: ConfigOption = None, overrides: SetOption = None) -> None:
+    """Build images/splits/labels/h3_features under data/index/ (resumable, deterministic)."""
+    from geoloc.data.index import build_index
+    from geoloc.paths import DataPaths
+
+    paths = DataPaths.default()
+    report = build_index(paths, _index_config(config, overrides))
+    counts = ", ".join(f"{k} {v}" for k, v in report.split_counts.items())
+    typer.echo(
+        f"index: {report.n_images} images ({counts}), {report.n_classes} classes, "
+        f"{report.n_parents} parents, {report.n_remapped} remapped to the nearest class "
+        f"-> {paths.index} ({report.seconds:.1f}s)"
+    )
+    typer.echo(f"fingerprint {report.fingerprint}")

@@ -1,1 +1,241 @@
-"""The `manifest` source (being written in the data-layer issue)."""
+"""The `manifest` source: a CSV or Parquet table of id, latitude, longitude and image path/URL.
+
+Column spellings of the common datasets are accepted (OSV-5M `id/latitude/longitude`, MP-16
+`IMG_ID/LAT/LON`, ...) and normalised by `read_manifest`, which the S3 source reuses. Local
+paths are resolved against the manifest's folder and may not escape it (`../`); http(s) URLs
+are fetched during ingestion with timeouts and retries.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+import pandas as pd
+
+from geoloc.data.rejects import DUPLICATE_ID, MISSING_FILE, PATH_ESCAPE, coords_problem
+from geoloc.data.sources import FetchError, RawItem, SourceReject, register_source
+from geoloc.errors import DataError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["image_id", "lat", "lon", "image", "captured_at", "sequence_id"]
+
+# normalised name -> accepted spellings (compared case-insensitively), first match wins
+ALIASES: dict[str, tuple[str, ...]] = {
+    "image_id": ("image_id", "id", "img_id", "imageid", "photo_id", "key", "image_key"),
+    "lat": ("lat", "latitude", "gps_lat", "y"),
+    "lon": ("lon", "lng", "long", "longitude", "gps_lon", "gps_lng", "x"),
+    "image": (
+        "image",
+        "path",
+        "image_path",
+        "img_path",
+        "file",
+        "filename",
+        "file_name",
+        "url",
+        "image_url",
+        "thumb_1024_url",
+        "thumb_original_url",
+    ),
+    "captured_at": ("captured_at", "timestamp", "datetime", "date_taken", "taken_at", "date"),
+    "sequence_id": ("sequence_id", "sequence", "seq_id", "sequence_key", "seq_key"),
+}
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".parquet", ".pq")
+HTTP_TIMEOUT_S = (5.0, 30.0)
+HTTP_RETRIES = 3
+
+
+def _is_parquet(name: str) -> bool:
+    return name.lower().endswith((".parquet", ".pq"))
+
+
+def _read_table(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataFrame:
+    try:
+        if _is_parquet(name):
+            return pd.read_parquet(path_or_buffer)
+        sep = "\t" if name.lower().endswith(".tsv") else ","
+        return pd.read_csv(path_or_buffer, sep=sep, dtype=str, keep_default_na=False)
+    except FileNotFoundError as exc:
+        raise DataError(f"manifest '{name}' does not exist") from exc
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"manifest '{name}' could not be read: {exc}") from exc
+
+
+def _find(columns: list[str], spellings: tuple[str, ...]) -> str | None:
+    lower = {c.lower().strip(): c for c in columns}
+    for s in spellings:
+        if s in lower:
+            return lower[s]
+    return None
+
+
+def _to_iso(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    text = str(value).strip()
+    # Mapillary-style epoch milliseconds
+    if text.isdigit() and len(text) >= 12:
+        return pd.Timestamp(int(text), unit="ms", tz="UTC").isoformat()
+    return text
+
+
+def read_manifest(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataFrame:
+    """Read a CSV/Parquet manifest into `image_id, lat, lon, image, captured_at, sequence_id`.
+
+    `name` is the file name used for the format and in error messages. Coordinates become
+    float64 (unparseable -> NaN, refused later with a reason); missing optional columns are None.
+    Raises `DataError` naming the file when it has no latitude/longitude columns.
+    """
+    raw = _read_table(path_or_buffer, name)
+    cols = [str(c) for c in raw.columns]
+    raw.columns = cols
+    found = {key: _find(cols, spellings) for key, spellings in ALIASES.items()}
+    if found["lat"] is None or found["lon"] is None:
+        raise DataError(
+            f"manifest '{name}' has no coordinate columns: expected lat/lon or "
+            f"latitude/longitude, found {', '.join(cols) or 'no columns'}"
+        )
+    n = len(raw)
+    out = pd.DataFrame(index=range(n))
+    for key in COLUMNS:
+        col = found[key]
+        values = raw[col].tolist() if col is not None else [None] * n
+        if key in ("lat", "lon"):
+            out[key] = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").astype(
+                "float64"
+            )
+        elif key == "captured_at":
+            out[key] = pd.Series([_to_iso(v) for v in values], dtype=object)
+        else:
+            out[key] = pd.Series(
+                [None if v is None or str(v) == "" or pd.isna(v) else str(v) for v in values],
+                dtype=object,
+            )
+    if found["image"] is None and found["image_id"] is not None:
+        out["image"] = out["image_id"]  # MP-16 style: the id is the relative path
+    return out
+
+
+def http_fetcher(url: str, retries: int = HTTP_RETRIES) -> Callable[[], bytes]:
+    """A `fetch()` for one URL: timeouts, retries with backoff on errors, 429 and 5xx."""
+
+    def fetch() -> bytes:
+        import requests
+
+        last = ""
+        for attempt in range(retries):
+            try:
+                resp = requests.get(url, timeout=HTTP_TIMEOUT_S)
+            except requests.RequestException as exc:
+                last = f"{url}: {type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code == 200:
+                    return resp.content
+                last = f"{url}: HTTP {resp.status_code}"
+                if resp.status_code != 429 and resp.status_code < 500:
+                    break  # 404 and friends will not get better
+            time.sleep(min(0.2 * 2**attempt, 2.0))
+        raise FetchError("unreachable", last)
+
+    return fetch
+
+
+def _raw_name(image_id: str | None, ref: str) -> str:
+    suffix = PurePosixPath(ref.split("?", 1)[0]).suffix.lower() or ".jpg"
+    base = image_id or PurePosixPath(ref.split("?", 1)[0]).stem or "image"
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)[:120]
+    return f"{safe}{suffix if len(suffix) <= 6 else '.jpg'}"
+
+
+class ManifestSource:
+    """Rows of a manifest as `RawItem`s; bad rows as `SourceReject`s with a reason."""
+
+    name = "manifest"
+
+    def __init__(self, path: Path, base_dir: Path | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"manifest '{path}' does not exist")
+        self.base_dir = Path(base_dir) if base_dir else self.path.parent
+        self.table = read_manifest(self.path, self.path.name)
+
+    def _local(self, image: str) -> Path | None:
+        """The resolved local path, or None when it escapes the manifest's folder."""
+        base = self.base_dir.resolve()
+        target = (base / image).resolve()
+        return target if target.is_relative_to(base) else None
+
+    def _candidates(self, image: str) -> list[str]:
+        # OSV-5M lists bare ids: try `<id>`, `<id>.jpg` and `images/<id>.jpg`
+        if PurePosixPath(image).suffix:
+            return [image]
+        return [image, f"{image}.jpg", f"images/{image}.jpg"]
+
+    def items(self) -> Iterator[RawItem | SourceReject]:
+        ids_seen: set[str] = set()
+        for i, row in enumerate(self.table.itertuples(index=False)):
+            ref = f"{self.path.name}:{i + 1}"  # 1-based data row number
+            image = row.image
+            if image is not None:
+                ref = f"{ref}:{image}"
+            problem = coords_problem(row.lat, row.lon)
+            if problem:
+                yield SourceReject(self.name, ref, *problem)
+                continue
+            if row.image_id is not None:
+                if row.image_id in ids_seen:
+                    yield SourceReject(self.name, ref, DUPLICATE_ID, f"id {row.image_id} repeats")
+                    continue
+                ids_seen.add(row.image_id)
+            if image is None:
+                yield SourceReject(self.name, ref, MISSING_FILE, "row has no image path or URL")
+                continue
+            common = dict(
+                source=self.name,
+                source_ref=ref,
+                image_id=row.image_id,
+                lat=float(row.lat),
+                lon=float(row.lon),
+                captured_at=row.captured_at,
+                sequence_id=row.sequence_id,
+            )
+            if image.lower().startswith(("http://", "https://")):
+                yield RawItem(
+                    **common, fetch=http_fetcher(image), raw_name=_raw_name(row.image_id, image)
+                )
+                continue
+            resolved = [self._local(c) for c in self._candidates(image)]
+            if resolved[0] is None:
+                yield SourceReject(
+                    self.name, ref, PATH_ESCAPE, f"'{image}' escapes the folder {self.base_dir}"
+                )
+                continue
+            existing = [p for p in resolved if p is not None and p.is_file()]
+            if not existing:
+                yield SourceReject(self.name, ref, MISSING_FILE, f"'{image}' does not exist")
+                continue
+            yield RawItem(**common, local_path=existing[0])
+
+
+def _is_manifest_spec(spec: str) -> bool:
+    low = spec.lower()
+    return low.endswith(MANIFEST_SUFFIXES) and not low.startswith(("s3://", "mapillary:"))
+
+
+@register_source("manifest", _is_manifest_spec)
+def create_manifest_source(spec: str, base_dir: str | None = None, **_: object) -> ManifestSource:
+    """`path/to/manifest.csv` (or .parquet); `base_dir` overrides where relative paths live."""
+    return ManifestSource(Path(spec), Path(base_dir) if base_dir else None)
+
+
+def read_manifest_bytes(data: bytes, name: str) -> pd.DataFrame:
+    """`read_manifest` over bytes already in memory (e.g. an object fetched from S3)."""
+    return read_manifest(io.BytesIO(data), name)

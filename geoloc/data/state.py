@@ -1,0 +1,92 @@
+"""Progress of long stages under `data/state/`, so an interrupted ingest or index build resumes.
+
+A stage journals finished work as numbered, atomically written parquet parts. A crash loses at
+most the part being assembled; finished parts are never rewritten, and a resumed run skips the
+keys they hold. Content-addressed outputs (processed images) make redoing a lost part harmless.
+
+Testing hook: `GEOLOC_FAULT_AFTER=<stage>:<n>` kills the process with SIGKILL right after the
+n-th journal part of `<stage>` (`ingest`) or after the n-th finished stage of the index build
+(`index`) is committed — a real, uncatchable interruption for resume tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from geoloc.atomic import write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "GEOLOC_FAULT_AFTER"
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Short sha256 of a JSON-able object; keys sorted so equal inputs hash equally."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def maybe_fault(stage: str, count: int) -> None:
+    """Kill this process hard when `GEOLOC_FAULT_AFTER` asks for it (resume tests only)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or ":" not in spec:
+        return
+    want_stage, _, want_n = spec.partition(":")
+    if want_stage == stage and want_n.isdigit() and count >= int(want_n):
+        log.warning("%s=%s: killing the process after %d %s steps", FAULT_ENV, spec, count, stage)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Journal:
+    """Append-only parquet parts in one folder: `part-000000.parquet`, `part-000001.parquet`..."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Commit `rows` as the next part; returns the number of parts now committed."""
+        df = pd.DataFrame(list(rows))
+        n = len(self.parts())
+        write_parquet(self.folder / f"part-{n:06d}.parquet", df)
+        return n + 1
+
+    def read(self) -> pd.DataFrame:
+        parts = self.parts()
+        if not parts:
+            return pd.DataFrame()
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+    def clear(self) -> None:
+        for p in self.parts():
+            p.unlink()
+
+
+class StageState:
+    """A small JSON document per stage: which sub-steps are done, for which inputs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            log.warning("state file %s is unreadable; starting the stage over", self.path)
+            return {}
+
+    def save(self, doc: dict[str, Any]) -> None:
+        write_json(self.path, doc)
