@@ -300,6 +300,8 @@ def push(
         key = target.key(path.relative_to(root).as_posix())
         digest = sha256_file(path)
         if key in remote and remote[key].size == path.stat().st_size:
+            if _etag_matches(path, remote[key].etag):  # no HEAD needed
+                return "skipped"
             head = head_object(client, target.bucket, key)
             if head and head.get("Metadata", {}).get(SHA256_META) == digest:
                 return "skipped"
@@ -346,6 +348,15 @@ def _expected_digest(head: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _etag_matches(path: Path, etag: str) -> bool:
+    """True when `etag` is a single-part MD5 ETag equal to the file's MD5 (same bytes).
+
+    Multipart and encrypted objects have other ETags; they fall back to the sha256 metadata.
+    """
+    etag = etag.strip('"')
+    return len(etag) == 32 and "-" not in etag and _md5_file(path) == etag
+
+
 def _relative_key(key: str, prefix: str) -> str:
     rel = key[len(prefix) + 1 :] if prefix else key
     norm = posixpath.normpath(rel)
@@ -381,6 +392,9 @@ def pull(
 
     def download(item: tuple[ObjectInfo, Path]) -> str:
         obj, path = item
+        same_size = path.is_file() and path.stat().st_size == obj.size
+        if same_size and _etag_matches(path, obj.etag):  # no HEAD needed
+            return "skipped"
         head = head_object(client, source.bucket, obj.key)
         if head is None:  # deleted since listing
             raise ObjectMissingError(f"s3://{source.bucket}/{obj.key}: no such key")
