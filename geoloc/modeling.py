@@ -307,6 +307,9 @@ def default_tau_km(resolution: int) -> float:
     return TAU_PER_EDGE * float(h3.average_hexagon_edge_length(resolution, unit="km"))
 
 
+_MIN_EXPONENT = -70.0  # e^-70 ~ 4e-31: far above float32's smallest normal (1.2e-38)
+
+
 class GeoSoftTargetLoss(nn.Module):
     """Cross-entropy against distance-soft targets (PIGEON's haversine label smoothing).
 
@@ -356,9 +359,16 @@ class GeoSoftTargetLoss(nn.Module):
     def soft_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """(B,) class indices -> (B, K) target distributions (rows sum to 1)."""
         c = self.centroids
+        targets = targets.to(device=c.device, dtype=torch.long)
         true = c[targets]  # (B, 2)
-        d = pairwise_haversine_km(true[:, 0], true[:, 1], c[:, 0], c[:, 1])  # (B, K)
-        return torch.softmax(d.div_(-self.tau_km), dim=1)
+        d = pairwise_haversine_km(true[:, 0], true[:, 1], c[:, 0], c[:, 1])  # (B, K), owned
+        # q_k ∝ exp(-(d_k - d_true) / tau); every exponent is <= 0 and the true one is 0, so
+        # exp cannot overflow and each row sums to >= 1 (no max-subtraction pass needed)
+        x = d.sub_(d.gather(1, targets[:, None])).mul_(-1.0 / self.tau_km)
+        # far classes get exactly 0 instead of float32 denormals, which make exp and the
+        # products in the loss ~10x slower on CPU; the mass dropped is < K * e^-70 ~ 1e-25
+        q = x.masked_fill_(x < _MIN_EXPONENT, float("-inf")).exp_()
+        return q.div_(q.sum(dim=1, keepdim=True))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 2 or logits.shape[1] != self.centroids.shape[0]:
@@ -366,14 +376,37 @@ class GeoSoftTargetLoss(nn.Module):
                 f"GeoSoft logits must be (B, {self.centroids.shape[0]}), got {tuple(logits.shape)}"
             )
         targets = targets.to(device=logits.device, dtype=torch.long)
-        z = logits.float()
         q = self.soft_targets(targets)
-        # soft CE = -sum_k q_k log softmax(z)_k = logsumexp(z) - <q, z>, since sum_k q_k = 1
-        per_sample = torch.logsumexp(z, dim=1) - torch.einsum("bk,bk->b", q, z)  # (B,)
         if self.class_weights is None:
-            return per_sample.mean()
-        w = self.class_weights[targets]
-        return (per_sample * w).sum() / w.sum()
+            w = torch.full(targets.shape, 1.0 / targets.numel(), device=logits.device)
+        else:
+            w = self.class_weights[targets]
+            w = w / w.sum()
+        return _SoftTargetCrossEntropy.apply(logits.float(), q, w)
+
+
+class _SoftTargetCrossEntropy(torch.autograd.Function):
+    """sum_b w_b * (-sum_k q_bk log softmax(z_b)_k) with a hand-written backward.
+
+    Since each q row sums to 1 the loss is logsumexp(z) - <q, z>, and its gradient is
+    w_b * (softmax(z_b) - q_b): one (B, K) buffer in backward instead of autograd's three, and
+    ~2x faster than composing logsumexp + einsum at K = 100k.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        lse = torch.logsumexp(z, dim=1)  # (B,)
+        dot = torch.bmm(q.unsqueeze(1), z.unsqueeze(2)).view(-1)  # (B,) <q_b, z_b>
+        ctx.save_for_backward(z, q, lse, w)
+        return ((lse - dot) * w).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        z, q, lse, w = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad = z.sub(lse[:, None]).exp_().sub_(q)  # (B, K) softmax(z) - q
+        return grad.mul_((w * grad_out)[:, None]), None, None
 
 
 LossBuilder = Callable[[TrainConfig, LabelSpace, "torch.Tensor | None"], nn.Module]
