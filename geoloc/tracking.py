@@ -502,7 +502,7 @@ def _model_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for name in ("torch", "torchvision", "numpy", "h3", "pydantic", "pyyaml", "pandas"):
+    for name in ("torch", "numpy"):
         try:
             reqs.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -521,8 +521,12 @@ def _model_checkpoint(run_dir: Path) -> Path | None:
 def sync_model(
     client: MlflowClient, uri: str, run: Run, run_dir: Path, register: bool
 ) -> str | None:
-    """Log the run's best model with `mlflow.pytorch.log_model` (input example, pinned
-    requirements, geoloc's code) and register it as `geoloc`, once per checkpoint content.
+    """Log the run's best model with `mlflow.pytorch.log_model` and register it as `geoloc`, once
+    per checkpoint content.
+
+    MLflow 3 saves it as a `torch.export` program (pt2): self-contained, so serving it needs
+    torch but not geoloc. The input example has a batch of 2 because export specialises a
+    batch dimension of 1 into a constant.
 
     Returns the new registered version, or None when nothing was logged.
     """
@@ -542,7 +546,7 @@ def sync_model(
         trained.model, trained.label_space.parent_of, trained.config.train.hier_topk_parents
     ).eval()
     size = trained.config.train.image_size
-    example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    example = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     with _global_tracking_uri(uri):
         info = mlflow.pytorch.log_model(
             scorer,
@@ -551,7 +555,6 @@ def sync_model(
             run_id=run.info.run_id,
             registered_model_name=MODEL_NAME if register else None,
             pip_requirements=_model_requirements(),
-            code_paths=[str(Path(__file__).parent)],
             await_registration_for=60,
         )
     version = getattr(info, "registered_model_version", None)

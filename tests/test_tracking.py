@@ -1,0 +1,345 @@
+"""MLflow mirror: what a user sees in MLflow after training or `geoloc mlflow sync`.
+
+Every test talks to a real store: the per-test SQLite file that `conftest.py` points
+`MLFLOW_TRACKING_URI` at, or a real `mlflow server` on a free loopback port (`server` marker).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from fixtures.mlflow_server import closed_port_uri, fast_fail_env
+from mlflow import MlflowClient
+
+from geoloc import tracking
+from geoloc.atomic import write_json
+from geoloc.cli import main
+from geoloc.config import RunConfig, TrainConfig, load_config
+from geoloc.geo import LabelSpace
+from geoloc.layout import RunPaths
+from geoloc.modeling import TINY_MODEL_CONFIG, create_model
+from geoloc.summary import read_summary
+from geoloc.train_loop import save_checkpoint
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_p90_km", "val_median_km", "lr")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking.resolve_tracking_uri(uri))
+
+
+def mirrored_runs(c: MlflowClient, experiment: str = "geoloc") -> list:
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], max_results=1000)
+
+
+def csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    with RunPaths(run_dir).metrics_csv.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def history_lengths(c: MlflowClient, run_id: str) -> dict[str, int]:
+    keys = c.get_run(run_id).data.metrics
+    return {k: len(c.get_metric_history(run_id, k)) for k in keys}
+
+
+def add_tiny_model(run_dir: Path, label_space: LabelSpace) -> RunConfig:
+    """Give a synthetic run a real, loadable checkpoint of the tiny model (and its config)."""
+    cfg = RunConfig(
+        name=read_summary(run_dir)["run_name"],
+        model=TINY_MODEL_CONFIG,
+        train=TrainConfig(image_size=32, epochs=1),
+    )
+    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
+    save_checkpoint(
+        RunPaths(run_dir).best_checkpoint, model=model, optimizer=None, scheduler=None,
+        scaler=None, epoch=0, config=cfg.model_dump(mode="json"), label_space=label_space,
+        best={}, history=[],
+    )  # fmt: skip
+    write_json(RunPaths(run_dir).config, cfg.model_dump(mode="json"))
+    return cfg
+
+
+def bucket_keys(s3_env, prefix: str) -> list[str]:
+    s3 = s3_env.client()
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_env.bucket, Prefix=prefix):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
+# local SQLite store
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_runs_mirrored_with_metrics_per_step_and_resync_changes_nothing(make_run):
+    good = make_run("good", epochs=4, seed=0)
+    weak = make_run("weak", epochs=3, seed=1, quality=0.4)
+
+    first = tracking.sync_runs(log_model=False)
+    assert sorted(r.action for r in first) == ["created", "created"]
+
+    df = mlflow.search_runs(experiment_names=["geoloc"])
+    assert len(df) == 2
+    by_id = {row[f"tags.{tracking.TAG_RUN_ID}"]: row for _, row in df.iterrows()}
+    assert set(by_id) == {good.name, weak.name}
+    c = client()
+    for run_dir in (good, weak):
+        row = by_id[run_dir.name]
+        summary = read_summary(run_dir)
+        # the mirror is recorded in the run, and points at the right MLflow run
+        assert summary["tracking"] == {
+            "mirrored": True, "mlflow_run_id": row["run_id"], "error": None
+        }  # fmt: skip
+        assert row["status"] == "FINISHED"
+        assert row["metrics.best_p90_km"] == pytest.approx(summary["best_p90_km"])
+        assert row["metrics.test_median_km"] == pytest.approx(summary["test"]["test_median_km"])
+        assert row["params.train.lr"] == "0.002"
+        assert row["tags.geoloc.loss"] == "geosoft"
+        assert row["tags.geoloc.dataset_fingerprint"] == summary["dataset"]["fingerprint"]
+        assert row["tags.geoloc.run_dir"] == str(run_dir.resolve())
+        # every epoch of metrics.csv is a point at step=epoch
+        rows = csv_rows(run_dir)
+        for key in EPOCH_METRICS:
+            points = sorted((m.step, m.value) for m in c.get_metric_history(row["run_id"], key))
+            assert points == [(int(r["epoch"]), pytest.approx(float(r[key]))) for r in rows]
+        artifacts = {a.path for a in c.list_artifacts(row["run_id"])}
+        assert {"summary.json", "config.json", "artifacts"} <= artifacts
+        tables = {a.path for a in c.list_artifacts(row["run_id"], "artifacts/tables")}
+        assert "artifacts/tables/metrics.csv" in tables
+
+    before = {rid: history_lengths(c, rid) for rid in df["run_id"]}
+    params_before = {rid: c.get_run(rid).data.params for rid in df["run_id"]}
+    second = tracking.sync_runs(log_model=False)
+    assert [r.action for r in second] == ["unchanged", "unchanged"]
+    assert len(mlflow.search_runs(experiment_names=["geoloc"])) == 2
+    assert {rid: history_lengths(c, rid) for rid in df["run_id"]} == before
+    assert {rid: c.get_run(rid).data.params for rid in df["run_id"]} == params_before
+
+
+def test_sync_updates_a_run_that_changed_instead_of_duplicating_it(make_run):
+    run_dir = make_run("grows", epochs=3)
+    (created,) = tracking.sync_runs([run_dir], log_model=False)
+    # the run goes on: one more epoch in metrics.csv, a report appears
+    rows = csv_rows(run_dir)
+    extra = {**rows[-1], "epoch": "3", "val_p90_km": "123.5"}
+    with RunPaths(run_dir).metrics_csv.open("a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=list(rows[0])).writerow(extra)
+    RunPaths(run_dir).report.write_text("# report\n")
+
+    (updated,) = tracking.sync_runs([run_dir], log_model=False)
+    assert updated.action == "updated"
+    assert updated.mlflow_run_id == created.mlflow_run_id
+    assert "artifacts" in updated.changes
+    c = client()
+    assert len(mirrored_runs(c)) == 1
+    history = c.get_metric_history(created.mlflow_run_id, "val_p90_km")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert {m.value for m in history if m.step == 3} == {123.5}
+    assert "REPORT.md" in {a.path for a in c.list_artifacts(created.mlflow_run_id)}
+
+
+def test_live_mirror_logs_each_epoch_and_finish_adds_no_duplicates(make_run):
+    run_dir = make_run("live", epochs=3)
+    cfg = load_config(RunPaths(run_dir).config)
+    mirror = tracking.LiveMirror.start(run_dir, cfg)
+    assert mirror.error is None
+    state = read_summary(run_dir)["tracking"]
+    assert state["mirrored"] is False and state["mlflow_run_id"] == mirror.mlflow_run_id
+
+    c = client()
+    for row in csv_rows(run_dir):  # what the training loop hands the callback
+        mirror.on_epoch_end(int(row["epoch"]), {k: float(v) for k, v in row.items()})
+        seen = c.get_metric_history(mirror.mlflow_run_id, "val_top1")
+        assert max(m.step for m in seen) == int(row["epoch"])  # visible while training
+
+    mirror.finish(run_dir)
+    assert read_summary(run_dir)["tracking"] == {
+        "mirrored": True, "mlflow_run_id": mirror.mlflow_run_id, "error": None
+    }  # fmt: skip
+    assert len(mirrored_runs(c)) == 1
+    for key in EPOCH_METRICS:
+        assert len(c.get_metric_history(mirror.mlflow_run_id, key)) == 3
+    assert c.get_run(mirror.mlflow_run_id).data.metrics["best_val_acc"] == pytest.approx(
+        read_summary(run_dir)["best_val_acc"]
+    )
+
+
+def test_model_is_registered_and_champion_is_the_lowest_p90_run(make_run, tiny_label_space):
+    good = make_run("good", epochs=3, seed=0, quality=1.0)
+    weak = make_run("weak", epochs=3, seed=1, quality=0.3)
+    for run_dir in (weak, good):
+        add_tiny_model(run_dir, tiny_label_space)
+    assert read_summary(good)["best_p90_km"] < read_summary(weak)["best_p90_km"]
+
+    results = {r.run_dir.name: r for r in tracking.sync_runs([weak, good])}
+    assert {r.model_version for r in results.values()} == {"1", "2"}
+    c = client()
+    champion = c.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION_ALIAS)
+    assert champion.run_id == results[good.name].mlflow_run_id
+
+    # the champion serves probabilities over the run's classes
+    model = mlflow.pytorch.load_model(f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION_ALIAS}")
+    import torch
+
+    probs = model(torch.zeros(2, 3, 32, 32))
+    assert probs.shape == (2, tiny_label_space.num_classes)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
+
+    again = tracking.sync_runs([weak, good])
+    assert [r.action for r in again] == ["unchanged", "unchanged"]
+    assert len(c.search_model_versions(f"name='{tracking.MODEL_NAME}'")) == 2
+
+
+def test_leaderboard_is_one_run_per_aggregation(make_run):
+    from geoloc.aggregate import aggregate_runs
+
+    make_run("a", seed=0)
+    make_run("b", seed=1, quality=0.5)
+    result = aggregate_runs()
+    run_id = tracking.log_leaderboard(result)
+    assert tracking.log_leaderboard() == run_id  # the same leaderboard, from its folder
+
+    c = client()
+    run = c.get_run(run_id)
+    assert run.data.tags[tracking.TAG_KIND] == "leaderboard"
+    assert run.data.metrics["ranked_runs"] == 2
+    files = {a.path for a in c.list_artifacts(run_id, "leaderboard")}
+    assert "leaderboard/runs_summary.csv" in files
+    assert "leaderboard.json" in {a.path for a in c.list_artifacts(run_id)}
+    kinds = [r.data.tags.get(tracking.TAG_KIND) for r in mirrored_runs(c)]
+    assert kinds.count("leaderboard") == 1
+
+
+def test_trial_runs_nest_under_a_sweep_parent(make_run):
+    parent = tracking.start_parent_run("sweep-s", tags={"geoloc.sweep": "s"})
+    assert parent is not None
+    run_dir = make_run("trial", epochs=2)
+    cfg = load_config(RunPaths(run_dir).config, {"tracking.parent_run_id": parent})
+    mirror = tracking.LiveMirror.start(run_dir, cfg)
+    mirror.finish(run_dir)
+
+    c = client()
+    child = c.get_run(mirror.mlflow_run_id)
+    assert child.data.tags[tracking.TAG_PARENT] == parent
+    assert child.info.experiment_id == c.get_run(parent).info.experiment_id
+    assert tracking.end_run(parent)
+    assert c.get_run(parent).info.status == "FINISHED"
+
+
+def test_prefect_flow_run_id_is_tagged_when_prefect_runs_the_job(make_run, monkeypatch):
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b6c-flow-run")
+    run_dir = make_run("flow")
+    (result,) = tracking.sync_runs([run_dir], log_model=False)
+    tags = client().get_run(result.mlflow_run_id).data.tags
+    assert tags[tracking.TAG_PREFECT_FLOW_RUN] == "0b6c-flow-run"
+
+
+def test_tracking_uri_defaults_to_sqlite_in_the_working_dir(monkeypatch, isolated_env):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{isolated_env / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1234")
+    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:1234"
+    assert tracking.resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{isolated_env / 'x.db'}"
+
+
+# --------------------------------------------------------------------------------------------
+# real servers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_server_down_during_training_then_sync_catches_up(
+    make_run, monkeypatch, tmp_path, mlflow_server_factory, capsys
+):
+    fast_fail_env(monkeypatch)
+    dead = closed_port_uri()
+    run_dir = make_run("offline", epochs=3)
+    cfg = load_config(RunPaths(run_dir).config, {"tracking.tracking_uri": dead})
+
+    t0 = time.monotonic()
+    mirror = tracking.LiveMirror.start(run_dir, cfg)
+    for row in csv_rows(run_dir):
+        mirror.on_epoch_end(int(row["epoch"]), {k: float(v) for k, v in row.items()})
+    mirror.finish(run_dir)
+    assert time.monotonic() - t0 < 30  # training is not held up by retries
+    state = read_summary(run_dir)["tracking"]
+    assert state["mirrored"] is False and "unreachable" in state["error"]
+    assert tracking.start_parent_run("sweep", tracking_uri=dead) is None
+
+    server = mlflow_server_factory(f"sqlite:///{tmp_path / 'server.db'}")
+    assert main(["mlflow", "sync", str(run_dir), "--tracking-uri", server.url]) == 0
+    assert "created" in capsys.readouterr().out
+    assert main(["mlflow", "sync", str(run_dir), "--tracking-uri", server.url]) == 0
+    assert "1 unchanged" in capsys.readouterr().out
+
+    state = read_summary(run_dir)["tracking"]
+    assert state["mirrored"] is True and state["error"] is None
+    c = client(server.url)
+    (run,) = mirrored_runs(c)
+    assert run.info.run_id == state["mlflow_run_id"]
+    assert len(c.get_metric_history(run.info.run_id, "val_loss")) == 3
+
+
+@pytest.mark.server
+def test_mlflow_server_with_s3_artifacts_receives_run_and_model(
+    make_run, tiny_label_space, tmp_path, s3_env, mlflow_server_factory
+):
+    server = mlflow_server_factory(
+        f"sqlite:///{tmp_path / 's3-backed.db'}",
+        artifacts_destination=s3_env.url("mlflow"),
+        env=s3_env.env(),
+    )
+    run_dir = make_run("to-s3", epochs=2)
+    add_tiny_model(run_dir, tiny_label_space)
+
+    result = tracking.sync_run(run_dir, tracking_uri=server.url)
+    assert result.action == "created" and result.model_version == "1"
+
+    keys = bucket_keys(s3_env, "mlflow/")
+    names = {k.rsplit("/", 1)[-1] for k in keys}
+    assert {"summary.json", "config.json", "metrics.csv", "MLmodel"} <= names
+    assert any(k.endswith("/artifacts/tables/metrics.csv") for k in keys)
+    model_files = [k for k in keys if "/models/" in k or "/model/" in k]
+    assert any(k.endswith("MLmodel") for k in model_files)
+    assert any(k.endswith(".pth") or "/data/" in k for k in model_files)
+    c = client(server.url)
+    champion = c.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION_ALIAS)
+    assert champion.run_id == result.mlflow_run_id
+
+
+@pytest.mark.server
+@pytest.mark.browser
+def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(
+    make_run, page, mlflow_server_factory, isolated_env
+):
+    runs = [make_run("alpha", seed=0), make_run("beta", seed=1, quality=0.5)]
+    tracking.sync_runs(runs, log_model=False)
+    server = mlflow_server_factory(tracking.resolve_tracking_uri())
+    exp_id = client().get_experiment_by_name("geoloc").experiment_id
+
+    page.goto(f"{server.url}/#/experiments/{exp_id}", wait_until="networkidle")
+    for run_dir in runs:
+        page.page.get_by_text(run_dir.name).first.wait_for(timeout=60_000)
+    shot = page.screenshot("mlflow-experiment")
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    _assert_metric_shown(page, server.url, exp_id, "best_p90_km")
+
+
+def _assert_metric_shown(page, url: str, exp_id: str, metric: str) -> None:
+    """The experiment's chart view names the key metric."""
+    page.goto(f"{url}/#/experiments/{exp_id}?compareRunsMode=CHART", wait_until="networkidle")
+    page.page.get_by_text(metric).first.wait_for(timeout=60_000)
+    page.screenshot("mlflow-experiment-charts")
