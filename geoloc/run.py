@@ -41,6 +41,7 @@ from geoloc.train_loop import (
     class_scores,
     evaluate,
     fit,
+    is_better,
     load_checkpoint,
     resolve_device,
     seed_everything,
@@ -119,7 +120,9 @@ def load_run_data(cfg: RunConfig, index_dir: Path) -> RunData:
     return RunData(index_dir, label_space, train, val, test)
 
 
-def check_resumable(ckpt: dict[str, Any], cfg: RunConfig, label_space: LabelSpace, path: Path):
+def check_resumable(
+    ckpt: dict[str, Any], cfg: RunConfig, label_space: LabelSpace, path: Path
+) -> None:
     """An incompatible checkpoint (other model or label space) is an error naming it."""
     saved = ckpt.get("config") or {}
     if saved.get("model") != cfg.model.model_dump(mode="json"):
@@ -202,17 +205,17 @@ def dataset_info(label_space: LabelSpace) -> dict[str, Any]:
     }
 
 
-def epoch_summary(history: Sequence[dict[str, Any]], state: FitState) -> dict[str, Any]:
+def epoch_summary(history: Sequence[dict[str, Any]], best_epoch: int | None) -> dict[str, Any]:
     """The per-epoch part of summary.json (last, best, best_val_acc, best_p90_km...)."""
     if not history:
         return {"epochs_completed": 0}
     last = history[-1]
-    best = next((h for h in history if h["epoch"] == state.best_epoch), last)
+    best = next((h for h in history if h["epoch"] == best_epoch), last)
     acc = [h["val_top1"] for h in history if math.isfinite(h["val_top1"])]
     p90 = [h["val_p90_km"] for h in history if math.isfinite(h["val_p90_km"])]
     return {
         "epochs_completed": int(last["epoch"]),
-        "best_epoch": state.best_epoch,
+        "best_epoch": best_epoch,
         "best_val_acc": max(acc) if acc else None,
         "best_p90_km": min(p90) if p90 else None,
         "last_geo_median_km": _finite(last["val_median_km"]),
@@ -222,31 +225,28 @@ def epoch_summary(history: Sequence[dict[str, Any]], state: FitState) -> dict[st
 
 
 class _Recorder:
-    """Epoch callback that keeps metrics.csv and summary.json current while the run trains."""
+    """Epoch callback that keeps metrics.csv and summary.json current while the run trains.
 
-    def __init__(self, paths: RunPaths, history: Sequence[dict[str, Any]]) -> None:
+    It runs first among the callbacks, so an epoch that a later callback aborts (pruning, a
+    crash) is still on disk, like the checkpoint `fit` wrote before calling it.
+    """
+
+    def __init__(self, paths: RunPaths, cfg: RunConfig, start: FitState) -> None:
         self.paths = paths
-        self.history = list(history)
-        self.state = FitState()
+        self.metric = cfg.train.early_stopping_metric
+        self.mode = cfg.train.early_stopping_mode
+        self.history = list(start.history)
+        self.best_value, self.best_epoch = start.best_value, start.best_epoch
 
     def __call__(self, epoch: int, metrics: dict[str, Any]) -> None:
         self.history = [h for h in self.history if h["epoch"] < epoch] + [metrics]
-        best = self.state.best_value
-        value = metrics.get(self._metric)
-        if (
-            value is not None
-            and math.isfinite(value)
-            and (best is None or (value < best if self._mode == "min" else value > best))
-        ):
-            self.state.best_value, self.state.best_epoch = value, epoch
-        write_metrics_csv(self.paths.metrics_csv, self.history)
-        update_summary(self.paths.root, **epoch_summary(self.history, self.state))
+        if is_better(metrics.get(self.metric), self.best_value, self.mode):
+            self.best_value, self.best_epoch = metrics[self.metric], epoch
+        self.flush()
 
-    def bind(self, cfg: RunConfig, state: FitState) -> _Recorder:
-        self._metric = cfg.train.early_stopping_metric
-        self._mode = cfg.train.early_stopping_mode
-        self.state = FitState(best_value=state.best_value, best_epoch=state.best_epoch)
-        return self
+    def flush(self) -> None:
+        write_metrics_csv(self.paths.metrics_csv, self.history)
+        update_summary(self.paths.root, **epoch_summary(self.history, self.best_epoch))
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,15 +301,17 @@ def train_run(
     log.info("run %s: %s", paths.run_id, paths.root)
 
     mirror = _start_mirror(paths, cfg)
-    history = list(resume_ckpt.get("history", [])) if resume_ckpt else []
-    recorder = _Recorder(paths, history)
+    recorder = _Recorder(
+        paths, cfg, FitState.from_checkpoint(resume_ckpt) if resume_ckpt else FitState()
+    )
+    recorder.flush()
     hooks: list[EpochCallback] = [recorder]
     if mirror is not None:
         hooks.append(mirror.on_epoch_end)
     hooks.extend(callbacks)
     outcome: BaseException | None = None
     try:
-        _train_and_evaluate(cfg, paths, data, recorder, hooks, resume_ckpt, progress)
+        _train_and_evaluate(cfg, paths, data, hooks, resume_ckpt, progress)
     except TrialPruned as exc:
         outcome = exc
         update_summary(paths.root, status="pruned", failure_reason=str(exc) or "pruned")
@@ -329,7 +331,6 @@ def _train_and_evaluate(
     cfg: RunConfig,
     paths: RunPaths,
     data: RunData,
-    recorder: _Recorder,
     hooks: Sequence[EpochCallback],
     resume_ckpt: dict[str, Any] | None,
     progress: bool,
@@ -340,11 +341,6 @@ def _train_and_evaluate(
         cfg, data.label_space, index_files(data.index_dir)["splits"]
     )
     criterion.to(device)
-    if resume_ckpt is not None:
-        recorder.bind(cfg, FitState.from_checkpoint(resume_ckpt))
-        write_metrics_csv(paths.metrics_csv, recorder.history)
-    else:
-        recorder.bind(cfg, FitState())
     result = fit(
         model, data.train, data.val, criterion, data.label_space, cfg, device, paths.checkpoints,
         callbacks=hooks, resume_from=resume_ckpt, progress=progress,
@@ -368,7 +364,7 @@ def _train_and_evaluate(
         status="completed",
         failure_reason=None,
         test=test_metrics,
-        **epoch_summary(result.state.history, result.state),
+        **epoch_summary(result.state.history, result.state.best_epoch),
     )
 
 
@@ -392,7 +388,7 @@ def _evaluate_split(
     )  # fmt: skip
 
 
-def _start_summary(paths: RunPaths, cfg: RunConfig, label_space: LabelSpace, resumed: bool):
+def _start_summary(paths: RunPaths, cfg: RunConfig, label_space: LabelSpace, resumed: bool) -> None:
     summary = new_summary(paths.run_id, cfg.name, config_subset(cfg))
     if resumed and paths.summary.is_file():
         try:

@@ -478,7 +478,8 @@ def epoch_order(
     return mixed[rng.permutation(mixed.size)]
 
 
-def _is_better(value: float, best: float | None, mode: str) -> bool:
+def is_better(value: float | None, best: float | None, mode: str) -> bool:
+    """Does `value` improve on `best` (`min` or `max`)? Non-finite values never do."""
     if value is None or not math.isfinite(value):
         return False
     if best is None:
@@ -613,7 +614,7 @@ def fit(
         state.epoch = epoch
         state.history.append(metrics)
         value = metrics.get(tc.early_stopping_metric)
-        improved = _is_better(value, state.best_value, tc.early_stopping_mode)
+        improved = is_better(value, state.best_value, tc.early_stopping_mode)
         if improved:
             state.best_value, state.best_epoch, state.epochs_since_best = float(value), epoch, 0
         else:
