@@ -159,3 +159,25 @@ def test_ingest_from_mapillary_into_the_processed_manifest(mapillary_api) -> Non
     assert row["sequence_id"] == "mX7HJqe1bnrPhYzN2ytwoS"
     assert row["captured_at"] == pd.Timestamp("2019-08-06T13:20:26Z")
     assert set(manifest["source"]) == {"mapillary"}
+
+
+def test_cli_ingest_mapillary_prints_counts(mapillary_api, capsys) -> None:
+    from geoloc.cli import main
+
+    mapillary_api.fail_next("/images", (429, {"Retry-After": "0"}))
+    for i, image_id in enumerate(GOOD):
+        mapillary_api.add_thumb(image_id, jpeg(i))
+
+    assert main(["data", "ingest", SPEC, "--workers", "1"]) == 0
+
+    out = capsys.readouterr().out
+    assert "read 6 = accepted 4 + rejected 2 + duplicates 0" in out
+
+
+def test_cli_ingest_mapillary_without_token_fails_with_one_line(capsys) -> None:
+    from geoloc.cli import main
+
+    assert main(["data", "ingest", SPEC]) == 1
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "MAPILLARY_TOKEN" in errors[0]

@@ -180,3 +180,33 @@ def test_ingest_from_s3_into_the_processed_manifest(s3_env) -> None:
     assert (a["lat"], a["lon"]) == (40.4, -3.7)
     assert all((paths.root / p).is_file() for p in manifest["path"])
     assert len(list((paths.raw / "s3").iterdir())) == 6  # each fetched object once
+
+
+def test_cli_ingest_s3_prefix_prints_counts(s3_env, monkeypatch, capsys) -> None:
+    """`geoloc data ingest s3://...` with --endpoint-url: counts add up, manifest per contract."""
+    from geoloc.cli import main
+    from geoloc.data.ingest import MANIFEST_COLUMNS
+
+    for i in range(3):
+        put(s3_env, f"cli/{i}.jpg", jpeg(i, 10.0 + i, 20.0 + i))
+    put(s3_env, "cli/plain.jpg", jpeg(7))  # no GPS
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+
+    args = ["data", "ingest", s3_env.url("cli"), "--endpoint-url", s3_env.endpoint_url]
+    assert main([*args, "--workers", "1"]) == 0
+
+    out = capsys.readouterr().out
+    assert "read 4 = accepted 3 + rejected 1 + duplicates 0" in out
+    assert "no_gps: 1" in out
+    manifest = pd.read_parquet(DataPaths.default().processed_manifest)
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert sorted(manifest["lat"].round(3)) == [10.0, 11.0, 12.0]
+
+
+def test_cli_ingest_missing_bucket_fails_with_one_line(s3_env, capsys) -> None:
+    from geoloc.cli import main
+
+    assert main(["data", "ingest", "s3://no-such-bucket/x"]) == 1
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "bucket 'no-such-bucket' does not exist" in errors[0]

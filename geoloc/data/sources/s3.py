@@ -90,7 +90,7 @@ class S3Source:
             storage.check_bucket(self.client, self.url.bucket)
             objects = list(storage.list_objects(self.client, self.url.bucket, self.url.prefix))
         except storage.StorageError as exc:
-            raise DataError(f"S3 source '{self.spec}': {exc}") from None
+            raise DataError(f"S3 source {exc}") from None
         if not objects:
             raise DataError(f"S3 source '{self.spec}': no objects under this prefix")
         return objects
