@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -36,12 +37,156 @@ def load_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
 
 @cache
 def _validator(version: int) -> jsonschema.protocols.Validator:
-    """One compiled validator per version: `jsonschema.validate` re-checks the schema each call,
-    which dominates when the leaderboard reads thousands of summaries."""
+    """One compiled validator per version: `jsonschema.validate` re-checks the schema each call."""
     schema = load_schema(version)
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema)
+
+
+# --------------------------------------------------------------------------------------------
+# Fast acceptance check. jsonschema costs ~0.5 ms per summary, which dominates a leaderboard of
+# thousands of runs. The schema is ours and uses a handful of keywords, so it is compiled once
+# into plain Python predicates that only *accept*: anything they reject (and any schema with a
+# keyword they do not know) goes through jsonschema, which has the final word and the message.
+# tests/test_summary.py checks both agree on many mutated summaries.
+# --------------------------------------------------------------------------------------------
+
+Check = Callable[[Any], bool]
+_ANNOTATIONS = {"$schema", "$id", "$defs", "$comment", "title", "description", "default"}
+
+
+class _Unsupported(Exception):  # noqa: N818 - internal signal, never leaves this module
+    """The schema uses a keyword the fast check does not implement."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _type_check(kinds: list[str]) -> Check:
+    """One predicate for a `type` keyword (the hot path: every metric value goes through it)."""
+    if unknown := set(kinds) - {
+        "object",
+        "array",
+        "string",
+        "boolean",
+        "null",
+        "number",
+        "integer",
+    }:
+        raise _Unsupported(f"type {sorted(unknown)}")
+    exact = tuple(t for k, t in (("object", dict), ("array", list), ("string", str)) if k in kinds)
+    allow_none, allow_bool = "null" in kinds, "boolean" in kinds
+    number, integer = "number" in kinds, "integer" in kinds
+
+    def check(v: Any) -> bool:
+        if v is None:
+            return allow_none
+        if v is True or v is False:
+            return allow_bool
+        if isinstance(v, exact):
+            return True
+        if isinstance(v, int):
+            return number or integer
+        if isinstance(v, float):
+            # JSON Schema counts 1.0 as an integer
+            return number or (integer and v.is_integer())
+        return False
+
+    return check
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: booleans are not numbers."""
+    return isinstance(a, bool) == isinstance(b, bool) and type(a) is not dict and a == b
+
+
+def _object_check(props: dict[str, Check], extra: Check | None) -> Check:
+    def check(v: Any) -> bool:
+        if not isinstance(v, dict):
+            return True
+        for k, x in v.items():
+            c = props.get(k, extra)
+            if c is not None and not c(x):
+                return False
+        return True
+
+    return check
+
+
+def _all(checks: list[Check]) -> Check:
+    if not checks:
+        return lambda v: True
+    if len(checks) == 1:
+        return checks[0]
+
+    def check(v: Any) -> bool:
+        for c in checks:  # noqa: SIM110 - a plain loop: no generator on the hot path
+            if not c(v):
+                return False
+        return True
+
+    return check
+
+
+def _compile(node: Any, root: dict[str, Any]) -> Check:
+    if node is True or node == {}:
+        return lambda v: True
+    if node is False:
+        return lambda v: False
+    unknown = set(node) - _ANNOTATIONS - {
+        "$ref", "type", "const", "enum", "required", "properties", "additionalProperties",
+        "oneOf", "minLength", "minimum",
+    }  # fmt: skip
+    if unknown:
+        raise _Unsupported(", ".join(sorted(unknown)))
+    checks: list[Check] = []
+    if "$ref" in node:
+        ref = node["$ref"]
+        if not ref.startswith("#/"):
+            raise _Unsupported(ref)
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        checks.append(_compile(target, root))
+    if "type" in node:
+        checks.append(
+            _type_check([node["type"]] if isinstance(node["type"], str) else node["type"])
+        )
+    if "const" in node:
+        const = node["const"]
+        checks.append(lambda v: _same(v, const))
+    if "enum" in node:
+        options = node["enum"]
+        checks.append(lambda v: any(_same(v, o) for o in options))
+    if "required" in node:
+        required = node["required"]
+        checks.append(lambda v: not isinstance(v, dict) or all(k in v for k in required))
+    props = {k: _compile(sub, root) for k, sub in node.get("properties", {}).items()}
+    extra = _compile(node["additionalProperties"], root) if "additionalProperties" in node else None
+    if props or extra is not None:
+        checks.append(_object_check(props, extra))
+    if "oneOf" in node:
+        branches = [_compile(sub, root) for sub in node["oneOf"]]
+        checks.append(lambda v: sum(1 for b in branches if b(v)) == 1)
+    if "minLength" in node:
+        n = node["minLength"]
+        checks.append(lambda v: not isinstance(v, str) or len(v) >= n)
+    if "minimum" in node:
+        low = node["minimum"]
+        checks.append(lambda v: not _is_number(v) or v >= low)
+    return _all(checks)
+
+
+@cache
+def _fast_check(version: int) -> Check | None:
+    """The compiled acceptance check, or None when the schema needs full jsonschema."""
+    schema = load_schema(version)
+    try:
+        return _compile(schema, schema)
+    except (_Unsupported, KeyError, TypeError):
+        return None
 
 
 def validate_summary(summary: dict[str, Any]) -> None:
@@ -49,6 +194,9 @@ def validate_summary(summary: dict[str, Any]) -> None:
     version = summary.get("schema_version")
     if version not in SUPPORTED_VERSIONS:
         raise SummaryError(f"unknown schema_version {version!r} (supported: {SUPPORTED_VERSIONS})")
+    fast = _fast_check(version)
+    if fast is not None and fast(summary):
+        return
     error = jsonschema.exceptions.best_match(_validator(version).iter_errors(summary))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "<root>"

@@ -99,3 +99,38 @@ def test_readme_documents_every_summary_field(repo_root: Path) -> None:
     section = readme.split("<!-- section:report -->")[1].split("<!-- /section:report -->")[0]
     missing = [k for k in load_schema(1)["properties"] if f"`{k}`" not in section]
     assert not missing, f"README report section does not document: {missing}"
+
+
+_ODD_VALUES = [
+    None, "", "x", 0, 1, -1, 1.0, 2.5, True, False, [], [1], {}, {"a": 1}, {"a": "s"},
+    {"a": None}, {"variant": "v"}, {"variant": 1}, {"variant": "v", "metrics": {"m": "x"}},
+    {"variant": "v", "metrics": {"m": 1.5}},
+]  # fmt: skip
+
+
+def _mutations(base: dict) -> list[dict]:
+    out = []
+    for key in [*base, "unknown_key"]:
+        for value in _ODD_VALUES:
+            out.append({**base, key: value})
+        out.append({k: v for k, v in base.items() if k != key})
+        if isinstance(base.get(key), dict):
+            for sub in [*base[key], "unknown_sub"]:
+                for value in _ODD_VALUES:
+                    out.append({**base, key: {**base[key], sub: value}})
+    return out
+
+
+def test_fast_validation_agrees_with_jsonschema() -> None:
+    """Reading thousands of summaries uses a compiled check; it must accept exactly what the
+    JSON Schema accepts, or a leaderboard would rank a summary that `read_summary` refuses."""
+    from geoloc.summary import _fast_check, _validator
+
+    fast, reference = _fast_check(1), _validator(1)
+    assert fast is not None
+    base = json.loads(V1_FIXTURE.read_text())
+    cases = _mutations(base)
+    valid = sum(reference.is_valid(c) for c in cases)
+    assert 100 < valid < len(cases) - 100  # both sides are exercised
+    disagree = [c for c in cases if fast(c) != reference.is_valid(c)]
+    assert not disagree, f"{len(disagree)} disagreements, first: {disagree[0]}"
