@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
+from fixtures.demo_data import DEMO_FIXTURE_CONFIG, DEMO_FIXTURE_N
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
 
+from flows.index import index
+from flows.pipeline import pipeline
 from flows.train import train
-from geoloc.paths import runs_dir
+from geoloc.layout import RunPaths
+from geoloc.paths import DataPaths, runs_dir
+from geoloc.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
 
@@ -29,8 +41,6 @@ def _task_states(flow_run_id: UUID) -> dict[str, list[str]]:
 
 
 def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
@@ -56,3 +66,94 @@ def test_bad_parameters_fail_the_run_before_any_work(params: dict[str, Any], rea
     states = _task_states(state.state_details.flow_run_id)
     assert "train-model" not in states
     assert states.get("validate-config", ["Failed"]) == ["Failed"]
+
+
+# tiny but real: 600 demo images at H3 r1, a tiny CNN, one epoch
+TINY_INDEX = dict(DEMO_FIXTURE_CONFIG)
+TINY_TRAIN = {
+    "batch_size": 32,
+    "image_size": 32,
+    "arch": "multiscale_cnn_tiny",
+    "embed_dim": 32,
+    "lr": 3e-3,
+    "rerank.enabled": False,  # TODO until geoloc.rerank lands
+}
+
+
+def test_pipeline_chains_index_train_report_aggregate() -> None:
+    state = pipeline(
+        source="demo",
+        index_overrides=TINY_INDEX,
+        demo_n=DEMO_FIXTURE_N,
+        preset="demo",
+        epochs=1,
+        tracking=False,
+        overrides=TINY_TRAIN,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    out = state.result()
+    run_dir = Path(out["run"]["run_dir"])
+    assert run_dir.parent == runs_dir()
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed"
+    assert summary["dataset"]["fingerprint"] == out["index"]["fingerprint"]
+    assert RunPaths(run_dir).dashboard.is_file()
+    assert out["leaderboard"]["ranked"] == 1
+    assert Path(out["leaderboard"]["csv"]).is_file()
+
+    # every subflow published its artifacts on its own flow run
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                    any_=[state.state_details.flow_run_id]
+                )
+            )
+        )
+        flows = {client.read_flow(c.flow_id).name: c.id for c in children}
+    assert set(flows) == {"index", "train", "aggregate"}
+    train_art = _artifacts(flows["train"])
+    assert RunPaths(run_dir).dashboard.as_uri() in train_art["geoloc-run-dashboard"].data
+    assert summary["run_id"] in train_art["geoloc-run-summary"].data
+    metrics = {
+        row["metric"]: row["value"] for row in json.loads(train_art["geoloc-run-metrics"].data)
+    }
+    assert metrics["best_val_acc"] == pytest.approx(summary["best_val_acc"])
+    board = json.loads(_artifacts(flows["aggregate"])["geoloc-leaderboard"].data)
+    assert [row["run_id"] for row in board] == [summary["run_id"]]
+    assert "geoloc-index" in _artifacts(flows["index"])
+
+
+def test_failing_task_fails_the_flow_and_a_rerun_reuses_the_cached_index() -> None:
+    params = dict(
+        source="demo",
+        index_overrides=TINY_INDEX,
+        demo_n=DEMO_FIXTURE_N,
+        preset="demo",
+        epochs=1,
+        tracking=False,
+        overrides={**TINY_TRAIN, "arch": "no_such_arch"},
+    )
+    failed = pipeline(**params, return_state=True)
+    assert failed.is_failed()
+    assert "no_such_arch" in (failed.message or "")
+    # the run that failed says so: it never looks complete
+    (run_dir,) = (p for p in runs_dir().iterdir() if not p.name.startswith("_"))
+    assert read_summary(run_dir)["status"] == "failed"
+
+    again = index(source="demo", overrides=TINY_INDEX, demo_n=DEMO_FIXTURE_N, return_state=True)
+    assert again.is_completed(), again.message
+    states = _task_states(again.state_details.flow_run_id)
+    assert states["make-demo"] == ["Cached"]
+    assert states["ingest"] == ["Cached"]
+    assert states["build-index"] == ["Cached"]
+
+    # a stage whose output vanished runs again even though its inputs did not change
+    DataPaths.default().labels.unlink()
+    third = index(source="demo", overrides=TINY_INDEX, demo_n=DEMO_FIXTURE_N, return_state=True)
+    assert third.is_completed(), third.message
+    states = _task_states(third.state_details.flow_run_id)
+    assert states["ingest"] == ["Cached"]
+    assert states["build-index"] == ["Completed"]
+    assert DataPaths.default().labels.is_file()
