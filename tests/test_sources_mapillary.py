@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
-from geoloc.data.sources.mapillary import captured_at_iso, parse_bbox, redact
+from geoloc.data.sources.mapillary import captured_at_iso, parse_bbox, redact, split_bbox
 from geoloc.errors import DataError
 
 SPEC = "mapillary:2.29,48.85,2.30,48.86"
@@ -69,6 +69,35 @@ def test_rate_limits_and_server_errors_are_retried_honouring_retry_after(mapilla
     calls = mapillary_api.calls("/images")
     assert len(calls) == 4  # 429, 500, page 1, page 2
     assert calls[1].at - calls[0].at >= 0.95  # waited as told by Retry-After
+
+
+def test_large_boxes_are_searched_in_tiles_and_repeats_kept_once(mapillary_api) -> None:
+    # the API caps a bbox search (2000 results, rarely a next page): tiles keep big boxes whole
+    entries = list(create_source("mapillary:2.28,48.85,2.30,48.86", tile_deg=0.01, **FAST).items())
+
+    first_pages = [c for c in mapillary_api.calls("/images") if "after" not in c.query]
+    assert [c.query["bbox"] for c in first_pages] == [
+        "2.28,48.85,2.29,48.86",
+        "2.29,48.85,2.3,48.86",
+    ]
+    ids = [e.source_ref for e in entries]
+    assert len(ids) == len(set(ids)) == 6  # both tiles saw the same records: yielded once
+
+
+def test_a_full_page_without_next_warns_that_results_may_be_missing(mapillary_api, caplog):
+    del mapillary_api.pages[None]["paging"]["next"]  # 3 records, no next page
+    collect(page_limit=3)
+    assert "truncated" in caplog.text
+
+
+def test_split_bbox_covers_the_box_exactly() -> None:
+    box = parse_bbox("mapillary:-0.5,51.2,0.3,51.7")
+    tiles = split_bbox(box, 0.25)
+    assert len(tiles) == 4 * 2
+    assert (tiles[0].min_lon, tiles[0].min_lat) == (-0.5, 51.2)
+    assert (tiles[-1].max_lon, tiles[-1].max_lat) == (0.3, 51.7)
+    assert all(t.max_lon - t.min_lon <= 0.25 + 1e-9 for t in tiles)
+    assert split_bbox(box, 10.0) == [box]
 
 
 def test_a_search_that_keeps_failing_is_a_data_error(mapillary_api) -> None:

@@ -2,10 +2,12 @@
 
 Spec `mapillary:minlon,minlat,maxlon,maxlat`; the access token comes from `MAPILLARY_TOKEN` and
 the API base from `MAPILLARY_API_URL` (default https://graph.mapillary.com; tests point it at a
-local server). One search, `GET /images?bbox=...&fields=id,computed_geometry,captured_at,
+local server). A search, `GET /images?bbox=...&fields=id,computed_geometry,captured_at,
 sequence,thumb_1024_url&limit=N`, followed through `paging.next`, gives every item's position
 (`computed_geometry`, GeoJSON lon/lat: Mapillary's SfM-corrected fix, better than raw GPS),
 capture time (epoch milliseconds) and sequence. Thumbnails are fetched later by ingestion.
+A bbox search returns at most `limit` (2000) images and rarely a next page, so the box is
+searched in tiles of `tile_deg` degrees (0.01 by default) and repeats are dropped by id.
 
 Rate limits are normal with this API: 429 and 5xx answers are retried with exponential backoff,
 honouring `Retry-After`. The token travels in the `Authorization` header, only to the API host
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import os
 import threading
 import time
@@ -35,7 +38,10 @@ TOKEN_ENV = "MAPILLARY_TOKEN"
 API_URL_ENV = "MAPILLARY_API_URL"
 DEFAULT_API_URL = "https://graph.mapillary.com"
 FIELDS = ("id", "computed_geometry", "captured_at", "sequence", "thumb_1024_url")
-PAGE_LIMIT = 1000  # the API caps a page at 2000
+PAGE_LIMIT = 2000  # the API's maximum per request
+# Bbox searches are capped at `limit` results and often come without `paging.next`, so large
+# boxes are split into tiles of this many degrees (edges shared; repeats dropped by id).
+TILE_DEG = 0.01
 TIMEOUT_S = (10.0, 60.0)  # (connect, read)
 PREFIX = "mapillary:"
 
@@ -88,6 +94,24 @@ def parse_bbox(spec: str) -> BBox:
     if min_lon >= max_lon or min_lat >= max_lat:
         raise DataError(f"'{spec}': min must be below max for lon and lat; {expected}")
     return BBox(min_lon, min_lat, max_lon, max_lat)
+
+
+def split_bbox(bbox: BBox, tile_deg: float) -> list[BBox]:
+    """`bbox` as a grid of tiles at most `tile_deg` wide and high (row-major, south-west first)."""
+    if tile_deg <= 0:
+        raise DataError(f"tile size must be positive, got {tile_deg}")
+    n_lon = max(1, math.ceil((bbox.max_lon - bbox.min_lon) / tile_deg - 1e-9))
+    n_lat = max(1, math.ceil((bbox.max_lat - bbox.min_lat) / tile_deg - 1e-9))
+
+    def edges(lo: float, hi: float, n: int) -> list[float]:
+        # endpoints exact, inner edges rounded so that requests stay readable
+        return [lo, *(round(lo + (hi - lo) * i / n, 7) for i in range(1, n)), hi]
+
+    lons = edges(bbox.min_lon, bbox.max_lon, n_lon)
+    lats = edges(bbox.min_lat, bbox.max_lat, n_lat)
+    return [
+        BBox(lons[i], lats[j], lons[i + 1], lats[j + 1]) for j in range(n_lat) for i in range(n_lon)
+    ]
 
 
 def redact(url: str) -> str:
@@ -190,6 +214,7 @@ class MapillarySource:
         token: str | None = None,
         api_url: str | None = None,
         page_limit: int = PAGE_LIMIT,
+        tile_deg: float = TILE_DEG,
         max_images: int | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
@@ -203,6 +228,7 @@ class MapillarySource:
             )
         self.api_url = (api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
         self.page_limit = page_limit
+        self.tile_deg = tile_deg
         self.max_images = max_images
         self.retry = retry or RetryPolicy()
         self._local = threading.local()  # one requests.Session per fetch thread
@@ -246,25 +272,45 @@ class MapillarySource:
         return body
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Every image record of the search, page after page (`paging.next`)."""
+        """Every image record of the search: tile after tile, page after page."""
+        tiles = split_bbox(self.bbox, self.tile_deg)
+        if len(tiles) > 1:
+            log.info(
+                "mapillary %s: searching %d tiles of %g deg", self.bbox, len(tiles), self.tile_deg
+            )
+        for tile in tiles:
+            yield from self._search(tile)
+
+    def _search(self, tile: BBox) -> Iterator[dict[str, Any]]:
+        """One bbox search, following `paging.next` while the API offers one."""
         url: str | None = f"{self.api_url}/images"
         params: dict[str, str] | None = {
-            "bbox": str(self.bbox),
+            "bbox": str(tile),
             "fields": ",".join(FIELDS),
             "limit": str(self.page_limit),
         }
         seen_pages: set[str] = set()
-        pages = 0
+        pages = records = 0
+        nxt = None
         while url:
             body = self._page(url, params)
             pages += 1
-            yield from body.get("data", [])
+            data = body.get("data", [])
+            records += len(data)
+            yield from data
             nxt = (body.get("paging") or {}).get("next")
             if not nxt or nxt in seen_pages:  # a repeated cursor would loop forever
                 break
             seen_pages.add(nxt)
             url, params = nxt, None  # the next link carries every parameter
-        log.info("mapillary %s: %d pages", self.bbox, pages)
+        if pages == 1 and not nxt and records >= self.page_limit:
+            log.warning(
+                "mapillary %s: %d records, the page limit, and no next page: the search is "
+                "probably truncated; use a smaller tile_deg",
+                tile,
+                records,
+            )
+        log.debug("mapillary %s: %d records in %d pages", tile, records, pages)
 
     def _thumb_fetcher(self, url: str) -> Callable[[], bytes]:
         def fetch() -> bytes:
@@ -331,6 +377,7 @@ class MapillarySource:
 def create_mapillary_source(
     spec: str,
     page_limit: int = PAGE_LIMIT,
+    tile_deg: float = TILE_DEG,
     max_images: int | None = None,
     backoff_s: float = 1.0,
     retries: int = 5,
@@ -340,6 +387,7 @@ def create_mapillary_source(
     return MapillarySource(
         spec,
         page_limit=page_limit,
+        tile_deg=tile_deg,
         max_images=max_images,
         retry=RetryPolicy(attempts=max(1, retries), backoff_s=backoff_s),
     )
