@@ -224,3 +224,18 @@ def test_cli_bad_arguments_fail_with_one_line(s3_env, tmp_path: Path, capsys) ->
     assert "index" in capsys.readouterr().err
     assert main(["s3", "push", str(tmp_path), "not-a-url"]) == 1
     assert "not an S3 URL" in capsys.readouterr().err
+
+
+def test_pull_refuses_keys_that_would_land_outside_the_folder(s3_env, tmp_path: Path) -> None:
+    client = s3_env.client()
+    client.put_object(Bucket=s3_env.bucket, Key="r/ok.txt", Body=b"ok")
+    client.put_object(Bucket=s3_env.bucket, Key="r/../../evil.txt", Body=b"evil")
+    with pytest.raises(storage.StorageError, match="outside the target folder"):
+        storage.pull(s3_env.url("r"), tmp_path / "a" / "b")
+    assert not list(tmp_path.rglob("*.txt"))  # refused before anything was written
+
+
+def test_cli_push_accepts_a_run_id(s3_env, capsys) -> None:
+    files = _make_run(runs_dir() / "20260102-000000-def")
+    assert main(["s3", "push", "20260102-000000-def", s3_env.url("runs/x")]) == 0
+    assert f"uploaded {len(files)}" in capsys.readouterr().out

@@ -46,6 +46,14 @@ def _split_args(args: list[str], index: bool, verb: str, usage: str) -> tuple[st
     return (args[1] if len(args) == 2 else None), args[0]
 
 
+def _run_dir(arg: str) -> Path:
+    """A path as given, or a run id under `$GEOLOC_RUNS_DIR` when no such path exists."""
+    path = Path(arg)
+    if not path.exists() and (runs_dir() / arg).is_dir():
+        return runs_dir() / arg
+    return path
+
+
 def _print_report(verb: str, src: str, dst: str, report: object) -> None:
     counts = (
         f"uploaded {report.uploaded}, skipped {report.skipped}"  # type: ignore[attr-defined]
@@ -65,11 +73,14 @@ def push(
     multipart_threshold_mb: ThresholdOption = 64,
     workers: WorkersOption = 4,
 ) -> None:
-    """Upload RUN_DIR (or --index) to s3://bucket/prefix; unchanged files are skipped."""
+    """Upload RUN_DIR (a path or a run id) or --index to s3://bucket/prefix.
+
+    Files whose content is already there (same sha256) are skipped.
+    """
     from geoloc import storage
 
     local, url = _split_args(args, index, "push", "geoloc s3 push RUN_DIR|--index s3://b/prefix")
-    src = DataPaths.default().index if local is None else Path(local)
+    src = DataPaths.default().index if local is None else _run_dir(local)
     if local is None and not src.is_dir():
         raise GeolocError(f"no data index at '{src}': run `geoloc index build` first")
     try:
