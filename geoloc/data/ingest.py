@@ -105,6 +105,30 @@ def _chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
         yield seq[i : i + size]
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: exit when the ingest process dies (even by SIGKILL).
+
+    Forked workers hold the task pipe open themselves, so they would never see EOF and would
+    linger forever after a hard kill of the parent.
+    """
+    import threading
+
+    try:  # Linux: the kernel signals us when the parent dies
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="geoloc-parent-watch").start()
+
+
 class _Runner:
     """Turns a chunk of pending entries into journal rows (fetch: threads, decode: processes)."""
 
@@ -118,7 +142,12 @@ class _Runner:
 
             # fork: works from any __main__ (stdin, notebooks, flow runners); the pool starts
             # before the fetch threads do
-            self.procs = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("fork"))
+            self.procs = ProcessPoolExecutor(
+                cfg.workers,
+                mp_context=mp.get_context("fork"),
+                initializer=_die_with_parent,
+                initargs=(os.getpid(),),
+            )
             self.procs.submit(int).result()
 
     def close(self) -> None:
@@ -253,7 +282,7 @@ def normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("width", "height"):
         out[col] = out[col].astype("int64")
     out["captured_at"] = _timestamps(out["captured_at"])
-    out["sequence_id"] = out["sequence_id"].astype(object).where(out["sequence_id"].notna(), None)
+    out["sequence_id"] = out["sequence_id"].astype("str")  # missing stays missing (NaN/null)
     return out.reset_index(drop=True)
 
 
