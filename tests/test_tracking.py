@@ -279,6 +279,9 @@ def test_server_down_during_training_then_sync_catches_up(
     assert state["mirrored"] is False and "unreachable" in state["error"]
     assert tracking.start_parent_run("sweep", tracking_uri=dead) is None
 
+    # the server is back (a cold server on a busy machine answers slowly: default timeouts)
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var)
     server = mlflow_server_factory(f"sqlite:///{tmp_path / 'server.db'}")
     assert main(["mlflow", "sync", str(run_dir), "--tracking-uri", server.url]) == 0
     assert "created" in capsys.readouterr().out
