@@ -210,3 +210,36 @@ def test_cli_ingest_missing_bucket_fails_with_one_line(s3_env, capsys) -> None:
     lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and "bucket 'no-such-bucket' does not exist" in errors[0]
+
+
+def test_a_replaced_object_is_fetched_again_not_served_from_a_stale_copy(s3_env) -> None:
+    from geoloc.data.ingest import ingest
+
+    put(s3_env, "v/a.jpg", jpeg(1, 10.0, 10.0))
+    paths = DataPaths.default()
+    cfg = IndexConfig(workers=1, max_side=64)
+    first = ingest(s3_env.url("v"), paths, cfg)
+    put(s3_env, "v/a.jpg", jpeg(2, 20.0, 20.0))  # same key, new content
+
+    again = ingest(s3_env.url("v"), paths, cfg, fresh=True)
+
+    assert (first.accepted, again.accepted) == (1, 1)
+    manifest = pd.read_parquet(paths.processed_manifest)
+    assert list(manifest["lat"].round(3)) == [20.0]
+
+
+def test_manifest_rows_may_point_at_http_urls(s3_env, mapillary_api) -> None:
+    """An image column holding http(s) URLs is fetched over HTTP (here: a local server)."""
+    from fixtures.mapillary_server import thumb_path
+
+    mapillary_api.add_thumb("42", jpeg(6))
+    url = f"{mapillary_api.cdn}{thumb_path('42')}"
+    rows = f"id,lat,lon,url\nh1,1.5,2.5,{url}\nh2,1.5,2.5,{mapillary_api.cdn}/missing.jpg\n"
+    put(s3_env, "web/list.csv", rows.encode())
+
+    items, _ = split(list(create_source(s3_env.url("web")).items()))
+
+    by_id = {i.image_id: i for i in items}
+    assert by_id["h1"].fetch() == jpeg(6)
+    with pytest.raises(FetchError, match="404"):
+        by_id["h2"].fetch()

@@ -45,11 +45,15 @@ def _is_image(key: str) -> bool:
     return PurePosixPath(key).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _raw_name(bucket: str, key: str) -> str:
-    """A file name under data/raw/s3/ that is unique per object and still readable."""
+def _raw_name(bucket: str, key: str, etag: str = "") -> str:
+    """A file name under data/raw/s3/, unique per object version and still readable.
+
+    Ingestion reuses a raw file that already exists, so the ETag is part of the name: an object
+    replaced in the bucket is fetched again instead of served from a stale copy.
+    """
     base = PurePosixPath(key).name
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)[-80:]
-    return f"{stable_hash(f'{bucket}/{key}', 12)}_{safe or 'object'}"
+    return f"{stable_hash(f'{bucket}/{key}@{etag}', 12)}_{safe or 'object'}"
 
 
 def s3_fetcher(client: Any, bucket: str, key: str) -> Callable[[], bytes]:
@@ -100,7 +104,7 @@ class S3Source:
 
     def items(self) -> Iterator[RawItem | SourceReject]:
         objects = self._list()
-        keys = {o.key for o in objects}
+        keys = {o.key: o.etag for o in objects}
         referenced: set[str] = set()
         for obj in objects:
             if _is_manifest(obj.key):
@@ -118,10 +122,10 @@ class S3Source:
                 source=self.name,
                 source_ref=ref,
                 fetch=s3_fetcher(self.client, self.url.bucket, obj.key),
-                raw_name=_raw_name(self.url.bucket, obj.key),
+                raw_name=_raw_name(self.url.bucket, obj.key, obj.etag),
             )
 
-    def _resolve_key(self, manifest_key: str, image: str, keys: set[str]) -> str | None:
+    def _resolve_key(self, manifest_key: str, image: str, keys: dict[str, str]) -> str | None:
         """The object key a manifest's relative `image` names; None when it leaves the prefix.
 
         Bare ids (OSV-5M style) also try `<id>.jpg` and `images/<id>.jpg`, like local manifests.
@@ -142,7 +146,7 @@ class S3Source:
         return joined
 
     def _manifest_items(
-        self, manifest_key: str, keys: set[str], referenced: set[str]
+        self, manifest_key: str, keys: dict[str, str], referenced: set[str]
     ) -> Iterator[RawItem | SourceReject]:
         manifest_url = self._ref(manifest_key)
         try:
@@ -183,7 +187,7 @@ class S3Source:
             )
 
     def _row_fetch(
-        self, manifest_key: str, image: str, keys: set[str], referenced: set[str]
+        self, manifest_key: str, image: str, keys: dict[str, str], referenced: set[str]
     ) -> tuple[Callable[[], bytes] | None, str | None, tuple[str, str] | None]:
         """(fetch, raw_name, None) for a manifest's image column, or (None, None, reject)."""
         low = image.lower()
@@ -204,7 +208,8 @@ class S3Source:
         if key not in keys:
             return None, None, (MISSING_FILE, f"{self._ref(key)} does not exist")
         referenced.add(key)
-        return s3_fetcher(self.client, self.url.bucket, key), _raw_name(self.url.bucket, key), None
+        fetch = s3_fetcher(self.client, self.url.bucket, key)
+        return fetch, _raw_name(self.url.bucket, key, keys[key]), None
 
 
 @register_source("s3", lambda spec: spec.lower().startswith("s3://"))
