@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -624,15 +625,20 @@ def config_items(inputs: RunInputs) -> list[tuple[str, str]]:
 
 
 def artifact_links(inputs: RunInputs) -> list[tuple[str, str]]:
-    """(label, path relative to the run) for every file in the run, reports excluded."""
+    """(label, URL-quoted href relative to the run) for every file in the run, reports and
+    dot-files (temp files of atomic writes) excluded."""
     root = inputs.paths.root
     skip = {inputs.paths.report, inputs.paths.dashboard}
-    files = [
-        p
+    rels = [
+        p.relative_to(root).as_posix()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p not in skip and not any(x.startswith(".") for x in p.parts)
+        if p.is_file() and p not in skip
     ]
-    return [(p.relative_to(root).as_posix(), p.relative_to(root).as_posix()) for p in files]
+    return [
+        (rel, quote(rel))
+        for rel in rels
+        if not any(part.startswith(".") for part in rel.split("/"))
+    ]
 
 
 def _rerank_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:

@@ -44,7 +44,8 @@ def test_complete_run_gets_every_plot_report_and_dashboard(fake_run: Path) -> No
     assert flags["report"] and flags["dashboard"] and flags["plots"]
 
 
-def test_report_is_idempotent_and_leaves_no_temp_files(fake_run: Path) -> None:
+def test_report_is_idempotent_and_leaves_no_temp_files(make_run: Callable[..., Path]) -> None:
+    fake_run = make_run("again", with_predictions=False)
     write_report(fake_run)
     first = RunPaths(fake_run).report.read_text()
     write_report(fake_run)
@@ -132,6 +133,16 @@ def test_strings_from_config_and_data_are_escaped(make_run: Callable[..., Path])
     assert EVIL not in rp.report.read_text()
 
 
+def test_every_artifact_is_linked_even_under_a_hidden_folder(tmp_path: Path) -> None:
+    """Runs may live under e.g. ~/.cache; odd file names still get working relative links."""
+    run = RunPaths(tmp_path / ".cache" / "run1").make().root
+    (run / "artifacts" / "tables" / "extra table #1.csv").write_text("a\n1\n")
+    write_report(run)
+    page = (run / "dashboard.html").read_text()
+    assert 'href="artifacts/tables/extra%20table%20%231.csv"' in page
+    assert "(artifacts/tables/extra%20table%20%231.csv)" in (run / "REPORT.md").read_text()
+
+
 def test_confusion_matrix_stays_readable_at_thousands_of_classes() -> None:
     classes = fake_classes(3000, seed=3)
     rng = np.random.default_rng(0)
@@ -162,7 +173,10 @@ def test_coastlines_are_real_world_polygons() -> None:
     assert biggest > 500  # a continent, not noise from a misread offset
 
 
-def test_cli_report_takes_a_run_id(fake_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_report_takes_a_run_id(
+    make_run: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run = make_run("cli", with_predictions=False)
     assert main(["report", fake_run.name]) == 0
     assert "dashboard:" in capsys.readouterr().out
     assert RunPaths(fake_run).dashboard.is_file()
