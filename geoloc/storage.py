@@ -285,7 +285,10 @@ def push(
     workers: int = DEFAULT_WORKERS,
     progress: bool = False,
 ) -> TransferReport:
-    """Mirror `local_dir` to `s3_url`, uploading only files whose sha256 differs remotely."""
+    """Copy `local_dir` to `s3_url`, uploading only files whose content differs remotely.
+
+    Nothing is deleted on either side: objects without a local counterpart stay.
+    """
     root = Path(local_dir)
     if not root.is_dir():
         raise StorageError(f"'{root}' is not a directory: nothing to push")
@@ -298,10 +301,11 @@ def push(
 
     def upload(path: Path) -> str:
         key = target.key(path.relative_to(root).as_posix())
+        same_size = key in remote and remote[key].size == path.stat().st_size
+        if same_size and _etag_matches(path, remote[key].etag):  # no HEAD needed
+            return "skipped"
         digest = sha256_file(path)
-        if key in remote and remote[key].size == path.stat().st_size:
-            if _etag_matches(path, remote[key].etag):  # no HEAD needed
-                return "skipped"
+        if same_size:
             head = head_object(client, target.bucket, key)
             if head and head.get("Metadata", {}).get(SHA256_META) == digest:
                 return "skipped"
