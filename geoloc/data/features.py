@@ -119,17 +119,35 @@ def coastline_points() -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
+def _coast_vectors() -> np.ndarray:
+    pts = coastline_points()
+    return unit_vectors(pts[:, 1], pts[:, 0])
+
+
+@lru_cache(maxsize=1)
 def _coast_tree():
     from scipy.spatial import cKDTree
 
-    pts = coastline_points()
-    return cKDTree(unit_vectors(pts[:, 1], pts[:, 0]), balanced_tree=False)
+    return cKDTree(_coast_vectors(), balanced_tree=False)
+
+
+BRUTE_FORCE_MAX = 2e7  # query x vertex pairs below which a matrix product beats building a tree
 
 
 def coast_distance_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Great-circle km to the nearest shoreline vertex (see the module docstring)."""
-    chord, _ = _coast_tree().query(unit_vectors(lat, lon))
-    return 2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0)) * EARTH_RADIUS_KM
+    query = unit_vectors(np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64))
+    coast = _coast_vectors()
+    if len(query) * len(coast) <= BRUTE_FORCE_MAX:
+        # a few dozen cells (tests, tiny indexes): skips importing scipy and building a tree
+        dots = np.concatenate(
+            [(query[i : i + 64] @ coast.T).max(axis=1) for i in range(0, len(query), 64)]
+        )
+        angle = np.arccos(np.clip(dots, -1.0, 1.0))
+    else:
+        chord, _ = _coast_tree().query(query)
+        angle = 2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
+    return angle * EARTH_RADIUS_KM
 
 
 def population(cells: list[str], cfg: IndexConfig) -> np.ndarray:
