@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
-from geoloc.data.sources.mapillary import captured_at_iso, parse_bbox, redact, split_bbox
+from geoloc.data.sources.mapillary import (
+    captured_at_iso,
+    parse_bbox,
+    redact,
+    retry_after_seconds,
+    split_bbox,
+)
 from geoloc.errors import DataError
 
 SPEC = "mapillary:2.29,48.85,2.30,48.86"
@@ -160,6 +166,15 @@ def test_bbox_and_time_helpers() -> None:
     assert captured_at_iso(0) == "1970-01-01T00:00:00+00:00"
     assert captured_at_iso(None) is None
     assert "abc" not in redact("https://x/images?access_token=abc&bbox=1,2,3,4")
+    assert retry_after_seconds("7") == 7.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") < 0  # a date in the past
+    assert retry_after_seconds("soon") is None
+
+
+def test_max_images_stops_the_search_early(mapillary_api) -> None:
+    entries = list(create_source(SPEC, max_images=2, **FAST).items())
+    assert len(entries) == 2
+    assert len(mapillary_api.calls("/images")) == 1  # page 2 never requested
 
 
 def test_ingest_from_mapillary_into_the_processed_manifest(mapillary_api) -> None:
