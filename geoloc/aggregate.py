@@ -384,6 +384,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def skipped_frame(skipped: list[SkippedRun]) -> pd.DataFrame:
+    """Rows for skipped runs: same columns, `skipped` true, the reason kept."""
     rows = [
         {"run_id": s.run_id, "status": "skipped", "skipped": True, "skip_reason": s.reason}
         for s in skipped

@@ -67,12 +67,14 @@ class RunInputs:
 
     @property
     def run_name(self) -> str:
+        """Summary name, else config name, else the folder name."""
         summary = self.summary or {}
         config = self.config or {}
         return str(summary.get("run_name") or config.get("name") or self.paths.run_id)
 
     @property
     def status(self) -> str:
+        """The summary status, `unknown` without a summary."""
         return str((self.summary or {}).get("status") or "unknown")
 
 
@@ -159,6 +161,7 @@ class PlotSpec:
 
     @property
     def filename(self) -> str:
+        """The PNG name under `artifacts/plots/` (a contract other tools link to)."""
         return f"{self.name}.png"
 
 
@@ -214,10 +217,12 @@ def _draw_metric_lines(fig: Any, inputs: RunInputs, columns: Sequence[str], ylab
 
 
 def draw_loss(fig: Any, inputs: RunInputs) -> None:
+    """Train and val loss per epoch, from metrics.csv."""
     _draw_metric_lines(fig, inputs, ("train_loss", "val_loss"), "loss")
 
 
 def draw_valacc(fig: Any, inputs: RunInputs) -> None:
+    """Val top-1, top-5 and parent accuracy per epoch, from metrics.csv."""
     _draw_metric_lines(fig, inputs, ("val_top1", "val_top5", "val_parent_acc"), "accuracy")
     fig.axes[0].set_ylim(0, 1.02)
 
@@ -452,6 +457,7 @@ def draw_plot(spec: PlotSpec, inputs: RunInputs, out_dir: Path) -> PlotOutcome:
 
 
 def draw_plots(inputs: RunInputs) -> list[PlotOutcome]:
+    """Every plot of `PLOTS`, each drawn or explained; one broken plot never stops the rest."""
     out_dir = inputs.paths.plots
     out_dir.mkdir(parents=True, exist_ok=True)
     return [draw_plot(spec, inputs, out_dir) for spec in PLOTS]
@@ -666,6 +672,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
 
 
 def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
+    """REPORT.md: headline, metrics, plots (linked), rerank table, config, artifacts."""
     s = inputs.summary or {}
     lines = [f"# Run report: {_md_escape(inputs.run_name)}", ""]
     lines.append(f"Run id `{inputs.paths.run_id}` · status **{_md_escape(inputs.status)}**")

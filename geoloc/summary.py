@@ -32,6 +32,7 @@ class SummaryError(GeolocError):
 
 @cache
 def load_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The JSON Schema of a summary version, as shipped in `geoloc/schemas/`."""
     return json.loads((_SCHEMA_DIR / f"summary.v{version}.json").read_text())
 
 
@@ -216,6 +217,7 @@ def parse_summary(text: str | bytes) -> dict[str, Any]:
 
 
 def now_iso() -> str:
+    """UTC now, to the second: summaries compare and sort as plain strings."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -237,6 +239,7 @@ def git_commit() -> str | None:
 
 
 def code_version() -> dict[str, Any]:
+    """Which code produced the run (package version and git commit)."""
     return {"version": geoloc.__version__, "git_commit": git_commit()}
 
 

@@ -61,6 +61,8 @@ def _print_table(rows: list[dict[str, object]], limit: int) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add `report` and `aggregate` to the top-level app."""
+
     @app.command("report")
     def _cmd(
         run: Annotated[str, typer.Argument(help="Run folder, or a run id under the runs folder.")],
