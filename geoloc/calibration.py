@@ -48,8 +48,11 @@ ConformalMethod = Literal["lac", "aps"]
 _EPS = 1e-12
 
 
-def _as_tensor(x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(dtype)
+def _as_tensor(x: Any) -> torch.Tensor:
+    """A float64 tensor (a copy for numpy input: cached arrays may be read-only)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double()
+    return torch.from_numpy(np.array(x, dtype=np.float64))
 
 
 def log_probs(probs: np.ndarray) -> np.ndarray:
@@ -68,7 +71,7 @@ def fit_temperature(logits: Any, labels: Any, max_iter: int = 200) -> float:
     LBFGS on log T from T = 1; an empty split returns 1.0 (no change) rather than failing.
     """
     z = _as_tensor(logits)  # (N, K)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    y = torch.from_numpy(np.array(labels, dtype=np.int64)).reshape(-1)
     if z.ndim != 2 or z.shape[0] != y.numel():
         raise GeolocError(
             f"fit_temperature: logits must be (N, K) with N = len(labels); got {tuple(z.shape)} "

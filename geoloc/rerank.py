@@ -111,6 +111,10 @@ class SplitOutputs:
     lon: np.ndarray  # (N,)
     image_ids: np.ndarray  # (N,) str
 
+    def __post_init__(self) -> None:
+        # fixed-width unicode, not object: the cache is read back with allow_pickle=False
+        self.image_ids = np.asarray(self.image_ids, dtype=str)
+
     def __len__(self) -> int:
         return self.logits.shape[0]
 
@@ -201,13 +205,18 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def base_probs(out: SplitOutputs, label_space: LabelSpace, hier_topk_parents: int) -> np.ndarray:
+def base_probs(
+    logits: np.ndarray,
+    parent_logits: np.ndarray | None,
+    label_space: LabelSpace,
+    hier_topk_parents: int,
+) -> np.ndarray:
     """(N, K) class probabilities exactly as training evaluates them (`class_scores`)."""
     from geoloc.train_loop import class_scores
 
-    tensors = {"logits": torch.from_numpy(out.logits)}
-    if out.parent_logits is not None:
-        tensors["parent_logits"] = torch.from_numpy(out.parent_logits)
+    tensors = {"logits": torch.from_numpy(np.asarray(logits, dtype=np.float32))}
+    if parent_logits is not None:
+        tensors["parent_logits"] = torch.from_numpy(np.asarray(parent_logits, dtype=np.float32))
     return class_scores(tensors, label_space.parent_of, hier_topk_parents).double().numpy()
 
 
@@ -808,7 +817,10 @@ def evaluate_rerank(
     """
     gallery = gallery or outs["train"].to_gallery()
     k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
-    probs = {s: base_probs(outs[s], label_space, hier_topk_parents) for s in ("val", "test")}
+    probs = {
+        s: base_probs(outs[s].logits, outs[s].parent_logits, label_space, hier_topk_parents)
+        for s in ("val", "test")
+    }
     nbrs = {
         s: Neighbours.search(gallery, outs[s].embeddings, k_search, kind=cfg.index)
         for s in ("val", "test")

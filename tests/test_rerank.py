@@ -184,3 +184,55 @@ def test_params_round_trip_through_json(evaluated, tmp_path: Path) -> None:  # t
     assert back.to_dict() == params.to_dict()
     assert json.loads((tmp_path / "p.json").read_text())["best_variant"] == params.best_variant
     assert set(back.conformal) == set(VARIANTS) == set(back.temperatures)
+
+
+# --------------------------------------------------------------------------------------------
+# The run-level command on a tiny trained run
+# --------------------------------------------------------------------------------------------
+
+
+def test_geoloc_rerank_writes_the_table_params_gallery_and_summary(reranked_run: Path) -> None:
+    from geoloc.layout import RunPaths
+    from geoloc.summary import read_summary
+
+    paths = RunPaths(reranked_run)
+    table = pd.read_csv(paths.rerank_eval)
+    assert list(table["variant"]) == list(VARIANTS)
+    assert list(table.columns) == list(TABLE_COLUMNS)
+    assert table[["median_km", "p90_km", "top1", "coverage", "set_size"]].notna().all().all()
+    assert list(pd.read_csv(paths.tables / "rerank_eval_val.csv")["variant"]) == list(VARIANTS)
+    summary = read_summary(reranked_run)
+    best = summary["rerank"]["variant"]
+    assert best in VARIANTS
+    row = table.set_index("variant").loc[best]
+    assert summary["rerank"]["metrics"]["p90_km"] == pytest.approx(row["p90_km"], rel=1e-5)
+    assert summary["artifacts"]["rerank_eval"] is True
+    params = RerankParams.load(paths.data / "rerank_params.json")
+    assert params.best_variant == best
+    assert (paths.data / "gallery.npz").is_file()
+
+
+def test_base_row_matches_the_test_metrics_training_recorded(reranked_run: Path) -> None:
+    from geoloc.layout import RunPaths
+    from geoloc.summary import read_summary
+
+    base = pd.read_csv(RunPaths(reranked_run).rerank_eval).set_index("variant").loc["base"]
+    test = read_summary(reranked_run)["test"]
+    assert base["median_km"] == pytest.approx(test["test_median_km"], rel=1e-3)
+    assert base["top1"] == pytest.approx(test["test_top1"], abs=1e-6)
+
+
+def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    import geoloc.rerank as rerank
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reranked_run, run_dir)
+
+    def no_model(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("cached outputs should have been used")
+
+    monkeypatch.setattr(rerank, "compute_outputs", no_model)
+    result = rerank.rerank_run(run_dir, grid=SMALL_GRID, progress=False, report=False)
+    assert list(result.test_table["variant"]) == list(VARIANTS)

@@ -1,0 +1,277 @@
+"""`geoloc predict`: where were these photos taken, with a trained run.
+
+`Predictor(run_dir)` loads the run's best checkpoint (model + label space), and, when the run has
+been through `geoloc rerank`, its train gallery and `rerank_params.json`: the variant chosen on
+val, its temperature and its conformal threshold. `predict(paths)` returns one row per image:
+
+`path, lat, lon, cell, prob, topk_cells, topk_probs, conformal_set, conformal_coverage,
+variant, error`
+
+`prob` and `topk_probs` are temperature-calibrated; `conformal_set` holds the cells that contain
+the true cell with probability `conformal_coverage` (split conformal on val). A file that is not
+a readable image gets a row with `error` set and empty predictions; the others are predicted.
+Images go through the same decode and eval transform as training, in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from geoloc.atomic import atomic_path, write_text
+from geoloc.calibration import ConformalSets, apply_temperature, log_probs
+from geoloc.data.dataset import decode_image
+from geoloc.errors import DataError, GeolocError
+from geoloc.gallery import Gallery, l2_normalize
+from geoloc.layout import RunPaths
+from geoloc.rerank import (
+    Neighbours,
+    RerankParams,
+    VariantOutput,
+    base_probs,
+    gallery_path,
+    params_path,
+    run_variants,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "OUTPUT_COLUMNS",
+    "Predictor",
+    "collect_images",
+    "write_predictions",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+OUTPUT_COLUMNS = (
+    "path", "lat", "lon", "cell", "prob", "topk_cells", "topk_probs", "conformal_set",
+    "conformal_coverage", "variant", "error",
+)  # fmt: skip
+LIST_COLUMNS = ("topk_cells", "topk_probs", "conformal_set")
+
+
+def collect_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files to predict, in a stable order: given files as they are, folders recursively.
+
+    Inside folders only files with an image suffix count (a `.DS_Store` is not a photo); a file
+    named explicitly is always tried, so a broken one gets an error row instead of vanishing.
+    A path that does not exist is kept too and reported as an error row.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+            )
+            if not found:
+                log.warning("folder '%s' holds no image files", p)
+            out.extend(found)
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    """(3, H, W) uint8; `DataError` with a one-line reason for anything unreadable."""
+    if not path.exists():
+        raise DataError("file does not exist")
+    if not path.is_file():
+        raise DataError("not a regular file")
+    try:
+        return decode_image(path)
+    except DataError as exc:
+        raise DataError(_reason(exc)) from exc
+    except (Image.DecompressionBombError, ValueError, MemoryError) as exc:
+        raise DataError(f"not a usable image: {exc}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    cause = exc.__cause__
+    if cause is not None:
+        return f"not a readable image: {type(cause).__name__}: {cause}"
+    return text
+
+
+@dataclass
+class _Batch:
+    paths: list[Path]
+    images: torch.Tensor | None  # (B, 3, S, S) for the readable ones
+    ok: list[int]  # positions in `paths` that decoded
+    errors: dict[int, str]
+
+
+class Predictor:
+    """A trained run ready to answer: model, labels, and (optionally) gallery + rerank params."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        rerank: bool = True,
+        top_k: int = 5,
+        batch_size: int = 64,
+        device: str | None = None,
+    ) -> None:
+        from geoloc.run import load_trained
+
+        if top_k < 1:
+            raise GeolocError(f"top-k must be >= 1, got {top_k}")
+        self.paths = RunPaths(Path(run_dir))
+        self.trained = load_trained(self.paths.root, "best", device=device)
+        self.label_space = self.trained.label_space
+        self.transform = self.trained.transform()
+        self.top_k = min(top_k, self.label_space.num_classes)
+        self.batch_size = batch_size
+        self.params = self._load_params()
+        self.gallery: Gallery | None = None
+        self.variant = "base"
+        if rerank and self.params is not None:
+            self.variant = self.params.best_variant
+            if self.variant != "base":
+                self.gallery = Gallery.load(gallery_path(self.paths))
+        elif rerank:
+            log.warning(
+                "run '%s' has no rerank params (run `geoloc rerank` first): predicting with the "
+                "base model, uncalibrated, without conformal sets",
+                self.paths.root,
+            )
+
+    def _load_params(self) -> RerankParams | None:
+        path = params_path(self.paths)
+        if not path.is_file():
+            return None
+        return RerankParams.load(path)
+
+    @property
+    def hier_topk_parents(self) -> int:
+        return self.trained.config.train.hier_topk_parents
+
+    def _batches(self, files: Sequence[Path]) -> Iterator[_Batch]:
+        for start in range(0, len(files), self.batch_size):
+            chunk = list(files[start : start + self.batch_size])
+            tensors, ok, errors = [], [], {}
+            for i, path in enumerate(chunk):
+                try:
+                    tensors.append(self.transform(_load_image(path)))
+                    ok.append(i)
+                except DataError as exc:
+                    errors[i] = str(exc)
+            images = torch.stack(tensors) if tensors else None
+            yield _Batch(chunk, images, ok, errors)
+
+    @torch.no_grad()
+    def _forward(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        out = self.trained.model(images.to(self.trained.device))
+        parents = out.get("parent_logits")
+        return (
+            out["logits"].float().cpu().numpy(),
+            None if parents is None else parents.float().cpu().numpy(),
+            l2_normalize(out["embedding"].float().cpu()),
+        )
+
+    def _answer(self, images: torch.Tensor) -> VariantOutput:
+        logits, parent_logits, emb = self._forward(images)
+        probs = base_probs(logits, parent_logits, self.label_space, self.hier_topk_parents)
+        if self.variant == "base" or self.params is None or self.gallery is None:
+            pred = probs.argmax(axis=1)
+            ls = self.label_space
+            return VariantOutput(probs, pred, ls.lat[pred], ls.lon[pred], np.zeros(len(pred), bool))
+        nbrs = Neighbours.search(
+            self.gallery, emb, min(self.params.neighbours, len(self.gallery)), self.params.index
+        )  # type: ignore[arg-type]
+        return run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
+
+    def _rows(self, answer: VariantOutput) -> list[dict[str, Any]]:
+        temperature = 1.0
+        sets: ConformalSets | None = None
+        if self.params is not None:
+            temperature = self.params.temperatures.get(self.variant, 1.0)
+            sets = self.params.conformal.get(self.variant)
+        probs = apply_temperature(log_probs(answer.scores), temperature)  # (B, K)
+        member = sets.sets(probs) if sets is not None else None
+        cells = np.asarray(self.label_space.cells, dtype=object)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
+        rows = []
+        for i, pred in enumerate(answer.pred):
+            in_set = [] if member is None else np.flatnonzero(member[i])
+            in_set = sorted(in_set, key=lambda c, i=i: -probs[i, c])
+            rows.append(
+                {
+                    "lat": float(answer.lat[i]),
+                    "lon": float(answer.lon[i]),
+                    "cell": str(cells[pred]),
+                    "prob": float(probs[i, pred]),
+                    "topk_cells": [str(cells[c]) for c in order[i]],
+                    "topk_probs": [float(probs[i, c]) for c in order[i]],
+                    "conformal_set": [str(cells[c]) for c in in_set],
+                    "conformal_coverage": None if sets is None else sets.coverage,
+                    "variant": self.variant,
+                    "error": None,
+                }
+            )
+        return rows
+
+    def predict(self, paths: Iterable[str | Path], progress: bool = True) -> pd.DataFrame:
+        """One row per image file under `paths` (see the module docstring for the columns)."""
+        files = collect_images(paths)
+        rows: list[dict[str, Any]] = []
+        n_batches = (len(files) + self.batch_size - 1) // self.batch_size
+        for batch in tqdm(
+            self._batches(files), total=n_batches, desc="predict", unit="batch",
+            disable=not progress, leave=False,
+        ):  # fmt: skip
+            answers = self._rows(self._answer(batch.images)) if batch.images is not None else []
+            by_pos = dict(zip(batch.ok, answers, strict=True))
+            for i, path in enumerate(batch.paths):
+                row = by_pos.get(i) or _error_row(batch.errors[i], self.variant)
+                rows.append({"path": str(path), **row})
+        table = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+        n_err = int(table["error"].notna().sum()) if len(table) else 0
+        if n_err:
+            log.warning("%d of %d files could not be predicted (see the error column)", n_err,
+                        len(table))  # fmt: skip
+        return table
+
+
+def _error_row(reason: str, variant: str) -> dict[str, Any]:
+    return {
+        "lat": None, "lon": None, "cell": None, "prob": None, "topk_cells": [], "topk_probs": [],
+        "conformal_set": [], "conformal_coverage": None, "variant": variant, "error": reason,
+    }  # fmt: skip
+
+
+def write_predictions(table: pd.DataFrame, out: Path) -> None:
+    """Write by extension: `.csv` (list columns as JSON strings), `.parquet`, `.json` (records)."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".csv":
+        flat = table.copy()
+        for col in LIST_COLUMNS:
+            flat[col] = flat[col].map(json.dumps)
+        write_text(out, flat.to_csv(index=False))
+    elif suffix == ".parquet":
+        with atomic_path(out) as tmp:
+            table.to_parquet(tmp, index=False)
+    elif suffix == ".json":
+        records = json.loads(table.to_json(orient="records"))
+        write_text(out, json.dumps(records, indent=2) + "\n")
+    else:
+        raise GeolocError(
+            f"output '{out}': unknown format '{suffix}' (use .csv, .parquet or .json)"
+        )
