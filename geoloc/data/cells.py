@@ -3,8 +3,8 @@
 h3-py 4 has no vectorised `latlng_to_cell`, so the finest resolution is computed once per point
 through the integer API (no string formatting per call); every coarser resolution is derived
 from it with numpy bit operations on the H3 index layout (resolution in bits 52-55, one 3-bit
-digit per resolution, unused digits set to 7). Strings are formatted once per distinct cell,
-not once per point.
+digit per resolution, unused digits set to 7). Strings are formatted in bulk
+with numpy and Arrow, not with one Python call per point.
 
 The coarser columns are the H3 *parents* of the finest cell (`h3.cell_to_parent`), so the
 columns form one tree and a class always sits inside its parent class. H3 children overlap
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import h3
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 from h3.api import basic_int
 
 _RES_SHIFT = np.uint64(52)
@@ -44,15 +46,31 @@ def parent_int(cells: np.ndarray, res: int, parent_res: int) -> np.ndarray:
     return out | unused
 
 
-def to_strings(cells: np.ndarray) -> np.ndarray:
-    """(N,) object array of H3 strings; formatting happens once per distinct cell."""
-    uniq, inverse = np.unique(cells, return_inverse=True)
-    names = np.array([h3.int_to_str(int(c)) for c in uniq], dtype=object)
-    return names[inverse.reshape(-1)]
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_NIBBLE_SHIFTS = np.arange(56, -1, -4, dtype=np.uint64)  # the 15 hex digits of a cell index
+_STR_DTYPE = pd.StringDtype(storage="pyarrow", na_value=np.nan)  # pandas' default "str"
 
 
-def h3_columns(lat: np.ndarray, lon: np.ndarray, resolutions: list[int]) -> dict[str, np.ndarray]:
-    """`{"h3_r7": cells, "h3_r6": ...}` (object arrays of strings) for every resolution."""
+def to_strings(cells: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """(N,) H3 strings as a pandas "str" array, formatted in bulk.
+
+    A valid cell index has its top nibble 0 and mode bits 0001, so its string is exactly 15
+    lowercase hex digits: nibbles are looked up in a table and viewed as fixed-width bytes,
+    then handed to Arrow without a Python object per row.
+    """
+    cells = np.asarray(cells, dtype=np.uint64)
+    if len(cells) and not np.all((cells >> np.uint64(59)) == np.uint64(1)):
+        raise ValueError("not H3 cell indexes (mode bits are not 1)")
+    nibbles = ((cells[:, None] >> _NIBBLE_SHIFTS) & np.uint64(0xF)).astype(np.uint8)
+    fixed = np.ascontiguousarray(_HEX_DIGITS[nibbles]).view("S15").reshape(-1)
+    arrow = pa.array(fixed, type=pa.binary(15)).cast(pa.string())
+    return pd.array(arrow.to_pandas(types_mapper={pa.string(): _STR_DTYPE}.get), dtype="str")
+
+
+def h3_columns(
+    lat: np.ndarray, lon: np.ndarray, resolutions: list[int]
+) -> dict[str, pd.api.extensions.ExtensionArray]:
+    """`{"h3_r7": cells, "h3_r6": ...}` (pandas "str" arrays) for every resolution."""
     lat = np.asarray(lat, dtype=np.float64)
     lon = np.asarray(lon, dtype=np.float64)
     finest = max(resolutions)
