@@ -209,6 +209,16 @@ def test_geosoft_gradient_matches_autograd_of_the_definition(tiny_label_space):
     assert torch.allclose(ours.grad, ref.grad, atol=1e-6)
 
 
+def test_geosoft_refuses_a_second_backward_on_one_graph(tiny_label_space):
+    """Its backward reuses a buffer in place; a retained graph must not give silent garbage."""
+    loss = GeoSoftTargetLoss(tiny_label_space.centroids_tensor(), tau_km=2.0)
+    logits = torch.randn(3, tiny_label_space.num_classes, requires_grad=True)
+    value = loss(logits, torch.tensor([0, 1, 2]))
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()
+
+
 def test_geosoft_class_weights_scale_samples(tiny_label_space):
     """A zero-weight class contributes nothing: the loss equals the loss on the rest."""
     ls = tiny_label_space
