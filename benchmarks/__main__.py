@@ -1,0 +1,47 @@
+"""Run the benchmarks: `python -m benchmarks [NAME ...] [-- ARGS]` (`make bench` runs all).
+
+Each `benchmarks/bench_*.py` is a standalone script that times geoloc against a plain
+reference doing the same work and prints the ratio; this runner only lists and starts them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main(argv: list[str]) -> int:
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    scripts = sorted(HERE.glob("bench_*.py"))
+    if argv in (["-l"], ["--list"]):
+        print("\n".join(p.stem for p in scripts))
+        return 0
+    if argv:
+        wanted = {a.removesuffix(".py") for a in argv}
+        unknown = wanted - {p.stem for p in scripts}
+        if unknown:
+            print(f"unknown benchmark(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        scripts = [p for p in scripts if p.stem in wanted]
+    failed = []
+    for script in scripts:
+        print(f"\n=== {script.stem} ===", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, str(script), *extra])
+        print(f"--- {script.stem}: exit {code}, {time.perf_counter() - start:.1f} s", flush=True)
+        if code:
+            failed.append(script.stem)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
