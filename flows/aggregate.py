@@ -13,22 +13,21 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
+import geoloc.aggregate
+import geoloc.tracking
 from flows._artifacts import publish_table
 from geoloc.aggregate import AggregateResult
-from geoloc.aggregate import aggregate_runs as _aggregate_runs
 from geoloc.pipeline import table_records
 
 
 @task(name="aggregate-runs", cache_policy=NO_CACHE)
 def aggregate_runs(runs_root: Path | None) -> AggregateResult:
-    return _aggregate_runs(runs_root)
+    return geoloc.aggregate.aggregate_runs(runs_root)
 
 
 @task(name="log-leaderboard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def log_leaderboard(result: AggregateResult) -> str | None:
-    from geoloc.tracking import log_leaderboard as _log_leaderboard
-
-    return _log_leaderboard(result)
+def log_leaderboard(result: AggregateResult) -> str:
+    return geoloc.tracking.log_leaderboard(result)
 
 
 @flow(name="aggregate", log_prints=True)

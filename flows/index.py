@@ -15,9 +15,15 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+import geoloc.data.demo
+import geoloc.data.index
+import geoloc.data.ingest
 from flows._artifacts import publish_table
 from geoloc import pipeline
 from geoloc.config import IndexConfig
+from geoloc.data.demo import DemoReport
+from geoloc.data.index import IndexReport
+from geoloc.data.ingest import IngestReport
 from geoloc.paths import DataPaths
 
 
@@ -39,26 +45,19 @@ def validate_config(preset: str | None, overrides: dict[str, Any] | None) -> Ind
 
 
 @task(name="make-demo", cache_key_fn=_demo_key)
-def make_demo(out_dir: Path, n: int, seed: int, sigma_deg: float) -> dict[str, Any]:
-    from geoloc.data.demo import make_demo as _make_demo
-
-    report = _make_demo(out_dir, n=n, seed=seed, sigma_deg=sigma_deg)
-    return {"out_dir": str(report.out_dir), "n": report.n, "seconds": report.seconds}
+def make_demo(out_dir: Path, n: int, seed: int, sigma_deg: float) -> DemoReport:
+    return geoloc.data.demo.make_demo(out_dir, n=n, seed=seed, sigma_deg=sigma_deg)
 
 
 # ingestion fetches from object storage and HTTP: the one stage worth retrying
 @task(name="ingest", cache_key_fn=_ingest_key, retries=2, retry_delay_seconds=10)
-def ingest(spec: str, paths: DataPaths, cfg: IndexConfig, options: dict[str, Any]) -> Any:
-    from geoloc.data.ingest import ingest as _ingest
-
-    return _ingest(spec, paths, cfg, **options)
+def ingest(spec: str, paths: DataPaths, cfg: IndexConfig, options: dict[str, Any]) -> IngestReport:
+    return geoloc.data.ingest.ingest(spec, paths, cfg, **options)
 
 
 @task(name="build-index", cache_key_fn=_index_key)
-def build_index(paths: DataPaths, cfg: IndexConfig) -> Any:
-    from geoloc.data.index import build_index as _build_index
-
-    return _build_index(paths, cfg)
+def build_index(paths: DataPaths, cfg: IndexConfig) -> IndexReport:
+    return geoloc.data.index.build_index(paths, cfg)
 
 
 @flow(name="index", log_prints=True)
@@ -88,9 +87,7 @@ def index(
         _cached(make_demo, "demo", paths, results)(paths.demo, demo_n, demo_seed, 0.5)
     _cached(ingest, "ingest", paths, results)(source, paths, cfg, dict(source_options or {}))
     _cached(build_index, "index", paths, results)(paths, cfg)
-    from geoloc.data.index import index_fingerprint
-
-    fingerprint = index_fingerprint(paths)
+    fingerprint = geoloc.data.index.index_fingerprint(paths)
     publish_table(
         "geoloc-index",
         [{"source": source, "index": str(paths.index), "fingerprint": fingerprint}],

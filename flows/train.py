@@ -14,6 +14,10 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+import geoloc.reporting
+import geoloc.rerank
+import geoloc.run
+import geoloc.tracking
 from flows._artifacts import publish_run
 from geoloc.config import RunConfig, flatten
 from geoloc.pipeline import TRAIN_PARAMS, run_config_from_params
@@ -32,31 +36,25 @@ def validate_config(
 def train_model(
     cfg: RunConfig, run_dir: Path | None, callbacks: Sequence[EpochCallback] = ()
 ) -> Path:
-    from geoloc.run import train_run
-
-    return train_run(cfg, run_dir=run_dir, callbacks=callbacks)
+    return geoloc.run.train_run(cfg, run_dir=run_dir, callbacks=callbacks, progress=False)
 
 
 @task(name="evaluate-rerank", cache_policy=NO_CACHE)
-def evaluate_rerank(run_dir: Path, cfg: RunConfig) -> None:
-    from geoloc.rerank import evaluate_rerank as _evaluate
-
-    _evaluate(run_dir, cfg.rerank)
+def evaluate_rerank(run_dir: Path, cfg: RunConfig) -> str:
+    return geoloc.rerank.rerank_run(
+        run_dir, cfg=cfg.rerank, report=False, progress=False
+    ).best_variant
 
 
 @task(name="write-report", cache_policy=NO_CACHE)
 def write_report(run_dir: Path) -> None:
-    from geoloc.reporting import write_report as _write
-
-    _write(run_dir)
+    geoloc.reporting.write_report(run_dir)
 
 
 # the tracking server is I/O: retry it, and only it
 @task(name="sync-mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def sync_mlflow(run_dir: Path) -> None:
-    from geoloc.tracking import sync_run
-
-    sync_run(run_dir)
+def sync_mlflow(run_dir: Path) -> str | None:
+    return geoloc.tracking.sync_run(run_dir).mlflow_run_id
 
 
 @flow(name="train", log_prints=True)
@@ -115,6 +113,7 @@ def train(
         evaluate_rerank(out, cfg)
     write_report(out)
     if cfg.tracking.enabled:
+        # after rerank and report: the MLflow run gets the final summary and files
         sync_mlflow(out)
     return publish_run(out)
 

@@ -76,7 +76,6 @@ TINY_TRAIN = {
     "arch": "multiscale_cnn_tiny",
     "embed_dim": 32,
     "lr": 3e-3,
-    "rerank.enabled": False,  # TODO until geoloc.rerank lands
 }
 
 
@@ -87,7 +86,7 @@ def test_pipeline_chains_index_train_report_aggregate() -> None:
         demo_n=DEMO_FIXTURE_N,
         preset="demo",
         epochs=1,
-        tracking=False,
+        tracking=True,
         overrides=TINY_TRAIN,
         return_state=True,
     )
@@ -99,6 +98,12 @@ def test_pipeline_chains_index_train_report_aggregate() -> None:
     assert summary["status"] == "completed"
     assert summary["dataset"]["fingerprint"] == out["index"]["fingerprint"]
     assert RunPaths(run_dir).dashboard.is_file()
+    assert RunPaths(run_dir).rerank_eval.is_file()
+    assert summary["rerank"]["variant"]
+    # MLflow ids travel explicitly: the run's from its summary, the leaderboard's from the task
+    assert summary["tracking"]["mirrored"] is True
+    assert out["run"]["mlflow_run_id"] == summary["tracking"]["mlflow_run_id"]
+    assert out["leaderboard"]["mlflow_run_id"]
     assert out["leaderboard"]["ranked"] == 1
     assert Path(out["leaderboard"]["csv"]).is_file()
 

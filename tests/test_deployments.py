@@ -1,0 +1,103 @@
+"""prefect.yaml end to end: `infra/stack.sh up` (server, pool, deploy --all, worker), CLI runs.
+
+One stack per module on a free loopback port with its own PREFECT_HOME; the worker trains on
+the shared tiny demo index and writes runs into this module's folder. The stack is stopped by
+its pid files when the module ends, also after a failure.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fixtures.prefect_server import LocalStack, api_get, api_post, local_stack
+
+from geoloc.layout import RunPaths
+from geoloc.paths import DataPaths
+from geoloc.summary import read_summary
+
+pytestmark = pytest.mark.server
+
+TINY = [
+    "epochs=1",
+    "batch_size=32",
+    "image_size=32",
+    "arch=multiscale_cnn_tiny",
+    "tracking=false",
+    'overrides={"embed_dim": 32}',
+]
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, demo_index: DataPaths
+) -> Iterator[tuple[LocalStack, Path]]:
+    work = tmp_path_factory.mktemp("stack")
+    runs = work / "runs"
+    env = {
+        "GEOLOC_DATA_DIR": str(demo_index.root),
+        "GEOLOC_RUNS_DIR": str(runs),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+    }
+    with local_stack(work / "state", env) as s:
+        yield s, runs
+
+
+def _run_deployment(s: LocalStack, name: str, params: list[str]) -> tuple[str, dict]:
+    """`prefect deployment run NAME --param ... --watch`; returns (CLI output, flow run)."""
+    args = [arg for p in params for arg in ("--param", p)]
+    watch = ["--watch", "--watch-timeout", "600"]
+    r = s.prefect("deployment", "run", name, *args, *watch, timeout=660)
+    out = r.stdout + r.stderr
+    found = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert found, f"no flow run id in the CLI output:\n{out}\n{s.logs()}"
+    return out, api_get(s.api_url, f"flow_runs/{found.group(1)}")
+
+
+def test_every_deployment_is_registered_with_the_nightly_cron(stack) -> None:
+    s, _ = stack
+    names = {
+        d["name"]: d
+        for d in api_post(s.api_url, "deployments/filter", {"limit": 50})
+        if d["work_pool_name"] == "geoloc-process"
+    }
+    assert {"geosoft", "ce", "demo", "nightly"} <= set(names)
+    nightly = api_get(s.api_url, "deployments/name/aggregate/nightly")
+    (schedule,) = nightly["schedules"]
+    assert schedule["active"] is True
+    assert schedule["schedule"]["cron"] == "0 2 * * *"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    geosoft = api_get(s.api_url, "deployments/name/train/geosoft")
+    assert geosoft["parameters"] == {"preset": "geosoft"}
+    # the UI builds its form from this schema: the flat config keys are there, typed
+    props = geosoft["parameter_openapi_schema"]["properties"]
+    assert {"epochs", "lr", "loss", "hierarchy", "overrides"} <= set(props)
+    step = geosoft["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert Path(step["directory"]).resolve() == Path(__file__).resolve().parents[1]
+
+
+def test_train_geosoft_deployment_trains_on_the_worker(stack) -> None:
+    s, runs = stack
+    out, flow_run = _run_deployment(s, "train/geosoft", TINY)
+    assert flow_run["state"]["type"] == "COMPLETED", f"{out}\n{s.logs()}"
+    (run_dir,) = [p for p in runs.iterdir() if not p.name.startswith("_")]
+    summary = read_summary(run_dir)  # validates against schema v1
+    assert summary["status"] == "completed"
+    assert summary["epochs_completed"] == 1
+    assert RunPaths(run_dir).dashboard.is_file()
+    # the deployment's preset, with the CLI's parameters on top
+    cfg = summary["config"]
+    assert cfg["train"]["loss"] == "geosoft"
+    assert cfg["hardneg"]["enabled"] is True
+
+
+def test_bad_parameter_fails_the_flow_run_with_the_reason(stack) -> None:
+    s, runs = stack
+    before = set(runs.iterdir()) if runs.exists() else set()
+    out, flow_run = _run_deployment(s, "train/ce", ["epochs=0"])
+    assert flow_run["state"]["type"] == "FAILED"
+    reason = "train.epochs: Input should be greater than or equal to 1"
+    assert reason in flow_run["state"]["message"]
+    assert (set(runs.iterdir()) if runs.exists() else set()) == before
