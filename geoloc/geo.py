@@ -217,6 +217,14 @@ class LabelSpace:
             raise DataError(f"{source}: a class has a parent_index outside 0..{len(parents) - 1}")
         if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
             raise DataError(f"{source}: class centroids must be finite")
+        if len(set(cells)) != len(cells):
+            raise DataError(f"{source}: a cell appears as more than one class")
+        for c in classes:
+            if "parent" in c and c["parent"] != parent_cells[int(c["parent_index"])]:
+                raise DataError(
+                    f"{source}: class {c['index']} names parent {c['parent']} but its "
+                    f"parent_index points at {parent_cells[int(c['parent_index'])]}"
+                )
         known = {"classes", "parents", "resolution", "parent_resolution", "fingerprint"}
         return cls(
             cells=cells,

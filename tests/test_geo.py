@@ -143,6 +143,8 @@ def test_missing_labels_file_names_the_path(tmp_path: Path):
         (lambda d: d["classes"].pop(1), "without gaps"),
         (lambda d: d["classes"][0].update(parent_index=99), "parent_index"),
         (lambda d: d.update(classes=[]), "no classes"),
+        (lambda d: d["classes"][1].update(cell=d["classes"][0]["cell"]), "more than one class"),
+        (lambda d: d["classes"][0].update(parent="86000000fffffff"), "names parent"),
     ],
 )
 def test_malformed_labels_are_rejected_with_a_reason(tmp_path, label_doc_factory, breakage, reason):
