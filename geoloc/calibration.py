@@ -31,6 +31,7 @@ from geoloc.metrics import expected_calibration_error
 __all__ = [
     "ConformalMethod",
     "ConformalSets",
+    "TemperatureObjective",
     "apply_temperature",
     "calibration_metrics",
     "conformal_scores",
@@ -45,6 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ConformalMethod = Literal["lac", "aps"]
+TemperatureObjective = Literal["nll", "top_label"]
 _EPS = 1e-12
 
 
@@ -65,9 +67,16 @@ def log_probs(probs: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def fit_temperature(logits: Any, labels: Any, max_iter: int = 200) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T) on (val) labels.
+def fit_temperature(
+    logits: Any, labels: Any, objective: TemperatureObjective = "nll", max_iter: int = 200
+) -> float:
+    """The T > 0 minimising a loss of softmax(logits / T) on (val) labels.
 
+    `objective="nll"`: the negative log-likelihood of the true class (Guo et al.).
+    `objective="top_label"`: the log loss of the top-1 probability as a forecast of top-1
+    correctness — what ECE and the reported `prob` are about. The two agree for a plain softmax
+    head; they part when scores hold hard zeros (hierarchical masking zeroes whole parents, and
+    one true class in a masked parent makes NLL soften everything to reach it).
     LBFGS on log T from T = 1; an empty split returns 1.0 (no change) rather than failing.
     """
     z = _as_tensor(logits)  # (N, K)
@@ -79,12 +88,20 @@ def fit_temperature(logits: Any, labels: Any, max_iter: int = 200) -> float:
         )
     if z.shape[0] == 0:
         return 1.0
+    if objective not in ("nll", "top_label"):
+        raise GeolocError(f"unknown temperature objective '{objective}'; valid: nll, top_label")
+    correct = (z.argmax(dim=1) == y).double()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        scaled = z / log_t.exp()
+        if objective == "nll":
+            loss = torch.nn.functional.cross_entropy(scaled, y)
+        else:
+            conf = scaled.softmax(dim=1).max(dim=1).values.clamp(1e-12, 1 - 1e-12)
+            loss = torch.nn.functional.binary_cross_entropy(conf, correct)
         loss.backward()
         return loss
 

@@ -656,11 +656,18 @@ def choose_refinement(
 def fit_calibration(
     val: dict[str, VariantOutput], val_true: SplitOutputs, coverage: float
 ) -> tuple[dict[str, float], dict[str, ConformalSets]]:
-    """Per variant: temperature on log-probabilities and the conformal threshold, both on val."""
+    """Per variant: temperature on log-probabilities and the conformal threshold, both on val.
+
+    The temperature is fitted for NLL and for top-label log loss; the one with the lower val ECE
+    is kept (see `fit_temperature`: hierarchical masking makes NLL over-soften).
+    """
     temps, sets = {}, {}
     for name, v in val.items():
         z = log_probs(v.scores)
-        temps[name] = fit_temperature(z, val_true.labels)
+        candidates = [fit_temperature(z, val_true.labels, obj) for obj in ("nll", "top_label")]
+        temps[name] = min(
+            candidates, key=lambda t, z=z: top1_ece(apply_temperature(z, t), val_true.labels)
+        )
         sets[name] = fit_conformal(apply_temperature(z, temps[name]), val_true.labels, coverage)
     return temps, sets
 

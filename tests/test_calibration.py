@@ -127,3 +127,19 @@ def test_calibration_metrics_fit_on_val_and_report_test_columns() -> None:
     assert cols["temperature"] == t > 1.5
     assert cols["coverage"] >= 0.88
     assert sets.coverage == 0.9
+
+
+def test_top_label_temperature_survives_hard_zeros_that_mislead_nll() -> None:
+    # a sharp, well-ranked model whose scores zero out a few true classes (masked parents)
+    logits, labels = calibrated_task(2000, 20, sharpness=2.0, seed=7)
+    z = log_probs(apply_temperature(logits, 1.0))
+    masked = np.random.default_rng(0).random(2000) < 0.05
+    z[masked, labels[masked]] = np.log(1e-12)
+    t_nll = fit_temperature(z, labels, "nll")
+    t_top = fit_temperature(z, labels, "top_label")
+    assert t_nll > 1.3, "NLL softens everything to reach the zeroed classes"
+    assert top1_ece(apply_temperature(z, t_top), labels) < top1_ece(
+        apply_temperature(z, t_nll), labels
+    )
+    with pytest.raises(GeolocError, match="objective"):
+        fit_temperature(z, labels, "brier")  # type: ignore[arg-type]
