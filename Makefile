@@ -25,6 +25,7 @@ demo: venv
 	$(BIN)/geoloc data demo
 	$(BIN)/geoloc data ingest demo --config demo
 	$(BIN)/geoloc index build --config demo
+	$(BIN)/geoloc train --config demo
 
 ## make test: everything but the long `slow` tests (Prefect/MLflow/S3 servers, browser, PostgreSQL included)
 test: venv system-deps
