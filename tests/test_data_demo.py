@@ -62,3 +62,12 @@ def test_a_smaller_demo_replaces_a_larger_one(tmp_path: Path) -> None:
     make_demo(tmp_path, n=12)
     make_demo(tmp_path, n=5)
     assert sorted(p.name for p in tmp_path.glob("*.jpg")) == [f"demo_{i:06d}.jpg" for i in range(5)]
+
+
+def test_repeating_the_same_demo_is_instant_and_repairs_missing_files(tmp_path: Path) -> None:
+    make_demo(tmp_path, n=8)
+    before = _digests(tmp_path)
+    assert make_demo(tmp_path, n=8).seconds == 0.0  # up to date: nothing rewritten
+    (tmp_path / "demo_000003.jpg").unlink()
+    assert make_demo(tmp_path, n=8).seconds > 0.0
+    assert _digests(tmp_path) == before

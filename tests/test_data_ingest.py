@@ -334,3 +334,20 @@ def test_ingest_resumes_after_the_process_is_killed(many_photos: Path, tmp_path:
     assert "16 resumed" in done.stdout
     m = pd.read_parquet(paths.processed_manifest)
     assert len(m) == 40 and m["sha256"].is_unique
+
+
+def test_parallel_ingests_into_one_data_root_keep_both(tmp_path: Path, write_image) -> None:
+    for name in ("left", "right"):
+        for i in range(6):
+            write_image(tmp_path / name / f"{i}.jpg", 10 + i, 20, seed=i + 100 * len(name))
+    paths = _paths()
+    threads = [
+        threading.Thread(target=ingest, args=(str(tmp_path / name), paths, CFG))
+        for name in ("left", "right")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    m = pd.read_parquet(paths.processed_manifest)
+    assert len(m) == 12 and m["sha256"].is_unique

@@ -32,13 +32,18 @@ def demo(
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: $GEOLOC_DATA_DIR/raw/demo).")
     ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Regenerate even if the folder is up to date.")
+    ] = False,
 ) -> None:
     """Write the offline demo dataset (Blue Marble crops at GeoNames cities, GPS in EXIF)."""
     from geoloc.data.demo import make_demo
     from geoloc.paths import DataPaths
 
     out_dir = out or DataPaths.default().demo
-    report = make_demo(out_dir, n=n, seed=seed, sigma_deg=sigma_deg, min_population=min_population)
+    report = make_demo(
+        out_dir, n=n, seed=seed, sigma_deg=sigma_deg, min_population=min_population, force=force
+    )
     typer.echo(
         f"demo: {report.n} images near {report.n_cities} cities -> {report.out_dir} "
         f"({report.seconds:.1f}s); next: geoloc data ingest demo"

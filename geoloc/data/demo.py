@@ -10,6 +10,7 @@ across) centred on the location. Same seed, same bytes.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
@@ -23,9 +24,13 @@ from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 from tqdm import tqdm
 
+from geoloc.atomic import write_json
+
 log = logging.getLogger(__name__)
 
 CROP = 64
+DEMO_VERSION = 1  # bump when the recipe changes, so stamps of older demos no longer match
+STAMP_NAME = ".demo.json"
 JPEG_QUALITY = 95
 MAX_ABS_LAT = 85.0
 
@@ -143,17 +148,31 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _stamp_matches(stamp: Path, params: dict, out_dir: Path, n: int) -> bool:
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    if {k: recorded.get(k) for k in params} != params:
+        return False
+    params["n_cities"] = recorded.get("n_cities", 0)
+    return all((out_dir / f"demo_{i:06d}.jpg").is_file() for i in range(n))
+
+
 def make_demo(
     out_dir: Path,
     n: int = 12000,
     seed: int = 0,
     sigma_deg: float = 0.5,
     min_population: int = 15000,
+    *,
+    force: bool = False,
 ) -> DemoReport:
     """Write `n` JPEGs `demo_000000.jpg`... with GPS in EXIF into `out_dir`; same seed, same bytes.
 
     Files from an earlier, larger demo (`demo_<i>.jpg` with i >= n) are removed, so the folder
-    always holds exactly this demo.
+    always holds exactly this demo. A hidden stamp (`.demo.json`) records the parameters, so
+    repeating the same call returns at once; `force` regenerates anyway.
     """
     if n < 1:
         from geoloc.errors import DataError
@@ -162,6 +181,13 @@ def make_demo(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"version": DEMO_VERSION, "n": n, "seed": seed, "sigma_deg": sigma_deg}
+    params["min_population"] = min_population
+    stamp = out_dir / STAMP_NAME
+    if not force and _stamp_matches(stamp, params, out_dir, n):
+        log.info("demo: %s already holds this demo (%s); nothing to do", out_dir, params)
+        return DemoReport(out_dir, n, seed, int(params.get("n_cities", 0)), 0.0)
+    stamp.unlink(missing_ok=True)
     lat, lon, n_cities = sample_locations(n, seed, sigma_deg, min_population)
     image = blue_marble()
     for i in tqdm(range(n), desc="demo images", unit="img", leave=False):
@@ -171,6 +197,7 @@ def make_demo(
         stem = stale.stem.removeprefix("demo_")
         if stem.isdigit() and int(stem) >= n:
             stale.unlink()
+    write_json(stamp, {**params, "n_cities": n_cities})
     seconds = time.perf_counter() - t0
     log.info("demo: %d images from %d cities in %.1fs -> %s", n, n_cities, seconds, out_dir)
     return DemoReport(out_dir=out_dir, n=n, seed=seed, n_cities=n_cities, seconds=seconds)

@@ -27,7 +27,7 @@ from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
 from geoloc.data.process import ProcessTask, process_one
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
-from geoloc.data.state import Journal, maybe_fault, stable_hash
+from geoloc.data.state import Journal, file_lock, maybe_fault, stable_hash
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,8 @@ def ingest(
         runner.close()
     order = {_key(e.source, e.source_ref): i for i, e in enumerate(entries)}
     rows = journal.read()
-    report = finalize(rows, order, paths, spec=spec, source=getattr(source, "name", spec))
+    with file_lock(paths.state / "ingest.lock"):
+        report = finalize(rows, order, paths, spec=spec, source=getattr(source, "name", spec))
     return IngestReport(
         **{**report.__dict__, "resumed": resumed, "seconds": time.perf_counter() - t0}
     )
