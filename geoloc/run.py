@@ -23,6 +23,7 @@ from torch import nn
 from geoloc.atomic import write_parquet, write_text
 from geoloc.config import RunConfig, save_config
 from geoloc.data.dataset import (
+    EmptySplitError,
     GeoDataset,
     build_transforms,
     check_index,
@@ -103,9 +104,7 @@ def load_run_data(cfg: RunConfig, index_dir: Path) -> RunData:
     val = GeoDataset(index_dir, "val", eval_tf)
     try:
         test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf)
-    except DataError as exc:
-        if "has no images" not in str(exc):
-            raise
+    except EmptySplitError as exc:
         log.warning("%s: no test metrics for this run", exc)
         test = None
     for ds in (train, val, test):

@@ -37,6 +37,11 @@ SPLITS = ("train", "val", "test")
 DEFAULT_CACHE_BYTES = 1 << 30
 """Splits whose decoded pixels fit in this many bytes are cached in memory (1 GiB)."""
 
+
+class EmptySplitError(DataError):
+    """A split of the index has no images."""
+
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 Sample = tuple[torch.Tensor, int, int, int]
 
@@ -88,7 +93,7 @@ def read_split_table(index_dir: Path, split: str) -> pd.DataFrame:
         raise IndexMissingError(f"index in '{index_dir}' has no images (rebuild the index)")
     part = splits.loc[splits["split"] == split].reset_index(drop=True)
     if part.empty:
-        raise DataError(f"split '{split}' of index '{files['splits']}' has no images")
+        raise EmptySplitError(f"split '{split}' of index '{files['splits']}' has no images")
     keep = [c for c in ("image_id", "path", "lat", "lon", "width", "height") if c in images]
     table = part.merge(images[keep], on="image_id", how="left", validate="one_to_one")
     missing = table["path"].isna()
