@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from geoloc.atomic import write_json, write_parquet, write_text
-from geoloc.config import RunConfig, _Strict, load_config, resolve_key
+from geoloc.config import RunConfig, _format_validation, _Strict, load_config, resolve_key
 from geoloc.errors import ConfigError, GeolocError, TrialPruned
 from geoloc.layout import RunPaths, new_run_id
 from geoloc.paths import runs_dir, sweeps_dir
@@ -99,6 +99,12 @@ def default_space() -> list[ParamSpec]:
     ]
 
 
+PRUNE_METRICS = (
+    "val_p90_km", "val_p95_km", "val_median_km", "val_loss", "train_loss",
+)  # fmt: skip
+"""Per-epoch metrics a pruner may watch: studies minimise, so lower must be better."""
+
+
 class SweepConfig(_Strict):
     """What to search, how to score it, and where the study lives."""
 
@@ -108,14 +114,28 @@ class SweepConfig(_Strict):
         description="Optuna storage URL (any SQLAlchemy URL); default "
         "sqlite:///$GEOLOC_RUNS_DIR/_sweeps/optuna.db.",
     )
-    n_trials: int = Field(10, ge=1, description="Trials this process runs.")
+    n_trials: int = Field(
+        10,
+        ge=0,
+        description="Trials this process runs (0: only create or resume the study, e.g. before "
+        "starting workers on a shared storage, and write its summary).",
+    )
     objective: Literal["p90", "multi"] = Field(
         "p90",
         description="p90: minimise best val P90 km; multi: maximise best val top-1 and "
         "minimise best val P90 km (Pareto front).",
     )
-    pruner: Literal["median", "hyperband", "none"] = Field("median", description="Pruner.")
-    prune_metric: str = Field("val_p90_km", description="Per-epoch metric the pruner sees.")
+    pruner: Literal["median", "hyperband", "threshold", "none"] = Field(
+        "median",
+        description="median/hyperband: stop trials worse than their peers at the same epoch; "
+        "threshold: stop any trial whose prune_metric exceeds prune_threshold (diverging runs).",
+    )
+    prune_metric: str = Field(
+        "val_p90_km", description="Per-epoch metric the pruner sees (lower must be better)."
+    )
+    prune_threshold: float | None = Field(
+        None, description="Upper bound of prune_metric for the threshold pruner."
+    )
     sampler_seed: int = Field(0, description="Seed of the TPE sampler.")
     base_config: str | None = Field(None, description="Base RunConfig file or preset.")
     base_overrides: dict[str, Any] = Field(
@@ -127,22 +147,40 @@ class SweepConfig(_Strict):
     def _check(self) -> SweepConfig:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.study):
             raise ValueError("study may hold only letters, digits, '_', '.' and '-'")
+        if self.prune_metric not in PRUNE_METRICS:
+            raise ValueError(
+                f"prune_metric '{self.prune_metric}' is not a per-epoch metric where lower is "
+                f"better; valid: {', '.join(PRUNE_METRICS)}"
+            )
+        if self.pruner == "threshold" and self.prune_threshold is None:
+            raise ValueError("the threshold pruner needs prune_threshold")
         return self
 
 
 @dataclass
 class SweepResult:
+    """What a sweep process leaves: the study's trials table, best trial(s), summary files."""
+
     study_name: str
     storage: str
     trials: pd.DataFrame
     best: dict[str, Any]
     out_dir: Path
     files: list[Path] = field(default_factory=list)
+    mlflow_run_id: str | None = None
 
 
 # ------------------------------------------------------------------------------------------
 # validation: one clear error before any trial starts
 # ------------------------------------------------------------------------------------------
+
+
+def sweep_config(fields: Mapping[str, Any]) -> SweepConfig:
+    """`SweepConfig` from CLI options or flow parameters; bad values are one `SweepError` line."""
+    try:
+        return SweepConfig.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise SweepError(_format_validation(SweepConfig, exc, "the sweep settings")) from exc
 
 
 def default_storage() -> str:
@@ -189,14 +227,17 @@ def open_storage(url: str) -> Any:
     """Connect to the storage now, so an unreachable URL fails before any trial."""
     import optuna
 
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # several workers on one file: wait for the write lock instead of failing after 5 s
+        engine_kwargs["connect_args"] = {"timeout": 60}
     try:
         with warnings.catch_warnings():
             # heartbeats (experimental in Optuna) let a live worker fail the trials of a dead one
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=60, grace_period=180
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180
             )
     except Exception as exc:  # sqlalchemy errors, missing drivers, bad URLs
         raise SweepError(f"optuna storage '{redact(url)}' is unreachable: {exc}") from exc
@@ -211,6 +252,8 @@ def create_study(cfg: SweepConfig) -> optuna.Study:
         pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     elif cfg.pruner == "hyperband":
         pruner = optuna.pruners.HyperbandPruner(min_resource=1)
+    elif cfg.pruner == "threshold":
+        pruner = optuna.pruners.ThresholdPruner(upper=cfg.prune_threshold)
     else:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     kwargs: dict[str, Any] = (
@@ -296,27 +339,57 @@ def run_trial(
     return objective_values(summary, cfg.objective)
 
 
+def parent_run(cfg: SweepConfig, base: RunConfig) -> str | None:
+    """The sweep's MLflow parent run when the base config tracks (trials become its children);
+    the same one for every worker and every resume of the study."""
+    if not base.tracking.enabled:
+        return None
+    from geoloc.tracking import sweep_parent_run
+
+    return sweep_parent_run(cfg.study, base.tracking.experiment, base.tracking.tracking_uri)
+
+
+def check_sweep(settings: SweepConfig | Mapping[str, Any]) -> SweepConfig:
+    """Everything that can fail before a trial, as one `SweepError`: the settings, the space,
+    the base config, the storage and resuming the study with this objective."""
+    cfg = settings if isinstance(settings, SweepConfig) else sweep_config(settings)
+    validate_sweep(cfg)
+    create_study(cfg)
+    return cfg
+
+
 def run_sweep(
     cfg: SweepConfig,
     train_fn: TrainFn | None = None,
     parent_run_id: str | None = None,
 ) -> SweepResult:
-    """Validate, open/resume the study, run `n_trials` trials, write the sweep summary."""
+    """Validate, open/resume the study, run `n_trials` trials, write the sweep summary.
 
-    validate_sweep(cfg)
+    With tracking on in the base config, trials are children of the sweep's MLflow parent run
+    (`parent_run_id`, else found or created by study name) and the summary files are logged on
+    it. `train_fn` defaults to `geoloc.run.train_run`.
+    """
+    base = validate_sweep(cfg)
     study = create_study(cfg)
     if train_fn is None:
         from geoloc.run import train_run
 
         train_fn = train_run
+    parent = parent_run_id or parent_run(cfg, base)
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
-        return run_trial(trial, cfg, train_fn, parent_run_id)
+        return run_trial(trial, cfg, train_fn, parent)
 
     study.set_user_attr("objective", cfg.objective)
     # a crashed trial is recorded as FAIL with its reason; the sweep goes on
     study.optimize(objective, n_trials=cfg.n_trials, catch=(Exception,), gc_after_trial=True)
-    return write_sweep_summary(study, cfg)
+    result = write_sweep_summary(study, cfg)
+    if parent is not None:
+        from geoloc.tracking import log_sweep_summary
+
+        result.mlflow_run_id = parent
+        log_sweep_summary(parent, result.files, base.tracking.tracking_uri)
+    return result
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,9 +412,11 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             row["value"] = t.value
         row.update({f"param_{k}": v for k, v in t.params.items()})
         run_dir = t.user_attrs.get("run_dir")
+        dashboard = RunPaths(Path(run_dir)).dashboard if run_dir else None
         row["run_id"] = t.user_attrs.get("run_id")
-        row["dashboard"] = str(RunPaths(Path(run_dir)).dashboard) if run_dir else None
-        row["reason"] = t.user_attrs.get("reason")
+        # a trial that crashed before its run started has no dashboard to link
+        row["dashboard"] = str(dashboard) if dashboard and dashboard.is_file() else None
+        row["reason"] = t.user_attrs.get("reason") or t.system_attrs.get("fail_reason")
         row["duration_s"] = (
             (t.datetime_complete - t.datetime_start).total_seconds()
             if t.datetime_complete and t.datetime_start
@@ -406,9 +481,39 @@ def write_sweep_summary(study: optuna.Study, cfg: SweepConfig) -> SweepResult:
     )
 
 
+def best_markdown(best: Mapping[str, Any]) -> str:
+    """The best trial (or the Pareto front of a multi-objective study) as markdown."""
+    if not best.get("trials_complete"):
+        return "No trial has completed yet.\n"
+    if "pareto_front" in best:
+        lines = [
+            f"Pareto front (maximise val top-1, minimise val P90 km) of "
+            f"{best['trials_complete']} complete trials:",
+            "",
+            "| trial | val_top1 | val_p90_km | run | params |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {t['number']} | {t['val_top1']:.4f} | {t['val_p90_km']:.1f} | {t['run_id']} | "
+            f"`{json.dumps(t['params'], default=str)}` |"
+            for t in best["pareto_front"]
+        ]
+        return "\n".join(lines) + "\n"
+    lines = [
+        f"Best of {best['trials_complete']} complete trials: trial {best['number']}, "
+        f"best val P90 **{best['value']:.1f} km**, run `{best['run_id']}`.",
+        "",
+        "| param | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in best["params"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def sweep_markdown(
     name: str, cfg: SweepConfig, table: pd.DataFrame, best: dict[str, Any], plots: Sequence[Path]
 ) -> str:
+    """summary.md: objective, storage, trial counts, best trial(s), the trials table, plots."""
     counts = table["state"].value_counts().to_dict() if len(table) else {}
     lines = [
         f"# Sweep `{name}`",
@@ -419,10 +524,7 @@ def sweep_markdown(
         "",
         "## Best",
         "",
-        "```json",
-        json.dumps(best, indent=2, default=str),
-        "```",
-        "",
+        best_markdown(best),
         "## Trials",
         "",
         table.to_markdown(index=False) if len(table) else "(none)",

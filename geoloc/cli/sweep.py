@@ -30,7 +30,12 @@ def _load_space(path: Path) -> list[dict[str, Any]]:
 def register(app: typer.Typer) -> None:
     @app.command("sweep")
     def sweep(
-        n_trials: Annotated[int, typer.Option("--n-trials", "-n", help="Trials to run here.")] = 10,
+        n_trials: Annotated[
+            int,
+            typer.Option(
+                "--n-trials", "-n", help="Trials to run here (0: only create/resume the study)."
+            ),
+        ] = 10,
         config: ConfigOption = None,
         set_: SetOption = None,
         study: Annotated[str, typer.Option(help="Study name (resumes if it exists).")] = (
@@ -41,14 +46,22 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Optuna storage URL (default: sqlite under runs/_sweeps)."),
         ] = None,
         objective: Annotated[str, typer.Option(help="p90 or multi (top-1 vs P90 km).")] = "p90",
-        pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+        pruner: Annotated[
+            str, typer.Option(help="median, hyperband, threshold or none.")
+        ] = "median",
+        prune_metric: Annotated[
+            str, typer.Option(help="Per-epoch metric the pruner watches (lower is better).")
+        ] = "val_p90_km",
+        prune_threshold: Annotated[
+            float | None, typer.Option(help="Threshold pruner: stop a trial above this value.")
+        ] = None,
         space: Annotated[
             Path | None, typer.Option(help="YAML list of parameters (key, type, low, high...).")
         ] = None,
         seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     ) -> None:
         """Optuna sweep over training configs; every trial is a full run under runs/."""
-        from geoloc.sweep import SweepConfig, run_sweep, validate_sweep
+        from geoloc.sweep import run_sweep, sweep_config
 
         fields: dict[str, Any] = {
             "study": study,
@@ -56,39 +69,19 @@ def register(app: typer.Typer) -> None:
             "n_trials": n_trials,
             "objective": objective,
             "pruner": pruner,
+            "prune_metric": prune_metric,
+            "prune_threshold": prune_threshold,
             "sampler_seed": seed,
             "base_config": config,
             "base_overrides": parse_overrides(set_ or []),
         }
         if space is not None:
             fields["space"] = _load_space(space)
-        try:
-            cfg = SweepConfig.model_validate(fields)
-        except ValueError as exc:
-            from geoloc.sweep import SweepError
-
-            raise SweepError(f"invalid sweep settings: {exc}") from exc
-        base = validate_sweep(cfg)
-        parent = _parent_run(cfg.study, base)
-        result = run_sweep(cfg, parent_run_id=parent)
+        result = run_sweep(sweep_config(fields))
         table = result.trials
         typer.echo(table.to_string(index=False) if len(table) else "no trials")
         typer.echo(f"best: {result.best}")
         typer.echo(f"sweep summary: {result.out_dir}")
+        if result.mlflow_run_id:
+            typer.echo(f"MLflow parent run: {result.mlflow_run_id}")
         typer.echo(f"browse the study: optuna-dashboard {result.storage}")
-
-
-def _parent_run(study: str, base: Any) -> str | None:
-    """An MLflow parent run for the sweep when tracking is on (trials become its children)."""
-    if not base.tracking.enabled:
-        return None
-    try:
-        from geoloc.tracking import start_parent_run
-    except ImportError:
-        return None
-    return start_parent_run(
-        f"sweep-{study}",
-        experiment=base.tracking.experiment,
-        tags={"geoloc.sweep": study},
-        tracking_uri=base.tracking.tracking_uri,
-    )

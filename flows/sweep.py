@@ -1,0 +1,103 @@
+"""`sweep` flow: an Optuna sweep whose trials each run the `train` flow as a subflow.
+
+Every trial is a `train` child flow run in the UI and a full run under `runs/<run_id>/` (report,
+dashboard, artifacts, MLflow child run of the sweep's parent). Settings are validated (space,
+base config, storage) before any trial; the sweep summary is published as artifacts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+import geoloc.sweep
+from flows._artifacts import publish_table
+from flows.train import train_fn
+from geoloc.pipeline import table_records
+from geoloc.sweep import SweepConfig, SweepResult
+
+
+@task(name="validate-sweep", cache_policy=NO_CACHE)
+def validate_sweep(settings: dict[str, Any]) -> SweepConfig:
+    return geoloc.sweep.check_sweep(settings)
+
+
+def publish_sweep(result: SweepResult) -> None:
+    """The trials table, the best params and a link to `runs/_sweeps/<study>/`."""
+    columns = tuple(str(c) for c in result.trials.columns)
+    publish_table(
+        "geoloc-sweep-trials",
+        table_records(result.trials, columns) if len(result.trials) else [],
+        f"Trials of study {result.study_name}",
+    )
+    create_markdown_artifact(
+        key="geoloc-sweep-best",
+        markdown=geoloc.sweep.best_markdown(result.best),
+        description=f"Best of study {result.study_name}",
+    )
+    create_link_artifact(
+        key="geoloc-sweep-summary",
+        link=result.out_dir.as_uri(),
+        link_text=f"sweep summary of {result.study_name}",
+        description="trials.csv, best.json, summary.md and plots (on the machine that ran it).",
+    )
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(
+    n_trials: int = 10,
+    study: str = "geoloc-sweep",
+    storage: str | None = None,
+    objective: Literal["p90", "multi"] = "p90",
+    pruner: Literal["median", "hyperband", "threshold", "none"] = "median",
+    prune_metric: str = "val_p90_km",
+    prune_threshold: float | None = None,
+    space: list[dict[str, Any]] | None = None,
+    seed: int = 0,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run `n_trials` trials of an Optuna study (created, or resumed when it exists).
+
+    Args:
+        n_trials: Trials this flow run adds to the study.
+        study: Study name; the same name and storage resume it (or share it between workers).
+        storage: Optuna storage URL (default: sqlite under $GEOLOC_RUNS_DIR/_sweeps).
+        objective: p90 (minimise val P90 km) or multi (top-1 vs P90 km, Pareto front).
+        pruner: median, hyperband, threshold or none.
+        prune_metric: Per-epoch metric the pruner watches (lower is better).
+        prune_threshold: Threshold pruner: stop a trial whose metric is above this.
+        space: Search space, a list of {key, type, low, high, log, choices} (default: built-in).
+        seed: Seed of the sampler.
+        preset: Base training config: a preset or a YAML/JSON file.
+        overrides: Config keys fixed for every trial, e.g. {"epochs": 3}.
+    """
+    settings: dict[str, Any] = {
+        "n_trials": n_trials,
+        "study": study,
+        "storage": storage,
+        "objective": objective,
+        "pruner": pruner,
+        "prune_metric": prune_metric,
+        "prune_threshold": prune_threshold,
+        "sampler_seed": seed,
+        "base_config": preset,
+        "base_overrides": overrides or {},
+    }
+    if space is not None:
+        settings["space"] = space
+    cfg = validate_sweep(settings)
+    # in the flow body, not a task: each trial's `train` call becomes a child flow run
+    result = geoloc.sweep.run_sweep(cfg, train_fn=train_fn)
+    publish_sweep(result)
+    return {
+        "study": result.study_name,
+        "storage": result.storage,
+        "states": result.trials["state"].value_counts().to_dict() if len(result.trials) else {},
+        "best": result.best,
+        "out_dir": str(result.out_dir),
+        "mlflow_run_id": result.mlflow_run_id,
+    }
