@@ -236,3 +236,17 @@ def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkey
     monkeypatch.setattr(rerank, "compute_outputs", no_model)
     result = rerank.rerank_run(run_dir, grid=SMALL_GRID, progress=False, report=False)
     assert list(result.test_table["variant"]) == list(VARIANTS)
+
+
+def test_cli_overrides_merge_into_the_runs_rerank_section(reranked_run: Path) -> None:
+    from geoloc.cli import main
+    from geoloc.cli.rerank import _rerank_config
+    from geoloc.errors import ConfigError
+
+    assert _rerank_config(reranked_run, []) is None
+    cfg = _rerank_config(reranked_run, ["k_neighbors=7", "rerank.coverage=0.8"])
+    assert (cfg.k_neighbors, cfg.coverage) == (7, 0.8)
+    assert cfg.prior_alpha == RerankConfig().prior_alpha
+    with pytest.raises(ConfigError, match="unknown config key"):
+        _rerank_config(reranked_run, ["nope=1"])
+    assert main(["rerank", str(reranked_run / "missing")]) == 1
