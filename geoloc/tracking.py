@@ -64,6 +64,10 @@ TAG_MODEL_VERSION = "geoloc.model_version"
 TAG_LEADERBOARD_SHA = "geoloc.leaderboard_sha256"
 TAG_PREFECT_FLOW_RUN = "prefect.flow_run_id"
 TAG_PARENT = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""Makes the MLflow 3 UI open our experiments in its "Model training" view (runs, metrics)
+instead of the GenAI one (traces)."""
 
 PREFECT_FLOW_RUN_ENV = ("PREFECT__FLOW_RUN_ID", "PREFECT__RUNTIME__FLOW_RUN__ID")
 """Set by Prefect workers (and its runtime overrides) in the flow run's process; read, never
@@ -159,13 +163,15 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -894,6 +900,55 @@ def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = No
         return True
     except Exception as exc:  # noqa: BLE001
         log.warning("MLflow run %s not terminated: %s", run_id, _error_text(exc))
+        return False
+
+
+TAG_SWEEP = "geoloc.sweep"
+
+
+def sweep_parent_run(
+    study: str, experiment: str = "geoloc", tracking_uri: str | None = None
+) -> str | None:
+    """The parent run of sweep `study`: found by its `geoloc.sweep` tag, so a resumed study or a
+    second worker adds its trials under the same parent, else created. None when tracking is
+    unavailable: a sweep never fails for the mirror."""
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        probe(uri)
+        client = client_for(uri)
+        if "'" in study:
+            raise TrackingError(f"study name {study!r} contains a quote")
+        found = client.search_runs(
+            [ensure_experiment(client, experiment)],
+            filter_string=f"tags.`{TAG_SWEEP}` = '{study}' and tags.`{TAG_KIND}` = 'parent'",
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow parent run of sweep %s unavailable: %s", study, _error_text(exc))
+        return None
+    if found:
+        return found[0].info.run_id
+    return start_parent_run(
+        f"sweep-{study}", experiment, tags={TAG_SWEEP: study}, tracking_uri=tracking_uri
+    )
+
+
+def log_sweep_summary(
+    parent_run_id: str, files: Sequence[Path], tracking_uri: str | None = None
+) -> bool:
+    """Log a sweep's summary files (trials table, best.json, summary.md, plots) under `sweep/`
+    on its parent run and mark it finished; False (and a warning) when the mirror fails."""
+    try:
+        client = client_for(resolve_tracking_uri(tracking_uri))
+        for path in files:
+            if Path(path).is_file():
+                client.log_artifact(parent_run_id, str(path), "sweep")
+        client.set_terminated(parent_run_id, status="FINISHED")
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log.warning("sweep summary not logged on MLflow run %s: %s", parent_run_id,
+                    _error_text(exc))  # fmt: skip
         return False
 
 

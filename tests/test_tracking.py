@@ -325,24 +325,34 @@ def test_mlflow_server_with_s3_artifacts_receives_run_and_model(
 
 @pytest.mark.server
 @pytest.mark.browser
-def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(
-    make_run, page, mlflow_server_factory, isolated_env
-):
+def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(make_run, page, mlflow_server_factory):
     runs = [make_run("alpha", seed=0), make_run("beta", seed=1, quality=0.5)]
     tracking.sync_runs(runs, log_model=False)
     server = mlflow_server_factory(tracking.resolve_tracking_uri())
     exp_id = client().get_experiment_by_name("geoloc").experiment_id
+    experiment_page = f"{server.url}/#/experiments/{exp_id}/runs"
 
-    page.goto(f"{server.url}/#/experiments/{exp_id}", wait_until="networkidle")
-    for run_dir in runs:
-        page.page.get_by_text(run_dir.name).first.wait_for(timeout=60_000)
-    shot = page.screenshot("mlflow-experiment")
-    assert shot.is_file() and shot.stat().st_size > 10_000
-    _assert_metric_shown(page, server.url, exp_id, "best_p90_km")
+    page.goto(experiment_page)
+    text = wait_for_text(page, [r.name for r in runs])
+    assert "2 matching runs" in text
+    assert page.screenshot("mlflow-experiment-runs").stat().st_size > 10_000
+
+    # the same page's chart view: one chart per metric, the leaderboard ingredients first
+    page.goto(f"{experiment_page}?compareRunsMode=CHART")
+    wait_for_text(page, ["best_p90_km", "best_val_acc", "last_geo_median_km", runs[0].name])
+    assert page.screenshot("mlflow-experiment-charts").stat().st_size > 10_000
 
 
-def _assert_metric_shown(page, url: str, exp_id: str, metric: str) -> None:
-    """The experiment's chart view names the key metric."""
-    page.goto(f"{url}/#/experiments/{exp_id}?compareRunsMode=CHART", wait_until="networkidle")
-    page.page.get_by_text(metric).first.wait_for(timeout=60_000)
-    page.screenshot("mlflow-experiment-charts")
+def wait_for_text(page, needles: list[str], timeout: float = 120.0) -> str:
+    """Poll the page's visible text until it holds every needle (the UI renders in steps and
+    slowly on a busy machine); return the text."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = page.page.inner_text("body")
+        if all(n in text for n in needles):
+            return text
+        time.sleep(1)
+    missing = [n for n in needles if n not in text]
+    page.screenshot("mlflow-timeout")
+    raise AssertionError(f"MLflow UI never showed {missing}; it showed:\n{text[:2000]}")
