@@ -7,6 +7,7 @@ its pid files when the module ends, also after a failure.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_train_geosoft_deployment_trains_on_the_worker(stack) -> None:
     assert summary["epochs_completed"] == 1
     assert RunPaths(run_dir).dashboard.is_file()
     # the deployment's preset, with the CLI's parameters on top
-    cfg = summary["config"]
+    cfg = json.loads(RunPaths(run_dir).config.read_text())
     assert cfg["train"]["loss"] == "geosoft"
     assert cfg["hardneg"]["enabled"] is True
 
