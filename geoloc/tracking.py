@@ -62,6 +62,7 @@ TAG_ARTIFACTS_SHA = "geoloc.artifacts_sha256"
 TAG_MODEL_SHA = "geoloc.model_sha256"
 TAG_MODEL_VERSION = "geoloc.model_version"
 TAG_LEADERBOARD_SHA = "geoloc.leaderboard_sha256"
+TAG_SWEEP = "geoloc.sweep"
 TAG_PREFECT_FLOW_RUN = "prefect.flow_run_id"
 TAG_PARENT = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -901,9 +902,6 @@ def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = No
     except Exception as exc:  # noqa: BLE001
         log.warning("MLflow run %s not terminated: %s", run_id, _error_text(exc))
         return False
-
-
-TAG_SWEEP = "geoloc.sweep"
 
 
 def sweep_parent_run(

@@ -356,3 +356,17 @@ def wait_for_text(page, needles: list[str], timeout: float = 120.0) -> str:
     missing = [n for n in needles if n not in text]
     page.screenshot("mlflow-timeout")
     raise AssertionError(f"MLflow UI never showed {missing}; it showed:\n{text[:2000]}")
+
+
+def test_a_sweep_keeps_one_parent_run_across_workers_and_logs_its_summary(tmp_path):
+    first = tracking.sweep_parent_run("study-a")
+    assert first is not None
+    assert tracking.sweep_parent_run("study-a") == first  # another worker, or a resume
+    assert tracking.sweep_parent_run("study-b") != first
+
+    summary = tmp_path / "summary.md"
+    summary.write_text("# sweep\n")
+    assert tracking.log_sweep_summary(first, [summary, tmp_path / "missing.csv"])
+    c = client()
+    assert "sweep/summary.md" in {a.path for a in c.list_artifacts(first, "sweep")}
+    assert c.get_run(first).info.status == "FINISHED"
