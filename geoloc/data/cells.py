@@ -14,6 +14,8 @@ their parent's edge, so for ~7% of points the r6 parent differs from the r6 cell
 
 from __future__ import annotations
 
+import itertools
+
 import h3
 import numpy as np
 import pandas as pd
@@ -26,12 +28,9 @@ _RES_MASK = np.uint64(0xF << 52)
 
 def latlng_to_cells_int(lat: np.ndarray, lon: np.ndarray, res: int) -> np.ndarray:
     """(N,) uint64 H3 indexes of the points at `res`."""
-    fn = basic_int.latlng_to_cell
-    return np.fromiter(
-        (fn(a, b, res) for a, b in zip(lat.tolist(), lon.tolist(), strict=True)),
-        dtype=np.uint64,
-        count=len(lat),
-    )
+    # map() over plain lists keeps the per-point Python overhead to the call itself
+    cells = map(basic_int.latlng_to_cell, lat.tolist(), lon.tolist(), itertools.repeat(res))
+    return np.fromiter(cells, dtype=np.uint64, count=len(lat))
 
 
 def parent_int(cells: np.ndarray, res: int, parent_res: int) -> np.ndarray:
