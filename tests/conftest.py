@@ -31,6 +31,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("GEOLOC_RUNS_DIR", str(work / "runs"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     monkeypatch.setenv("PREFECT_API_ENABLE_HTTP2", "false")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses (CLI, workers) too
     for var in ("AWS_ENDPOINT_URL", "MAPILLARY_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(work)
