@@ -102,7 +102,10 @@ up() {
   log "server healthy at $api"
   "$prefect" work-pool inspect "$pool" >/dev/null 2>&1 \
     || "$prefect" work-pool create "$pool" --type process >>"$state/deploy.log" 2>&1
-  (cd "$GEOLOC_HOME" && "$prefect" --no-prompt deploy --all) >>"$state/deploy.log" 2>&1 || {
+  # deploy without GEOLOC_HOME so the pull step keeps `{{ $GEOLOC_HOME }}`: each worker resolves
+  # it from its own environment when a flow run starts (checkouts differ between hosts)
+  (cd "$GEOLOC_HOME" && env -u GEOLOC_HOME "$prefect" --no-prompt deploy --all) \
+    >>"$state/deploy.log" 2>&1 || {
     log "deploy failed; last lines of $state/deploy.log:"
     tail -n 30 "$state/deploy.log" >&2
     exit 1
