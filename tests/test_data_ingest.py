@@ -217,7 +217,7 @@ def test_bad_manifest_rows_are_rejected_with_reasons(tmp_path: Path, write_image
     assert sorted(rej.values()) == sorted(
         ["duplicate_id", "nan_coords", "out_of_range", "null_island", "path_escape", "missing_file"]
     )
-    assert rej["m.csv:6:../secret.jpg"] == "path_escape"
+    assert rej[f"{(sub / 'm.csv').as_posix()}:6:../secret.jpg"] == "path_escape"
 
 
 def test_parquet_manifest_with_mp16_spelling(tmp_path: Path, write_image):
@@ -351,3 +351,23 @@ def test_parallel_ingests_into_one_data_root_keep_both(tmp_path: Path, write_ima
         t.join(60)
     m = pd.read_parquet(paths.processed_manifest)
     assert len(m) == 12 and m["sha256"].is_unique
+
+
+def test_an_empty_folder_is_an_empty_result_not_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    paths = _paths()
+    report = ingest(str(tmp_path / "empty"), paths, CFG)
+    assert (report.read, report.accepted, report.rejected, report.duplicates) == (0, 0, 0, 0)
+    assert list(pd.read_parquet(paths.processed_manifest).columns) == MANIFEST_COLUMNS
+
+
+def test_an_id_taken_by_another_source_is_a_duplicate_id(tmp_path: Path, write_image) -> None:
+    write_image(tmp_path / "a" / "one.jpg", seed=1)
+    write_image(tmp_path / "b" / "two.jpg", seed=2)
+    (tmp_path / "a" / "m.csv").write_text("id,lat,lon,path\nsame,1,1,one.jpg\n")
+    (tmp_path / "b" / "m.csv").write_text("id,lat,lon,path\nsame,2,2,two.jpg\n")
+    paths = _paths()
+    ingest(str(tmp_path / "a" / "m.csv"), paths, CFG)
+    report = ingest(str(tmp_path / "b" / "m.csv"), paths, CFG)
+    assert (report.accepted, report.rejected, report.reasons) == (0, 1, {"duplicate_id": 1})
+    assert pd.read_parquet(paths.processed_manifest)["lat"].tolist() == [1.0]

@@ -293,7 +293,7 @@ def read_processed_manifest(paths: DataPaths) -> pd.DataFrame:
     return pd.read_parquet(paths.processed_manifest)
 
 
-def _value(row: pd.Series, col: str) -> Any:
+def _value(row: dict[str, Any], col: str) -> Any:
     v = row.get(col)
     return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
 
@@ -302,6 +302,8 @@ def finalize(
     rows: pd.DataFrame, order: dict[str, int], paths: DataPaths, *, spec: str, source: str
 ) -> IngestReport:
     """Deduplicate this job's rows in source order and merge them into manifest + rejects."""
+    if rows.empty:  # nothing listed or nothing journaled yet: an empty, valid result
+        rows = pd.DataFrame(columns=["key", "source", "source_ref", "status"])
     rows = rows[rows["key"].isin(order.keys())].drop_duplicates("key")
     rows = rows.assign(_order=rows["key"].map(order)).sort_values("_order", kind="stable")
     job_refs = set(zip(rows["source"], rows["source_ref"], strict=True))
@@ -314,7 +316,7 @@ def finalize(
     accepted: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     duplicates = 0
-    for _, row in rows.iterrows():
+    for row in rows.to_dict("records"):  # plain dicts: ~50x faster than iterrows
         ref = {"source": row["source"], "source_ref": row["source_ref"]}
         if row["status"] != "accepted":
             refused.append(

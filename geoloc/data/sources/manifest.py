@@ -182,7 +182,7 @@ class ManifestSource:
     def items(self) -> Iterator[RawItem | SourceReject]:
         ids_seen: set[str] = set()
         for i, row in enumerate(self.table.itertuples(index=False)):
-            ref = f"{self.path.name}:{i + 1}"  # 1-based data row number
+            ref = f"{self.path.as_posix()}:{i + 1}"  # the file as given + 1-based data row
             image = row.image
             if image is not None:
                 ref = f"{ref}:{image}"
