@@ -272,7 +272,8 @@ def test_manifest_urls_are_fetched_into_raw_and_dead_ones_rejected(http_folder, 
     paths = _paths()
     report = ingest(str(www.parent / "urls.csv"), paths, CFG)
     assert (report.accepted, report.rejected) == (2, 2)
-    assert sorted(p.name for p in (paths.raw / "manifest").iterdir()) == ["u1.jpg", "u2.png"]
+    fetched = sorted(p.name for p in (paths.raw / "manifest").iterdir())
+    assert [(n[:3], n[-4:]) for n in fetched] == [("u1-", ".jpg"), ("u2-", ".png")]
     rej = _rejects(paths)
     assert set(rej["reason"]) == {"unreachable"} and set(rej["stage"]) == {"fetch"}
     assert rej["detail"].str.contains("404").any()

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from geoloc.data import rejects as R
 from geoloc.data.process import ProcessTask, process_one
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, file_lock, maybe_fault, stable_hash
+from geoloc.errors import DataError
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)
@@ -199,8 +201,15 @@ class _Runner:
             results = map(process_one, tasks)
         else:
             results = self.procs.map(process_one, tasks, chunksize=8)
-        for res in results:
-            rows[res["key"]].update(res)
+        try:
+            for res in results:
+                rows[res["key"]].update(res)
+        except BrokenProcessPool as exc:  # a codec crashed a worker (segfault, OOM kill)
+            first, last = tasks[0].path if tasks else "?", tasks[-1].path if tasks else "?"
+            raise DataError(
+                f"a processing worker died on one of the files {first} ... {last}: {exc}; "
+                f"finished chunks are kept, rerun with --workers 1 to find the file"
+            ) from exc
         return [rows[_key(e.source, e.source_ref)] for e in chunk]
 
 

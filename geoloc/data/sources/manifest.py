@@ -8,6 +8,7 @@ are fetched during ingestion with timeouts and retries.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -148,11 +149,18 @@ def http_fetcher(url: str, retries: int = HTTP_RETRIES) -> Callable[[], bytes]:
     return fetch
 
 
-def _raw_name(image_id: str | None, ref: str) -> str:
-    suffix = PurePosixPath(ref.split("?", 1)[0]).suffix.lower() or ".jpg"
-    base = image_id or PurePosixPath(ref.split("?", 1)[0]).stem or "image"
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)[:120]
-    return f"{safe}{suffix if len(suffix) <= 6 else '.jpg'}"
+def _raw_name(image_id: str | None, url: str) -> str:
+    """`<id or url stem>-<hash of the url><ext>`: readable, and never shared by two URLs.
+
+    A fetched file is reused on resume when its name exists, so two URLs must never map to one
+    name (ids are sanitised and URL stems repeat across folders: the hash keeps them apart).
+    """
+    suffix = PurePosixPath(url.split("?", 1)[0]).suffix.lower()
+    suffix = suffix if 1 < len(suffix) <= 6 else ".jpg"
+    base = image_id or PurePosixPath(url.split("?", 1)[0]).stem or "image"
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)[:100]
+    digest = hashlib.sha256(url.encode()).hexdigest()[:10]
+    return f"{safe}-{digest}{suffix}"
 
 
 class ManifestSource:
