@@ -25,6 +25,17 @@ from geoloc.modeling import TINY_MODEL_CONFIG, create_model
 from geoloc.summary import read_summary
 from geoloc.train_loop import save_checkpoint
 
+TINY_TRAINING = {
+    "epochs": 2,
+    "batch_size": 32,
+    "image_size": 32,
+    "arch": "multiscale_cnn_tiny",
+    "embed_dim": 32,
+    "lr": 3e-3,
+    "rerank.enabled": False,
+}
+"""A real, seconds-long training run on the demo index (tests/fixtures/demo_data.py)."""
+
 EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_p90_km", "val_median_km", "lr")
 
 
@@ -255,6 +266,31 @@ def test_tracking_uri_defaults_to_sqlite_in_the_working_dir(monkeypatch, isolate
     assert tracking.resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{isolated_env / 'x.db'}"
 
 
+def test_training_mirrors_live_and_registers_its_model(demo_data):
+    from geoloc.run import train_run
+
+    cfg = load_config(None, {**TINY_TRAINING, "name": "live-train"})
+    run_dir = train_run(cfg, progress=False)
+
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed"
+    state = summary["tracking"]
+    assert state["mirrored"] is True and state["error"] is None
+    c = client()
+    run = c.get_run(state["mlflow_run_id"])
+    assert run.data.tags[tracking.TAG_RUN_ID] == run_dir.name
+    assert run.data.tags["geoloc.dataset_fingerprint"] == summary["dataset"]["fingerprint"]
+    epochs = [int(r["epoch"]) for r in csv_rows(run_dir)]  # step = the epoch metrics.csv says
+    assert len(epochs) == 2
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val_loss")) == epochs
+    assert run.data.metrics["test_median_km"] == pytest.approx(summary["test"]["test_median_km"])
+    assert "REPORT.md" in {a.path for a in c.list_artifacts(run.info.run_id)}
+    champion = c.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION_ALIAS)
+    assert champion.run_id == run.info.run_id
+    (again,) = tracking.sync_runs([run_dir])
+    assert again.action == "unchanged"
+
+
 # --------------------------------------------------------------------------------------------
 # real servers
 # --------------------------------------------------------------------------------------------
@@ -294,6 +330,32 @@ def test_server_down_during_training_then_sync_catches_up(
     (run,) = mirrored_runs(c)
     assert run.info.run_id == state["mlflow_run_id"]
     assert len(c.get_metric_history(run.info.run_id, "val_loss")) == 3
+
+
+@pytest.mark.server
+def test_real_training_with_the_server_down_completes_and_syncs_later(
+    demo_data, monkeypatch, tmp_path, mlflow_server_factory
+):
+    from geoloc.run import train_run
+
+    fast_fail_env(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port_uri())
+    run_dir = train_run(load_config(None, {**TINY_TRAINING, "name": "down"}), progress=False)
+
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed"  # nothing lost locally
+    assert summary["tracking"]["mirrored"] is False
+    assert "unreachable" in summary["tracking"]["error"]
+
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var)
+    server = mlflow_server_factory(f"sqlite:///{tmp_path / 'later.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    (result,) = tracking.sync_runs()
+    assert result.action == "created" and result.model_version == "1"
+    assert read_summary(run_dir)["tracking"]["mirrored"] is True
+    c = client(server.url)
+    assert len(c.get_metric_history(result.mlflow_run_id, "val_p90_km")) == 2
 
 
 @pytest.mark.server
