@@ -4,7 +4,7 @@
 
 The gallery is clustered synthetic data (a mixture of Gaussians on the unit sphere, like the
 embeddings of a trained model): uniformly random vectors would be the worst case for IVF, whose
-recall relies on cluster structure. Memory: N * dim * 4 bytes for the vectors (512 MB at 1M x 128),
+recall relies on cluster structure (`--uniform` measures that worst case). Memory: N * dim * 4 bytes for the vectors (512 MB at 1M x 128),
 kept once in the brute-force/flat indexes plus the IVF copy; HNSW adds ~N * M * 8 bytes and is
 opt-in (`--hnsw`) because its build takes minutes on 2 cores.
 
@@ -57,9 +57,15 @@ def main() -> None:
         "--nlist", type=int, default=1024, help="IVF lists (k-means on 64 x nlist vectors)"
     )
     parser.add_argument("--hnsw", action="store_true", help="also build HNSW (slow build)")
+    parser.add_argument(
+        "--uniform", action="store_true", help="uniform random vectors (IVF's worst case)"
+    )
     args = parser.parse_args()
 
-    data = clustered(args.n, args.dim, n_clusters=max(10, args.n // 1000), seed=0)
+    if args.uniform:
+        data = l2_normalize(np.random.default_rng(0).standard_normal((args.n, args.dim), np.float32))
+    else:
+        data = clustered(args.n, args.dim, n_clusters=max(10, args.n // 1000), seed=0)
     rng = np.random.default_rng(1)
     queries = l2_normalize(
         data[rng.choice(args.n, args.queries, replace=False)]
@@ -90,7 +96,8 @@ def main() -> None:
         del index
 
     ref_qps = rows[0][2]
-    print(f"gallery {args.n:,} x {args.dim}, {args.queries} queries, k={args.k}")
+    shape = "uniform random" if args.uniform else "clustered"
+    print(f"gallery {args.n:,} x {args.dim} ({shape}), {args.queries} queries, k={args.k}")
     print(f"{'method':<26} {'build_s':>8} {'queries/s':>10} {'recall@k':>9} {'vs brute':>9}")
     for name, build, qps, rec in rows:
         print(f"{name:<26} {build:>8.2f} {qps:>10.1f} {rec:>9.3f} {qps / ref_qps:>8.2f}x")
