@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/bench_gallery.py [--n 1000000] [--dim 128] [--queries 500]
 
 The gallery is clustered synthetic data (a mixture of Gaussians on the unit sphere, like the
-embeddings of a trained model): uniformly random vectors would be the worst case for IVF, whose
-recall relies on cluster structure (`--uniform` measures that worst case). Memory: N * dim * 4 bytes for the vectors (512 MB at 1M x 128),
-kept once in the brute-force/flat indexes plus the IVF copy; HNSW adds ~N * M * 8 bytes and is
-opt-in (`--hnsw`) because its build takes minutes on 2 cores.
+embeddings of a trained model); `--uniform` takes uniformly random vectors instead, the worst
+case for IVF, whose recall relies on cluster structure. Memory: N * dim * 4 bytes for the vectors
+(512 MB at 1M x 128), kept once in the brute-force/flat indexes plus the IVF copy; HNSW adds
+~N * M * 8 bytes and is opt-in (`--hnsw`) because its build takes minutes on 2 cores.
 
 Prints one table row per method: build seconds, queries/s, recall@k against the exact answer,
 and the speed-up over the plain reference (torch matmul + topk, `kind="brute"`).
@@ -63,7 +63,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.uniform:
-        data = l2_normalize(np.random.default_rng(0).standard_normal((args.n, args.dim), np.float32))
+        rng0 = np.random.default_rng(0)
+        data = l2_normalize(rng0.standard_normal((args.n, args.dim), dtype=np.float32))
     else:
         data = clustered(args.n, args.dim, n_clusters=max(10, args.n // 1000), seed=0)
     rng = np.random.default_rng(1)
