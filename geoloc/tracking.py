@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -683,8 +683,9 @@ def sync_run(
     try:
         probe(uri)
         client = client_for(uri)
-        parent = parent_run_id or tcfg.parent_run_id
-        exp_id = _experiment_for(client, experiment or tcfg.experiment, parent)
+        exp_id, parent = _experiment_for(
+            client, experiment or tcfg.experiment, parent_run_id or tcfg.parent_run_id
+        )
         run, created = open_run(client, exp_id, summary, run_dir, parent)
         mlflow_run_id = run.info.run_id
         result = SyncResult(run_dir, summary["run_id"], "created" if created else "updated",
@@ -702,11 +703,21 @@ def sync_run(
     return result
 
 
-def _experiment_for(client: MlflowClient, name: str, parent_run_id: str | None) -> str:
-    """Children live in their parent's experiment (MLflow only nests runs within one)."""
+def _experiment_for(
+    client: MlflowClient, name: str, parent_run_id: str | None
+) -> tuple[str, str | None]:
+    """(experiment id, parent run id to nest under). Children live in their parent's experiment
+    (MLflow only nests runs within one); a parent this server does not know (the run is synced
+    into another server than the sweep's) is dropped, and the run goes to `name`."""
+    from mlflow.exceptions import MlflowException
+
     if parent_run_id:
-        return client.get_run(parent_run_id).info.experiment_id
-    return ensure_experiment(client, name)
+        try:
+            return client.get_run(parent_run_id).info.experiment_id, parent_run_id
+        except MlflowException as exc:
+            log.warning("parent MLflow run %s not found (%s); not nesting", parent_run_id,
+                        _error_text(exc))  # fmt: skip
+    return ensure_experiment(client, name), None
 
 
 def _mirror_contents(
@@ -812,9 +823,11 @@ class LiveMirror:
             uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
             probe(uri)
             client = client_for(uri)
-            exp_id = _experiment_for(client, cfg.tracking.experiment, cfg.tracking.parent_run_id)
+            exp_id, parent = _experiment_for(
+                client, cfg.tracking.experiment, cfg.tracking.parent_run_id
+            )
             summary = read_summary(run_dir)
-            run, _ = open_run(client, exp_id, summary, run_dir, cfg.tracking.parent_run_id)
+            run, _ = open_run(client, exp_id, summary, run_dir, parent)
             config = cfg.model_dump(mode="json")
             sync_params(client, run, run_params(config))
             sync_tags(client, run, run_tags(run_dir, summary, config))
@@ -976,36 +989,54 @@ def log_leaderboard(
     tracking_uri: str | None = None,
 ) -> str:
     """Log an aggregation's leaderboard on a `leaderboard` run: the CSV/Parquet/dashboard files
-    and an MLflow table (`leaderboard.json`). One run per distinct leaderboard: logging the same
-    one again returns the existing run. Returns the MLflow run id."""
-    import pandas as pd
+    and an MLflow table (`leaderboard.json`). Returns the MLflow run id.
 
+    One run per distinct leaderboard (sha256 of runs_summary.csv): logging the same one again
+    returns the existing run. The digest tag is set last, so a run that failed half-way (marked
+    FAILED) is never mistaken for a complete one. Raises `TrackingError` when MLflow fails (the
+    `aggregate` flow retries).
+    """
     csv_path, files = _leaderboard_files(result_or_dir)
     digest = _file_sha256(csv_path)
     uri = resolve_tracking_uri(tracking_uri)
     probe(uri)
-    client = client_for(uri)
-    exp_id = ensure_experiment(client, experiment)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{TAG_LEADERBOARD_SHA}` = '{digest}'", max_results=1
-    )
-    if found:
-        return found[0].info.run_id
-    stamp = now_iso().replace(":", "").replace("+0000", "Z")
-    run = client.create_run(
-        exp_id,
-        tags={TAG_KIND: "leaderboard", TAG_LEADERBOARD_SHA: digest},
-        run_name=f"leaderboard-{stamp}",
-    )
+    try:
+        client = client_for(uri)
+        exp_id = ensure_experiment(client, experiment)
+        found = client.search_runs(
+            [exp_id], filter_string=f"tags.`{TAG_LEADERBOARD_SHA}` = '{digest}'", max_results=1
+        )
+        if found:
+            return found[0].info.run_id
+        stamp = now_iso().replace(":", "").replace("+00:00", "Z")
+        run = client.create_run(
+            exp_id, tags={TAG_KIND: "leaderboard"}, run_name=f"leaderboard-{stamp}"
+        )
+    except Exception as exc:
+        raise TrackingError(f"leaderboard not logged into {uri}: {_error_text(exc)}") from exc
     rid = run.info.run_id
-    table = pd.read_csv(csv_path)
-    client.log_table(rid, data=table, artifact_file="leaderboard.json")
-    for path in files:
-        client.log_artifact(rid, str(path), "leaderboard")
-    ranked = table[~table["skipped"].fillna(False).astype(bool)] if "skipped" in table else table
-    client.log_batch(rid, metrics=_leaderboard_metrics(ranked), synchronous=True)
-    client.set_terminated(rid)
+    try:
+        _fill_leaderboard_run(client, rid, csv_path, files)
+        client.set_tag(rid, TAG_LEADERBOARD_SHA, digest)
+        client.set_terminated(rid)
+    except Exception as exc:
+        with suppress(Exception):  # the first error is the one to report
+            client.set_terminated(rid, status="FAILED")
+        raise TrackingError(f"leaderboard not logged into {uri}: {_error_text(exc)}") from exc
     return rid
+
+
+def _fill_leaderboard_run(
+    client: MlflowClient, run_id: str, csv_path: Path, files: Sequence[Path]
+) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(csv_path)
+    client.log_table(run_id, data=table, artifact_file="leaderboard.json")
+    for path in files:
+        client.log_artifact(run_id, str(path), "leaderboard")
+    ranked = table[~table["skipped"].fillna(False).astype(bool)] if "skipped" in table else table
+    client.log_batch(run_id, metrics=_leaderboard_metrics(ranked), synchronous=True)
 
 
 def _leaderboard_metrics(ranked: Any) -> list[Any]:

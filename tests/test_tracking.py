@@ -250,6 +250,17 @@ def test_trial_runs_nest_under_a_sweep_parent(make_run):
     assert c.get_run(parent).info.status == "FINISHED"
 
 
+def test_a_parent_unknown_to_the_server_does_not_stop_the_mirror(make_run):
+    run_dir = make_run("orphan", epochs=2)
+    cfg = load_config(RunPaths(run_dir).config, {"tracking.parent_run_id": "f" * 32})
+    (result,) = tracking.sync_runs([run_dir], log_model=False)  # config.json has no parent
+    mirror = tracking.LiveMirror.start(run_dir, cfg)
+    assert mirror.error is None and mirror.mlflow_run_id == result.mlflow_run_id
+    (result,) = tracking.sync_runs([run_dir], log_model=False, parent_run_id="f" * 32)
+    assert result.action == "unchanged"
+    assert tracking.TAG_PARENT not in client().get_run(result.mlflow_run_id).data.tags
+
+
 def test_prefect_flow_run_id_is_tagged_when_prefect_runs_the_job(make_run, monkeypatch):
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b6c-flow-run")
     run_dir = make_run("flow")
