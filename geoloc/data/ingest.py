@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,17 +157,21 @@ class _Runner:
         if self.procs is not None:
             self.procs.shutdown(cancel_futures=True)
 
-    def run(self, chunk: list[RawItem | SourceReject]) -> list[dict[str, Any]]:
+    def prefetch(self, chunk: list[RawItem | SourceReject]) -> dict[int, Future]:
+        """Start downloading the chunk's remote items (threads); returns futures by item id."""
+        return {
+            id(e): self.threads.submit(_fetch_one, e, _raw_target(self.paths, e))
+            for e in chunk
+            if isinstance(e, RawItem) and e.local_path is None
+        }
+
+    def run(
+        self, chunk: list[RawItem | SourceReject], downloads: dict[int, Future] | None = None
+    ) -> list[dict[str, Any]]:
+        """Journal rows of a chunk; `downloads` from `prefetch` (started now when missing)."""
         rows: dict[str, dict[str, Any]] = {}
         tasks: list[ProcessTask] = []
-        remote = [e for e in chunk if isinstance(e, RawItem) and e.local_path is None]
-        fetched = dict(
-            zip(
-                (id(e) for e in remote),
-                self.threads.map(lambda e: _fetch_one(e, _raw_target(self.paths, e)), remote),
-                strict=True,
-            )
-        )
+        downloads = self.prefetch(chunk) if downloads is None else downloads
         for entry in chunk:
             meta = _meta(entry)
             if isinstance(entry, SourceReject):
@@ -177,7 +181,7 @@ class _Runner:
                 continue
             local = entry.local_path
             if local is None:
-                local, problem = fetched[id(entry)]
+                local, problem = downloads[id(entry)].result()
                 if problem:
                     reason, detail = problem
                     rows[meta["key"]] = meta | dict(
@@ -255,8 +259,13 @@ def ingest(
     runner = _Runner(paths, cfg)
     try:
         with tqdm(total=len(entries), initial=resumed, desc=f"ingest {spec}", unit="img") as bar:
-            for chunk in _chunks(pending, chunk_size):
-                parts = journal.append(runner.run(chunk))
+            chunks = list(_chunks(pending, chunk_size))
+            downloads = runner.prefetch(chunks[0]) if chunks else {}
+            for i, chunk in enumerate(chunks):
+                # the next chunk downloads while this one is decoded
+                upcoming = runner.prefetch(chunks[i + 1]) if i + 1 < len(chunks) else {}
+                parts = journal.append(runner.run(chunk, downloads))
+                downloads = upcoming
                 bar.update(len(chunk))
                 if on_chunk is not None:
                     on_chunk(parts)
