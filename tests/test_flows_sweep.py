@@ -1,0 +1,116 @@
+"""The `sweep` flow against a real (ephemeral) Prefect server: trials are `train` subflows."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
+
+from flows.sweep import sweep
+from geoloc.layout import RunPaths
+from geoloc.paths import DataPaths, runs_dir, sweeps_dir
+from geoloc.summary import read_summary
+
+pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
+
+TINY_BASE = {
+    "epochs": 2,
+    "max_steps_per_epoch": 3,
+    "batch_size": 32,
+    "image_size": 32,
+    "arch": "multiscale_cnn_tiny",
+    "embed_dim": 16,
+    "rerank.enabled": False,
+    "tracking.enabled": False,
+}
+TAU_SPACE = [{"key": "tau_km", "type": "float", "low": 100.0, "high": 800.0, "log": True}]
+
+
+def _children(flow_run_id: UUID) -> list[Any]:
+    """Child flow runs of a flow run, with their flow names, read back from the server."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+        return [(client.read_flow(r.flow_id).name, r) for r in runs]
+
+
+def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in arts}
+
+
+def test_each_trial_is_a_train_subflow_and_the_summary_is_published(
+    demo_data: DataPaths,
+) -> None:
+    state = sweep(
+        n_trials=2, study="flow", pruner="none", space=TAU_SPACE, overrides=TINY_BASE,
+        return_state=True,
+    )  # fmt: skip
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["states"] == {"COMPLETE": 2}
+
+    children = _children(state.state_details.flow_run_id)
+    assert [name for name, _ in children] == ["train", "train"]
+    trial_runs = {r.parameters.get("run_dir") for _, r in children}
+    table = json.loads(_artifacts(state.state_details.flow_run_id)["geoloc-sweep-trials"].data)
+    assert {str(runs_dir() / row["run_id"]) for row in table} == trial_runs
+    for row in table:
+        assert read_summary(runs_dir() / row["run_id"])["status"] == "completed"
+        assert RunPaths(runs_dir() / row["run_id"]).dashboard.is_file()
+    # each trial published its own run artifacts on its train flow run
+    for _, child in children:
+        assert "geoloc-run-dashboard" in _artifacts(child.id)
+
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert out["best"]["run_id"] in arts["geoloc-sweep-best"].data
+    assert (sweeps_dir() / "flow").as_uri() in arts["geoloc-sweep-summary"].data
+    assert (sweeps_dir() / "flow" / "trials.csv").is_file()
+
+
+def test_a_pruned_trial_is_a_pruned_run_and_the_sweep_completes(demo_data: DataPaths) -> None:
+    state = sweep(
+        n_trials=1, study="flow-pruned", pruner="threshold", prune_threshold=1.0,
+        space=TAU_SPACE, overrides=TINY_BASE, return_state=True,
+    )  # fmt: skip
+    assert state.is_completed(), state.message
+    assert state.result()["states"] == {"PRUNED": 1}
+    (run_dir,) = (p for p in runs_dir().iterdir() if not p.name.startswith("_"))
+    assert read_summary(run_dir)["status"] == "pruned"
+    assert RunPaths(run_dir).dashboard.is_file()
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"space": []}, "search space is empty"),
+        ({"space": [{"key": "epochz", "type": "int", "low": 1, "high": 3}]}, "epochz"),
+        ({"storage": "postgresql://geo:s3cret@127.0.0.1:9/optuna"}, "is unreachable"),
+    ],
+)
+def test_bad_settings_fail_the_flow_run_before_any_trial(
+    params: dict[str, Any], reason: str
+) -> None:
+    state = sweep(n_trials=1, overrides=TINY_BASE, **params, return_state=True)
+    assert state.is_failed()
+    assert reason in (state.message or "")
+    assert "s3cret" not in (state.message or "")
+    assert _children(state.state_details.flow_run_id) == []
+    assert not runs_dir().exists() or not [
+        p for p in runs_dir().iterdir() if not p.name.startswith("_")
+    ]
