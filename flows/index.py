@@ -1,9 +1,10 @@
-"""`index` flow: demo or ingest -> process -> build the canonical index, each stage a task.
+"""`index` flow: demo images -> ingest (fetch + process) -> build the canonical index.
 
-Stages are cached by the fingerprint of their inputs (`geoloc.pipeline.*_key`): a re-run with
-unchanged inputs, or after a failure further down, skips them. A stage whose outputs were
-deleted runs again even when its key is cached. Cache records live next to the data, under
-`data/state/prefect/`, so they follow `GEOLOC_DATA_DIR` and vanish with it.
+Each stage is a task cached by the fingerprint of its inputs (`geoloc.pipeline.*_key`): a re-run
+with unchanged inputs, or after a later failure, skips it. A stage whose outputs were deleted runs
+again even when its key is cached; remote sources are never cached (their content is unknown
+until listed; ingestion resumes from its journal instead). Cache records live next to the data,
+in `data/state/stage-cache/`, so they follow `GEOLOC_DATA_DIR` and vanish with it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _demo_key(_: TaskRunContext, p: dict[str, Any]) -> str:
     return pipeline.demo_key(p["out_dir"], p["n"], p["seed"], p["sigma_deg"])
 
 
-def _ingest_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+def _ingest_key(_: TaskRunContext, p: dict[str, Any]) -> str | None:
     return pipeline.ingest_key(p["spec"], p["paths"], p["cfg"], p["options"])
 
 
@@ -49,8 +50,9 @@ def make_demo(out_dir: Path, n: int, seed: int, sigma_deg: float) -> DemoReport:
     return geoloc.data.demo.make_demo(out_dir, n=n, seed=seed, sigma_deg=sigma_deg)
 
 
-# ingestion fetches from object storage and HTTP: the one stage worth retrying
-@task(name="ingest", cache_key_fn=_ingest_key, retries=2, retry_delay_seconds=10)
+# remote ingestion (object storage, HTTP) is the one stage worth retrying: the flow sets retries
+# for remote sources only. A retry resumes from the ingest journal, it does not start over.
+@task(name="ingest", cache_key_fn=_ingest_key, retry_delay_seconds=10)
 def ingest(spec: str, paths: DataPaths, cfg: IndexConfig, options: dict[str, Any]) -> IngestReport:
     return geoloc.data.ingest.ingest(spec, paths, cfg, **options)
 
@@ -82,11 +84,11 @@ def index(
     """
     cfg = validate_config(index_preset, overrides)
     paths = DataPaths.default()
-    results = pipeline.stage_cache_dir(paths)
     if source == "demo":
-        _cached(make_demo, "demo", paths, results)(paths.demo, demo_n, demo_seed, 0.5)
-    _cached(ingest, "ingest", paths, results)(source, paths, cfg, dict(source_options or {}))
-    _cached(build_index, "index", paths, results)(paths, cfg)
+        _stage(make_demo, "demo", paths)(paths.demo, demo_n, demo_seed, 0.5)
+    retries = 2 if pipeline.is_remote_source(source) else 0
+    _stage(ingest, "ingest", paths, retries=retries)(source, paths, cfg, source_options or {})
+    _stage(build_index, "index", paths)(paths, cfg)
     fingerprint = geoloc.data.index.index_fingerprint(paths)
     publish_table(
         "geoloc-index",
@@ -96,9 +98,10 @@ def index(
     return {"index_dir": str(paths.index), "fingerprint": fingerprint}
 
 
-def _cached(stage_task: Any, stage: str, paths: DataPaths, results: Path) -> Any:
-    """The stage's task storing its cache under the data tree; refreshed if outputs vanished."""
+def _stage(stage_task: Any, stage: str, paths: DataPaths, **options: Any) -> Any:
+    """The stage's task keeping its cache under the data tree; refreshed if outputs vanished."""
     return stage_task.with_options(
-        result_storage=results,
+        result_storage=pipeline.stage_cache_dir(paths),
         refresh_cache=not pipeline.stage_outputs_present(stage, paths),
+        **options,
     )

@@ -125,20 +125,24 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def source_fingerprint(spec: str, paths: DataPaths) -> str:
-    """What an ingestion source holds now: local folders/files by stat; remote specs by name.
+def is_remote_source(spec: str) -> bool:
+    """Whether ingesting `spec` goes over the network (object storage, HTTP APIs)."""
+    return "://" in spec or spec.startswith("mapillary:")
 
-    `demo` is the demo folder of `paths`. Remote sources (s3://, http(s)://, mapillary:) are not
-    listed here: ingestion is itself resumable and skips what it already fetched, so keying them
-    by spec is enough.
+
+def source_fingerprint(spec: str, paths: DataPaths) -> str | None:
+    """What a local ingestion source holds now (by stat); None for a remote source.
+
+    `demo` is the demo folder of `paths`. Remote sources (s3://, http(s)://, mapillary:) cannot
+    be fingerprinted without listing them, which is most of ingestion's work; they are never
+    cached (ingestion itself resumes and skips what it already fetched).
     """
     if spec == "demo":
         return tree_fingerprint(paths.demo)
+    if is_remote_source(spec):
+        return None
     prefixed = spec.startswith(("folder:", "manifest:", "demo:"))
-    local = Path(spec.split(":", 1)[1] if prefixed else spec)
-    if "://" not in spec and not spec.startswith("mapillary:") and local.exists():
-        return tree_fingerprint(local)
-    return _digest(spec)
+    return tree_fingerprint(Path(spec.split(":", 1)[1] if prefixed else spec))
 
 
 def _config_dump(cfg: BaseModel | None) -> Any:
@@ -152,15 +156,21 @@ def demo_key(out_dir: Path, n: int, seed: int, sigma_deg: float) -> str:
 
 def ingest_key(
     spec: str, paths: DataPaths, cfg: IndexConfig, options: Mapping[str, Any] | None = None
-) -> str:
-    """Cache key of ingestion + processing: the source's content, the options, the config."""
+) -> str | None:
+    """Cache key of ingestion + processing: the source's content, the options, the config.
+
+    None (never cached) for remote sources, whose content is unknown until listed.
+    """
+    source = source_fingerprint(spec, paths)
+    if source is None:
+        return None
     return _digest(
         [
             "ingest",
             geoloc.__version__,
             str(paths.root.resolve()),
             spec,
-            source_fingerprint(spec, paths),
+            source,
             dict(options or {}),
             _config_dump(cfg),
         ]

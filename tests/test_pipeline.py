@@ -105,6 +105,12 @@ def test_ingest_key_follows_the_demo_folder(tmp_path: Path) -> None:
     assert pipeline.ingest_key("demo", paths, cfg, {"limit": 3}) != after
 
 
+@pytest.mark.parametrize("spec", ["s3://bucket/prefix", "mapillary:2.2,48.8,2.4,48.9"])
+def test_remote_sources_are_never_cached(spec: str, tmp_path: Path) -> None:
+    assert pipeline.is_remote_source(spec)
+    assert pipeline.ingest_key(spec, DataPaths(tmp_path), IndexConfig(), {}) is None
+
+
 def test_stage_outputs_present(tmp_path: Path) -> None:
     paths = DataPaths(tmp_path / "data")
     assert not any(pipeline.stage_outputs_present(s, paths) for s in ("demo", "ingest", "index"))
