@@ -248,3 +248,9 @@ def test_index_build_resumes_after_the_process_is_killed(synth_paths: DataPaths)
     labels = json.loads(synth_paths.labels.read_text())
     assert labels["fingerprint"] in done.stdout
     assert index_fingerprint(synth_paths) == labels["fingerprint"]
+
+
+def test_zero_fractions_leave_those_splits_empty(synth_paths: DataPaths) -> None:
+    cfg = SYNTH_CFG.model_copy(update={"split": "random", "val_frac": 0.2, "test_frac": 0.0})
+    counts = build_index(synth_paths, cfg).split_counts
+    assert counts["test"] == 0 and counts["val"] > 0

@@ -99,8 +99,6 @@ def assign_splits(groups: np.ndarray, cfg: IndexConfig) -> np.ndarray:
     split_of_group[order] = np.where(
         before < test_end, "test", np.where(before < val_end, "val", "train")
     )
-    if cfg.test_frac == 0:
-        split_of_group[split_of_group == "test"] = "val" if cfg.val_frac > 0 else "train"
     return split_of_group[inverse.reshape(-1)]
 
 
