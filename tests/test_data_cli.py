@@ -60,3 +60,12 @@ def test_manifest_without_coordinates_exits_1(tmp_path: Path, capsys) -> None:
     (tmp_path / "m.csv").write_text("id,path\n1,a.jpg\n")
     assert main(["data", "ingest", str(tmp_path / "m.csv")]) == 1
     assert "has no coordinate columns" in capsys.readouterr().err
+
+
+def test_source_options_reach_the_source(tmp_path: Path, write_image, capsys) -> None:
+    write_image(tmp_path / "photos" / "a.jpg", seed=1)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "m.csv").write_text("id,lat,lon,path\na,5,6,a.jpg\n")
+    argv = ["data", "ingest", str(tmp_path / "lists" / "m.csv"), "--workers", "1"]
+    assert main([*argv, "-o", f"base_dir={tmp_path / 'photos'}"]) == 0
+    assert "accepted 1" in capsys.readouterr().out

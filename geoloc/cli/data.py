@@ -69,6 +69,15 @@ def ingest(
     chunk_size: Annotated[
         int, typer.Option(min=1, help="Items per journaled chunk (the unit of resume).")
     ] = 256,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-o",
+            help="Source option key=value (repeatable), e.g. max_images=500 (mapillary), "
+            "base_dir=/photos (manifest).",
+        ),
+    ] = None,
 ) -> None:
     """Ingest SOURCE into data/processed/ (resumable; rejects go to data/index/rejects.parquet)."""
     from geoloc.data.ingest import ingest as run_ingest
@@ -77,7 +86,11 @@ def ingest(
     cfg = _index_config(config, overrides)
     if workers is not None:
         cfg.workers = workers
-    options = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    from geoloc.config import parse_overrides
+
+    options = parse_overrides(option or [])
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
     report = run_ingest(
         source, DataPaths.default(), cfg, fresh=fresh, chunk_size=chunk_size, **options
     )
