@@ -254,3 +254,21 @@ def test_zero_fractions_leave_those_splits_empty(synth_paths: DataPaths) -> None
     cfg = SYNTH_CFG.model_copy(update={"split": "random", "val_frac": 0.2, "test_frac": 0.0})
     counts = build_index(synth_paths, cfg).split_counts
     assert counts["test"] == 0 and counts["val"] > 0
+
+
+@pytest.mark.slow
+def test_full_demo_gives_a_few_hundred_classes_reproducibly() -> None:
+    """The README's promise about the demo preset (12,000 images, ~1 minute on 2 cores)."""
+    from geoloc.config import load_config
+    from geoloc.data.demo import make_demo
+    from geoloc.data.ingest import ingest
+
+    paths = DataPaths.default()
+    cfg = load_config("demo", model=IndexConfig)
+    make_demo(paths.demo)
+    ingest("demo", paths, cfg)
+    report = build_index(paths, cfg)
+    assert 200 <= report.n_classes <= 400 and report.n_parents >= 80
+    assert report.n_images > 11_500 and report.split_counts["train"] > 9_000
+    rebuilt = build_index(paths, cfg.model_copy(update={"workers": 1}))
+    assert rebuilt.fingerprint == report.fingerprint
