@@ -381,8 +381,16 @@ def run_sweep(
         return run_trial(trial, cfg, train_fn, parent)
 
     study.set_user_attr("objective", cfg.objective)
-    # a crashed trial is recorded as FAIL with its reason; the sweep goes on
-    study.optimize(objective, n_trials=cfg.n_trials, catch=(Exception,), gc_after_trial=True)
+    try:
+        # a crashed trial is recorded as FAIL with its reason; the sweep goes on
+        study.optimize(objective, n_trials=cfg.n_trials, catch=(Exception,), gc_after_trial=True)
+    except BaseException:
+        # interrupted (Ctrl-C, a cancelled flow run): the summary still says where the study is
+        try:
+            write_sweep_summary(study, cfg)
+        except Exception as exc:  # noqa: BLE001 - the interruption is what the caller must see
+            log.warning("sweep summary of %s not written: %s", cfg.study, exc)
+        raise
     result = write_sweep_summary(study, cfg)
     if parent is not None:
         from geoloc.tracking import log_sweep_summary

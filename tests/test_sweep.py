@@ -279,3 +279,12 @@ def test_two_worker_processes_share_one_study(
     run_ids = {t.user_attrs["run_id"] for t in trials}
     assert len(run_ids) == 2
     assert all(read_summary(runs_dir() / r)["status"] == "completed" for r in run_ids)
+
+
+def test_an_interrupted_sweep_still_writes_where_the_study_stands(demo_data: DataPaths) -> None:
+    def interrupted(cfg, *, run_dir, callbacks):  # what Ctrl-C during a trial does
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_sweep(study="interrupted", n_trials=3), train_fn=interrupted)
+    assert _trials("interrupted")["state"].tolist() == ["FAIL"]
