@@ -9,6 +9,7 @@ from uuid import UUID
 
 import pytest
 from fixtures.demo_data import DEMO_FIXTURE_CONFIG, DEMO_FIXTURE_N
+from fixtures.prefect_server import free_port
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -18,6 +19,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterParentFlowRunId,
 )
 
+from flows.aggregate import aggregate
 from flows.index import index
 from flows.pipeline import pipeline
 from flows.train import train
@@ -162,3 +164,30 @@ def test_failing_task_fails_the_flow_and_a_rerun_reuses_the_cached_index() -> No
     assert states["ingest"] == ["Cached"]
     assert states["build-index"] == ["Completed"]
     assert DataPaths.default().labels.is_file()
+
+
+def test_aggregate_publishes_the_leaderboard_and_survives_a_tracking_outage(
+    make_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a", "b", "c"):
+        make_run(name)
+    # nothing listens there: the MLflow task is retried, then only warned about
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    state = aggregate(return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["ranked"] == 3
+    assert out["mlflow_run_id"] is None
+    flow_run_id = state.state_details.flow_run_id
+    board = json.loads(_artifacts(flow_run_id)["geoloc-leaderboard"].data)
+    assert [row["rank"] for row in board] == [1, 2, 3]
+    with get_client(sync_client=True) as client:
+        (logged,) = [
+            t
+            for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if t.name.startswith("log-leaderboard")
+        ]
+    assert logged.state.is_failed()
+    assert logged.run_count == 3  # two retries: I/O is retried
