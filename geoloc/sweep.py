@@ -243,6 +243,28 @@ def open_storage(url: str) -> Any:
         raise SweepError(f"optuna storage '{redact(url)}' is unreachable: {exc}") from exc
 
 
+def trial_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """TPE whose random stream is re-seeded from `(seed, trial number)` before every trial.
+
+    One seeded TPE per process would replay the same first proposals in every process: a
+    resumed study or a second worker would re-run the configs of trials 0, 1, ... Seeding per
+    trial number keeps a sweep reproducible and every trial's proposal its own.
+    """
+    import optuna
+
+    class _PerTrialSeededTPE(optuna.samplers.TPESampler):
+        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            trial_seed = (seed * 1_000_003 + trial.number) % 2**32
+            try:
+                self._rng.rng.seed(trial_seed)
+                self._random_sampler._rng.rng.seed(trial_seed)
+            except AttributeError:  # Optuna internals moved: still distinct, no longer seeded
+                self.reseed_rng()
+            super().before_trial(study, trial)
+
+    return _PerTrialSeededTPE(seed=seed)
+
+
 def create_study(cfg: SweepConfig) -> optuna.Study:
     """Create or resume (`load_if_exists`) the study; several processes may share it."""
     import optuna
@@ -265,7 +287,7 @@ def create_study(cfg: SweepConfig) -> optuna.Study:
         return optuna.create_study(
             study_name=cfg.study,
             storage=storage,
-            sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
+            sampler=trial_sampler(cfg.sampler_seed),
             pruner=pruner,
             load_if_exists=True,
             **kwargs,

@@ -101,6 +101,20 @@ def test_bad_settings_are_one_sweep_error_line(settings, needle) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_resumes_and_workers_propose_new_configs_yet_sweeps_are_reproducible(tmp_path) -> None:
+    def proposals(study: str, runs: int) -> list[float]:
+        storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+        for _ in range(runs):  # each call is what a new process (a resume, a worker) does
+            create_study(_cfg(study=study, storage=storage)).optimize(
+                lambda t: t.suggest_float("x", 0, 1), n_trials=2
+            )
+        return [t.params["x"] for t in create_study(_cfg(study=study, storage=storage)).trials]
+
+    resumed = proposals("a", runs=2)
+    assert len(set(resumed)) == 4
+    assert proposals("b", runs=1) == resumed[:2]
+
+
 def test_studies_resume_from_the_same_storage(tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = create_study(_cfg(study="resume-me", storage=storage))
@@ -278,6 +292,7 @@ def test_two_worker_processes_share_one_study(
     assert {t.state.name for t in trials} == {"COMPLETE"}
     run_ids = {t.user_attrs["run_id"] for t in trials}
     assert len(run_ids) == 2
+    assert len({t.params["tau_km"] for t in trials}) == 2  # not the same proposal twice
     assert all(read_summary(runs_dir() / r)["status"] == "completed" for r in run_ids)
 
 
