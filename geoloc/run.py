@@ -30,6 +30,7 @@ from geoloc.data.dataset import (
     index_files,
     make_loader,
 )
+from geoloc.distributed import current_context
 from geoloc.errors import ConfigError, DataError, GeolocError, TrialPruned
 from geoloc.geo import LabelSpace
 from geoloc.layout import RunPaths, new_run_id
@@ -77,9 +78,10 @@ def check_run_config(cfg: RunConfig) -> None:
             f"train.early_stopping_metric '{cfg.train.early_stopping_metric}' is not a metric; "
             f"valid: {', '.join(METRIC_COLUMNS[1:-2])}"
         )
-    if cfg.train.nproc > 1:
+    if cfg.train.batch_size % cfg.train.nproc:
         raise ConfigError(
-            f"train.nproc={cfg.train.nproc}: distributed training is not available in this version"
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly "
+            f"over train.nproc={cfg.train.nproc} processes"
         )
 
 
@@ -294,6 +296,10 @@ def train_run(
         ckpt_path = RunPaths(run_dir).last_checkpoint
         resume_ckpt = load_checkpoint(ckpt_path)
         check_resumable(resume_ckpt, cfg, data.label_space, ckpt_path)
+    if cfg.train.nproc > 1 and current_context() is None:  # inputs checked: start the ranks
+        from geoloc.distributed import launch
+
+        return launch(cfg, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress)
     paths = RunPaths(Path(run_dir) if run_dir else runs_dir() / new_run_id(cfg.name)).make()
     save_config(cfg, paths.config)
     _start_summary(paths, cfg, data.label_space, resumed=resume_ckpt is not None)
@@ -335,14 +341,15 @@ def _train_and_evaluate(
     progress: bool,
 ) -> None:
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
+    dist = current_context()
+    device = dist.device if dist is not None else resolve_device(cfg.train.device)
     model, criterion = build_model_and_loss(
         cfg, data.label_space, index_files(data.index_dir)["splits"]
     )
     criterion.to(device)
     result = fit(
         model, data.train, data.val, criterion, data.label_space, cfg, device, paths.checkpoints,
-        callbacks=hooks, resume_from=resume_ckpt, progress=progress,
+        callbacks=hooks, resume_from=resume_ckpt, progress=progress, dist=dist,
     )  # fmt: skip
 
     # final numbers come from the best checkpoint (last.pt when no epoch improved)

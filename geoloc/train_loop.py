@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace, build_hardneg_pool, hierarchical_predict, mask_child_logits
 from geoloc.geo import haversine_km as _haversine_km
 from geoloc.metrics import geo_metrics_from_errors, topk_accuracy
+
+if TYPE_CHECKING:
+    from geoloc.distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -545,12 +548,15 @@ def fit(
     callbacks: Sequence[EpochCallback] = (),
     resume_from: dict[str, Any] | None = None,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> FitResult:
     """Train for `cfg.train.epochs`, evaluating on val and checkpointing every epoch.
 
     `checkpoint_dir/last.pt` is written after each epoch (every `checkpoint_every`, and always at
     the end) and `best.pt` when `early_stopping_metric` improves. Callbacks run after the
     checkpoint; an exception from one (e.g. `TrialPruned`) propagates to the caller.
+    With `dist` (`geoloc.distributed`), this rank trains its shard of each global batch through
+    DDP; only rank 0 writes checkpoints and runs callbacks.
     """
     tc = cfg.train
     amp = tc.amp and device.type == "cuda"
@@ -569,6 +575,9 @@ def fit(
         set_rng_state(resume_from["rng"])
         state = FitState.from_checkpoint(resume_from)
         log.info("resuming after epoch %d", state.epoch)
+    train_model = model if dist is None else dist.wrap(model, cfg)
+    is_main = dist is None or dist.is_main
+    rank = 0 if dist is None else dist.rank
 
     val_loader = make_loader(val_set, tc.batch_size, shuffle=False, seed=cfg.seed,
                              num_workers=tc.num_workers)  # fmt: skip
@@ -586,15 +595,19 @@ def fit(
         order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
                             pool_true, cfg.hardneg)  # fmt: skip
         # augmentation and dropout draw from torch's global RNG: reseed it per epoch
-        seed_everything(epoch_seed(cfg.seed, epoch_index))
-        loader = make_loader(train_set, tc.batch_size, shuffle=False,
+        seed_everything(epoch_seed(cfg.seed, epoch_index), rank)
+        sampler = order.tolist() if dist is None else dist.shard(order, tc.batch_size)
+        batch_size = tc.batch_size if dist is None else dist.local_batch(tc.batch_size)
+        loader = make_loader(train_set, batch_size, shuffle=False,
                              seed=epoch_seed(cfg.seed, epoch_index), num_workers=tc.num_workers,
-                             sampler=order.tolist())  # fmt: skip
+                             sampler=sampler)  # fmt: skip
         trained = train_one_epoch(
-            model, loader, criterion, optimizer, scheduler, scaler, device,
+            train_model, loader, criterion, optimizer, scheduler, scaler, device,
             epoch=epoch, parent_loss_weight=tc.parent_loss_weight, amp=amp,
             max_steps=tc.max_steps_per_epoch, num_rows=len(train_set), progress=progress,
         )  # fmt: skip
+        if dist is not None:
+            trained = dist.after_epoch(model, trained)
         evaluated = evaluate(
             model, val_loader, criterion, label_space, device, prefix="val",
             parent_loss_weight=tc.parent_loss_weight, hier_topk_parents=tc.hier_topk_parents,
@@ -622,6 +635,7 @@ def fit(
         stop = bool(tc.early_stopping_patience) and (
             state.epochs_since_best >= tc.early_stopping_patience
         )
+        stop = stop if dist is None else dist.agree(stop)
         last_epoch = epoch == tc.epochs or stop
         best, extra = state.to_checkpoint()
         ckpt_kwargs = dict(
@@ -629,9 +643,9 @@ def fit(
             config=config_doc, label_space=label_space, best=best, history=state.history,
             extra=extra,
         )  # fmt: skip
-        if improved:
+        if improved and is_main:
             save_checkpoint(checkpoint_dir / "best.pt", **ckpt_kwargs)
-        if epoch % tc.checkpoint_every == 0 or last_epoch:
+        if (epoch % tc.checkpoint_every == 0 or last_epoch) and is_main:
             save_checkpoint(checkpoint_dir / "last.pt", **ckpt_kwargs)
         log.info(
             "epoch %d: train_loss=%.4f val_top1=%.4f val_median_km=%.1f (%.1fs)",
@@ -641,7 +655,7 @@ def fit(
         epochs_bar.set_postfix(
             val_top1=f"{metrics['val_top1']:.3f}", val_median_km=f"{metrics['val_median_km']:.0f}"
         )
-        for callback in callbacks:
+        for callback in callbacks if is_main else ():
             callback(epoch, dict(metrics))
         if stop:
             log.info("early stopping after epoch %d (%s did not improve for %d epochs)",

@@ -24,6 +24,15 @@ def register(app: typer.Typer) -> None:
                 metavar="RUN_DIR",
             ),
         ] = None,
+        nproc: Annotated[
+            int | None,
+            typer.Option(
+                "--nproc",
+                min=1,
+                help="Processes for DistributedDataParallel on this host (train.nproc; gloo on "
+                "CPU, NCCL on GPU); --set train.batch_size is the global batch.",
+            ),
+        ] = None,
     ) -> None:
         """Train a model and write runs/<run_id>/; prints the run directory last."""
         from geoloc.config import load_config
@@ -36,6 +45,7 @@ def register(app: typer.Typer) -> None:
             if not run_config.is_file():
                 raise GeolocError(f"--resume '{resume}': no config.json (not a run directory)")
             config = str(run_config)
-        cfg = load_config(config, overrides or [])
+        extra = [f"train.nproc={nproc}"] if nproc is not None else []
+        cfg = load_config(config, [*(overrides or []), *extra])
         run_dir = train_run(cfg, resume=resume)
         typer.echo(str(run_dir))
