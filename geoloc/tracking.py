@@ -12,7 +12,7 @@ The run directory is the source of truth; MLflow is a mirror where people compar
   uses `MlflowClient` with explicit run ids. The one exception is `mlflow.pytorch.log_model`, which
   resolves the global tracking URI: it runs under a lock that points it at ours and restores it.
 
-This is the only module that imports mlflow (lazily, so `import geoloc.tracking` is cheap).
+This is the only module that imports mlflow, lazily: importing it does not load MLflow.
 """
 
 from __future__ import annotations
@@ -546,7 +546,8 @@ def sync_model(
     if ckpt is None:
         return None
     digest = _file_sha256(ckpt)
-    if run.data.tags.get(TAG_MODEL_SHA) == digest:
+    tags = run.data.tags
+    if tags.get(TAG_MODEL_SHA) == digest and (not register or TAG_MODEL_VERSION in tags):
         return None
     trained = load_trained(run_dir, "best" if ckpt.stem == "best" else "last", device="cpu")
     scorer = GeolocScorer(

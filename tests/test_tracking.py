@@ -309,7 +309,7 @@ def test_training_mirrors_live_and_registers_its_model(demo_data):
 
 @pytest.mark.server
 def test_server_down_during_training_then_sync_catches_up(
-    make_run, monkeypatch, tmp_path, mlflow_server_factory, capsys
+    make_run, monkeypatch, mlflow_server, capsys
 ):
     fast_fail_env(monkeypatch)
     dead = closed_port_uri()
@@ -326,26 +326,27 @@ def test_server_down_during_training_then_sync_catches_up(
     assert state["mirrored"] is False and "unreachable" in state["error"]
     assert tracking.start_parent_run("sweep", tracking_uri=dead) is None
 
-    # the server is back (a cold server on a busy machine answers slowly: default timeouts)
+    # the server is back (a busy machine answers slowly: default timeouts again)
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(var)
-    server = mlflow_server_factory(f"sqlite:///{tmp_path / 'server.db'}")
-    assert main(["mlflow", "sync", str(run_dir), "--tracking-uri", server.url]) == 0
+    sync = ["mlflow", "sync", str(run_dir), "--tracking-uri", mlflow_server.url]
+    sync += ["--experiment", "caught-up"]
+    assert main(sync) == 0
     assert "created" in capsys.readouterr().out
-    assert main(["mlflow", "sync", str(run_dir), "--tracking-uri", server.url]) == 0
+    assert main(sync) == 0
     assert "1 unchanged" in capsys.readouterr().out
 
     state = read_summary(run_dir)["tracking"]
     assert state["mirrored"] is True and state["error"] is None
-    c = client(server.url)
-    (run,) = mirrored_runs(c)
+    c = client(mlflow_server.url)
+    (run,) = mirrored_runs(c, "caught-up")
     assert run.info.run_id == state["mlflow_run_id"]
     assert len(c.get_metric_history(run.info.run_id, "val_loss")) == 3
 
 
 @pytest.mark.server
 def test_real_training_with_the_server_down_completes_and_syncs_later(
-    demo_data, monkeypatch, tmp_path, mlflow_server_factory
+    demo_data, monkeypatch, mlflow_server
 ):
     from geoloc.run import train_run
 
@@ -360,12 +361,13 @@ def test_real_training_with_the_server_down_completes_and_syncs_later(
 
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(var)
-    server = mlflow_server_factory(f"sqlite:///{tmp_path / 'later.db'}")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    (result,) = tracking.sync_runs()
-    assert result.action == "created" and result.model_version == "1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    (result,) = tracking.sync_runs(experiment="trained-offline")
+    assert result.action == "created" and result.model_version is not None
     assert read_summary(run_dir)["tracking"]["mirrored"] is True
-    c = client(server.url)
+    c = client(mlflow_server.url)
+    version = c.get_model_version(tracking.MODEL_NAME, result.model_version)
+    assert version.run_id == result.mlflow_run_id
     assert len(c.get_metric_history(result.mlflow_run_id, "val_p90_km")) == 2
 
 
@@ -398,12 +400,12 @@ def test_mlflow_server_with_s3_artifacts_receives_run_and_model(
 
 @pytest.mark.server
 @pytest.mark.browser
-def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(make_run, page, mlflow_server_factory):
+def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(make_run, page, mlflow_server):
     runs = [make_run("alpha", seed=0), make_run("beta", seed=1, quality=0.5)]
-    tracking.sync_runs(runs, log_model=False)
-    server = mlflow_server_factory(tracking.resolve_tracking_uri())
-    exp_id = client().get_experiment_by_name("geoloc").experiment_id
-    experiment_page = f"{server.url}/#/experiments/{exp_id}/runs"
+    kw = {"experiment": "ui-check", "tracking_uri": mlflow_server.url, "log_model": False}
+    tracking.sync_runs(runs, **kw)
+    exp_id = client(mlflow_server.url).get_experiment_by_name("ui-check").experiment_id
+    experiment_page = f"{mlflow_server.url}/#/experiments/{exp_id}/runs"
 
     page.goto(experiment_page)
     text = wait_for_text(page, [r.name for r in runs])
