@@ -228,7 +228,22 @@ def _resolve_spec(spec: str, paths: DataPaths) -> str:
     return f"demo:{paths.demo}" if spec == "demo" else spec
 
 
-def ingest(
+@dataclass(frozen=True)
+class JournaledSource:
+    """A source listed and processed into its job journal, not yet merged into the manifest.
+
+    Journaling touches only the job's own journal and content-addressed files, so several jobs
+    can run at once (`geoloc.data.shards`); `finalize` is the one step that must take turns.
+    """
+
+    spec: str
+    source: str
+    keys: list[str]  # every listed item in source order; deduplication follows it
+    journal: Path
+    resumed: int = 0
+
+
+def journal_source(
     spec: str,
     paths: DataPaths,
     cfg: IndexConfig,
@@ -237,13 +252,8 @@ def ingest(
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: Callable[[int], None] | None = None,
     **source_options: Any,
-) -> IngestReport:
-    """Ingest everything `spec` names into `data/processed/` (resumable through `data/state/`).
-
-    `fresh` forgets the journal of this job first. `on_chunk(parts_done)` is called after each
-    journal part is committed (progress, or injecting an interruption in tests).
-    """
-    t0 = time.perf_counter()
+) -> JournaledSource:
+    """List `spec` and fetch + process what its journal does not hold yet (resumable)."""
     resolved = _resolve_spec(spec, paths)
     source = create_source(resolved, **source_options)
     entries = list(tqdm(source.items(), desc=f"listing {spec}", unit="item", leave=False))
@@ -272,12 +282,39 @@ def ingest(
                 maybe_fault("ingest", parts)
     finally:
         runner.close()
-    order = {_key(e.source, e.source_ref): i for i, e in enumerate(entries)}
-    rows = journal.read()
+    return JournaledSource(
+        spec=spec,
+        source=getattr(source, "name", spec),
+        keys=[_key(e.source, e.source_ref) for e in entries],
+        journal=journal.folder,
+        resumed=resumed,
+    )
+
+
+def ingest(
+    spec: str,
+    paths: DataPaths,
+    cfg: IndexConfig,
+    *,
+    fresh: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: Callable[[int], None] | None = None,
+    **source_options: Any,
+) -> IngestReport:
+    """Ingest everything `spec` names into `data/processed/` (resumable through `data/state/`).
+
+    `fresh` forgets the journal of this job first. `on_chunk(parts_done)` is called after each
+    journal part is committed (progress, or injecting an interruption in tests).
+    """
+    t0 = time.perf_counter()
+    job = journal_source(spec, paths, cfg, fresh=fresh, chunk_size=chunk_size,
+                         on_chunk=on_chunk, **source_options)  # fmt: skip
+    order = {key: i for i, key in enumerate(job.keys)}
+    rows = Journal(job.journal).read()
     with file_lock(paths.state / "ingest.lock"):
-        report = finalize(rows, order, paths, spec=spec, source=getattr(source, "name", spec))
+        report = finalize(rows, order, paths, spec=spec, source=job.source)
     return IngestReport(
-        **{**report.__dict__, "resumed": resumed, "seconds": time.perf_counter() - t0}
+        **{**report.__dict__, "resumed": job.resumed, "seconds": time.perf_counter() - t0}
     )
 
 
