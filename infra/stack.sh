@@ -47,14 +47,25 @@ alive() { # alive NAME -> 0 when the pid file names a running process
 
 healthy() { curl -fsS --max-time 3 "$api/health" >/dev/null 2>&1; }
 
-start() { # start NAME CMD...: own session (so `down` can stop its children), log, pid file
+# Exec CMD in its own session (so `down` can stop its children) with SIGINT back to default:
+# bash makes background jobs ignore SIGINT, and Prefect's worker answers TERM by sending itself
+# INT, so an ignored INT would turn its graceful shutdown into a 15 s wait for KILL.
+launch='import os, signal, sys
+try:
+    os.setsid()
+except OSError:
+    pass
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execvp(sys.argv[1], sys.argv[1:])'
+
+start() { # start NAME CMD...: in the background, with a log and a pid file
   local name="$1"
   shift
   if alive "$name"; then
     log "$name already running (pid $(cat "$state/$name.pid"))"
     return
   fi
-  setsid "$@" >>"$state/$name.log" 2>&1 </dev/null &
+  "$bin/python" -c "$launch" "$@" >>"$state/$name.log" 2>&1 </dev/null &
   echo $! >"$state/$name.pid"
   log "$name started (pid $!, log $state/$name.log)"
 }
