@@ -672,7 +672,9 @@ def sync_run(
     """Mirror one run directory into MLflow (create or update; idempotent).
 
     Defaults come from the run's config.json `tracking` section. Raises `GeolocError` when the
-    run has no usable summary or the tracking server fails; `summary.tracking` says the outcome.
+    run has no usable summary or the tracking server fails; `summary.tracking` says the outcome,
+    except for a run still `running`: its trainer owns summary.json (and mirrors it live), so a
+    sync mirrors what is there and leaves the file alone.
     """
     run_dir = Path(run_dir).resolve()
     summary = read_summary(run_dir)
@@ -693,7 +695,8 @@ def sync_run(
                             mlflow_run_id)  # fmt: skip
         _mirror_contents(client, uri, run, run_dir, summary, config, log_model, register, result)
     except Exception as exc:
-        record_tracking(run_dir, False, mlflow_run_id, _error_text(exc))
+        if summary.get("status") != "running":
+            record_tracking(run_dir, False, mlflow_run_id, _error_text(exc))
         if isinstance(exc, GeolocError):
             raise
         raise TrackingError(
@@ -753,7 +756,8 @@ def _mirror_contents(
     if sync_status(client, run, summary):
         result.changes.append(f"status {summary.get('status')}")
     # the local record first, so the uploaded summary.json already says `mirrored: true`
-    record_tracking(run_dir, True, run.info.run_id, None)
+    if summary.get("status") != "running":
+        record_tracking(run_dir, True, run.info.run_id, None)
     fresh = client.get_run(run.info.run_id)
     if sync_artifacts(client, fresh, run_dir):
         result.changes.append("artifacts")

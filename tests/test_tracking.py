@@ -162,6 +162,15 @@ def test_sync_updates_a_run_that_changed_instead_of_duplicating_it(make_run):
     assert "REPORT.md" in {a.path for a in c.list_artifacts(created.mlflow_run_id)}
 
 
+def test_sync_of_a_run_still_training_leaves_its_summary_to_the_trainer(make_run):
+    run_dir = make_run("busy", status="running", epochs=2)
+    before = RunPaths(run_dir).summary.read_bytes()
+    (result,) = tracking.sync_runs([run_dir], log_model=False)
+    assert result.action == "created"
+    assert RunPaths(run_dir).summary.read_bytes() == before
+    assert client().get_run(result.mlflow_run_id).info.status == "RUNNING"
+
+
 def test_live_mirror_logs_each_epoch_and_finish_adds_no_duplicates(make_run):
     run_dir = make_run("live", epochs=3)
     cfg = load_config(RunPaths(run_dir).config)
