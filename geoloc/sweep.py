@@ -192,6 +192,11 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def prunes(cfg: SweepConfig) -> bool:
+    """Whether trials of this sweep can be stopped early (multi-objective studies cannot)."""
+    return cfg.objective != "multi" and cfg.pruner != "none"
+
+
 def validate_sweep(cfg: SweepConfig) -> RunConfig:
     """Check the space against RunConfig and return the base config; raise `SweepError`."""
     if not cfg.space:
@@ -201,6 +206,7 @@ def validate_sweep(cfg: SweepConfig) -> RunConfig:
         base = load_config(cfg.base_config, cfg.base_overrides)
     except ConfigError as exc:
         raise SweepError(f"base config of the sweep is invalid: {exc}") from exc
+    nprocs = {base.train.nproc}
     for spec in cfg.space:
         try:
             dotted = resolve_key(RunConfig, spec.key)
@@ -218,6 +224,14 @@ def validate_sweep(cfg: SweepConfig) -> RunConfig:
                 raise SweepError(
                     f"search space: {spec.key}={value!r} is not a valid value: {exc}"
                 ) from exc
+        if dotted == "train.nproc":
+            nprocs.update(int(v) for v in spec.extremes())
+    if prunes(cfg) and max(nprocs) > 1:
+        # the pruning callback lives in this process; distributed ranks cannot call it
+        raise SweepError(
+            f"train.nproc={max(nprocs)} cannot be pruned (epoch callbacks need train.nproc=1): "
+            "use --pruner none, or scale the sweep out with more workers instead"
+        )
     if cfg.objective == "multi" and cfg.pruner != "none":
         log.info("multi-objective studies cannot prune; pruning is off for this sweep")
     return base
@@ -270,7 +284,7 @@ def create_study(cfg: SweepConfig) -> optuna.Study:
     import optuna
 
     storage = open_storage(cfg.storage or default_storage())
-    if cfg.objective == "multi" or cfg.pruner == "none":
+    if not prunes(cfg):
         pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     elif cfg.pruner == "hyperband":
         pruner = optuna.pruners.HyperbandPruner(min_resource=1)
@@ -346,7 +360,10 @@ def run_trial(
     run_dir = runs_dir() / new_run_id(run_cfg.name)
     trial.set_user_attr("run_id", run_dir.name)
     trial.set_user_attr("run_dir", str(run_dir))
-    callbacks = [] if cfg.objective == "multi" else [_pruning_callback(trial, cfg.prune_metric)]
+    # the per-epoch reports also feed optuna-dashboard's curves when nothing prunes, but
+    # distributed runs (train.nproc > 1) take no epoch callbacks
+    reports = cfg.objective != "multi" and (prunes(cfg) or run_cfg.train.nproc == 1)
+    callbacks = [_pruning_callback(trial, cfg.prune_metric)] if reports else []
     try:
         train_fn(run_cfg, run_dir=run_dir, callbacks=callbacks)
     except TrialPruned as exc:

@@ -64,6 +64,19 @@ def test_spec_bounds_are_checked_when_the_space_is_read() -> None:
         ParamSpec(key="lr", type="float", low=0.0, high=0.1, log=True)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"base_overrides": {"nproc": 2, "batch_size": 64}},
+        {"space": [{"key": "nproc", "type": "categorical", "choices": [1, 2]}]},
+    ],
+)
+def test_pruning_distributed_trials_is_refused_before_any_trial(settings) -> None:
+    with pytest.raises(SweepError, match="train.nproc=2 cannot be pruned"):
+        validate_sweep(_cfg(**settings))
+    validate_sweep(_cfg(pruner="none", **settings))  # fine when nothing prunes
+
+
 def test_searching_a_key_fixed_by_set_is_refused() -> None:
     with pytest.raises(SweepError, match="both searched and fixed"):
         validate_sweep(_cfg(base_overrides={"lr": 0.01}))
