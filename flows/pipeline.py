@@ -6,10 +6,12 @@ artifacts as running the steps one by one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from flows._artifacts import publish_run
 from flows.aggregate import aggregate
 from flows.index import index
 from flows.train import train
@@ -43,4 +45,5 @@ def pipeline(
     )
     run = train(preset=preset, epochs=epochs, tracking=tracking, overrides=overrides)
     board = aggregate(tracking=tracking is not False)
+    publish_run(Path(run["run_dir"]))  # the run's links and numbers on the pipeline's page too
     return {"index": built, "run": run, "leaderboard": board}

@@ -32,6 +32,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_UI_API_URL="$api"
 export PREFECT_API_ENABLE_HTTP2=false
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"
+# the library logs through `logging.getLogger("geoloc...")`: show those lines in the UI too
+export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-geoloc}"
 export PYTHONUNBUFFERED=1
 
 bin="$GEOLOC_HOME/.venv/bin"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures.prefect_server import LocalStack, api_get, api_post, local_stack
+from fixtures.prefect_server import STACK, LocalStack, api_get, api_post, local_stack
 
 from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths
@@ -59,6 +60,11 @@ def _run_deployment(s: LocalStack, name: str, params: list[str]) -> tuple[str, d
 
 def test_every_deployment_is_registered_with_the_nightly_cron(stack) -> None:
     s, _ = stack
+    status = subprocess.run(
+        ["bash", str(STACK), "status"], env=s.env, capture_output=True, text=True, check=False
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "server: running" in status.stdout and "worker: running" in status.stdout
     names = {
         d["name"]: d
         for d in api_post(s.api_url, "deployments/filter", {"limit": 50})

@@ -130,6 +130,8 @@ def test_pipeline_chains_index_train_report_aggregate() -> None:
     board = json.loads(_artifacts(flows["aggregate"])["geoloc-leaderboard"].data)
     assert [row["run_id"] for row in board] == [summary["run_id"]]
     assert "geoloc-index" in _artifacts(flows["index"])
+    own = _artifacts(state.state_details.flow_run_id)
+    assert {"geoloc-run-dashboard", "geoloc-run-summary", "geoloc-run-metrics"} <= set(own)
 
 
 def test_failing_task_fails_the_flow_and_a_rerun_reuses_the_cached_index() -> None:
