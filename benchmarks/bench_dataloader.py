@@ -5,6 +5,8 @@ pixels cached in memory or decoded from JPEG every epoch, with 0 or 2 worker pro
 model row: images/s one training step (forward + backward + AdamW) consumes on ready tensors.
 A ratio loader/model well above 1 means data is not the bottleneck; with `num_workers=0` the two
 add up serially, so the loader's share of an epoch is model/loader.
+Speeds are on process CPU time with one intra-op thread (a shared machine makes wall-clock
+numbers measure the neighbours); rows with worker processes can only be timed on the wall clock.
 
     .venv/bin/python benchmarks/bench_dataloader.py [--images 1024]
 """
@@ -31,14 +33,15 @@ from geoloc.train_loop import build_optimizer, seed_everything  # noqa: E402
 
 
 def loader_speed(dataset: GeoDataset, batch_size: int, workers: int, repeats: int) -> float:
-    """Median images/s over `repeats` full passes."""
+    """Median images/s over `repeats` full passes (CPU time without workers, else wall)."""
+    clock = time.process_time if workers == 0 else time.perf_counter
     speeds = []
     for r in range(repeats):
         loader = make_loader(dataset, batch_size, shuffle=True, seed=r, num_workers=workers)
-        start, n = time.perf_counter(), 0
+        start, n = clock(), 0
         for images, *_ in loader:
             n += images.shape[0]
-        speeds.append(n / (time.perf_counter() - start))
+        speeds.append(n / (clock() - start))
     return statistics.median(speeds)
 
 
@@ -51,13 +54,13 @@ def model_speed(cfg, num_classes: int, batch_size: int, steps: int) -> float:
     x, y = torch.randn(batch_size, 3, size, size), torch.randint(0, num_classes, (batch_size,))
     speeds = []
     for step in range(steps + 1):
-        start = time.perf_counter()
+        start = time.process_time()
         loss = F.cross_entropy(model(x)["logits"], y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step:  # the first step warms up the allocator
-            speeds.append(batch_size / (time.perf_counter() - start))
+            speeds.append(batch_size / (time.process_time() - start))
     return statistics.median(speeds)
 
 
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     cfg = load_config("demo", {"batch_size": args.batch_size, "tracking.enabled": False})
     rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,22 +83,22 @@ def main() -> None:
         rows["loader: decode JPEG each time, 0 workers"] = loader_speed(
             lazy, args.batch_size, 0, args.repeats
         )
-        rows["loader: decode JPEG each time, 2 workers"] = loader_speed(
+        rows["loader: decode JPEG each time, 2 workers (wall)"] = loader_speed(
             lazy, args.batch_size, 2, args.repeats
         )
         rows["loader: cached uint8, 0 workers"] = loader_speed(
             cached, args.batch_size, 0, args.repeats
         )
-        rows["loader: cached uint8, 2 workers"] = loader_speed(
+        rows["loader: cached uint8, 2 workers (wall)"] = loader_speed(
             cached, args.batch_size, 2, args.repeats
         )
     model = model_speed(cfg, 100, args.batch_size, steps=5)
     print(f"data loading vs model consumption: {args.images} JPEGs 64x64, batch {args.batch_size}, "
           f"train transforms, {torch.get_num_threads()} threads, CPU")  # fmt: skip
-    print(f"{'path':<46}{'images/s':>10}{'loader/model':>14}")
+    print(f"{'path':<54}{'images/s':>10}{'loader/model':>14}")
     for name, ips in rows.items():
-        print(f"{name:<46}{ips:>10.0f}{ips / model:>14.1f}")
-    print(f"{'model: train step on ready tensors':<46}{model:>10.0f}{1.0:>14.1f}")
+        print(f"{name:<54}{ips:>10.0f}{ips / model:>14.1f}")
+    print(f"{'model: train step on ready tensors':<54}{model:>10.0f}{1.0:>14.1f}")
     print(f"one-off cost of caching {args.images} images: {cache_s:.2f}s")
 
 

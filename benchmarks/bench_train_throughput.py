@@ -4,8 +4,9 @@ Same model (MultiScaleCNN of the demo preset), same cached dataset and transform
 size, same optimizer. The plain loop is the textbook `for x, y in loader: loss.backward()`; ours
 adds what a run needs: GeoSoft + parent loss, hard-negative epoch composition, per-row prediction
 tracking, NaN guard, LR schedule and a checkpoint every epoch. Validation is left out of both
-(it is extra work, not overhead). Epochs alternate between the two loops and the median is
-reported, because the machine may be shared.
+(it is extra work, not overhead). Epochs alternate between the loops and the median is reported.
+Throughput is measured on process CPU time with one intra-op thread by default: on a shared
+machine wall-clock time mostly measures the neighbours (it is printed too, for reference).
 
     .venv/bin/python benchmarks/bench_train_throughput.py [--images 1024] [--epochs 3]
 """
@@ -45,20 +46,23 @@ from geoloc.train_loop import (  # noqa: E402
 def plain_epoch(model, loader, optimizer) -> tuple[int, float]:
     """The reference: cross-entropy on the child head, nothing else."""
     model.train()
-    start, seen = time.perf_counter(), 0
+    start, cpu, seen = time.perf_counter(), time.process_time(), 0
     for images, labels, _, _ in loader:
         loss = F.cross_entropy(model(images)["logits"], labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         seen += labels.shape[0]
-    return seen, time.perf_counter() - start
+    return seen, time.process_time() - cpu, time.perf_counter() - start
+
+
+EpochTiming = tuple[int, float, float, np.ndarray]  # images, CPU s, wall s, train predictions
 
 
 def geoloc_epoch(model, train_set, cfg, label_space, criterion, optimizer, scheduler, scaler,
-                 epoch_index, pool_pred, ckpt_dir) -> tuple[int, float, np.ndarray]:  # fmt: skip
+                 epoch_index, pool_pred, ckpt_dir) -> EpochTiming:  # fmt: skip
     """Our epoch minus validation: composition, train_one_epoch, checkpoint."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     order = epoch_order(train_set.labels, epoch_index, cfg.seed, pool_pred, train_set.labels,
                         cfg.hardneg)  # fmt: skip
     loader = make_loader(train_set, cfg.train.batch_size, shuffle=False, seed=epoch_index,
@@ -76,7 +80,7 @@ def geoloc_epoch(model, train_set, cfg, label_space, criterion, optimizer, sched
         epoch=epoch_index + 1, config=cfg.model_dump(mode="json"), label_space=label_space,
         best=best, history=[], extra=extra,
     )  # fmt: skip
-    return result.images, time.perf_counter() - start, result.pred_labels
+    return result.images, time.process_time() - cpu, time.perf_counter() - start, result.pred_labels
 
 
 def main() -> None:
@@ -85,7 +89,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     base = {"batch_size": args.batch_size, "hardneg.enabled": True, "hardneg.pool_split": "train",
             "hardneg.start_epoch": 1, "tracking.enabled": False}  # fmt: skip
@@ -116,23 +122,27 @@ def main() -> None:
 
         plain_epoch(plain, plain_loader, opt_plain)  # warm-up (allocator, kernels)
         speed: dict[str, list[float]] = {"plain PyTorch loop (CE)": []} | {k: [] for k in runners}
+        wall: dict[str, list[float]] = {k: [] for k in speed}
         pools: dict[str, np.ndarray | None] = {k: None for k in runners}
         for e in range(args.epochs):  # interleaved, so load changes hit every loop alike
-            n, s = plain_epoch(plain, plain_loader, opt_plain)
+            n, s, w = plain_epoch(plain, plain_loader, opt_plain)
             speed["plain PyTorch loop (CE)"].append(n / s)
+            wall["plain PyTorch loop (CE)"].append(n / w)
             for name, (cfg, model, crit, opt, sched) in runners.items():
                 args_ = (cfg, label_space, crit, opt, sched, scaler, e, pools[name], Path(tmp))
-                n, s, pools[name] = geoloc_epoch(model, train_set, *args_)
+                n, s, w, pools[name] = geoloc_epoch(model, train_set, *args_)
                 speed[name].append(n / s)
+                wall[name].append(n / w)
 
     med = {k: statistics.median(v) for k, v in speed.items()}
+    med_wall = {k: statistics.median(v) for k, v in wall.items()}
     ref = med["plain PyTorch loop (CE)"]
     print(f"train throughput: {args.images} images 64x64, batch {args.batch_size}, "
           f"{label_space.num_classes} classes, {torch.get_num_threads()} threads, CPU, "
           f"median of {args.epochs} epochs")  # fmt: skip
-    print(f"{'loop':<40}{'images/s':>10}{'vs plain':>10}")
+    print(f"{'loop':<40}{'img/s CPU':>10}{'vs plain':>10}{'img/s wall':>12}")
     for name, ips in med.items():
-        print(f"{name:<40}{ips:>10.1f}{ips / ref:>10.3f}")
+        print(f"{name:<40}{ips:>10.1f}{ips / ref:>10.3f}{med_wall[name]:>12.1f}")
     same = med["geoloc loop, same CE model"]
     print(f"overhead of the geoloc loop (hard negatives, tracking, checkpoint each epoch): "
           f"{100 * (ref / same - 1):+.1f}%")  # fmt: skip
