@@ -299,4 +299,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `-m geoloc.distributed` runs this file as `__main__`, a second copy of the module: run the
+    # imported one, whose context `geoloc.run` sees
+    from geoloc.distributed import main as _main
+
+    _main()
