@@ -176,6 +176,7 @@ def _geoloc(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # two fresh interpreters (~25 s idle); the in-process crash test above is quick
 def test_killed_process_resumes_from_the_cli(reference: Path, full_cfg: RunConfig) -> None:
     """SIGKILL mid-run (no chance to clean up), then `geoloc train --resume`: same metrics."""
     run_dir = runs_dir() / "killed"
