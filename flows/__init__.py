@@ -1,6 +1,8 @@
 """Prefect flows: thin wiring of `geoloc` library calls (see docs/ARCHITECTURE.md).
 
-`index` (data -> canonical index), `train` (one run, then rerank evaluation and report),
-`pipeline` (index -> train -> aggregate) and `aggregate` (leaderboard). Deployments of them are
-declared in `prefect.yaml` at the repository root.
+`index` (data -> canonical index), `index-sharded` (many source shards in parallel on Dask,
+then one index), `train` (one run, then rerank evaluation and report), `pipeline` (index ->
+train -> aggregate; `python -m flows.pipeline` is `make demo`), `aggregate` (leaderboard) and
+`sweep` (Optuna trials as `train` subflows). Deployments are declared in `prefect.yaml` at the
+repository root.
 """

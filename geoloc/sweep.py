@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -183,8 +184,13 @@ def sweep_config(fields: Mapping[str, Any]) -> SweepConfig:
         raise SweepError(_format_validation(SweepConfig, exc, "the sweep settings")) from exc
 
 
+OPTUNA_STORAGE_ENV = "GEOLOC_OPTUNA_STORAGE"
+
+
 def default_storage() -> str:
-    return f"sqlite:///{sweeps_dir() / 'optuna.db'}"
+    """`GEOLOC_OPTUNA_STORAGE` (set for the workers of the production stack), else a SQLite
+    file under `runs/_sweeps/`."""
+    return os.environ.get(OPTUNA_STORAGE_ENV) or f"sqlite:///{sweeps_dir() / 'optuna.db'}"
 
 
 def redact(url: str) -> str:

@@ -316,3 +316,12 @@ def test_an_interrupted_sweep_still_writes_where_the_study_stands(demo_data: Dat
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_sweep(study="interrupted", n_trials=3), train_fn=interrupted)
     assert _trials("interrupted")["state"].tolist() == ["FAIL"]
+
+
+def test_storage_defaults_to_the_stack_env_var(monkeypatch, tmp_path) -> None:
+    from geoloc.sweep import default_storage
+
+    assert default_storage().startswith("sqlite:///") and "_sweeps" in default_storage()
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("GEOLOC_OPTUNA_STORAGE", url)
+    assert default_storage() == url
