@@ -20,12 +20,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## make demo: the main job on the offline demo data
+## make demo: the whole pipeline on the offline demo data, as the Prefect `pipeline` flow:
+## demo images -> ingest -> index -> train (demo preset) -> rerank -> report -> leaderboard,
+## mirrored to MLflow; it ends by printing where to look.
 demo: venv
-	$(BIN)/geoloc data demo
-	$(BIN)/geoloc data ingest demo --config demo
-	$(BIN)/geoloc index build --config demo
-	$(BIN)/geoloc train --config demo
+	PREFECT_LOGGING_EXTRA_LOGGERS=geoloc $(BIN)/python -m flows.pipeline
 
 ## make test: everything but the long `slow` tests (Prefect/MLflow/S3 servers, browser, PostgreSQL included)
 test: venv system-deps

@@ -47,3 +47,32 @@ def pipeline(
     board = aggregate(tracking=tracking is not False)
     publish_run(Path(run["run_dir"]))  # the run's links and numbers on the pipeline's page too
     return {"index": built, "run": run, "leaderboard": board}
+
+
+def main() -> None:
+    """`python -m flows.pipeline` (what `make demo` runs): the whole chain on the demo data,
+    then where to look. Without PREFECT_API_URL, Prefect runs it on a temporary local server;
+    with `make up` running, the flow run shows in the Prefect UI."""
+    import os
+
+    from geoloc.paths import aggregate_dir
+
+    result = pipeline()
+    run = result["run"]
+    board = aggregate_dir() / "dashboard.html"
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    lines = [
+        "",
+        f"run:          {run['run_dir']} ({run['status']})",
+        f"dashboard:    {run.get('dashboard') or 'not written'}",
+        f"report:       {Path(run['run_dir']) / 'REPORT.md'}",
+        f"leaderboard:  {board}",
+        f"MLflow UI:    make mlflow-ui   (tracking store {tracking_uri}; http://127.0.0.1:5000)",
+        "Prefect UI:   make up          (server, work pool, deployments and a worker;"
+        " http://127.0.0.1:4200)",
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
