@@ -13,6 +13,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -163,6 +164,47 @@ def _raw_name(image_id: str | None, url: str) -> str:
     return f"{safe}-{digest}{suffix}"
 
 
+@dataclass(frozen=True)
+class ManifestRow:
+    """A manifest row that passed the checks every manifest shares."""
+
+    ref: str  # `<manifest>:<1-based row>:<image>`
+    image: str  # the image column: a path, key or URL
+    fields: dict[str, Any]  # RawItem fields: image_id, lat, lon, captured_at, sequence_id
+
+
+def checked_rows(
+    table: pd.DataFrame, manifest_ref: str, source: str
+) -> Iterator[ManifestRow | SourceReject]:
+    """Rows of a normalised manifest (`read_manifest`) with valid coordinates, a first-seen id
+    and an image; every other row as a reject with its reason. Local and S3 manifests share it,
+    so a bad row gets the same reason wherever the manifest lives."""
+    ids_seen: set[str] = set()
+    for i, row in enumerate(table.itertuples(index=False)):
+        image = row.image
+        ref = f"{manifest_ref}:{i + 1}" + (f":{image}" if image is not None else "")
+        problem = coords_problem(row.lat, row.lon)
+        if problem:
+            yield SourceReject(source, ref, *problem)
+            continue
+        if row.image_id is not None:
+            if row.image_id in ids_seen:
+                yield SourceReject(source, ref, DUPLICATE_ID, f"id {row.image_id} repeats")
+                continue
+            ids_seen.add(row.image_id)
+        if image is None:
+            yield SourceReject(source, ref, MISSING_FILE, "row has no image path, key or URL")
+            continue
+        fields = {
+            "image_id": row.image_id,
+            "lat": float(row.lat),
+            "lon": float(row.lon),
+            "captured_at": row.captured_at,
+            "sequence_id": row.sequence_id,
+        }
+        yield ManifestRow(ref=ref, image=image, fields=fields)
+
+
 class ManifestSource:
     """Rows of a manifest as `RawItem`s; bad rows as `SourceReject`s with a reason."""
 
@@ -188,37 +230,16 @@ class ManifestSource:
         return [image, f"{image}.jpg", f"images/{image}.jpg"]
 
     def items(self) -> Iterator[RawItem | SourceReject]:
-        ids_seen: set[str] = set()
-        for i, row in enumerate(self.table.itertuples(index=False)):
-            ref = f"{self.path.as_posix()}:{i + 1}"  # the file as given + 1-based data row
-            image = row.image
-            if image is not None:
-                ref = f"{ref}:{image}"
-            problem = coords_problem(row.lat, row.lon)
-            if problem:
-                yield SourceReject(self.name, ref, *problem)
+        # refs: the file as given + 1-based data row (+ the image column)
+        for row in checked_rows(self.table, self.path.as_posix(), self.name):
+            if isinstance(row, SourceReject):
+                yield row
                 continue
-            if row.image_id is not None:
-                if row.image_id in ids_seen:
-                    yield SourceReject(self.name, ref, DUPLICATE_ID, f"id {row.image_id} repeats")
-                    continue
-                ids_seen.add(row.image_id)
-            if image is None:
-                yield SourceReject(self.name, ref, MISSING_FILE, "row has no image path or URL")
-                continue
-            common = dict(
-                source=self.name,
-                source_ref=ref,
-                image_id=row.image_id,
-                lat=float(row.lat),
-                lon=float(row.lon),
-                captured_at=row.captured_at,
-                sequence_id=row.sequence_id,
-            )
+            ref, image = row.ref, row.image
+            common = dict(source=self.name, source_ref=ref, **row.fields)
             if image.lower().startswith(("http://", "https://")):
-                yield RawItem(
-                    **common, fetch=http_fetcher(image), raw_name=_raw_name(row.image_id, image)
-                )
+                raw_name = _raw_name(row.fields["image_id"], image)
+                yield RawItem(**common, fetch=http_fetcher(image), raw_name=raw_name)
                 continue
             resolved = [self._local(c) for c in self._candidates(image)]
             if resolved[0] is None:

@@ -21,16 +21,19 @@ from typing import Any
 
 from geoloc import storage
 from geoloc.data.rejects import (
-    DUPLICATE_ID,
     MISSING_FILE,
     NOT_IMAGE,
     PATH_ESCAPE,
     UNREACHABLE,
-    coords_problem,
 )
 from geoloc.data.sources import FetchError, RawItem, SourceReject, register_source
 from geoloc.data.sources.folder import IMAGE_SUFFIXES
-from geoloc.data.sources.manifest import MANIFEST_SUFFIXES, http_fetcher, read_manifest_bytes
+from geoloc.data.sources.manifest import (
+    MANIFEST_SUFFIXES,
+    checked_rows,
+    http_fetcher,
+    read_manifest_bytes,
+)
 from geoloc.data.state import stable_hash
 from geoloc.errors import DataError
 
@@ -154,36 +157,16 @@ class S3Source:
         except storage.StorageError as exc:
             raise DataError(f"S3 source '{self.spec}': {exc}") from None
         table = read_manifest_bytes(data, manifest_url)  # DataError names the manifest
-        ids_seen: set[str] = set()
-        for i, row in enumerate(table.itertuples(index=False)):
-            image = row.image
-            ref = f"{manifest_url}:{i + 1}" + (f":{image}" if image is not None else "")
-            problem = coords_problem(row.lat, row.lon)
-            if problem:
-                yield SourceReject(self.name, ref, *problem)
+        for row in checked_rows(table, manifest_url, self.name):
+            if isinstance(row, SourceReject):
+                yield row
                 continue
-            if row.image_id is not None:
-                if row.image_id in ids_seen:
-                    yield SourceReject(self.name, ref, DUPLICATE_ID, f"id {row.image_id} repeats")
-                    continue
-                ids_seen.add(row.image_id)
-            if image is None:
-                yield SourceReject(self.name, ref, MISSING_FILE, "row has no image key or URL")
-                continue
-            fetch, raw_name, reject = self._row_fetch(manifest_key, image, keys, referenced)
+            fetch, raw_name, reject = self._row_fetch(manifest_key, row.image, keys, referenced)
             if reject is not None:
-                yield SourceReject(self.name, ref, *reject)
+                yield SourceReject(self.name, row.ref, *reject)
                 continue
             yield RawItem(
-                source=self.name,
-                source_ref=ref,
-                image_id=row.image_id,
-                lat=float(row.lat),
-                lon=float(row.lon),
-                captured_at=row.captured_at,
-                sequence_id=row.sequence_id,
-                fetch=fetch,
-                raw_name=raw_name,
+                source=self.name, source_ref=row.ref, fetch=fetch, raw_name=raw_name, **row.fields
             )
 
     def _row_fetch(
