@@ -116,7 +116,8 @@ class HardNegConfig(_Strict):
     share: float = Field(0.25, ge=0.0, le=0.9, description="Share of each epoch from the pool.")
     top_pairs: int = Field(50, ge=1, description="Most-confused (true, predicted) cell pairs kept.")
     pool_split: Literal["train", "val"] = Field(
-        "val", description="Which split's confusion builds the pool."
+        "train",
+        description="Which split's confusion builds the pool (val leaks val into training).",
     )
     start_epoch: int = Field(1, ge=0, description="First epoch (0-based) that draws from the pool.")
 

@@ -78,6 +78,13 @@ def check_run_config(cfg: RunConfig) -> None:
             f"train.early_stopping_metric '{cfg.train.early_stopping_metric}' is not a metric; "
             f"valid: {', '.join(METRIC_COLUMNS[1:-2])}"
         )
+    from geoloc.modeling import model_names
+
+    if cfg.model.arch not in model_names():
+        raise ConfigError(
+            f"model.arch '{cfg.model.arch}' is not a registered model; "
+            f"valid: {', '.join(model_names())}"
+        )
     if cfg.train.batch_size % cfg.train.nproc:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly "

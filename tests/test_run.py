@@ -260,6 +260,7 @@ def test_cli_prints_the_run_dir_last(demo_data: DataPaths, capsys: pytest.Captur
         (["--set", "epochs=0"], "epochs"),
         (["--config", "no-such-preset"], "no-such-preset"),
         (["--resume", "not-a-run"], "not-a-run"),
+        (["--set", "arch=resnet99"], "model.arch 'resnet99' is not a registered model"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_1(
@@ -268,6 +269,7 @@ def test_cli_bad_input_is_one_line_and_exit_1(
     assert main(["train", *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert not runs_dir().exists() or not any(runs_dir().iterdir())  # nothing half-written
 
 
 def test_cli_without_an_index_is_one_line(capsys: pytest.CaptureFixture) -> None:
