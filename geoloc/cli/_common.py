@@ -16,8 +16,3 @@ ConfigOption = Annotated[
         "--config", "-c", help="YAML/JSON config file, or a preset name (demo, geosoft, ce)."
     ),
 ]
-
-
-def not_yet(verb: str) -> None:
-    """Placeholder while a capability is being built; removed as each issue lands."""
-    raise typer.BadParameter(f"'{verb}' is not available yet")
