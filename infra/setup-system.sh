@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages some tests use: Debian's chromium (dashboard/MLflow UI in a real browser),
-# postgresql (shared stores) and docker-compose (validates infra/docker-compose.yml). Installed only when missing and when we can (root + apt-get);
-# tests that need them skip with a reason where they are absent.
+# postgresql (shared stores) and docker-compose (validates infra/docker-compose.yml).
+# Installed only when missing and when we can (root + apt-get); tests that need them skip with
+# a reason where they are absent.
 set -u
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
