@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fixtures.prefect_server import api_get, api_post, local_stack
+from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 
 from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths
@@ -16,17 +17,7 @@ from geoloc.summary import read_summary
 
 pytestmark = pytest.mark.server
 
-TINY_BASE = {
-    "epochs": 2,
-    "max_steps_per_epoch": 3,
-    "batch_size": 32,
-    "image_size": 32,
-    "arch": "multiscale_cnn_tiny",
-    "embed_dim": 16,
-    "rerank.enabled": False,
-    "tracking.enabled": False,
-}
-TAU_SPACE = [{"key": "tau_km", "type": "float", "low": 100.0, "high": 800.0, "log": True}]
+TINY_BASE = {**TINY_SWEEP_BASE, "rerank.enabled": False}
 
 
 def test_sweep_optuna_deployment_runs_its_trials_on_the_worker(

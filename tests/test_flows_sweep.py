@@ -7,6 +7,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -22,17 +23,7 @@ from geoloc.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
 
-TINY_BASE = {
-    "epochs": 2,
-    "max_steps_per_epoch": 3,
-    "batch_size": 32,
-    "image_size": 32,
-    "arch": "multiscale_cnn_tiny",
-    "embed_dim": 16,
-    "rerank.enabled": False,
-    "tracking.enabled": False,
-}
-TAU_SPACE = [{"key": "tau_km", "type": "float", "low": 100.0, "high": 800.0, "log": True}]
+TINY_BASE = {**TINY_SWEEP_BASE, "rerank.enabled": False}
 
 
 def _children(flow_run_id: UUID) -> list[Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 
 from geoloc.cli import main
 from geoloc.paths import DataPaths, runs_dir, sweeps_dir
@@ -140,16 +141,7 @@ def test_studies_resume_from_the_same_storage(tmp_path) -> None:
 # Real sweeps: tiny trainings on the demo fixture index
 # ------------------------------------------------------------------------------------------
 
-TINY_BASE = {
-    "epochs": 2,
-    "max_steps_per_epoch": 3,
-    "batch_size": 32,
-    "image_size": 32,
-    "arch": "multiscale_cnn_tiny",
-    "embed_dim": 16,
-    "tracking.enabled": False,
-}
-TAU_SPACE = [{"key": "tau_km", "type": "float", "low": 100.0, "high": 800.0, "log": True}]
+TINY_BASE = TINY_SWEEP_BASE
 
 
 def _sweep(storage: str | None = None, **kw) -> SweepConfig:

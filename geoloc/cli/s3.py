@@ -65,6 +65,30 @@ def _print_report(verb: str, src: str, dst: str, report: object) -> None:
     typer.echo(f"{verb} {src} -> {dst}: {counts}, failed {failed} ({size:.1f} MB transferred)")
 
 
+def _transfer(
+    verb: str, src: str, dst: str, endpoint_url: str | None, threshold_mb: int, workers: int
+) -> None:
+    """Run push (src local, dst S3) or pull (src S3, dst local) and print the counts, also
+    the partial ones when it fails midway."""
+    from geoloc import storage
+
+    run = storage.push if verb == "push" else storage.pull
+    try:
+        report = run(
+            Path(src) if verb == "push" else src,
+            dst if verb == "push" else Path(dst),
+            endpoint_url=endpoint_url,
+            multipart_threshold=threshold_mb * 1024 * 1024,
+            workers=workers,
+            progress=True,
+        )
+    except storage.StorageError as exc:
+        if exc.report is not None:
+            _print_report(verb, src, dst, exc.report)
+        raise
+    _print_report(verb, src, dst, report)
+
+
 @s3_app.command("push")
 def push(
     args: Annotated[list[str], typer.Argument(metavar="[RUN_DIR] S3_URL", show_default=False)],
@@ -77,26 +101,11 @@ def push(
 
     Files whose content is already there (same sha256) are skipped.
     """
-    from geoloc import storage
-
     local, url = _split_args(args, index, "push", "geoloc s3 push RUN_DIR|--index s3://b/prefix")
     src = DataPaths.default().index if local is None else _run_dir(local)
     if local is None and not src.is_dir():
         raise GeolocError(f"no data index at '{src}': run `geoloc index build` first")
-    try:
-        report = storage.push(
-            src,
-            url,
-            endpoint_url=endpoint_url,
-            multipart_threshold=multipart_threshold_mb * 1024 * 1024,
-            workers=workers,
-            progress=True,
-        )
-    except storage.StorageError as exc:
-        if exc.report is not None:
-            _print_report("push", str(src), url, exc.report)
-        raise
-    _print_report("push", str(src), url, report)
+    _transfer("push", str(src), url, endpoint_url, multipart_threshold_mb, workers)
 
 
 @s3_app.command("pull")
@@ -124,17 +133,4 @@ def pull(
         if not name:
             raise GeolocError(f"'{url}' names no run folder: give RUN_DIR explicitly")
         dst = runs_dir() / name
-    try:
-        report = storage.pull(
-            url,
-            dst,
-            endpoint_url=endpoint_url,
-            multipart_threshold=multipart_threshold_mb * 1024 * 1024,
-            workers=workers,
-            progress=True,
-        )
-    except storage.StorageError as exc:
-        if exc.report is not None:
-            _print_report("pull", url, str(dst), exc.report)
-        raise
-    _print_report("pull", url, str(dst), report)
+    _transfer("pull", url, str(dst), endpoint_url, multipart_threshold_mb, workers)
