@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from geoloc.gallery import create_index, l2_normalize
+from geoloc.infer.gallery import create_index, l2_normalize
 
 
 def clustered(n: int, dim: int, n_clusters: int, seed: int) -> np.ndarray:

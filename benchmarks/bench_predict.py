@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from geoloc.predict import Predictor, collect_images
+from geoloc.infer.predict import Predictor, collect_images
 
 
 def one_image_latency_ms(predictor: Predictor, image: Path, repeat: int) -> float:

@@ -30,8 +30,8 @@ from _synthetic_index import write_synthetic_index  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader  # noqa: E402
 from geoloc.geo import LabelSpace  # noqa: E402
-from geoloc.modeling import create_loss, create_model  # noqa: E402
-from geoloc.train_loop import (  # noqa: E402
+from geoloc.model.modeling import create_loss, create_model  # noqa: E402
+from geoloc.train.loop import (  # noqa: E402
     FitState,
     build_optimizer,
     build_scheduler,

@@ -13,21 +13,21 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
-import geoloc.aggregate
-import geoloc.tracking
+import geoloc.integrations.mlflow
+import geoloc.runs.leaderboard
 from flows._artifacts import publish_table
-from geoloc.aggregate import AggregateResult
-from geoloc.pipeline import table_records
+from geoloc.compose import table_records
+from geoloc.runs.leaderboard import AggregateResult
 
 
 @task(name="aggregate-runs", cache_policy=NO_CACHE)
 def aggregate_runs(runs_root: Path | None) -> AggregateResult:
-    return geoloc.aggregate.aggregate_runs(runs_root)
+    return geoloc.runs.leaderboard.aggregate_runs(runs_root)
 
 
 @task(name="log-leaderboard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def log_leaderboard(result: AggregateResult) -> str:
-    return geoloc.tracking.log_leaderboard(result)
+    return geoloc.integrations.mlflow.log_leaderboard(result)
 
 
 @flow(name="aggregate", log_prints=True)

@@ -1,6 +1,6 @@
 """`index` flow: demo images -> ingest (fetch + process) -> build the canonical index.
 
-Each stage is a task cached by the fingerprint of its inputs (`geoloc.pipeline.*_key`): a re-run
+Each stage is a task cached by the fingerprint of its inputs (`geoloc.compose.*_key`): a re-run
 with unchanged inputs, or after a later failure, skips it. A stage whose outputs were deleted runs
 again even when its key is cached; remote sources are never cached (their content is unknown
 until listed; ingestion resumes from its journal instead). Cache records live next to the data,
@@ -20,7 +20,7 @@ import geoloc.data.demo
 import geoloc.data.index
 import geoloc.data.ingest
 from flows._artifacts import publish_table
-from geoloc import pipeline
+from geoloc import compose as pipeline
 from geoloc.config import IndexConfig
 from geoloc.data.demo import DemoReport
 from geoloc.data.index import IndexReport

@@ -13,16 +13,16 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-import geoloc.sweep
+import geoloc.integrations.optuna
 from flows._artifacts import publish_table
 from flows.train import train_fn
-from geoloc.pipeline import table_records
-from geoloc.sweep import SweepConfig, SweepResult
+from geoloc.compose import table_records
+from geoloc.integrations.optuna import SweepConfig, SweepResult
 
 
 @task(name="validate-sweep", cache_policy=NO_CACHE)
 def validate_sweep(settings: dict[str, Any]) -> SweepConfig:
-    return geoloc.sweep.check_sweep(settings)
+    return geoloc.integrations.optuna.check_sweep(settings)
 
 
 def publish_sweep(result: SweepResult) -> None:
@@ -35,7 +35,7 @@ def publish_sweep(result: SweepResult) -> None:
     )
     create_markdown_artifact(
         key="geoloc-sweep-best",
-        markdown=geoloc.sweep.best_markdown(result.best),
+        markdown=geoloc.integrations.optuna.best_markdown(result.best),
         description=f"Best of study {result.study_name}",
     )
     create_link_artifact(
@@ -91,7 +91,7 @@ def sweep(
         settings["space"] = space
     cfg = validate_sweep(settings)
     # in the flow body, not a task: each trial's `train` call becomes a child flow run
-    result = geoloc.sweep.run_sweep(cfg, train_fn=train_fn)
+    result = geoloc.integrations.optuna.run_sweep(cfg, train_fn=train_fn)
     publish_sweep(result)
     return {
         "study": result.study_name,

@@ -14,13 +14,13 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import geoloc.reporting
-import geoloc.rerank
-import geoloc.run
-import geoloc.tracking
+import geoloc.infer.rerank
+import geoloc.integrations.mlflow
+import geoloc.runs.report
+import geoloc.train.run
 from flows._artifacts import publish_run
+from geoloc.compose import TRAIN_PARAMS, run_config_from_params
 from geoloc.config import RunConfig, flatten
-from geoloc.pipeline import TRAIN_PARAMS, run_config_from_params
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -36,25 +36,25 @@ def validate_config(
 def train_model(
     cfg: RunConfig, run_dir: Path | None, callbacks: Sequence[EpochCallback] = ()
 ) -> Path:
-    return geoloc.run.train_run(cfg, run_dir=run_dir, callbacks=callbacks, progress=False)
+    return geoloc.train.run.train_run(cfg, run_dir=run_dir, callbacks=callbacks, progress=False)
 
 
 @task(name="evaluate-rerank", cache_policy=NO_CACHE)
 def evaluate_rerank(run_dir: Path, cfg: RunConfig) -> str:
-    return geoloc.rerank.rerank_run(
+    return geoloc.infer.rerank.rerank_run(
         run_dir, cfg=cfg.rerank, report=False, progress=False
     ).best_variant
 
 
 @task(name="write-report", cache_policy=NO_CACHE)
 def write_report(run_dir: Path) -> None:
-    geoloc.reporting.write_report(run_dir)
+    geoloc.runs.report.write_report(run_dir)
 
 
 # the tracking server is I/O: retry it, and only it
 @task(name="sync-mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def sync_mlflow(run_dir: Path) -> str | None:
-    return geoloc.tracking.sync_run(run_dir).mlflow_run_id
+    return geoloc.integrations.mlflow.sync_run(run_dir).mlflow_run_id
 
 
 @flow(name="train", log_prints=True)
@@ -125,9 +125,9 @@ def train(
 def train_fn(
     cfg: RunConfig, *, run_dir: Path | None = None, callbacks: Sequence[EpochCallback] = ()
 ) -> Path:
-    """`geoloc.run.train_run`'s signature, run as the `train` flow (a subflow inside a flow).
+    """`geoloc.train.run.train_run`'s signature, run as the `train` flow (a subflow inside a flow).
 
-    Sweeps pass it as `geoloc.sweep.run_sweep(cfg, train_fn=train_fn)`: every trial becomes a
+    Sweeps pass it as `geoloc.integrations.optuna.run_sweep(cfg, train_fn=train_fn)`: every trial becomes a
     `train` flow run with its rerank evaluation, report and artifacts.
     """
     result = train(

@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 from fixtures.fake_runs import fake_summary, write_summary_fast
 
-from geoloc.aggregate import (
+from geoloc.cli import main
+from geoloc.errors import ConfigError, GeolocError
+from geoloc.paths import aggregate_dir, runs_dir
+from geoloc.runs.leaderboard import (
     COLUMNS,
     Penalties,
     ScoreWeights,
     aggregate_runs,
 )
-from geoloc.cli import main
-from geoloc.errors import ConfigError, GeolocError
-from geoloc.paths import aggregate_dir, runs_dir
-from geoloc.summary import validate_summary
+from geoloc.runs.summary import validate_summary
 
 ALL_ARTIFACTS = {
     k: True
@@ -248,7 +248,7 @@ def test_concurrent_aggregations_never_leave_a_torn_file() -> None:
 def test_leaderboard_sorts_and_links_to_run_dashboards(
     make_run: Callable[..., Path], page: Any, static_server: Any
 ) -> None:
-    from geoloc.reporting import write_report
+    from geoloc.runs.report import write_report
 
     for name, quality in (("strong", 1.0), ("weak", 0.3)):
         write_report(make_run(name, quality=quality, with_predictions=False))

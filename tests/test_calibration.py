@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from geoloc.calibration import (
+from geoloc.errors import GeolocError
+from geoloc.infer.calibration import (
     ConformalSets,
     apply_temperature,
     calibration_metrics,
@@ -19,7 +20,6 @@ from geoloc.calibration import (
     log_probs,
     top1_ece,
 )
-from geoloc.errors import GeolocError
 
 
 def calibrated_task(n: int, k: int, sharpness: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from fixtures.prefect_server import STACK, LocalStack, api_get, api_post, local_stack
 
-from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths
-from geoloc.summary import read_summary
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import read_summary
 
 pytestmark = pytest.mark.server
 

@@ -11,9 +11,9 @@ import pytest
 from fixtures.prefect_server import api_get, api_post, local_stack
 from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 
-from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths
-from geoloc.summary import read_summary
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import read_summary
 
 pytestmark = pytest.mark.server
 

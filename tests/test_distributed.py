@@ -11,13 +11,13 @@ import torch
 
 from geoloc.cli import main
 from geoloc.config import HardNegConfig, RunConfig, load_config
-from geoloc.distributed import shard_order
 from geoloc.errors import ConfigError
-from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.run import load_trained, train_run
-from geoloc.summary import read_summary
-from geoloc.train_loop import epoch_order
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import read_summary
+from geoloc.train.distributed import shard_order
+from geoloc.train.loop import epoch_order
+from geoloc.train.run import load_trained, train_run
 
 DDP_TINY = {
     "name": "ddp",

@@ -23,9 +23,9 @@ from flows.aggregate import aggregate
 from flows.index import index
 from flows.pipeline import pipeline
 from flows.train import train
-from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.summary import read_summary
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
 

@@ -17,9 +17,9 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.sweep import sweep
-from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths, runs_dir, sweeps_dir
-from geoloc.summary import read_summary
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from geoloc.errors import DataError, GeolocError
-from geoloc.gallery import (
+from geoloc.infer.gallery import (
     BruteForceIndex,
     Gallery,
     create_index,
@@ -40,7 +40,7 @@ def test_brute_force_finds_each_vector_itself_and_chunks_do_not_change_results(
     sims, ids = BruteForceIndex(data).search(data, 1)
     np.testing.assert_array_equal(ids[:, 0], np.arange(300))
     np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
-    import geoloc.gallery as gallery
+    import geoloc.infer.gallery as gallery
 
     full = BruteForceIndex(data).search(data[:40], 5)
     monkeypatch.setattr(gallery, "_CHUNK_BYTES", 300 * 4 * 3)  # 3 queries per chunk
@@ -72,7 +72,7 @@ def test_k_larger_than_gallery_is_capped_and_bad_input_is_refused() -> None:
 def test_faiss_kind_without_faiss_is_an_error_but_auto_falls_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import geoloc.gallery as gallery
+    import geoloc.infer.gallery as gallery
 
     monkeypatch.setattr(gallery, "faiss_available", lambda: False)
     assert isinstance(create_index(_vectors(10, 4), kind="auto", method="ivf"), BruteForceIndex)

@@ -10,7 +10,7 @@ import torch
 
 from geoloc.errors import GeolocError
 from geoloc.geo import haversine_km
-from geoloc.metrics import (
+from geoloc.geo.metrics import (
     THRESHOLDS_KM,
     expected_calibration_error,
     geo_metrics,

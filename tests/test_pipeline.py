@@ -1,4 +1,4 @@
-"""geoloc.pipeline: flow parameters -> config, stage cache keys, run digests (no Prefect)."""
+"""geoloc.compose: flow parameters -> config, stage cache keys, run digests (no Prefect)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from geoloc import pipeline
+from geoloc import compose as pipeline
 from geoloc.config import IndexConfig, flatten, load_config
 from geoloc.errors import ConfigError
 from geoloc.paths import DataPaths

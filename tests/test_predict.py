@@ -12,8 +12,8 @@ import pytest
 
 from geoloc.cli import main
 from geoloc.errors import GeolocError
+from geoloc.infer.predict import OUTPUT_COLUMNS, Predictor, collect_images, write_predictions
 from geoloc.paths import DataPaths
-from geoloc.predict import OUTPUT_COLUMNS, Predictor, collect_images, write_predictions
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_predictions_match_the_model_and_rerank_can_be_turned_off(
     assert set(plain["variant"]) == {"base"}
     ok = plain[plain["error"].isna()]
     # with rerank off the coordinate is the predicted cell's centroid
-    from geoloc.run import load_trained
+    from geoloc.train.run import load_trained
 
     ls = load_trained(reranked_run).label_space
     for cell, lat, lon in zip(ok["cell"], ok["lat"], ok["lon"], strict=True):

@@ -13,9 +13,9 @@ import pytest
 from fixtures.fake_runs import fake_classes
 
 from geoloc.cli import main
-from geoloc.layout import RunPaths
-from geoloc.reporting import PLOTS, confusion_groups, shore_polygons, write_report
-from geoloc.summary import read_summary, update_summary
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.report import PLOTS, confusion_groups, shore_polygons, write_report
+from geoloc.runs.summary import read_summary, update_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned=2">'

@@ -12,7 +12,7 @@ from fixtures.rerank_data import synthetic_task
 
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace
-from geoloc.rerank import (
+from geoloc.infer.rerank import (
     TABLE_COLUMNS,
     VARIANTS,
     GateGrid,
@@ -192,8 +192,8 @@ def test_params_round_trip_through_json(evaluated, tmp_path: Path) -> None:  # t
 
 
 def test_geoloc_rerank_writes_the_table_params_gallery_and_summary(reranked_run: Path) -> None:
-    from geoloc.layout import RunPaths
-    from geoloc.summary import read_summary
+    from geoloc.runs.layout import RunPaths
+    from geoloc.runs.summary import read_summary
 
     paths = RunPaths(reranked_run)
     table = pd.read_csv(paths.rerank_eval)
@@ -213,8 +213,8 @@ def test_geoloc_rerank_writes_the_table_params_gallery_and_summary(reranked_run:
 
 
 def test_base_row_matches_the_test_metrics_training_recorded(reranked_run: Path) -> None:
-    from geoloc.layout import RunPaths
-    from geoloc.summary import read_summary
+    from geoloc.runs.layout import RunPaths
+    from geoloc.runs.summary import read_summary
 
     base = pd.read_csv(RunPaths(reranked_run).rerank_eval).set_index("variant").loc["base"]
     test = read_summary(reranked_run)["test"]
@@ -225,7 +225,7 @@ def test_base_row_matches_the_test_metrics_training_recorded(reranked_run: Path)
 def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
-    import geoloc.rerank as rerank
+    import geoloc.infer.rerank as rerank
 
     run_dir = tmp_path / "run"
     shutil.copytree(reranked_run, run_dir)

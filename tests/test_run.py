@@ -18,11 +18,11 @@ import torch
 from geoloc.cli import main
 from geoloc.config import RunConfig, load_config
 from geoloc.errors import GeolocError, TrialPruned
-from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.run import METRIC_COLUMNS, load_trained, train_run
-from geoloc.summary import read_summary
-from geoloc.train_loop import TrainingError
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import read_summary
+from geoloc.train.loop import TrainingError
+from geoloc.train.run import METRIC_COLUMNS, load_trained, train_run
 
 PREDICTION_COLUMNS = [
     "image_id", "true_lat", "true_lon", "true_cell", "true_label", "pred_label", "pred_cell",
@@ -186,7 +186,7 @@ def test_killed_process_resumes_from_the_cli(reference: Path, full_cfg: RunConfi
     # start a run into a known folder through the library entry point the CLI uses
     code = (
         "from pathlib import Path; from geoloc.config import load_config; "
-        "from geoloc.run import train_run; "
+        "from geoloc.train.run import train_run; "
         f"train_run(load_config('{cfg_file}'), run_dir=Path('{run_dir}'), progress=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)

@@ -1,4 +1,4 @@
-"""`geoloc.storage` and `geoloc s3 push/pull` against moto's real HTTP S3 server."""
+"""`geoloc.integrations.s3` and `geoloc s3 push/pull` against moto's real HTTP S3 server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from geoloc import storage
 from geoloc.cli import main
+from geoloc.integrations import s3 as storage
 from geoloc.paths import DataPaths, runs_dir
 
 pytestmark = pytest.mark.server

@@ -15,9 +15,7 @@ import yaml
 from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 
 from geoloc.cli import main
-from geoloc.paths import DataPaths, runs_dir, sweeps_dir
-from geoloc.summary import read_summary
-from geoloc.sweep import (
+from geoloc.integrations.optuna import (
     ParamSpec,
     SweepConfig,
     SweepError,
@@ -27,6 +25,8 @@ from geoloc.sweep import (
     run_sweep,
     validate_sweep,
 )
+from geoloc.paths import DataPaths, runs_dir, sweeps_dir
+from geoloc.runs.summary import read_summary
 
 
 def _cfg(**kw) -> SweepConfig:
@@ -311,7 +311,7 @@ def test_an_interrupted_sweep_still_writes_where_the_study_stands(demo_data: Dat
 
 
 def test_storage_defaults_to_the_stack_env_var(monkeypatch, tmp_path) -> None:
-    from geoloc.sweep import default_storage
+    from geoloc.integrations.optuna import default_storage
 
     assert default_storage().startswith("sqlite:///") and "_sweeps" in default_storage()
     url = f"sqlite:///{tmp_path / 'shared.db'}"

@@ -15,15 +15,15 @@ import pytest
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
 from mlflow import MlflowClient
 
-from geoloc import tracking
 from geoloc.atomic import write_json
 from geoloc.cli import main
 from geoloc.config import RunConfig, TrainConfig, load_config
 from geoloc.geo import LabelSpace
-from geoloc.layout import RunPaths
-from geoloc.modeling import TINY_MODEL_CONFIG, create_model
-from geoloc.summary import read_summary
-from geoloc.train_loop import save_checkpoint
+from geoloc.integrations import mlflow as tracking
+from geoloc.model.modeling import TINY_MODEL_CONFIG, create_model
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import read_summary
+from geoloc.train.loop import save_checkpoint
 
 TINY_TRAINING = {
     "epochs": 2,
@@ -224,7 +224,7 @@ def test_model_is_registered_and_champion_is_the_lowest_p90_run(make_run, tiny_l
 
 
 def test_leaderboard_is_one_run_per_aggregation(make_run):
-    from geoloc.aggregate import aggregate_runs
+    from geoloc.runs.leaderboard import aggregate_runs
 
     make_run("a", seed=0)
     make_run("b", seed=1, quality=0.5)
@@ -287,7 +287,7 @@ def test_tracking_uri_defaults_to_sqlite_in_the_working_dir(monkeypatch, isolate
 
 
 def test_training_mirrors_live_and_registers_its_model(demo_data):
-    from geoloc.run import train_run
+    from geoloc.train.run import train_run
 
     cfg = load_config(None, {**TINY_TRAINING, "name": "live-train"})
     run_dir = train_run(cfg, progress=False)
@@ -357,7 +357,7 @@ def test_server_down_during_training_then_sync_catches_up(
 def test_real_training_with_the_server_down_completes_and_syncs_later(
     demo_data, monkeypatch, mlflow_server
 ):
-    from geoloc.run import train_run
+    from geoloc.train.run import train_run
 
     fast_fail_env(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port_uri())

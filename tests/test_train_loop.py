@@ -12,7 +12,7 @@ from torch import nn
 
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
 from geoloc.geo import LabelSpace
-from geoloc.train_loop import (
+from geoloc.train.loop import (
     TrainingError,
     class_scores,
     epoch_order,

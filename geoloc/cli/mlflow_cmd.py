@@ -35,7 +35,7 @@ def sync(
     ] = True,
 ) -> None:
     """Mirror existing runs into MLflow (idempotent: found by run id, updated, never duplicated)."""
-    from geoloc.tracking import resolve_tracking_uri, sync_runs
+    from geoloc.integrations.mlflow import resolve_tracking_uri, sync_runs
 
     results = sync_runs(
         run_dirs or None, experiment=experiment, tracking_uri=tracking_uri, log_model=model
@@ -67,7 +67,7 @@ def leaderboard(
     tracking_uri: TrackingUriOption = None,
 ) -> None:
     """Log the leaderboard written by `geoloc aggregate` on a `leaderboard` MLflow run."""
-    from geoloc.tracking import log_leaderboard
+    from geoloc.integrations.mlflow import log_leaderboard
 
     run_id = log_leaderboard(aggregate, experiment=experiment, tracking_uri=tracking_uri)
     typer.echo(f"leaderboard run {run_id}")

@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         run: Annotated[str, typer.Argument(help="Run folder, or a run id under the runs folder.")],
     ) -> None:
         """Write plots, REPORT.md and dashboard.html for a run."""
-        from geoloc.layout import RunPaths
-        from geoloc.reporting import write_report
+        from geoloc.runs.layout import RunPaths
+        from geoloc.runs.report import write_report
 
         run_dir = resolve_run_dir(run)
         write_report(run_dir)
@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option(help="Ranked runs to print.")] = 10,
     ) -> None:
         """Rank all runs into runs/_aggregate/ (CSV, Parquet, sortable dashboard)."""
-        from geoloc.aggregate import Penalties, ScoreWeights, aggregate_runs
+        from geoloc.runs.leaderboard import Penalties, ScoreWeights, aggregate_runs
 
         result = aggregate_runs(runs, ScoreWeights.parse(weights), Penalties.parse(penalties))
         typer.echo(f"ranked {len(result.ranked)} runs, skipped {len(result.skipped)}")

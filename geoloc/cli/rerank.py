@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rerank evaluation of a run: prior, gated neighbour rerank, in-cell refinement and
         calibration, tuned on val and reported on test (artifacts/tables/rerank_eval.csv)."""
-        from geoloc.rerank import rerank_run
+        from geoloc.infer.rerank import rerank_run
 
         cfg = _rerank_config(run_dir, overrides or [])
         result = rerank_run(run_dir, index_dir=index_dir, cfg=cfg, use_cache=cache)
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Predict where each image was taken: cell, coordinate, calibrated probability, top-k
         cells and the conformal set of cells."""
-        from geoloc.predict import Predictor, write_predictions
+        from geoloc.infer.predict import Predictor, write_predictions
 
         predictor = Predictor(run, rerank=rerank, top_k=top_k, batch_size=batch_size,
                               device=device)  # fmt: skip
@@ -77,7 +77,7 @@ def _rerank_config(run_dir: Path, overrides: list[str]) -> Any:
     import json
 
     from geoloc.config import RerankConfig, load_config
-    from geoloc.layout import RunPaths
+    from geoloc.runs.layout import RunPaths
 
     config_json = RunPaths(Path(run_dir)).config
     base = json.loads(config_json.read_text()).get("rerank", {}) if config_json.is_file() else {}

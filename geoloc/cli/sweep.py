@@ -14,7 +14,7 @@ from geoloc.config import parse_overrides
 
 
 def _load_space(path: Path) -> list[dict[str, Any]]:
-    from geoloc.sweep import SweepError
+    from geoloc.integrations.optuna import SweepError
 
     try:
         data = yaml.safe_load(path.read_text())
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     ) -> None:
         """Optuna sweep over training configs; every trial is a full run under runs/."""
-        from geoloc.sweep import run_sweep, sweep_config
+        from geoloc.integrations.optuna import run_sweep, sweep_config
 
         fields: dict[str, Any] = {
             "study": study,

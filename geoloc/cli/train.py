@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
         """Train a model and write runs/<run_id>/; prints the run directory last."""
         from geoloc.config import load_config
         from geoloc.errors import GeolocError
-        from geoloc.layout import RunPaths
-        from geoloc.run import train_run
+        from geoloc.runs.layout import RunPaths
+        from geoloc.train.run import train_run
 
         if resume is not None and config is None:
             run_config = RunPaths(resume).config

@@ -6,7 +6,7 @@
 - Every image under the prefix that no manifest references is an item of its own, with its GPS
   read from EXIF at processing time (as for a local folder).
 
-Bytes are not read here: each item carries a `fetch()` that downloads through `geoloc.storage`
+Bytes are not read here: each item carries a `fetch()` that downloads through `geoloc.integrations.s3`
 when ingestion asks for it, so listing a large prefix stays cheap. The endpoint comes from the
 `endpoint_url` option or `AWS_ENDPOINT_URL` (MinIO and other S3-compatible stores).
 """
@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
-from geoloc import storage
 from geoloc.data.rejects import (
     MISSING_FILE,
     NOT_IMAGE,
@@ -36,6 +35,7 @@ from geoloc.data.sources.manifest import (
 )
 from geoloc.data.state import stable_hash
 from geoloc.errors import DataError
+from geoloc.integrations import s3 as storage
 
 log = logging.getLogger(__name__)
 

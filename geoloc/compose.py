@@ -24,8 +24,8 @@ from pydantic import BaseModel
 import geoloc
 from geoloc.config import IndexConfig, RunConfig, load_config, resolve_key
 from geoloc.errors import ConfigError
-from geoloc.layout import RunPaths
 from geoloc.paths import DataPaths
+from geoloc.runs.layout import RunPaths
 
 # Flow parameter -> RunConfig key, for the keys people change most. Every other key goes through
 # `overrides` (short or dotted names). `hardneg`/`rerank`/`tracking` switch whole sections.
@@ -219,7 +219,7 @@ def run_digest(run_dir: Path) -> dict[str, Any]:
     Returns `run_id`, `run_dir`, `status`, `failure_reason`, `dashboard` (path or None),
     `mlflow_run_id`, `metrics` (name -> value, headline numbers first) and `markdown`.
     """
-    from geoloc.summary import read_summary
+    from geoloc.runs.summary import read_summary
 
     rp = RunPaths(Path(run_dir))
     s = read_summary(rp.root)

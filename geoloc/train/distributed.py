@@ -3,14 +3,14 @@
 `train.batch_size` stays the *global* batch: with N ranks each trains on `batch_size / N` rows per
 step and DDP averages the gradients, so one step of N ranks sees the rows one step of a single
 process would. Every rank builds the epoch's row order itself, identically, from the seed
-(`geoloc.train_loop.epoch_order`: permutation plus hard-negative draws) and takes its slice of
+(`geoloc.train.loop.epoch_order`: permutation plus hard-negative draws) and takes its slice of
 each global batch (`shard_order`); no order is sent around. Train predictions are gathered after
 each epoch, so the hard-negative pool, and with it the next epoch's order, is the same on every
 rank. Only rank 0 writes (run directory, checkpoints, summary, report, MLflow); the other ranks
 train and exit.
 
 Two ways in: `geoloc train --nproc N` (`launch`: spawns N local processes, gloo on CPU, NCCL on
-GPU) and `torchrun --nproc_per_node N -m geoloc.distributed --config ...` (`main`; multi-node
+GPU) and `torchrun --nproc_per_node N -m geoloc.train.distributed --config ...` (`main`; multi-node
 too, with a run folder every node can see).
 """
 
@@ -31,7 +31,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from geoloc.errors import ConfigError
-from geoloc.train_loop import EpochResult, TrainingError
+from geoloc.train.loop import EpochResult, TrainingError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -159,7 +159,7 @@ def run_rank(cfg: RunConfig, run_dir: Path | None, resume: Path | None, progress
     `run_dir` None (torchrun): rank 0 names the run and tells the others.
     """
     global _CURRENT
-    from geoloc.run import train_run
+    from geoloc.train.run import train_run
 
     ctx = init_process_group(cfg.train.device)
     _CURRENT = ctx
@@ -176,8 +176,8 @@ def run_rank(cfg: RunConfig, run_dir: Path | None, resume: Path | None, progress
 
 
 def _agree_run_dir(ctx: DistContext, cfg: RunConfig, run_dir: Path | None) -> Path:
-    from geoloc.layout import new_run_id
     from geoloc.paths import runs_dir
+    from geoloc.runs.layout import new_run_id
 
     chosen = [str(run_dir or runs_dir() / new_run_id(cfg.name)) if ctx.is_main else None]
     tdist.broadcast_object_list(chosen, src=0)
@@ -187,9 +187,9 @@ def _agree_run_dir(ctx: DistContext, cfg: RunConfig, run_dir: Path | None) -> Pa
 def _train_follower(ctx: DistContext, cfg: RunConfig, run_dir: Path, resume: Path | None) -> None:
     """What a rank other than 0 does: the same model and data, `fit` without writing anything."""
     from geoloc.data.dataset import index_files
-    from geoloc.layout import RunPaths
-    from geoloc.run import build_model_and_loss, load_run_data, resolve_index_dir
-    from geoloc.train_loop import fit, load_checkpoint, seed_everything
+    from geoloc.runs.layout import RunPaths
+    from geoloc.train.loop import fit, load_checkpoint, seed_everything
+    from geoloc.train.run import build_model_and_loss, load_run_data, resolve_index_dir
 
     data = load_run_data(cfg, resolve_index_dir(cfg))
     paths = RunPaths(run_dir)
@@ -231,8 +231,8 @@ def launch(
     """
     import torch.multiprocessing as mp
 
-    from geoloc.layout import new_run_id
     from geoloc.paths import runs_dir
+    from geoloc.runs.layout import new_run_id
 
     if callbacks:
         raise ConfigError(
@@ -278,10 +278,10 @@ def _spawned_rank(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`torchrun --nproc_per_node N -m geoloc.distributed [--config C] [--set k=v] [--resume D]`."""
+    """`torchrun --nproc_per_node N -m geoloc.train.distributed [--config C] [--set k=v] [--resume D]`."""
     from geoloc.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m geoloc.distributed", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m geoloc.train.distributed", description=main.__doc__)
     parser.add_argument("--config", "-c", default=None, help="YAML/JSON config or preset name.")
     parser.add_argument("--set", "-s", action="append", default=[], help="key=value override.")
     parser.add_argument("--resume", default=None, help="Run folder to continue.")
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # `-m geoloc.distributed` runs this file as `__main__`, a second copy of the module: run the
-    # imported one, whose context `geoloc.run` sees
-    from geoloc.distributed import main as _main
+    # `-m geoloc.train.distributed` runs this file as `__main__`, a second copy of the module: run the
+    # imported one, whose context `geoloc.train.run` sees
+    from geoloc.train.distributed import main as _main
 
     _main()

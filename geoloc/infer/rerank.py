@@ -7,7 +7,7 @@ on the previous one, are evaluated:
 - `base`: the model's own probabilities (hierarchy-aware, exactly as training evaluates).
 - `prior`: probabilities x (train frequency + 1) ** alpha x a land-fraction prior from
   `h3_features.parquet`, renormalised (`RerankConfig.prior_alpha`, `use_land_prior`).
-- `gated`: the train images form a gallery (`geoloc.gallery`); a query's nearest neighbours vote
+- `gated`: the train images form a gallery (`geoloc.infer.gallery`); a query's nearest neighbours vote
   for their cells (softmax of similarity / temperature) and the votes are blended into the
   model's distribution. A gate opens only for low top-1 confidence (optionally only where model
   and neighbours disagree); when open, the answer may also be the minimum-expected-distance cell
@@ -19,7 +19,7 @@ on the previous one, are evaluated:
   back to the centroid when no neighbour is in it. Method and k are chosen on val the same way.
 
 Each variant's probabilities get a temperature and a conformal threshold fitted on val
-(`geoloc.calibration`). The tables go to `artifacts/tables/rerank_eval.csv` (test) and
+(`geoloc.infer.calibration`). The tables go to `artifacts/tables/rerank_eval.csv` (test) and
 `rerank_eval_val.csv`; every chosen parameter goes to `artifacts/data/rerank_params.json`, which
 `geoloc predict` reuses; the best variant on val goes to `summary.json` with its test numbers.
 """
@@ -42,7 +42,11 @@ import torch
 from tqdm.auto import tqdm
 
 from geoloc.atomic import atomic_path, write_json, write_text
-from geoloc.calibration import (
+from geoloc.config import RerankConfig
+from geoloc.errors import DataError, GeolocError
+from geoloc.geo import LabelSpace, haversine_km
+from geoloc.geo.metrics import geo_metrics_from_errors
+from geoloc.infer.calibration import (
     ConformalSets,
     apply_temperature,
     fit_conformal,
@@ -50,12 +54,8 @@ from geoloc.calibration import (
     log_probs,
     top1_ece,
 )
-from geoloc.config import RerankConfig
-from geoloc.errors import DataError, GeolocError
-from geoloc.gallery import Gallery, IndexKind, l2_normalize
-from geoloc.geo import LabelSpace, haversine_km
-from geoloc.layout import RunPaths
-from geoloc.metrics import geo_metrics_from_errors
+from geoloc.infer.gallery import Gallery, IndexKind, l2_normalize
+from geoloc.runs.layout import RunPaths
 
 __all__ = [
     "VARIANTS",
@@ -212,7 +212,7 @@ def base_probs(
     hier_topk_parents: int,
 ) -> np.ndarray:
     """(N, K) class probabilities exactly as training evaluates them (`class_scores`)."""
-    from geoloc.train_loop import class_scores
+    from geoloc.train.loop import class_scores
 
     tensors = {"logits": torch.from_numpy(np.asarray(logits, dtype=np.float32))}
     if parent_logits is not None:
@@ -862,8 +862,8 @@ def rerank_run(
     `cfg` defaults to the run's own `rerank` section. Every parameter is chosen on val; test is
     only evaluated.
     """
-    from geoloc.run import load_trained, resolve_index_dir
-    from geoloc.summary import update_summary
+    from geoloc.runs.summary import update_summary
+    from geoloc.train.run import load_trained, resolve_index_dir
 
     paths = RunPaths(Path(run_dir))
     trained = load_trained(paths.root, "best")
@@ -920,7 +920,7 @@ def _write_table(path: Path, table: pd.DataFrame) -> None:
 def _refresh_report(paths: RunPaths) -> None:
     """REPORT.md/dashboard show rerank_eval.csv; a reporting failure never fails the rerank."""
     try:
-        from geoloc.reporting import write_report
+        from geoloc.runs.report import write_report
 
         write_report(paths.root)
     except Exception as exc:  # noqa: BLE001

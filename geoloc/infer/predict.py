@@ -29,12 +29,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from geoloc.atomic import atomic_path, write_text
-from geoloc.calibration import ConformalSets, apply_temperature, log_probs
 from geoloc.data.dataset import decode_image
 from geoloc.errors import DataError, GeolocError
-from geoloc.gallery import Gallery, l2_normalize
-from geoloc.layout import RunPaths
-from geoloc.rerank import (
+from geoloc.infer.calibration import ConformalSets, apply_temperature, log_probs
+from geoloc.infer.gallery import Gallery, l2_normalize
+from geoloc.infer.rerank import (
     Neighbours,
     RerankParams,
     VariantOutput,
@@ -43,6 +42,7 @@ from geoloc.rerank import (
     params_path,
     run_variants,
 )
+from geoloc.runs.layout import RunPaths
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -128,7 +128,7 @@ class Predictor:
         batch_size: int = 64,
         device: str | None = None,
     ) -> None:
-        from geoloc.run import load_trained
+        from geoloc.train.run import load_trained
 
         if top_k < 1:
             raise GeolocError(f"top-k must be >= 1, got {top_k}")

@@ -30,13 +30,13 @@ from geoloc.data.dataset import (
     index_files,
     make_loader,
 )
-from geoloc.distributed import current_context
 from geoloc.errors import ConfigError, DataError, GeolocError, TrialPruned
 from geoloc.geo import LabelSpace
-from geoloc.layout import RunPaths, new_run_id
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.summary import new_summary, read_summary, update_summary, write_summary
-from geoloc.train_loop import (
+from geoloc.runs.layout import RunPaths, new_run_id
+from geoloc.runs.summary import new_summary, read_summary, update_summary, write_summary
+from geoloc.train.distributed import current_context
+from geoloc.train.loop import (
     EvalResult,
     FitState,
     TrainingError,
@@ -78,7 +78,7 @@ def check_run_config(cfg: RunConfig) -> None:
             f"train.early_stopping_metric '{cfg.train.early_stopping_metric}' is not a metric; "
             f"valid: {', '.join(METRIC_COLUMNS[1:-2])}"
         )
-    from geoloc.modeling import model_names
+    from geoloc.model.modeling import model_names
 
     if cfg.model.arch not in model_names():
         raise ConfigError(
@@ -265,8 +265,8 @@ class _Recorder:
 def build_model_and_loss(
     cfg: RunConfig, label_space: LabelSpace, splits_parquet: Path
 ) -> tuple[nn.Module, nn.Module]:
-    """The model and the child-head loss the config names (registries in `geoloc.modeling`)."""
-    from geoloc.modeling import compute_class_weights_from_parquet, create_loss, create_model
+    """The model and the child-head loss the config names (registries in `geoloc.model.modeling`)."""
+    from geoloc.model.modeling import compute_class_weights_from_parquet, create_loss, create_model
 
     model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
     weights = None
@@ -304,7 +304,7 @@ def train_run(
         resume_ckpt = load_checkpoint(ckpt_path)
         check_resumable(resume_ckpt, cfg, data.label_space, ckpt_path)
     if cfg.train.nproc > 1 and current_context() is None:  # inputs checked: start the ranks
-        from geoloc.distributed import launch
+        from geoloc.train.distributed import launch
 
         return launch(cfg, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress)
     paths = RunPaths(Path(run_dir) if run_dir else runs_dir() / new_run_id(cfg.name)).make()
@@ -423,7 +423,7 @@ def _record_failure(paths: RunPaths, reason: str) -> None:
 def _write_report(paths: RunPaths) -> None:
     """REPORT.md and dashboard.html; a reporting failure is logged, never hides the result."""
     try:
-        from geoloc.reporting import write_report
+        from geoloc.runs.report import write_report
 
         write_report(paths.root)
     except Exception as exc:  # noqa: BLE001
@@ -438,7 +438,7 @@ def _start_mirror(paths: RunPaths, cfg: RunConfig) -> Any | None:
     if not cfg.tracking.enabled:
         return None
     try:
-        from geoloc.tracking import LiveMirror
+        from geoloc.integrations.mlflow import LiveMirror
     except ImportError as exc:
         log.warning("MLflow mirroring unavailable: %s", exc)
         update_summary(paths.root, tracking={"mirrored": False, "mlflow_run_id": None,
@@ -496,7 +496,7 @@ def load_trained(run_dir: Path, which: str = "best", device: str | None = None) 
     except Exception as exc:  # noqa: BLE001 - pydantic or a missing key
         raise TrainingError(f"checkpoint '{path}' carries an unreadable config: {exc}") from exc
     label_space = LabelSpace.from_dict(ckpt["label_space"], source=f"checkpoint '{path}'")
-    from geoloc.modeling import create_model
+    from geoloc.model.modeling import create_model
 
     model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
     model.load_state_dict(ckpt["model"])

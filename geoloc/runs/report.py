@@ -24,8 +24,8 @@ import pandas as pd
 
 from geoloc.atomic import atomic_path, write_text
 from geoloc.errors import GeolocError
-from geoloc.layout import RunPaths
-from geoloc.summary import SummaryError, read_summary, write_summary
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import SummaryError, read_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ def draw_plots(inputs: RunInputs) -> list[PlotOutcome]:
 
 
 # --------------------------------------------------------------------------------------------
-# Sweep plots (called by geoloc.sweep; the study is read duck-typed, optuna is not imported)
+# Sweep plots (called by geoloc.integrations.optuna; the study is read duck-typed, optuna is not imported)
 # --------------------------------------------------------------------------------------------
 
 

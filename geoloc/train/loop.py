@@ -1,4 +1,4 @@
-"""The training loop: small named steps that `geoloc.run.train_run` composes.
+"""The training loop: small named steps that `geoloc.train.run.train_run` composes.
 
 `seed_everything` -> `fit` (per epoch: `epoch_order` -> `train_one_epoch` -> `evaluate` ->
 `save_checkpoint` -> callbacks). Every epoch re-derives its randomness (sample order, hard-negative
@@ -35,10 +35,10 @@ from geoloc.data.dataset import GeoDataset, make_loader
 from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace, build_hardneg_pool, hierarchical_predict, mask_child_logits
 from geoloc.geo import haversine_km as _haversine_km
-from geoloc.metrics import geo_metrics_from_errors, topk_accuracy
+from geoloc.geo.metrics import geo_metrics_from_errors, topk_accuracy
 
 if TYPE_CHECKING:
-    from geoloc.distributed import DistContext
+    from geoloc.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -555,7 +555,7 @@ def fit(
     `checkpoint_dir/last.pt` is written after each epoch (every `checkpoint_every`, and always at
     the end) and `best.pt` when `early_stopping_metric` improves. Callbacks run after the
     checkpoint; an exception from one (e.g. `TrialPruned`) propagates to the caller.
-    With `dist` (`geoloc.distributed`), this rank trains its shard of each global batch through
+    With `dist` (`geoloc.train.distributed`), this rank trains its shard of each global batch through
     DDP; only rank 0 writes checkpoints and runs callbacks.
     """
     tc = cfg.train

@@ -6,7 +6,7 @@ Every trial is a full run under `runs/<run_id>/`; pruned trials leave a run with
 `status: pruned`; crashed trials are marked failed with their reason and the sweep goes on.
 
 The function that trains one config is injected (`TrainFn`): the CLI passes
-`geoloc.run.train_run`, the Prefect `sweep` flow passes one that runs the `train` flow as a
+`geoloc.train.run.train_run`, the Prefect `sweep` flow passes one that runs the `train` flow as a
 subflow.
 """
 
@@ -27,8 +27,8 @@ from pydantic import Field, ValidationError, model_validator
 from geoloc.atomic import write_json, write_parquet, write_text
 from geoloc.config import RunConfig, _format_validation, _Strict, load_config, resolve_key
 from geoloc.errors import ConfigError, GeolocError, TrialPruned
-from geoloc.layout import RunPaths, new_run_id
 from geoloc.paths import runs_dir, sweeps_dir
+from geoloc.runs.layout import RunPaths, new_run_id
 
 if TYPE_CHECKING:
     import optuna
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., Path]
-"""`train_fn(cfg, *, run_dir, callbacks) -> run_dir`, like `geoloc.run.train_run`."""
+"""`train_fn(cfg, *, run_dir, callbacks) -> run_dir`, like `geoloc.train.run.train_run`."""
 
 
 class SweepError(GeolocError):
@@ -360,7 +360,7 @@ def run_trial(
     """Train one suggested config as a full run and return its objective value(s)."""
     import optuna
 
-    from geoloc.summary import read_summary
+    from geoloc.runs.summary import read_summary
 
     run_cfg = trial_config(trial, cfg, parent_run_id)
     run_dir = runs_dir() / new_run_id(run_cfg.name)
@@ -389,7 +389,7 @@ def parent_run(cfg: SweepConfig, base: RunConfig) -> str | None:
     the same one for every worker and every resume of the study."""
     if not base.tracking.enabled:
         return None
-    from geoloc.tracking import sweep_parent_run
+    from geoloc.integrations.mlflow import sweep_parent_run
 
     return sweep_parent_run(cfg.study, base.tracking.experiment, base.tracking.tracking_uri)
 
@@ -412,12 +412,12 @@ def run_sweep(
 
     With tracking on in the base config, trials are children of the sweep's MLflow parent run
     (`parent_run_id`, else found or created by study name) and the summary files are logged on
-    it. `train_fn` defaults to `geoloc.run.train_run`.
+    it. `train_fn` defaults to `geoloc.train.run.train_run`.
     """
     base = validate_sweep(cfg)
     study = create_study(cfg)
     if train_fn is None:
-        from geoloc.run import train_run
+        from geoloc.train.run import train_run
 
         train_fn = train_run
     parent = parent_run_id or parent_run(cfg, base)
@@ -438,7 +438,7 @@ def run_sweep(
         raise
     result = write_sweep_summary(study, cfg)
     if parent is not None:
-        from geoloc.tracking import log_sweep_summary
+        from geoloc.integrations.mlflow import log_sweep_summary
 
         result.mlflow_run_id = parent
         log_sweep_summary(parent, result.files, base.tracking.tracking_uri)
@@ -520,7 +520,7 @@ def write_sweep_summary(study: optuna.Study, cfg: SweepConfig) -> SweepResult:
     write_text(files[0], table.to_csv(index=False))
     write_parquet(files[1], table)
     write_json(files[2], best)
-    from geoloc.reporting import plot_sweep
+    from geoloc.runs.report import plot_sweep
 
     files += plot_sweep(study, out)
     write_text(files[3], sweep_markdown(study.study_name, cfg, table, best, files[4:]))

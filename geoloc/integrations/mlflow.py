@@ -2,7 +2,7 @@
 
 The run directory is the source of truth; MLflow is a mirror where people compare runs. So:
 
-- Mirroring never stops training. `LiveMirror` (an epoch callback built by `geoloc.run`) swallows
+- Mirroring never stops training. `LiveMirror` (an epoch callback built by `geoloc.train.run`) swallows
   every tracking failure, records it in `summary.tracking` (`mirrored: false`, `error`) and goes
   quiet; `geoloc mlflow sync` (`sync_run`/`sync_runs`) catches up from the files later.
 - Mirroring is idempotent. A run is found by its `geoloc.run_id` tag and updated, never duplicated:
@@ -37,9 +37,9 @@ from torch import nn
 
 from geoloc.config import RunConfig, TrackingConfig, flatten
 from geoloc.errors import GeolocError
-from geoloc.layout import RunPaths
 from geoloc.paths import aggregate_dir, runs_dir
-from geoloc.summary import now_iso, read_summary, update_summary
+from geoloc.runs.layout import RunPaths
+from geoloc.runs.summary import now_iso, read_summary, update_summary
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -499,7 +499,7 @@ class GeolocScorer(nn.Module):
         self.hier_topk_parents = int(hier_topk_parents)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from geoloc.train_loop import class_scores
+        from geoloc.train.loop import class_scores
 
         return class_scores(self.model(x), self.parent_of, self.hier_topk_parents)
 
@@ -540,7 +540,7 @@ def sync_model(
     import mlflow.pytorch
     import numpy as np
 
-    from geoloc.run import load_trained
+    from geoloc.train.run import load_trained
 
     ckpt = _model_checkpoint(run_dir)
     if ckpt is None:

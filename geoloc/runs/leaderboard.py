@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from geoloc.atomic import write_parquet, write_text
 from geoloc.errors import ConfigError, GeolocError
 from geoloc.paths import aggregate_dir, runs_dir
-from geoloc.summary import SummaryError, parse_summary
+from geoloc.runs.summary import SummaryError, parse_summary
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import jsonschema
 import geoloc
 from geoloc.atomic import write_json
 from geoloc.errors import GeolocError
-from geoloc.layout import RunPaths
+from geoloc.runs.layout import RunPaths
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)

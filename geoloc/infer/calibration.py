@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from geoloc.errors import GeolocError
-from geoloc.metrics import expected_calibration_error
+from geoloc.geo.metrics import expected_calibration_error
 
 __all__ = [
     "ConformalMethod",
@@ -122,7 +122,7 @@ def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
 
 
 def top1_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """ECE of the top-1 probability against top-1 correctness (`geoloc.metrics`)."""
+    """ECE of the top-1 probability against top-1 correctness (`geoloc.geo.metrics`)."""
     p = np.asarray(probs)
     pred = p.argmax(axis=1)
     return expected_calibration_error(p.max(axis=1), pred == np.asarray(labels), n_bins=n_bins)

@@ -1,0 +1,1 @@
+"""Inference layer: a trained run back as a model, rerank, gallery, calibration, predict."""

@@ -1,0 +1,1 @@
+"""Modeling layer: backbones, heads, losses and how model outputs become class scores."""

@@ -1,0 +1,1 @@
+"""Training layer: the loop, checkpoints, the distributed context and `train_run`."""
