@@ -12,12 +12,13 @@ import torch
 from geoloc.cli import main
 from geoloc.config import HardNegConfig, RunConfig, load_config
 from geoloc.errors import ConfigError
+from geoloc.infer.trained import load_trained
 from geoloc.paths import DataPaths, runs_dir
 from geoloc.runs.layout import RunPaths
 from geoloc.runs.summary import read_summary
 from geoloc.train.distributed import shard_order
 from geoloc.train.loop import epoch_order
-from geoloc.train.run import load_trained, train_run
+from geoloc.train.run import train_run
 
 DDP_TINY = {
     "name": "ddp",

@@ -73,7 +73,7 @@ def test_predictions_match_the_model_and_rerank_can_be_turned_off(
     assert set(plain["variant"]) == {"base"}
     ok = plain[plain["error"].isna()]
     # with rerank off the coordinate is the predicted cell's centroid
-    from geoloc.train.run import load_trained
+    from geoloc.infer.trained import load_trained
 
     ls = load_trained(reranked_run).label_space
     for cell, lat, lon in zip(ok["cell"], ok["lat"], ok["lon"], strict=True):

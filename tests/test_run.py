@@ -18,11 +18,12 @@ import torch
 from geoloc.cli import main
 from geoloc.config import RunConfig, load_config
 from geoloc.errors import GeolocError, TrialPruned
+from geoloc.infer.trained import load_trained
 from geoloc.paths import DataPaths, runs_dir
 from geoloc.runs.layout import RunPaths
 from geoloc.runs.summary import read_summary
 from geoloc.train.loop import TrainingError
-from geoloc.train.run import METRIC_COLUMNS, load_trained, train_run
+from geoloc.train.run import METRIC_COLUMNS, train_run
 
 PREDICTION_COLUMNS = [
     "image_id", "true_lat", "true_lon", "true_cell", "true_label", "pred_label", "pred_cell",

@@ -12,9 +12,9 @@ from torch import nn
 
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
 from geoloc.geo import LabelSpace
+from geoloc.model.scores import class_scores
 from geoloc.train.loop import (
     TrainingError,
-    class_scores,
     epoch_order,
     load_checkpoint,
     lr_factor,

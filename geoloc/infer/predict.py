@@ -128,7 +128,7 @@ class Predictor:
         batch_size: int = 64,
         device: str | None = None,
     ) -> None:
-        from geoloc.train.run import load_trained
+        from geoloc.infer.trained import load_trained
 
         if top_k < 1:
             raise GeolocError(f"top-k must be >= 1, got {top_k}")

@@ -212,7 +212,7 @@ def base_probs(
     hier_topk_parents: int,
 ) -> np.ndarray:
     """(N, K) class probabilities exactly as training evaluates them (`class_scores`)."""
-    from geoloc.train.loop import class_scores
+    from geoloc.model.scores import class_scores
 
     tensors = {"logits": torch.from_numpy(np.asarray(logits, dtype=np.float32))}
     if parent_logits is not None:
@@ -862,8 +862,9 @@ def rerank_run(
     `cfg` defaults to the run's own `rerank` section. Every parameter is chosen on val; test is
     only evaluated.
     """
+    from geoloc.infer.trained import load_trained
     from geoloc.runs.summary import update_summary
-    from geoloc.train.run import load_trained, resolve_index_dir
+    from geoloc.train.run import resolve_index_dir
 
     paths = RunPaths(Path(run_dir))
     trained = load_trained(paths.root, "best")

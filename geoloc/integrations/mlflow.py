@@ -499,7 +499,7 @@ class GeolocScorer(nn.Module):
         self.hier_topk_parents = int(hier_topk_parents)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from geoloc.train.loop import class_scores
+        from geoloc.model.scores import class_scores
 
         return class_scores(self.model(x), self.parent_of, self.hier_topk_parents)
 
@@ -540,7 +540,7 @@ def sync_model(
     import mlflow.pytorch
     import numpy as np
 
-    from geoloc.train.run import load_trained
+    from geoloc.infer.trained import load_trained
 
     ckpt = _model_checkpoint(run_dir)
     if ckpt is None:

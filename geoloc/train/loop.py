@@ -33,9 +33,10 @@ from geoloc.atomic import atomic_path
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
 from geoloc.data.dataset import GeoDataset, make_loader
 from geoloc.errors import GeolocError
-from geoloc.geo import LabelSpace, build_hardneg_pool, hierarchical_predict, mask_child_logits
+from geoloc.geo import LabelSpace, build_hardneg_pool
 from geoloc.geo import haversine_km as _haversine_km
 from geoloc.geo.metrics import geo_metrics_from_errors, topk_accuracy
+from geoloc.model.scores import class_scores
 
 if TYPE_CHECKING:
     from geoloc.train.distributed import DistContext
@@ -260,25 +261,6 @@ def train_one_epoch(
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-
-
-def class_scores(
-    outputs: dict[str, torch.Tensor], parent_of: np.ndarray | torch.Tensor, hier_topk_parents: int
-) -> torch.Tensor:
-    """(B, K) class probabilities from model outputs, hierarchy-aware when asked.
-
-    With a parent head and `hier_topk_parents > 0`, child logits outside the top-k parents are
-    masked and child x parent probabilities decide (renormalised so rows sum to 1, which keeps the
-    argmax and makes `prob` a probability). Otherwise the child softmax.
-    """
-    logits = outputs["logits"].float()  # (B, K)
-    parent_logits = outputs.get("parent_logits")
-    if parent_logits is None or hier_topk_parents <= 0:
-        return logits.softmax(dim=1)
-    parent_logits = parent_logits.float()  # (B, P)
-    masked = mask_child_logits(logits, parent_logits, parent_of, hier_topk_parents)
-    scores = hierarchical_predict(masked.softmax(dim=1), parent_logits.softmax(dim=1), parent_of)
-    return scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 @dataclass

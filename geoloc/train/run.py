@@ -40,7 +40,6 @@ from geoloc.train.loop import (
     EvalResult,
     FitState,
     TrainingError,
-    class_scores,
     evaluate,
     fit,
     is_better,
@@ -452,54 +451,3 @@ def _finish_mirror(mirror: Any, paths: RunPaths) -> None:
         mirror.finish(paths.root)
     except Exception as exc:  # noqa: BLE001 - LiveMirror promises not to raise; belt and braces
         log.warning("MLflow mirror of %s failed: %s", paths.root, exc)
-
-
-# --------------------------------------------------------------------------------------------
-# Back from a run to its model
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainedRun:
-    """A run's model (eval mode, on `device`), label space and resolved config."""
-
-    model: nn.Module
-    label_space: LabelSpace
-    config: RunConfig
-    device: torch.device
-    checkpoint: Path
-
-    def transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The eval transform the model was validated with (uint8 (3,H,W) -> float (3,S,S))."""
-        return build_transforms(self.config.train, train=False)
-
-    @torch.no_grad()
-    def scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) transformed images -> (B, K) class probabilities, as in evaluation."""
-        outputs = self.model(images.to(self.device))
-        return class_scores(
-            outputs, self.label_space.parent_of, self.config.train.hier_topk_parents
-        )
-
-
-def load_trained(run_dir: Path, which: str = "best", device: str | None = None) -> TrainedRun:
-    """Load `checkpoints/<which>.pt` of a run: model in eval mode, label space, config."""
-    if which not in ("best", "last"):
-        raise GeolocError(f"checkpoint '{which}' is not one of: best, last")
-    paths = RunPaths(Path(run_dir))
-    path = paths.best_checkpoint if which == "best" else paths.last_checkpoint
-    if not paths.root.is_dir():
-        raise GeolocError(f"run directory '{paths.root}' does not exist")
-    ckpt = load_checkpoint(path)
-    try:
-        cfg = RunConfig.model_validate(ckpt["config"])
-    except Exception as exc:  # noqa: BLE001 - pydantic or a missing key
-        raise TrainingError(f"checkpoint '{path}' carries an unreadable config: {exc}") from exc
-    label_space = LabelSpace.from_dict(ckpt["label_space"], source=f"checkpoint '{path}'")
-    from geoloc.model.modeling import create_model
-
-    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
-    model.load_state_dict(ckpt["model"])
-    dev = resolve_device(device or cfg.train.device)
-    model.to(dev).eval()
-    return TrainedRun(model, label_space, cfg, dev, path)
