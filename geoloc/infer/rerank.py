@@ -863,7 +863,7 @@ def rerank_run(
     only evaluated.
     """
     from geoloc.infer.trained import load_trained
-    from geoloc.runs.summary import update_summary
+    from geoloc.runs.summary import finite_or_none, update_summary
     from geoloc.train.run import resolve_index_dir
 
     paths = RunPaths(Path(run_dir))
@@ -899,20 +899,11 @@ def rerank_run(
     _write_table(paths.rerank_eval, tables["test"])
     _write_table(val_table_path(paths), tables["val"])
     best_row = tables["test"].set_index("variant").loc[params.best_variant]
-    metrics = {k: _finite(v) for k, v in best_row.to_dict().items()}
+    metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
     update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})
     if report:
         _refresh_report(paths)
     return RerankResult(paths.root, tables["test"], tables["val"], params, params.best_variant)
-
-
-def _finite(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:
     write_text(path, table.to_csv(index=False, float_format="%.6g"))

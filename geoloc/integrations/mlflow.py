@@ -39,7 +39,7 @@ from geoloc.config import RunConfig, TrackingConfig, flatten
 from geoloc.errors import GeolocError
 from geoloc.paths import aggregate_dir, runs_dir
 from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import now_iso, read_summary, update_summary
+from geoloc.runs.summary import finite_or_none, now_iso, read_summary, update_summary
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -262,22 +262,11 @@ def run_tags(
         tags["geoloc.failure_reason"] = str(summary["failure_reason"])[:5000]
     return {k: str(v) for k, v in tags.items() if v is not None and v != ""}
 
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def epoch_points(metrics: Mapping[str, Any], epoch: int) -> list[tuple[str, float, int]]:
     """(key, value, step=epoch) for every finite numeric metric of one epoch (not `epoch`)."""
     points = []
     for key, raw in metrics.items():
-        value = _finite(raw)
+        value = finite_or_none(raw)
         if key != "epoch" and value is not None:
             points.append((key, value, int(epoch)))
     return points
@@ -291,7 +280,7 @@ def history_points(run_dir: Path) -> list[tuple[str, float, int]]:
     points: list[tuple[str, float, int]] = []
     with path.open(newline="") as fh:
         for row in csv.DictReader(fh):
-            epoch = _finite(row.get("epoch"))
+            epoch = finite_or_none(row.get("epoch"))
             if epoch is not None:
                 points.extend(epoch_points(row, int(epoch)))
     return points
@@ -308,7 +297,7 @@ def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     out.update(summary.get("test") or {})
     rerank = summary.get("rerank") or {}
     out.update({f"rerank_{k}": v for k, v in (rerank.get("metrics") or {}).items()})
-    return {k: v for k, raw in out.items() if (v := _finite(raw)) is not None}
+    return {k: v for k, raw in out.items() if (v := finite_or_none(raw)) is not None}
 
 
 def final_points(summary: Mapping[str, Any]) -> list[tuple[str, float, int]]:
@@ -600,7 +589,7 @@ def update_champion(client: MlflowClient) -> str | None:
         except MlflowException:
             continue
         p90 = run.data.metrics.get("best_p90_km")
-        if run.data.tags.get(TAG_STATUS) != "completed" or _finite(p90) is None:
+        if run.data.tags.get(TAG_STATUS) != "completed" or finite_or_none(p90) is None:
             continue
         key = (p90, -(run.data.metrics.get("best_val_acc") or 0.0), -int(v.version))
         if best_key is None or key < best_key:
@@ -1050,7 +1039,7 @@ def _leaderboard_metrics(ranked: Any) -> list[Any]:
     now = int(time.time() * 1000)
     out = [Metric("ranked_runs", float(len(ranked)), now, 0)]
     if len(ranked) and "score" in ranked:
-        top = _finite(ranked["score"].max())
+        top = finite_or_none(ranked["score"].max())
         if top is not None:
             out.append(Metric("top_score", top, now, 0))
     return out

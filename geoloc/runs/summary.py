@@ -7,6 +7,7 @@ Readers get a `SummaryError` with a reason (corrupt, unknown schema version) ins
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from geoloc.runs.layout import RunPaths
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-_SCHEMA_DIR = Path(__file__).parent / "schemas"
+_SCHEMA_DIR = Path(__file__).parents[1] / "schemas"
 
 
 class SummaryError(GeolocError):
@@ -214,6 +215,23 @@ def parse_summary(text: str | bytes) -> dict[str, Any]:
         raise SummaryError(f"not a JSON object but {type(data).__name__}")
     validate_summary(data)
     return data
+
+
+
+def finite_or_none(value: Any) -> float | int | None:
+    """A number JSON and MLflow accept: a finite int or float (or numeric text), else None.
+
+    JSON has no NaN or infinity: summary.json stores null, MLflow skips the point.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def now_iso() -> str:

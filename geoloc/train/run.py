@@ -34,7 +34,13 @@ from geoloc.errors import ConfigError, DataError, GeolocError, TrialPruned
 from geoloc.geo import LabelSpace
 from geoloc.paths import DataPaths, runs_dir
 from geoloc.runs.layout import RunPaths, new_run_id
-from geoloc.runs.summary import new_summary, read_summary, update_summary, write_summary
+from geoloc.runs.summary import (
+    finite_or_none,
+    new_summary,
+    read_summary,
+    update_summary,
+    write_summary,
+)
 from geoloc.train.distributed import current_context
 from geoloc.train.loop import (
     EvalResult,
@@ -161,16 +167,8 @@ def check_resumable(
 # Outputs
 # --------------------------------------------------------------------------------------------
 
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: non-finite floats become null in summary.json."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: _finite(v) for k, v in metrics.items()}
+    return {k: finite_or_none(v) for k, v in metrics.items()}
 
 
 def write_metrics_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
@@ -225,7 +223,7 @@ def epoch_summary(history: Sequence[dict[str, Any]], best_epoch: int | None) -> 
         "best_epoch": best_epoch,
         "best_val_acc": max(acc) if acc else None,
         "best_p90_km": min(p90) if p90 else None,
-        "last_geo_median_km": _finite(last["val_median_km"]),
+        "last_geo_median_km": finite_or_none(last["val_median_km"]),
         "last": _clean({k: last.get(k) for k in METRIC_COLUMNS}),
         "best": _clean({k: best.get(k) for k in METRIC_COLUMNS}),
     }
