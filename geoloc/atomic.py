@@ -6,6 +6,7 @@ through here: write to a temp file in the same folder, fsync, then `os.replace`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -50,3 +51,12 @@ def write_parquet(path: str | os.PathLike[str], df: Any) -> None:
     """Write a pandas DataFrame to parquet atomically (no index column)."""
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints and shards can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

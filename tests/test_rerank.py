@@ -12,23 +12,22 @@ from fixtures.rerank_data import synthetic_task
 
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace
+from geoloc.infer.evaluation import evaluate_rerank
+from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.rerank import (
-    TABLE_COLUMNS,
     VARIANTS,
-    GateGrid,
     GateParams,
     Neighbours,
     RefineParams,
     RerankParams,
-    SplitOutputs,
     apply_prior,
     class_log_prior,
-    evaluate_rerank,
     gated_rerank,
     min_risk_cells,
     neighbour_votes,
     refine_coordinates,
 )
+from geoloc.infer.tuning import TABLE_COLUMNS, GateGrid
 
 SMALL_GRID = GateGrid(
     k=(5, 20), vote_temperature=(0.05, 1.0), weight=(0.5, 1.0), max_top1=(0.5, 1.01),
@@ -225,7 +224,8 @@ def test_base_row_matches_the_test_metrics_training_recorded(reranked_run: Path)
 def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
-    import geoloc.infer.rerank as rerank
+    import geoloc.infer.outputs as outputs
+    from geoloc.infer.evaluation import rerank_run
 
     run_dir = tmp_path / "run"
     shutil.copytree(reranked_run, run_dir)
@@ -233,8 +233,8 @@ def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkey
     def no_model(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("cached outputs should have been used")
 
-    monkeypatch.setattr(rerank, "compute_outputs", no_model)
-    result = rerank.rerank_run(run_dir, grid=SMALL_GRID, progress=False, report=False)
+    monkeypatch.setattr(outputs, "compute_outputs", no_model)
+    result = rerank_run(run_dir, grid=SMALL_GRID, progress=False)
     assert list(result.test_table["variant"]) == list(VARIANTS)
 
 

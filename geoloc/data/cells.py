@@ -86,12 +86,6 @@ def cell_centers(cells: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return pts[:, 0], pts[:, 1]
 
 
-def unit_vectors(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """(N, 3) points on the unit sphere; nearest by chord == nearest by great circle."""
-    la, lo = np.radians(lat), np.radians(lon)
-    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=1)
-
-
 def nearest(query: np.ndarray, targets: np.ndarray, block: int = 4096) -> np.ndarray:
     """Index of the nearest `targets` row (unit vectors) for each `query` row, in blocks."""
     out = np.empty(len(query), dtype=np.int64)

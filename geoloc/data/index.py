@@ -26,13 +26,14 @@ import h3
 import numpy as np
 import pandas as pd
 
-from geoloc.atomic import write_json, write_parquet
+from geoloc.atomic import file_sha256, write_json, write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
-from geoloc.data.cells import cell_centers, h3_columns, nearest, unit_vectors
+from geoloc.data.cells import cell_centers, h3_columns, nearest
 from geoloc.data.ingest import read_processed_manifest
 from geoloc.data.state import StageState, maybe_fault, stable_hash
 from geoloc.errors import DataError, IndexMissingError
+from geoloc.geo.distance import unit_vectors
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def index_fingerprint(paths: DataPaths) -> str:
 
 
 def _inputs_key(paths: DataPaths, cfg: IndexConfig) -> str:
-    manifest_sha = hashlib.sha256(paths.processed_manifest.read_bytes()).hexdigest()
+    manifest_sha = file_sha256(paths.processed_manifest)
     settings = cfg.model_dump(mode="json", exclude={"workers"})
     layers = {
         name: (paths.external / name).stat().st_mtime_ns
@@ -254,14 +255,10 @@ def _inputs_key(paths: DataPaths, cfg: IndexConfig) -> str:
     return stable_hash({"manifest": manifest_sha, "cfg": settings, "layers": layers}, 32)
 
 
-def _file_sha(path: Any) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _stage_done(doc: dict[str, Any], stage: str, files: list[Any]) -> bool:
     recorded = doc.get("done", {}).get(stage)
     return bool(recorded) and all(
-        f.is_file() and recorded.get(f.name) == _file_sha(f) for f in files
+        f.is_file() and recorded.get(f.name) == file_sha256(f) for f in files
     )
 
 
@@ -292,7 +289,7 @@ def build_index(
     }
 
     def commit(stage: str) -> None:
-        doc["done"][stage] = {f.name: _file_sha(f) for f in stage_files[stage]}
+        doc["done"][stage] = {f.name: file_sha256(f) for f in stage_files[stage]}
         state.save(doc)
         if on_stage is not None:
             on_stage(stage)

@@ -47,8 +47,25 @@ def _haversine_torch(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> torch.Tensor
     return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(a.clamp(0.0, 1.0)))
 
 
-def unit_vectors(lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
-    """(N,) degrees -> (N, 3) points on the unit sphere."""
+def unit_vectors(lat: Any, lon: Any) -> np.ndarray | torch.Tensor:
+    """Degrees (any shape) -> points on the unit sphere, shape (..., 3).
+
+    Nearest by chord is nearest by great circle. Torch tensors in (either) give a tensor out on
+    the same device, as in `haversine_km`; anything else is computed in float64 numpy.
+    """
+    if isinstance(lat, torch.Tensor) or isinstance(lon, torch.Tensor):
+        return _unit_vectors_torch(lat, lon)
+    phi, lam = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat, lon))
+    return np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], axis=-1)
+
+
+def _unit_vectors_torch(lat: Any, lon: Any) -> torch.Tensor:
+    ref = lat if isinstance(lat, torch.Tensor) else lon
+    dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+    lat, lon = (
+        v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=ref.device)
+        for v in (lat, lon)
+    )
     phi, lam = torch.deg2rad(lat), torch.deg2rad(lon)
     return torch.stack(
         (torch.cos(phi) * torch.cos(lam), torch.cos(phi) * torch.sin(lam), torch.sin(phi)), dim=-1

@@ -30,8 +30,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from geoloc.atomic import atomic_path
 from geoloc.errors import DataError, GeolocError
+from geoloc.infer.arrays import read_npz, write_npz
 
 __all__ = [
     "BruteForceIndex",
@@ -51,6 +51,7 @@ IndexKind = Literal["auto", "faiss", "brute"]
 IndexMethod = Literal["flat", "ivf", "hnsw"]
 
 GALLERY_VERSION = 1
+_GALLERY_ARRAYS = ("embeddings", "labels", "lat", "lon", "image_ids")
 _CHUNK_BYTES = 256 << 20
 """Brute force scores queries in chunks whose (chunk, N) similarity block stays under this."""
 
@@ -263,16 +264,7 @@ class Gallery:
 
     def save(self, path: Path) -> None:
         """Write an uncompressed `.npz` atomically (loads fast with memory mapping off)."""
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                version=np.int64(GALLERY_VERSION),
-                embeddings=self.embeddings,
-                labels=self.labels,
-                lat=self.lat,
-                lon=self.lon,
-                image_ids=self.image_ids,
-            )
+        write_npz(path, GALLERY_VERSION, {name: getattr(self, name) for name in _GALLERY_ARRAYS})
 
     @classmethod
     def load(cls, path: Path) -> Gallery:
@@ -280,20 +272,5 @@ class Gallery:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"gallery '{path}' does not exist (run `geoloc rerank` first)")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                version = int(z["version"])
-                if version != GALLERY_VERSION:
-                    raise DataError(
-                        f"gallery '{path}' has version {version}; this geoloc reads "
-                        f"{GALLERY_VERSION}"
-                    )
-                return cls(
-                    embeddings=z["embeddings"],
-                    labels=z["labels"],
-                    lat=z["lat"],
-                    lon=z["lon"],
-                    image_ids=z["image_ids"],
-                )
-        except (OSError, KeyError, ValueError) as exc:
-            raise DataError(f"gallery '{path}' could not be read: {exc}") from exc
+        arrays = read_npz(path, GALLERY_VERSION, "gallery", _GALLERY_ARRAYS)
+        return cls(**{name: arrays[name] for name in _GALLERY_ARRAYS})

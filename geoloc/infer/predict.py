@@ -32,16 +32,10 @@ from geoloc.atomic import atomic_path, write_text
 from geoloc.data.dataset import decode_image
 from geoloc.errors import DataError, GeolocError
 from geoloc.infer.calibration import ConformalSets, apply_temperature, log_probs
+from geoloc.infer.evaluation import gallery_path, params_path
 from geoloc.infer.gallery import Gallery, l2_normalize
-from geoloc.infer.rerank import (
-    Neighbours,
-    RerankParams,
-    VariantOutput,
-    base_probs,
-    gallery_path,
-    params_path,
-    run_variants,
-)
+from geoloc.infer.outputs import base_probs
+from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
 from geoloc.runs.layout import RunPaths
 
 __all__ = [

@@ -1,61 +1,41 @@
 """Post-hoc reranking and in-cell refinement: cut the tail (P90/P95 km) without hurting the median.
 
-One pass of the run's best model over train, val and test gives embeddings and class
-probabilities (cached under `artifacts/data/outputs_<split>.npz`). Then four variants, each built
-on the previous one, are evaluated:
+Four variants, each built on the previous one, turn a model's class probabilities into answers:
 
 - `base`: the model's own probabilities (hierarchy-aware, exactly as training evaluates).
 - `prior`: probabilities x (train frequency + 1) ** alpha x a land-fraction prior from
   `h3_features.parquet`, renormalised (`RerankConfig.prior_alpha`, `use_land_prior`).
-- `gated`: the train images form a gallery (`geoloc.infer.gallery`); a query's nearest neighbours vote
-  for their cells (softmax of similarity / temperature) and the votes are blended into the
+- `gated`: the train images form a gallery (`geoloc.infer.gallery`); a query's nearest neighbours
+  vote for their cells (softmax of similarity / temperature) and the votes are blended into the
   model's distribution. A gate opens only for low top-1 confidence (optionally only where model
   and neighbours disagree); when open, the answer may also be the minimum-expected-distance cell
   among the top candidates (a Bayes decision for km instead of top-1, which is what cuts far-off
-  mistakes). Gate, blend and decoding are chosen on VAL by grid search: minimise
-  P90/P90_base + P95/P95_base subject to median <= 1.02 x base median. Test never tunes anything.
+  mistakes).
 - `gated+refined`: the coordinate is no longer the chosen cell's centroid but the
   similarity-weighted mean (or medoid) of the nearest train neighbours inside that cell, falling
-  back to the centroid when no neighbour is in it. Method and k are chosen on val the same way.
+  back to the centroid when no neighbour is in it.
 
-Each variant's probabilities get a temperature and a conformal threshold fitted on val
-(`geoloc.infer.calibration`). The tables go to `artifacts/tables/rerank_eval.csv` (test) and
-`rerank_eval_val.csv`; every chosen parameter goes to `artifacts/data/rerank_params.json`, which
-`geoloc predict` reuses; the best variant on val goes to `summary.json` with its test numbers.
+This module only scores: every parameter (`RerankParams`) is chosen on val by
+`geoloc.infer.tuning`, and `geoloc.infer.evaluation` runs it all on a trained run. `geoloc predict`
+applies the same `run_variants` to new images.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from geoloc.atomic import atomic_path, write_json, write_text
-from geoloc.config import RerankConfig
+from geoloc.atomic import write_json
 from geoloc.errors import DataError, GeolocError
-from geoloc.geo import LabelSpace, haversine_km
-from geoloc.geo.metrics import geo_metrics_from_errors
-from geoloc.infer.calibration import (
-    ConformalSets,
-    apply_temperature,
-    fit_conformal,
-    fit_temperature,
-    log_probs,
-    top1_ece,
-)
-from geoloc.infer.gallery import Gallery, IndexKind, l2_normalize
-from geoloc.runs.layout import RunPaths
+from geoloc.geo import LabelSpace, haversine_km, unit_vectors
+from geoloc.infer.calibration import ConformalSets
+from geoloc.infer.gallery import Gallery, IndexKind
 
 __all__ = [
     "VARIANTS",
@@ -63,161 +43,23 @@ __all__ = [
     "Neighbours",
     "RefineParams",
     "RerankParams",
-    "RerankResult",
-    "SplitOutputs",
+    "VariantOutput",
     "apply_prior",
-    "base_probs",
-    "choose_gate",
-    "choose_refinement",
     "class_log_prior",
     "gated_rerank",
+    "land_fraction_for",
+    "min_risk_cells",
     "neighbour_votes",
     "refine_coordinates",
-    "rerank_run",
     "run_variants",
 ]
 
 log = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("base", "prior", "gated", "gated+refined")
-MEDIAN_SLACK = 1.02
-"""A tuned variant may make the val median at most 2% worse than base."""
-OUTPUTS_VERSION = 1
 PARAMS_VERSION = 1
 LAND_FLOOR = 0.1
 """A cell with no land keeps this share of its probability (the land prior never zeroes a cell)."""
-TABLE_COLUMNS = (
-    "variant", "median_km", "p90_km", "p95_km", "acc_1km", "acc_25km", "acc_200km", "acc_750km",
-    "acc_2500km", "geoscore", "top1", "gate_share", "ece", "ece_calibrated", "temperature",
-    "coverage", "set_size",
-)  # fmt: skip
-"""rerank_eval.csv columns, in order."""
-
-
-# --------------------------------------------------------------------------------------------
-# Model outputs per split (cached)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class SplitOutputs:
-    """What one pass of the model over a split gives, row-aligned with the split table."""
-
-    logits: np.ndarray  # (N, K) float32
-    parent_logits: np.ndarray | None  # (N, P) float32, None without a parent head
-    embeddings: np.ndarray  # (N, D) float32, L2-normalised
-    labels: np.ndarray  # (N,) int64 true class
-    lat: np.ndarray  # (N,) float64 true coordinates
-    lon: np.ndarray  # (N,)
-    image_ids: np.ndarray  # (N,) str
-
-    def __post_init__(self) -> None:
-        # fixed-width unicode, not object: the cache is read back with allow_pickle=False
-        self.image_ids = np.asarray(self.image_ids, dtype=str)
-
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
-    def to_gallery(self) -> Gallery:
-        return Gallery(self.embeddings, self.labels, self.lat, self.lon, self.image_ids)
-
-    def save(self, path: Path, key: str) -> None:
-        arrays = {k: v for k, v in asdict_arrays(self).items() if v is not None}
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, version=np.int64(OUTPUTS_VERSION), key=np.str_(key), **arrays)
-
-    @classmethod
-    def load(cls, path: Path, key: str) -> SplitOutputs | None:
-        """The cached outputs, or None when missing, stale (other checkpoint/index) or broken."""
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if int(z["version"]) != OUTPUTS_VERSION or str(z["key"]) != key:
-                    return None
-                return cls(
-                    logits=z["logits"],
-                    parent_logits=z.get("parent_logits"),
-                    embeddings=z["embeddings"],
-                    labels=z["labels"],
-                    lat=z["lat"],
-                    lon=z["lon"],
-                    image_ids=z["image_ids"],
-                )
-        except (OSError, KeyError, ValueError) as exc:
-            log.warning("ignoring unreadable cache %s: %s", path, exc)
-            return None
-
-
-def asdict_arrays(out: SplitOutputs) -> dict[str, np.ndarray | None]:
-    return {
-        "logits": out.logits,
-        "parent_logits": out.parent_logits,
-        "embeddings": out.embeddings,
-        "labels": out.labels,
-        "lat": out.lat,
-        "lon": out.lon,
-        "image_ids": out.image_ids,
-    }
-
-
-@torch.no_grad()
-def compute_outputs(
-    model: torch.nn.Module,
-    dataset: Any,
-    device: torch.device,
-    batch_size: int = 128,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> SplitOutputs:
-    """One eval-mode pass over a `GeoDataset` (built with the eval transform)."""
-    from geoloc.data.dataset import make_loader
-
-    model.eval()
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
-    logits, parents, embs = [], [], []
-    for images, _, _, _ in tqdm(
-        loader, desc=f"embed {dataset.split}", unit="batch", leave=False, disable=not progress
-    ):
-        out = model(images.to(device))
-        logits.append(out["logits"].float().cpu())
-        embs.append(out["embedding"].float().cpu())
-        if "parent_logits" in out:
-            parents.append(out["parent_logits"].float().cpu())
-    table = dataset.table
-    return SplitOutputs(
-        logits=torch.cat(logits).numpy(),
-        parent_logits=torch.cat(parents).numpy() if parents else None,
-        embeddings=l2_normalize(torch.cat(embs)),
-        labels=np.asarray(dataset.labels, dtype=np.int64),
-        lat=table["lat"].to_numpy(dtype=np.float64),
-        lon=table["lon"].to_numpy(dtype=np.float64),
-        image_ids=table["image_id"].astype(str).to_numpy(),
-    )
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file: the cache key that ties cached outputs to one checkpoint."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def base_probs(
-    logits: np.ndarray,
-    parent_logits: np.ndarray | None,
-    label_space: LabelSpace,
-    hier_topk_parents: int,
-) -> np.ndarray:
-    """(N, K) class probabilities exactly as training evaluates them (`class_scores`)."""
-    from geoloc.model.scores import class_scores
-
-    tensors = {"logits": torch.from_numpy(np.asarray(logits, dtype=np.float32))}
-    if parent_logits is not None:
-        tensors["parent_logits"] = torch.from_numpy(np.asarray(parent_logits, dtype=np.float32))
-    return class_scores(tensors, label_space.parent_of, hier_topk_parents).double().numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,11 +241,6 @@ class RefineParams:
     temperature: float = 0.05  # softmax(sim / temperature) weights
 
 
-def _to_unit(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    phi, lam = np.radians(lat), np.radians(lon)
-    return np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], axis=-1)
-
-
 def refine_coordinates(
     pred: np.ndarray, nbrs: Neighbours, label_space: LabelSpace, params: RefineParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -428,7 +265,7 @@ def refine_coordinates(
     w = w[rows] / w[rows].sum(axis=1, keepdims=True)  # (R, k)
     nlat, nlon = nbrs.lat[rows, :k], nbrs.lon[rows, :k]
     if params.method == "mean":
-        v = np.einsum("rk,rkc->rc", w, _to_unit(nlat, nlon))
+        v = np.einsum("rk,rkc->rc", w, unit_vectors(nlat, nlon))
         lat[rows] = np.degrees(np.arctan2(v[:, 2], np.hypot(v[:, 0], v[:, 1])))
         lon[rows] = np.degrees(np.arctan2(v[:, 1], v[:, 0]))
     elif params.method == "medoid":
@@ -534,386 +371,3 @@ def run_variants(
     lat, lon, refined = refine_coordinates(pred, nbrs, label_space, params.refine)
     out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation and choice on val
-# --------------------------------------------------------------------------------------------
-
-
-def variant_metrics(v: VariantOutput, true: SplitOutputs) -> dict[str, float]:
-    """Geo metrics + top1 + gate_share of one variant against the truth."""
-    errors = haversine_km(true.lat, true.lon, v.lat, v.lon)
-    return {
-        **geo_metrics_from_errors(errors),
-        "top1": float(np.mean(v.pred == true.labels)),
-        "gate_share": float(np.mean(v.gate)),
-    }
-
-
-def tail_objective(metrics: dict[str, float], base: dict[str, float]) -> float:
-    """Lower is better: relative P90 + relative P95; +inf when the median breaks the slack."""
-    if metrics["median_km"] > MEDIAN_SLACK * base["median_km"] + 1e-9:
-        return math.inf
-    return metrics["p90_km"] / max(base["p90_km"], 1e-9) + metrics["p95_km"] / max(
-        base["p95_km"], 1e-9
-    )
-
-
-def _errors(lat: np.ndarray, lon: np.ndarray, true: SplitOutputs) -> np.ndarray:
-    return haversine_km(true.lat, true.lon, lat, lon)
-
-
-def _quick_metrics(pred: np.ndarray, label_space: LabelSpace, true: SplitOutputs) -> dict:
-    d = _errors(label_space.lat[pred], label_space.lon[pred], true)
-    median, p90, p95 = np.percentile(d, [50, 90, 95])
-    return {"median_km": median, "p90_km": p90, "p95_km": p95, "mean_km": float(d.mean())}
-
-
-@dataclass(frozen=True)
-class GateGrid:
-    """The val grid search over gate/blend/decoding parameters."""
-
-    k: Sequence[int] = (5, 10, 20, 50)
-    vote_temperature: Sequence[float] = (0.02, 0.1, 1.0)
-    weight: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
-    max_top1: Sequence[float] = (0.2, 0.35, 0.5, 0.7, 1.01)
-    require_disagreement: Sequence[bool] = (False, True)
-    decode: Sequence[str] = ("argmax", "min_risk")
-    candidates: int = 10
-
-
-def choose_gate(
-    probs: np.ndarray,
-    nbrs: Neighbours,
-    true: SplitOutputs,
-    label_space: LabelSpace,
-    grid: GateGrid = GateGrid(),
-    reference: dict[str, float] | None = None,
-    progress: bool = True,
-) -> tuple[GateParams, float]:
-    """The gate with the lowest val tail objective; the closed gate when nothing beats it.
-
-    `reference` is the base variant's val metrics (the median constraint and the scale of the
-    objective); it defaults to the metrics of `probs` itself. Only `true` (val) labels are read.
-    """
-    ref = reference or _quick_metrics(probs.argmax(axis=1), label_space, true)
-    best = GateParams(max_top1=0.0, candidates=grid.candidates)
-    best_obj = tail_objective(_quick_metrics(probs.argmax(axis=1), label_space, true), ref)
-    best_mean = math.inf
-    combos = list(
-        itertools.product(grid.k, grid.vote_temperature, grid.weight, grid.max_top1,
-                          grid.require_disagreement, grid.decode)
-    )  # fmt: skip
-    votes_cache: dict[tuple[int, float], np.ndarray] = {}
-    for k, temp, w, thr, disagree, decode in tqdm(
-        combos, desc="gate grid (val)", leave=False, disable=not progress
-    ):
-        if k > nbrs.k:
-            continue
-        if (k, temp) not in votes_cache:
-            votes_cache[(k, temp)] = neighbour_votes(nbrs, label_space.num_classes, k, temp)
-        params = GateParams(k, temp, w, thr, disagree, decode, grid.candidates)  # type: ignore[arg-type]
-        _, pred, _ = gated_rerank(probs, votes_cache[(k, temp)], params, label_space)
-        m = _quick_metrics(pred, label_space, true)
-        obj = tail_objective(m, ref)
-        # ties (common on small val sets) go to the lower mean error
-        if obj < best_obj - 1e-12 or (abs(obj - best_obj) <= 1e-12 and m["mean_km"] < best_mean):
-            best, best_obj, best_mean = params, obj, m["mean_km"]
-    log.info("gate chosen on val: %s (objective %.4f)", best, best_obj)
-    return best, best_obj
-
-
-def choose_refinement(
-    pred: np.ndarray,
-    nbrs: Neighbours,
-    true: SplitOutputs,
-    label_space: LabelSpace,
-    reference: dict[str, float],
-    methods: Iterable[str] = ("mean", "medoid"),
-    ks: Iterable[int] = (5, 10, 20, 50),
-    temperatures: Iterable[float] = (0.02, 0.1),
-) -> RefineParams:
-    """Refinement with the best val tail objective (median constraint included); 'none' if none
-    beats the centroid. Ties go to the lower val median."""
-    best = RefineParams(method="none")
-    lat, lon, _ = refine_coordinates(pred, nbrs, label_space, best)
-    m = geo_metrics_from_errors(_errors(lat, lon, true))
-    best_key = (tail_objective(m, reference), m["median_km"])
-    for method, k, temp in itertools.product(methods, ks, temperatures):
-        if k > nbrs.k:
-            continue
-        params = RefineParams(method, k, temp)  # type: ignore[arg-type]
-        lat, lon, _ = refine_coordinates(pred, nbrs, label_space, params)
-        m = geo_metrics_from_errors(_errors(lat, lon, true))
-        key = (tail_objective(m, reference), m["median_km"])
-        if key < best_key:
-            best, best_key = params, key
-    log.info("refinement chosen on val: %s", best)
-    return best
-
-
-def fit_calibration(
-    val: dict[str, VariantOutput], val_true: SplitOutputs, coverage: float
-) -> tuple[dict[str, float], dict[str, ConformalSets]]:
-    """Per variant: temperature on log-probabilities and the conformal threshold, both on val.
-
-    The temperature is fitted for NLL and for top-label log loss; the one with the lower val ECE
-    is kept (see `fit_temperature`: hierarchical masking makes NLL over-soften).
-    """
-    temps, sets = {}, {}
-    for name, v in val.items():
-        z = log_probs(v.scores)
-        candidates = [fit_temperature(z, val_true.labels, obj) for obj in ("nll", "top_label")]
-        temps[name] = min(
-            candidates, key=lambda t, z=z: top1_ece(apply_temperature(z, t), val_true.labels)
-        )
-        sets[name] = fit_conformal(apply_temperature(z, temps[name]), val_true.labels, coverage)
-    return temps, sets
-
-
-def calibration_columns(
-    v: VariantOutput, true: SplitOutputs, temperature: float, sets: ConformalSets
-) -> dict[str, float]:
-    z = log_probs(v.scores)
-    calibrated = apply_temperature(z, temperature)
-    return {
-        "ece": top1_ece(v.scores, true.labels),
-        "ece_calibrated": top1_ece(calibrated, true.labels),
-        "temperature": temperature,
-        **sets.evaluate(calibrated, true.labels),
-    }
-
-
-def evaluation_table(
-    variants: dict[str, VariantOutput], true: SplitOutputs, params: RerankParams
-) -> pd.DataFrame:
-    rows = []
-    for name in VARIANTS:
-        v = variants[name]
-        rows.append(
-            {
-                "variant": name,
-                **variant_metrics(v, true),
-                **calibration_columns(v, true, params.temperatures[name], params.conformal[name]),
-            }
-        )
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-
-
-def choose_best_variant(val_table: pd.DataFrame) -> str:
-    """The variant with the best val tail objective (median constraint), simplest on ties."""
-    base = val_table.set_index("variant").loc["base"].to_dict()
-    best, best_obj = "base", tail_objective(base, base)
-    for _, row in val_table.iterrows():
-        obj = tail_objective(row.to_dict(), base)
-        if obj < best_obj - 1e-12:
-            best, best_obj = str(row["variant"]), obj
-    return best
-
-
-def tune(
-    params: RerankParams,
-    val_probs: np.ndarray,
-    val_nbrs: Neighbours,
-    val_true: SplitOutputs,
-    label_space: LabelSpace,
-    cfg: RerankConfig,
-    grid: GateGrid = GateGrid(),
-    progress: bool = True,
-) -> RerankParams:
-    """Every choice rerank makes, from val only: prior use, gate, refinement, calibration.
-
-    `params.log_prior` must be set; the rest of `params` is filled in and returned.
-    """
-    base_pred = val_probs.argmax(axis=1)
-    ref = _quick_metrics(base_pred, label_space, val_true)
-    prior_probs = apply_prior(val_probs, params.log_prior)
-    prior_obj = tail_objective(_quick_metrics(prior_probs.argmax(1), label_space, val_true), ref)
-    params.gated_on_prior = bool(prior_obj < tail_objective(ref, ref) - 1e-12)
-    source = prior_probs if params.gated_on_prior else val_probs
-    grid = replace(grid, k=tuple(sorted({*grid.k, cfg.k_neighbors})), candidates=cfg.top_k)
-    params.gate, _ = choose_gate(source, val_nbrs, val_true, label_space, grid, ref, progress)
-    if cfg.refine:
-        votes = neighbour_votes(
-            val_nbrs, label_space.num_classes, params.gate.k, params.gate.vote_temperature
-        )
-        _, pred, _ = gated_rerank(source, votes, params.gate, label_space)
-        params.refine = choose_refinement(pred, val_nbrs, val_true, label_space, ref)
-    else:
-        params.refine = RefineParams(method="none")
-    val_variants = run_variants(val_probs, val_nbrs, label_space, params)
-    params.temperatures, params.conformal = fit_calibration(val_variants, val_true, cfg.coverage)
-    return params
-
-
-# --------------------------------------------------------------------------------------------
-# The run-level entry point
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RerankResult:
-    """What `rerank_run` wrote, for the CLI and flows to show."""
-
-    run_dir: Path
-    test_table: pd.DataFrame
-    val_table: pd.DataFrame
-    params: RerankParams
-    best_variant: str
-
-
-def outputs_path(paths: RunPaths, split: str) -> Path:
-    return paths.data / f"outputs_{split}.npz"
-
-
-def gallery_path(paths: RunPaths) -> Path:
-    return paths.data / "gallery.npz"
-
-
-def params_path(paths: RunPaths) -> Path:
-    return paths.data / "rerank_params.json"
-
-
-def val_table_path(paths: RunPaths) -> Path:
-    return paths.tables / "rerank_eval_val.csv"
-
-
-def split_outputs(
-    trained: Any,
-    index_dir: Path,
-    split: str,
-    paths: RunPaths,
-    key: str,
-    use_cache: bool,
-    progress: bool,
-) -> SplitOutputs:
-    """Cached model outputs for a split, computed (and cached) when missing or stale."""
-    from geoloc.data.dataset import GeoDataset
-
-    cache = outputs_path(paths, split)
-    if use_cache:
-        cached = SplitOutputs.load(cache, key)
-        if cached is not None:
-            log.info("using cached %s outputs from %s", split, cache)
-            return cached
-    dataset = GeoDataset(index_dir, split, trained.transform())
-    cfg = trained.config.train
-    out = compute_outputs(
-        trained.model, dataset, trained.device, cfg.batch_size, cfg.num_workers, progress
-    )
-    out.save(cache, key)
-    return out
-
-
-def evaluate_rerank(
-    outs: dict[str, SplitOutputs],
-    label_space: LabelSpace,
-    cfg: RerankConfig,
-    *,
-    land_fraction: np.ndarray | None = None,
-    hier_topk_parents: int = 0,
-    grid: GateGrid = GateGrid(),
-    progress: bool = True,
-    gallery: Gallery | None = None,
-) -> tuple[RerankParams, dict[str, pd.DataFrame]]:
-    """Choose every parameter on `outs["val"]`, then evaluate all variants on val and test.
-
-    `outs` holds the model outputs of `train` (the gallery), `val` and `test`. No I/O: this is
-    the part tests drive with synthetic outputs. Test labels are read only by the final tables.
-    """
-    gallery = gallery or outs["train"].to_gallery()
-    k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
-    probs = {
-        s: base_probs(outs[s].logits, outs[s].parent_logits, label_space, hier_topk_parents)
-        for s in ("val", "test")
-    }
-    nbrs = {
-        s: Neighbours.search(gallery, outs[s].embeddings, k_search, kind=cfg.index)
-        for s in ("val", "test")
-    }
-    params = RerankParams(
-        log_prior=class_log_prior(label_space, cfg.prior_alpha, land_fraction),
-        hier_topk_parents=hier_topk_parents,
-        neighbours=k_search,
-        index=cfg.index,
-    )
-    params = tune(params, probs["val"], nbrs["val"], outs["val"], label_space, cfg, grid, progress)
-    tables = {
-        s: evaluation_table(run_variants(probs[s], nbrs[s], label_space, params), outs[s], params)
-        for s in ("val", "test")
-    }
-    params.best_variant = choose_best_variant(tables["val"])
-    return params, tables
-
-
-def rerank_run(
-    run_dir: Path,
-    *,
-    index_dir: Path | None = None,
-    cfg: RerankConfig | None = None,
-    use_cache: bool = True,
-    progress: bool = True,
-    report: bool = True,
-    grid: GateGrid = GateGrid(),
-) -> RerankResult:
-    """Rerank evaluation of a trained run; writes tables, params, gallery and the summary.
-
-    `cfg` defaults to the run's own `rerank` section. Every parameter is chosen on val; test is
-    only evaluated.
-    """
-    from geoloc.infer.trained import load_trained
-    from geoloc.runs.summary import finite_or_none, update_summary
-    from geoloc.train.run import resolve_index_dir
-
-    paths = RunPaths(Path(run_dir))
-    trained = load_trained(paths.root, "best")
-    cfg = cfg or trained.config.rerank
-    index_dir = Path(index_dir) if index_dir else resolve_index_dir(trained.config)
-    label_space = trained.label_space
-    key = f"{file_digest(trained.checkpoint)}:{label_space.fingerprint}"
-    paths.data.mkdir(parents=True, exist_ok=True)
-    outs = {
-        s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress)
-        for s in ("train", "val", "test")
-    }
-    gallery = outs["train"].to_gallery()
-    gallery.save(gallery_path(paths))
-    land = (
-        land_fraction_for(label_space, index_dir / "h3_features.parquet")
-        if cfg.use_land_prior
-        else None
-    )
-    params, tables = evaluate_rerank(
-        outs,
-        label_space,
-        cfg,
-        land_fraction=land,
-        hier_topk_parents=trained.config.train.hier_topk_parents,
-        grid=grid,
-        progress=progress,
-        gallery=gallery,
-    )
-    params.checkpoint_sha256 = key.split(":")[0]
-    params.save(params_path(paths))
-    _write_table(paths.rerank_eval, tables["test"])
-    _write_table(val_table_path(paths), tables["val"])
-    best_row = tables["test"].set_index("variant").loc[params.best_variant]
-    metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
-    update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})
-    if report:
-        _refresh_report(paths)
-    return RerankResult(paths.root, tables["test"], tables["val"], params, params.best_variant)
-
-def _write_table(path: Path, table: pd.DataFrame) -> None:
-    write_text(path, table.to_csv(index=False, float_format="%.6g"))
-
-
-def _refresh_report(paths: RunPaths) -> None:
-    """REPORT.md/dashboard show rerank_eval.csv; a reporting failure never fails the rerank."""
-    try:
-        from geoloc.runs.report import write_report
-
-        write_report(paths.root)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("report refresh for %s failed: %s", paths.root, exc)

@@ -11,11 +11,12 @@ from torch import nn
 
 from geoloc.config import RunConfig
 from geoloc.data.dataset import build_transforms
-from geoloc.errors import GeolocError
+from geoloc.errors import GeolocError, TrainingError
 from geoloc.geo import LabelSpace
 from geoloc.model.scores import class_scores
 from geoloc.runs.layout import RunPaths
-from geoloc.train.loop import TrainingError, load_checkpoint, resolve_device
+from geoloc.train.checkpoint import load_checkpoint
+from geoloc.train.steps import resolve_device
 
 
 @dataclass
@@ -55,7 +56,7 @@ def load_trained(run_dir: Path, which: str = "best", device: str | None = None) 
     except Exception as exc:  # noqa: BLE001 - pydantic or a missing key
         raise TrainingError(f"checkpoint '{path}' carries an unreadable config: {exc}") from exc
     label_space = LabelSpace.from_dict(ckpt["label_space"], source=f"checkpoint '{path}'")
-    from geoloc.model.modeling import create_model
+    from geoloc.model import create_model
 
     model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
     model.load_state_dict(ckpt["model"])

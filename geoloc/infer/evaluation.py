@@ -1,0 +1,168 @@
+"""Rerank evaluation of a trained run: the artifacts `geoloc rerank` produces.
+
+One pass of the run's best model over train, val and test (`geoloc.infer.outputs`, cached), the
+train gallery, every parameter chosen on val (`geoloc.infer.tuning`), then all variants evaluated
+on val and test. The tables go to `artifacts/tables/rerank_eval.csv` (test) and
+`rerank_eval_val.csv`; every chosen parameter goes to `artifacts/data/rerank_params.json`, which
+`geoloc predict` reuses; the best variant on val goes to `summary.json` with its test numbers.
+Reporting is not done here: the composer writes the report once the run's artifacts are in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from geoloc.atomic import file_sha256, write_text
+from geoloc.config import RerankConfig
+from geoloc.geo import LabelSpace
+from geoloc.infer.gallery import Gallery
+from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
+from geoloc.infer.rerank import (
+    Neighbours,
+    RerankParams,
+    class_log_prior,
+    land_fraction_for,
+    run_variants,
+)
+from geoloc.infer.tuning import GateGrid, choose_best_variant, evaluation_table, tune
+from geoloc.runs.layout import RunPaths
+
+__all__ = [
+    "RerankResult",
+    "evaluate_rerank",
+    "gallery_path",
+    "params_path",
+    "rerank_run",
+    "val_table_path",
+]
+
+
+@dataclass
+class RerankResult:
+    """What `rerank_run` wrote, for the CLI and flows to show."""
+
+    run_dir: Path
+    test_table: pd.DataFrame
+    val_table: pd.DataFrame
+    params: RerankParams
+    best_variant: str
+
+
+def gallery_path(paths: RunPaths) -> Path:
+    """The train gallery that rerank searches and `geoloc predict` reuses."""
+    return paths.data / "gallery.npz"
+
+
+def params_path(paths: RunPaths) -> Path:
+    """Every parameter rerank chose on val (`RerankParams`)."""
+    return paths.data / "rerank_params.json"
+
+
+def val_table_path(paths: RunPaths) -> Path:
+    """The val evaluation table (the test one is `RunPaths.rerank_eval`)."""
+    return paths.tables / "rerank_eval_val.csv"
+
+
+def evaluate_rerank(
+    outs: dict[str, SplitOutputs],
+    label_space: LabelSpace,
+    cfg: RerankConfig,
+    *,
+    land_fraction: np.ndarray | None = None,
+    hier_topk_parents: int = 0,
+    grid: GateGrid = GateGrid(),
+    progress: bool = True,
+    gallery: Gallery | None = None,
+) -> tuple[RerankParams, dict[str, pd.DataFrame]]:
+    """Choose every parameter on `outs["val"]`, then evaluate all variants on val and test.
+
+    `outs` holds the model outputs of `train` (the gallery), `val` and `test`. No I/O: this is
+    the part tests drive with synthetic outputs. Test labels are read only by the final tables.
+    """
+    gallery = gallery or outs["train"].to_gallery()
+    k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
+    probs = {
+        s: base_probs(outs[s].logits, outs[s].parent_logits, label_space, hier_topk_parents)
+        for s in ("val", "test")
+    }
+    nbrs = {
+        s: Neighbours.search(gallery, outs[s].embeddings, k_search, kind=cfg.index)
+        for s in ("val", "test")
+    }
+    params = RerankParams(
+        log_prior=class_log_prior(label_space, cfg.prior_alpha, land_fraction),
+        hier_topk_parents=hier_topk_parents,
+        neighbours=k_search,
+        index=cfg.index,
+    )
+    params = tune(params, probs["val"], nbrs["val"], outs["val"], label_space, cfg, grid, progress)
+    tables = {
+        s: evaluation_table(run_variants(probs[s], nbrs[s], label_space, params), outs[s], params)
+        for s in ("val", "test")
+    }
+    params.best_variant = choose_best_variant(tables["val"])
+    return params, tables
+
+
+def rerank_run(
+    run_dir: Path,
+    *,
+    index_dir: Path | None = None,
+    cfg: RerankConfig | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    grid: GateGrid = GateGrid(),
+) -> RerankResult:
+    """Rerank evaluation of a trained run; writes tables, params, gallery and the summary.
+
+    `cfg` defaults to the run's own `rerank` section. Every parameter is chosen on val; test is
+    only evaluated. The report is left to the caller (`geoloc.runs.report.write_report`).
+    """
+    from geoloc.infer.trained import load_trained
+    from geoloc.runs.summary import finite_or_none, update_summary
+    from geoloc.train.run import resolve_index_dir
+
+    paths = RunPaths(Path(run_dir))
+    trained = load_trained(paths.root, "best")
+    cfg = cfg or trained.config.rerank
+    index_dir = Path(index_dir) if index_dir else resolve_index_dir(trained.config)
+    label_space = trained.label_space
+    key = f"{file_sha256(trained.checkpoint)}:{label_space.fingerprint}"
+    paths.data.mkdir(parents=True, exist_ok=True)
+    outs = {
+        s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress)
+        for s in ("train", "val", "test")
+    }
+    gallery = outs["train"].to_gallery()
+    gallery.save(gallery_path(paths))
+    land = (
+        land_fraction_for(label_space, index_dir / "h3_features.parquet")
+        if cfg.use_land_prior
+        else None
+    )
+    params, tables = evaluate_rerank(
+        outs,
+        label_space,
+        cfg,
+        land_fraction=land,
+        hier_topk_parents=trained.config.train.hier_topk_parents,
+        grid=grid,
+        progress=progress,
+        gallery=gallery,
+    )
+    params.checkpoint_sha256 = key.split(":")[0]
+    params.save(params_path(paths))
+    _write_table(paths.rerank_eval, tables["test"])
+    _write_table(val_table_path(paths), tables["val"])
+    best_row = tables["test"].set_index("variant").loc[params.best_variant]
+    metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
+    update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})
+    return RerankResult(paths.root, tables["test"], tables["val"], params, params.best_variant)
+
+
+def _write_table(path: Path, table: pd.DataFrame) -> None:
+    write_text(path, table.to_csv(index=False, float_format="%.6g"))
