@@ -16,12 +16,9 @@ from fixtures.fake_runs import fake_summary, write_summary_fast
 from geoloc.cli import main
 from geoloc.errors import ConfigError, GeolocError
 from geoloc.paths import aggregate_dir, runs_dir
-from geoloc.runs.leaderboard import (
-    COLUMNS,
-    Penalties,
-    ScoreWeights,
-    aggregate_runs,
-)
+from geoloc.runs.leaderboard import aggregate_runs
+from geoloc.runs.leaderboard_score import Penalties, ScoreWeights
+from geoloc.runs.leaderboard_table import COLUMNS
 from geoloc.runs.summary import validate_summary
 
 ALL_ARTIFACTS = {

@@ -14,7 +14,8 @@ from fixtures.fake_runs import fake_classes
 
 from geoloc.cli import main
 from geoloc.runs.layout import RunPaths
-from geoloc.runs.report import PLOTS, confusion_groups, shore_polygons, write_report
+from geoloc.runs.plots import PLOTS, confusion_groups, shore_polygons
+from geoloc.runs.report import write_report
 from geoloc.runs.summary import read_summary, update_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

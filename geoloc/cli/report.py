@@ -86,7 +86,8 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option(help="Ranked runs to print.")] = 10,
     ) -> None:
         """Rank all runs into runs/_aggregate/ (CSV, Parquet, sortable dashboard)."""
-        from geoloc.runs.leaderboard import Penalties, ScoreWeights, aggregate_runs
+        from geoloc.runs.leaderboard import aggregate_runs
+        from geoloc.runs.leaderboard_score import Penalties, ScoreWeights
 
         result = aggregate_runs(runs, ScoreWeights.parse(weights), Penalties.parse(penalties))
         typer.echo(f"ranked {len(result.ranked)} runs, skipped {len(result.skipped)}")

@@ -19,6 +19,7 @@ from geoloc.geo import haversine_km
 
 __all__ = [
     "GEOSCORE_SCALE_KM",
+    "GEO_METRIC_NAMES",
     "THRESHOLDS_KM",
     "expected_calibration_error",
     "geo_metrics",
@@ -31,6 +32,15 @@ log = logging.getLogger(__name__)
 
 THRESHOLDS_KM: tuple[int, ...] = (1, 25, 200, 750, 2500)
 """Street, city, region, country, continent."""
+
+GEO_METRIC_NAMES: tuple[str, ...] = (
+    "median_km",
+    "p90_km",
+    "p95_km",
+    *(f"acc_{t}km" for t in THRESHOLDS_KM),
+    "geoscore",
+)
+"""The keys of `geo_metrics`, in order; reports list them under their `val_`/`test_` prefix."""
 
 GEOSCORE_SCALE_KM = 1492.7
 GEOSCORE_MAX = 5000.0
@@ -53,12 +63,9 @@ def geoscore(errors_km: Any) -> float:
 def geo_metrics_from_errors(errors_km: Any) -> dict[str, float]:
     """`median_km, p90_km, p95_km, acc_<t>km..., geoscore` from per-image errors in km."""
     d = _as_numpy(errors_km)
-    out: dict[str, float] = {}
     if d.size == 0:
-        out.update(median_km=float("nan"), p90_km=float("nan"), p95_km=float("nan"))
-        out.update({f"acc_{t}km": float("nan") for t in THRESHOLDS_KM})
-        out["geoscore"] = float("nan")
-        return out
+        return dict.fromkeys(GEO_METRIC_NAMES, float("nan"))
+    out: dict[str, float] = {}
     median, p90, p95 = np.percentile(d, [50, 90, 95])
     out.update(median_km=float(median), p90_km=float(p90), p95_km=float(p95))
     out.update({f"acc_{t}km": float(np.mean(d < t)) for t in THRESHOLDS_KM})
