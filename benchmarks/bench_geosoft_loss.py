@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from geoloc.geo import haversine_km
-from geoloc.model.modeling import GeoSoftTargetLoss
+from geoloc.model import GeoSoftTargetLoss
 
 TAU_KM = 75.0
 

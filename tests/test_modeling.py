@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from geoloc.config import ModelConfig, TrainConfig
 from geoloc.errors import ConfigError, DataError, GeolocError
 from geoloc.geo import LabelSpace, haversine_km
-from geoloc.model.modeling import (
+from geoloc.model import (
     TINY_MODEL_CONFIG,
     GeoModel,
     GeoSoftTargetLoss,

@@ -1,18 +1,14 @@
-"""Models and losses, chosen through small registries.
+"""Child-head losses, chosen by `TrainConfig.loss` through the loss registry, and class weights.
 
-- `create_model(cfg, num_classes, num_parents)` -> `GeoModel`: a backbone from the model registry
-  (`MultiScaleCNN` or a torchvision network), a small neck giving the embedding, a child head and
-  an optional parent head (hierarchy), trained jointly.
-- `create_loss(cfg, label_space, class_weights)` -> a loss from the loss registry: `ce` or
-  `geosoft` (`GeoSoftTargetLoss`, distance-soft targets in O(B*K) memory).
+- `create_loss(cfg, label_space, class_weights)`: `ce` (cross-entropy) or `geosoft`
+  (`GeoSoftTargetLoss`, distance-soft targets in O(B*K) memory).
 - `compute_class_weights_from_parquet` turns train frequencies into per-class loss weights.
 
-A new backbone or loss is one decorated function; the training loop never branches on names.
+A new loss is one function decorated with `@register_loss(name)`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -23,272 +19,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoloc.config import ModelConfig, TrainConfig
+from geoloc.config import TrainConfig
 from geoloc.errors import ConfigError, DataError, GeolocError
 from geoloc.geo import LabelSpace, pairwise_haversine_km
+from geoloc.model.registry import Registry
 
 __all__ = [
+    "LOSSES",
     "TAU_PER_EDGE",
-    "TINY_MODEL_CONFIG",
-    "GeoModel",
     "GeoSoftTargetLoss",
-    "MultiScaleCNN",
+    "LossBuilder",
+    "class_weights_from_counts",
     "compute_class_weights_from_parquet",
     "create_loss",
-    "create_model",
     "default_tau_km",
     "loss_names",
-    "model_names",
     "register_loss",
-    "register_model",
 ]
 
-log = logging.getLogger(__name__)
-
 # --------------------------------------------------------------------------------------------
-# Model registry
-# --------------------------------------------------------------------------------------------
-
-BackboneBuilder = Callable[[ModelConfig], tuple[nn.Module, int]]
-"""cfg -> (backbone mapping (B, 3, H, W) to (B, F) features, F)."""
-
-_MODELS: dict[str, BackboneBuilder] = {}
-
-
-def register_model(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    """Register a backbone builder under `name` (what `ModelConfig.arch` selects)."""
-
-    def deco(fn: BackboneBuilder) -> BackboneBuilder:
-        if name in _MODELS:
-            raise ValueError(f"model '{name}' is already registered")
-        _MODELS[name] = fn
-        return fn
-
-    return deco
-
-
-def model_names() -> list[str]:
-    """Every registered `arch`, sorted."""
-    return sorted(_MODELS)
-
-
-class GeoModel(nn.Module):
-    """Backbone -> embedding -> child head (+ parent head).
-
-    `forward` returns a dict: `logits` (B, K), `embedding` (B, D) (the neck output, before dropout
-    and heads; L2-normalise it for neighbour search) and `parent_logits` (B, P) only when the
-    model has a parent head.
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_classes: int,
-        num_parents: int | None = None,
-        embed_dim: int = 256,
-        dropout: float = 0.1,
-        arch: str = "",
-    ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise GeolocError(f"a model needs at least one class, got num_classes={num_classes}")
-        self.arch = arch
-        self.num_classes = num_classes
-        self.num_parents = num_parents or 0
-        self.embed_dim = embed_dim
-        self.backbone = backbone
-        self.neck = nn.Sequential(
-            nn.Linear(feature_dim, embed_dim), nn.LayerNorm(embed_dim), nn.GELU()
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.parent_head = nn.Linear(embed_dim, num_parents) if num_parents else None
-
-    @property
-    def has_parent_head(self) -> bool:
-        return self.parent_head is not None
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) embedding."""
-        return self.neck(self.backbone(x))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        emb = self.embed(x)
-        h = self.dropout(emb)
-        out = {"logits": self.head(h), "embedding": emb}
-        if self.parent_head is not None:
-            out["parent_logits"] = self.parent_head(h)
-        return out
-
-
-def create_model(cfg: ModelConfig, num_classes: int, num_parents: int | None = None) -> GeoModel:
-    """Build the model `cfg.arch` names; the parent head exists iff `cfg.hierarchy` and
-    `num_parents` are both set. Unknown names raise `ConfigError` listing the valid ones."""
-    if cfg.arch not in _MODELS:
-        raise ConfigError(
-            f"unknown model arch '{cfg.arch}'; valid names: {', '.join(model_names())}"
-        )
-    backbone, feature_dim = _MODELS[cfg.arch](cfg)
-    return GeoModel(
-        backbone,
-        feature_dim,
-        num_classes=num_classes,
-        num_parents=num_parents if cfg.hierarchy else None,
-        embed_dim=cfg.embed_dim,
-        dropout=cfg.dropout,
-        arch=cfg.arch,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# MultiScaleCNN: the lean demo model
-# --------------------------------------------------------------------------------------------
-
-
-def _conv_bn_act(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-class _Stage(nn.Module):
-    """Strided conv (downsample) then one residual 3x3 pair."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.down = _conv_bn_act(c_in, c_out, stride)
-        self.body = nn.Sequential(
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-        )
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.down(x)
-        return self.act(x + self.body(x))
-
-
-class MultiScaleCNN(nn.Module):
-    """A small CNN whose stages are each globally pooled and concatenated.
-
-    Early stages carry fine texture (vegetation, road markings), late stages the layout (skyline,
-    terrain); pooling every stage lets the head weigh both instead of only the last. Stage `i` has
-    `min(width * 2**i, 8 * width)` channels and halves the resolution; the stem halves it too, so
-    a 64x64 image is 32x32 after the stem.
-    """
-
-    def __init__(self, width: int = 32, depth: int = 4, in_channels: int = 3) -> None:
-        super().__init__()
-        chans = [min(width * 2**i, 8 * width) for i in range(depth)]
-        self.stem = _conv_bn_act(in_channels, width, stride=2)
-        stages, c_in = [], width
-        for c_out in chans:
-            stages.append(_Stage(c_in, c_out, stride=2))
-            c_in = c_out
-        self.stages = nn.ModuleList(stages)
-        self.out_dim = sum(chans)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> MultiScaleCNN:
-        return cls(width=cfg.width, depth=cfg.depth)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        pooled = []
-        for stage in self.stages:
-            x = stage(x)
-            pooled.append(x.mean(dim=(2, 3)))  # (B, C_i)
-        return torch.cat(pooled, dim=1)  # (B, sum C_i)
-
-
-TINY_MODEL_CONFIG = ModelConfig(arch="multiscale_cnn_tiny", width=8, depth=3, embed_dim=32)
-"""A model for tests: ~20k parameters, a forward pass on 64x64 in milliseconds."""
-
-
-@register_model("multiscale_cnn")
-def _multiscale_cnn(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = MultiScaleCNN.from_config(cfg)
-    return net, net.out_dim
-
-
-@register_model("multiscale_cnn_tiny")
-def _multiscale_cnn_tiny(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """width=8, depth=3 whatever the config says (embed_dim still comes from the config)."""
-    net = MultiScaleCNN(width=8, depth=3)
-    return net, net.out_dim
-
-
-# --------------------------------------------------------------------------------------------
-# torchvision backbones
-# --------------------------------------------------------------------------------------------
-
-
-def _load_torchvision(name: str, pretrained: bool) -> nn.Module:
-    """Build a torchvision model; with `pretrained`, load its default weights or fail clearly.
-
-    Weights come from the torch hub cache (`$TORCH_HOME/hub/checkpoints`) or are downloaded; any
-    failure (offline, bad hash) becomes a `GeolocError` that says how to proceed.
-    """
-    import torchvision
-
-    net = torchvision.models.get_model(name, weights=None)
-    if not pretrained:
-        return net
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # URLError, OSError, RuntimeError (hash) ...
-        raise GeolocError(
-            f"could not load pretrained torchvision weights for '{name}' from {weights.url}: "
-            f"{type(exc).__name__}: {exc}. Without network access, put the file in "
-            f"{torch.hub.get_dir()}/checkpoints, or set model.pretrained=false"
-        ) from exc
-    net.load_state_dict(state)
-    log.info("loaded pretrained weights %s for %s", weights, name)
-    return net
-
-
-@register_model("resnet18")
-def _resnet18(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    return _resnet("resnet18", cfg)
-
-
-@register_model("resnet50")
-def _resnet50(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    return _resnet("resnet50", cfg)
-
-
-def _resnet(name: str, cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = _load_torchvision(name, cfg.pretrained)
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
-
-
-@register_model("efficientnet_b0")
-def _efficientnet_b0(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = _load_torchvision("efficientnet_b0", cfg.pretrained)
-    dim = net.classifier[-1].in_features
-    net.classifier = nn.Identity()  # keeps avgpool + flatten, drops dropout + linear
-    return net, dim
-
-
-@register_model("convnext_tiny")
-def _convnext_tiny(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = _load_torchvision("convnext_tiny", cfg.pretrained)
-    dim = net.classifier[-1].in_features
-    net.classifier[-1] = nn.Identity()  # keeps LayerNorm2d + flatten
-    return net, dim
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
+# GeoSoft
 # --------------------------------------------------------------------------------------------
 
 TAU_PER_EDGE = 1.0
@@ -419,34 +169,32 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         return p.sub_(q).mul_((w * grad_out)[:, None]), None, None
 
 
+# --------------------------------------------------------------------------------------------
+# Loss registry
+# --------------------------------------------------------------------------------------------
+
 LossBuilder = Callable[[TrainConfig, LabelSpace, "torch.Tensor | None"], nn.Module]
-_LOSSES: dict[str, LossBuilder] = {}
+"""(cfg, label_space, class_weights) -> loss module `(logits (B, K), targets (B,)) -> scalar`."""
+
+LOSSES: Registry[LossBuilder] = Registry("loss")
+"""Loss builders by `TrainConfig.loss`; this module registers the built-in ones."""
 
 
 def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
     """Register a loss builder `(cfg, label_space, class_weights) -> nn.Module` under `name`."""
-
-    def deco(fn: LossBuilder) -> LossBuilder:
-        if name in _LOSSES:
-            raise ValueError(f"loss '{name}' is already registered")
-        _LOSSES[name] = fn
-        return fn
-
-    return deco
+    return LOSSES.register(name)
 
 
 def loss_names() -> list[str]:
     """Every registered loss name, sorted."""
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 def create_loss(
     cfg: TrainConfig, label_space: LabelSpace, class_weights: torch.Tensor | None = None
 ) -> nn.Module:
     """The child-head loss `cfg.loss` names: `forward(logits (B, K), targets (B,)) -> scalar`."""
-    if cfg.loss not in _LOSSES:
-        raise ConfigError(f"unknown loss '{cfg.loss}'; valid names: {', '.join(loss_names())}")
-    return _LOSSES[cfg.loss](cfg, label_space, class_weights)
+    return LOSSES.get(cfg.loss)(cfg, label_space, class_weights)
 
 
 @register_loss("ce")
