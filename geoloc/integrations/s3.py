@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from geoloc.atomic import atomic_path
+from geoloc.atomic import atomic_path, file_sha256
 from geoloc.errors import GeolocError
 
 log = logging.getLogger(__name__)
@@ -219,14 +219,6 @@ def put_bytes(client: Any, bucket: str, key: str, data: bytes) -> None:
         raise translate_error(exc, client, bucket, key) from None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _md5_file(path: Path) -> str:
     h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as fh:
@@ -304,7 +296,7 @@ def push(
         same_size = key in remote and remote[key].size == path.stat().st_size
         if same_size and _etag_matches(path, remote[key].etag):  # no HEAD needed
             return "skipped"
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         if same_size:
             head = head_object(client, target.bucket, key)
             if head and head.get("Metadata", {}).get(SHA256_META) == digest:
@@ -405,7 +397,7 @@ def pull(
         expected = _expected_digest(head)
         if expected and path.is_file() and path.stat().st_size == head.get("ContentLength"):
             algo, digest = expected
-            local = sha256_file(path) if algo == "sha256" else _md5_file(path)
+            local = file_sha256(path) if algo == "sha256" else _md5_file(path)
             if local == digest:
                 return "skipped"
         with atomic_path(path) as tmp:
@@ -415,7 +407,7 @@ def pull(
                 raise translate_error(exc, client, source.bucket, obj.key) from None
             if expected:
                 algo, digest = expected
-                got = sha256_file(tmp) if algo == "sha256" else _md5_file(tmp)
+                got = file_sha256(tmp) if algo == "sha256" else _md5_file(tmp)
                 if got != digest:
                     raise CorruptObjectError(
                         f"s3://{source.bucket}/{obj.key}: {algo} of the downloaded bytes is "

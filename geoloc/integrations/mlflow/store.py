@@ -1,0 +1,187 @@
+"""Where runs are tracked: the tracking URI, a health probe, a client, experiments, and the
+tag names every mirrored run carries.
+
+MLflow's active run is thread-local and its fluent API is process-global, so the package talks
+through `MlflowClient` with explicit run ids; `global_tracking_uri` covers the one fluent call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from geoloc.errors import GeolocError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""MLflow's own default store: a SQLite file in the working directory."""
+
+TAG_RUN_ID = "geoloc.run_id"
+TAG_RUN_DIR = "geoloc.run_dir"
+TAG_RUN_NAME = "geoloc.run_name"
+TAG_STATUS = "geoloc.status"
+TAG_KIND = "geoloc.kind"
+TAG_ARTIFACTS_SHA = "geoloc.artifacts_sha256"
+TAG_MODEL_SHA = "geoloc.model_sha256"
+TAG_MODEL_VERSION = "geoloc.model_version"
+TAG_LEADERBOARD_SHA = "geoloc.leaderboard_sha256"
+TAG_SWEEP = "geoloc.sweep"
+TAG_PREFECT_FLOW_RUN = "prefect.flow_run_id"
+TAG_PARENT = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""Makes the MLflow 3 UI open our experiments in its "Model training" view (runs, metrics)
+instead of the GenAI one (traces)."""
+
+PREFECT_FLOW_RUN_ENV = ("PREFECT__FLOW_RUN_ID", "PREFECT__RUNTIME__FLOW_RUN__ID")
+"""Set by Prefect workers (and its runtime overrides) in the flow run's process; read, never
+imported: `geoloc` does not depend on Prefect."""
+
+PROBE_TIMEOUT_S = 5.0
+"""A tracking server that does not answer its health check this fast counts as down; MLflow's own
+client would otherwise retry for minutes before the first epoch."""
+
+_GLOBAL_URI_LOCK = threading.RLock()
+
+
+class TrackingError(GeolocError):
+    """The tracking server is unreachable or refused a request; the message says which."""
+
+
+def error_text(exc: BaseException) -> str:
+    """One short line for logs and `summary.tracking.error` (server errors can be pages long)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """`explicit` (CLI flag or `tracking.tracking_uri`), else `MLFLOW_TRACKING_URI`, else
+    `sqlite:///mlflow.db`; a relative SQLite path is made absolute so threads, subprocesses and
+    a later `chdir` all reach the same file."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise `TrackingError` when an HTTP tracking server does not answer at all.
+
+    Any HTTP answer counts as up (a proxy may hide `/health`); only refused connections and
+    timeouts count as down. Local stores (SQLite, files) need no probe.
+    """
+    if not _is_http(uri):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as exc:
+        raise TrackingError(f"tracking server {uri} is unreachable ({type(exc).__name__})") from exc
+
+
+def client_for(uri: str) -> MlflowClient:
+    """An `MlflowClient` bound to `uri` (tracking and registry), independent of global state."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
+@contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-global tracking URI at `uri` for a fluent-only call, then restore
+    it (the module global and the `MLFLOW_TRACKING_URI` variable MLflow mirrors it into)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _GLOBAL_URI_LOCK:
+        if mlflow.get_tracking_uri() == uri:
+            yield
+            return
+        env_before = os.environ.get("MLFLOW_TRACKING_URI")
+        global_before = tracking_utils._tracking_uri
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(global_before)  # None unsets the variable too
+            if env_before is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created (or restored from the bin) when needed; two processes
+    creating it at once both end up with the same one."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def experiment_for(
+    client: MlflowClient, name: str, parent_run_id: str | None
+) -> tuple[str, str | None]:
+    """(experiment id, parent run id to nest under). Children live in their parent's experiment
+    (MLflow only nests runs within one); a parent this server does not know (the run is synced
+    into another server than the sweep's) is dropped, and the run goes to `name`."""
+    from mlflow.exceptions import MlflowException
+
+    if parent_run_id:
+        try:
+            return client.get_run(parent_run_id).info.experiment_id, parent_run_id
+        except MlflowException as exc:
+            log.warning("parent MLflow run %s not found (%s); not nesting", parent_run_id,
+                        error_text(exc))  # fmt: skip
+    return ensure_experiment(client, name), None
+
+
+def find_run(client: MlflowClient, experiment_id: str, geoloc_run_id: str) -> Run | None:
+    """The MLflow run mirroring `geoloc_run_id` in the experiment (the oldest if a race ever
+    created two), or None."""
+    if "'" in geoloc_run_id:
+        raise TrackingError(f"run id {geoloc_run_id!r} contains a quote")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_RUN_ID}` = '{geoloc_run_id}'",
+        max_results=10,
+        order_by=["attributes.start_time ASC"],
+    )
+    if len(runs) > 1:
+        log.warning("%d MLflow runs carry %s=%s; using the oldest", len(runs), TAG_RUN_ID,
+                    geoloc_run_id)  # fmt: skip
+    return runs[0] if runs else None
+
+
+def prefect_flow_run_id() -> str | None:
+    """The Prefect flow run this process works for, from the environment Prefect sets."""
+    for var in PREFECT_FLOW_RUN_ENV:
+        value = os.environ.get(var)
+        if value:
+            return value
+    return None
