@@ -30,17 +30,11 @@ from _synthetic_index import write_synthetic_index  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader  # noqa: E402
 from geoloc.geo import LabelSpace  # noqa: E402
-from geoloc.model.modeling import create_loss, create_model  # noqa: E402
-from geoloc.train.loop import (  # noqa: E402
-    FitState,
-    build_optimizer,
-    build_scheduler,
-    epoch_order,
-    save_checkpoint,
-    seed_everything,
-    steps_per_epoch,
-    train_one_epoch,
-)
+from geoloc.model import create_loss, create_model  # noqa: E402
+from geoloc.train.checkpoint import save_checkpoint
+from geoloc.train.loop import FitState, epoch_order
+from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
+from geoloc.train.steps import seed_everything, train_one_epoch
 
 
 def plain_epoch(model, loader, optimizer) -> tuple[int, float]:

@@ -21,3 +21,7 @@ class IndexMissingError(DataError):
 
 class TrialPruned(GeolocError):  # noqa: N818 - mirrors optuna's name on purpose
     """Raised by an epoch callback to stop a run early; the run ends with status `pruned`."""
+
+
+class TrainingError(GeolocError):
+    """Training cannot go on (NaN loss, incompatible checkpoint...); the message says why."""

@@ -11,19 +11,13 @@ import torch
 from torch import nn
 
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
+from geoloc.errors import TrainingError
 from geoloc.geo import LabelSpace
 from geoloc.model.scores import class_scores
-from geoloc.train.loop import (
-    TrainingError,
-    epoch_order,
-    load_checkpoint,
-    lr_factor,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    train_one_epoch,
-)
+from geoloc.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from geoloc.train.loop import epoch_order
+from geoloc.train.optim import lr_factor
+from geoloc.train.steps import seed_everything, train_one_epoch
 
 
 def _draws() -> tuple[float, float, float]:

@@ -10,16 +10,18 @@ rank. Only rank 0 writes (run directory, checkpoints, summary, report, MLflow); 
 train and exit.
 
 Two ways in: `geoloc train --nproc N` (`launch`: spawns N local processes, gloo on CPU, NCCL on
-GPU) and `torchrun --nproc_per_node N -m geoloc.train.distributed --config ...` (`main`; multi-node
-too, with a run folder every node can see).
+GPU) and `torchrun --nproc_per_node N -m geoloc train --config ...` (every process is a rank;
+multi-node too, with a run folder every node can see). What a rank runs is
+`geoloc.train.run.run_rank`; this module knows nothing of it (no import cycle).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -30,12 +32,10 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from geoloc.errors import ConfigError
-from geoloc.train.loop import EpochResult, TrainingError
+from geoloc.errors import TrainingError
+from geoloc.train.steps import EpochResult
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from geoloc.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -153,56 +153,6 @@ def init_process_group(device_name: str) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def run_rank(cfg: RunConfig, run_dir: Path | None, resume: Path | None, progress: bool) -> Path:
-    """One rank of a distributed run: rank 0 runs `train_run`, the others only `fit`.
-
-    `run_dir` None (torchrun): rank 0 names the run and tells the others.
-    """
-    global _CURRENT
-    from geoloc.train.run import train_run
-
-    ctx = init_process_group(cfg.train.device)
-    _CURRENT = ctx
-    try:
-        run_dir = _agree_run_dir(ctx, cfg, resume or run_dir)
-        if ctx.is_main:
-            return train_run(cfg, run_dir=None if resume else run_dir, resume=resume,
-                             progress=progress)  # fmt: skip
-        _train_follower(ctx, cfg, run_dir, resume)
-        return run_dir
-    finally:
-        _CURRENT = None
-        tdist.destroy_process_group()
-
-
-def _agree_run_dir(ctx: DistContext, cfg: RunConfig, run_dir: Path | None) -> Path:
-    from geoloc.paths import runs_dir
-    from geoloc.runs.layout import new_run_id
-
-    chosen = [str(run_dir or runs_dir() / new_run_id(cfg.name)) if ctx.is_main else None]
-    tdist.broadcast_object_list(chosen, src=0)
-    return Path(str(chosen[0]))
-
-
-def _train_follower(ctx: DistContext, cfg: RunConfig, run_dir: Path, resume: Path | None) -> None:
-    """What a rank other than 0 does: the same model and data, `fit` without writing anything."""
-    from geoloc.data.dataset import index_files
-    from geoloc.runs.layout import RunPaths
-    from geoloc.train.loop import fit, load_checkpoint, seed_everything
-    from geoloc.train.run import build_model_and_loss, load_run_data, resolve_index_dir
-
-    data = load_run_data(cfg, resolve_index_dir(cfg))
-    paths = RunPaths(run_dir)
-    resume_ckpt = load_checkpoint(paths.last_checkpoint) if resume is not None else None
-    seed_everything(cfg.seed, ctx.rank)
-    model, criterion = build_model_and_loss(
-        cfg, data.label_space, index_files(data.index_dir)["splits"]
-    )
-    criterion.to(ctx.device)
-    fit(model, data.train, data.val, criterion, data.label_space, cfg, ctx.device,
-        paths.checkpoints, resume_from=resume_ckpt, progress=False, dist=ctx)  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -215,47 +165,70 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+RankEntry = Callable[["RunConfig", Path | None, Path | None, bool], Path]
+"""What each rank runs: `(cfg, run_dir, resume, progress) -> run_dir` (`run.run_rank`)."""
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started as one rank of several by torchrun (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def joined_group(ctx: DistContext) -> contextlib.AbstractContextManager[DistContext]:
+    """Make `ctx` this process's current context until the block ends, then leave the group."""
+
+    @contextlib.contextmanager
+    def _scope() -> Iterator[DistContext]:
+        global _CURRENT
+        _CURRENT = ctx
+        try:
+            yield ctx
+        finally:
+            _CURRENT = None
+            tdist.destroy_process_group()
+
+    return _scope()
+
+
+def agree_run_dir(ctx: DistContext, chosen: Path) -> Path:
+    """Rank 0's run folder, on every rank (torchrun: each rank would otherwise name its own)."""
+    box = [str(chosen) if ctx.is_main else None]
+    tdist.broadcast_object_list(box, src=0)
+    return Path(str(box[0]))
+
+
 def launch(
+    entry: RankEntry,
     cfg: RunConfig,
     *,
-    run_dir: Path | None = None,
+    run_dir: Path,
     resume: Path | None = None,
-    callbacks: Sequence[Any] = (),
     progress: bool = True,
 ) -> Path:
-    """Train `cfg` with `cfg.train.nproc` processes on this host; returns the one run folder.
+    """Run `entry` in `cfg.train.nproc` processes on this host; returns the one run folder.
 
-    Epoch callbacks (Optuna pruning) live in the caller's process and cannot follow the ranks:
-    they are refused. A failed rank stops the others and raises `TrainingError`; rank 0 has
-    recorded the failure in summary.json by then when the run folder existed.
+    A failed rank stops the others and raises `TrainingError`; rank 0 has recorded the failure
+    in summary.json by then when the run folder existed.
     """
     import torch.multiprocessing as mp
 
-    from geoloc.paths import runs_dir
-    from geoloc.runs.layout import new_run_id
-
-    if callbacks:
-        raise ConfigError(
-            f"train.nproc={cfg.train.nproc}: epoch callbacks (pruning) need train.nproc=1"
-        )
-    target = Path(resume) if resume else Path(run_dir) if run_dir else None
-    target = target or runs_dir() / new_run_id(cfg.name)
     port = free_port()
-    log.info("launching %d ranks for %s (port %d)", cfg.train.nproc, target, port)
-    args = (cfg.model_dump(mode="json"), str(target), str(resume) if resume else None, port,
-            progress)  # fmt: skip
+    log.info("launching %d ranks for %s (port %d)", cfg.train.nproc, run_dir, port)
+    args = (entry, cfg.model_dump(mode="json"), str(run_dir), str(resume) if resume else None,
+            port, progress)  # fmt: skip
     try:
         mp.spawn(_spawned_rank, args=args, nprocs=cfg.train.nproc, join=True)
     except mp.ProcessRaisedException as exc:
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"distributed training of '{target}' failed: {last}") from exc
+        raise TrainingError(f"distributed training of '{run_dir}' failed: {last}") from exc
     except mp.ProcessExitedException as exc:
-        raise TrainingError(f"distributed training of '{target}' failed: {exc}") from exc
-    return target
+        raise TrainingError(f"distributed training of '{run_dir}' failed: {exc}") from exc
+    return run_dir
 
 
 def _spawned_rank(
     local_rank: int,
+    entry: RankEntry,
     cfg_doc: dict[str, Any],
     run_dir: str,
     resume: str | None,
@@ -274,33 +247,4 @@ def _spawned_rank(
     )
     if local_rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_rank(cfg, Path(run_dir), Path(resume) if resume else None, progress and local_rank == 0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`torchrun --nproc_per_node N -m geoloc.train.distributed [--config C] [--set k=v] [--resume D]`."""
-    from geoloc.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m geoloc.train.distributed", description=main.__doc__)
-    parser.add_argument("--config", "-c", default=None, help="YAML/JSON config or preset name.")
-    parser.add_argument("--set", "-s", action="append", default=[], help="key=value override.")
-    parser.add_argument("--resume", default=None, help="Run folder to continue.")
-    args = parser.parse_args(argv)
-    if "WORLD_SIZE" not in os.environ:
-        parser.error("run me under torchrun (WORLD_SIZE is not set); or use geoloc train --nproc")
-    world = int(os.environ["WORLD_SIZE"])
-    cfg = load_config(args.config, [*args.set, f"train.nproc={world}"])
-    if os.environ.get("RANK", "0") == "0":
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    resume = Path(args.resume) if args.resume else None
-    run_dir = run_rank(cfg, None, resume, progress=os.environ.get("RANK", "0") == "0")
-    if os.environ.get("RANK", "0") == "0":
-        print(run_dir)
-
-
-if __name__ == "__main__":
-    # `-m geoloc.train.distributed` runs this file as `__main__`, a second copy of the module: run the
-    # imported one, whose context `geoloc.train.run` sees
-    from geoloc.train.distributed import main as _main
-
-    _main()
+    entry(cfg, Path(run_dir), Path(resume) if resume else None, progress and local_rank == 0)

@@ -1,17 +1,15 @@
 """`train_run(cfg) -> run_dir`: the one entry point that turns the index into a run.
 
 config -> index check -> datasets -> model/loss -> `fit` -> best checkpoint on val/test ->
-predictions, metrics.csv, summary.json -> report -> MLflow mirror. A failure anywhere leaves
-`summary.json` with `status: failed` and the reason before the exception goes on; a pruning
-callback leaves `status: pruned`. `load_trained` is the way back from a run to its model.
+predictions, metrics.csv, summary.json. A failure anywhere leaves `summary.json` with
+`status: failed` and the reason before the exception goes on; a pruning callback leaves
+`status: pruned`. Rerank, report and MLflow come after, in the composer (`geoloc.compose`);
+`geoloc.infer.trained.load_trained` is the way back from a run to its model.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from geoloc.atomic import write_parquet, write_text
+from geoloc.atomic import write_parquet
 from geoloc.config import RunConfig, save_config
 from geoloc.data.dataset import (
     EmptySplitError,
@@ -30,40 +28,37 @@ from geoloc.data.dataset import (
     index_files,
     make_loader,
 )
-from geoloc.errors import ConfigError, DataError, GeolocError, TrialPruned
+from geoloc.errors import ConfigError, DataError, TrainingError, TrialPruned
 from geoloc.geo import LabelSpace
 from geoloc.paths import DataPaths, runs_dir
 from geoloc.runs.layout import RunPaths, new_run_id
 from geoloc.runs.summary import (
-    finite_or_none,
-    new_summary,
-    read_summary,
     update_summary,
-    write_summary,
 )
-from geoloc.train.distributed import current_context
-from geoloc.train.loop import (
-    EvalResult,
-    FitState,
-    TrainingError,
-    evaluate,
-    fit,
-    is_better,
-    load_checkpoint,
-    resolve_device,
-    seed_everything,
+from geoloc.train.checkpoint import load_checkpoint
+from geoloc.train.distributed import (
+    DistContext,
+    agree_run_dir,
+    current_context,
+    init_process_group,
+    joined_group,
+    launch,
+    under_torchrun,
 )
+from geoloc.train.loop import FitState, fit
+from geoloc.train.records import (
+    METRIC_COLUMNS,
+    Recorder,
+    clean_metrics,
+    epoch_summary,
+    start_summary,
+    write_metrics_csv,
+)
+from geoloc.train.steps import EvalResult, evaluate, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
-
-METRIC_COLUMNS = (
-    "epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_parent_acc", "val_median_km",
-    "val_p90_km", "val_p95_km", "val_acc_1km", "val_acc_25km", "val_acc_200km", "val_acc_750km",
-    "val_acc_2500km", "val_geoscore", "lr", "epoch_time_s",
-)  # fmt: skip
-"""metrics.csv columns, in order (docs/ARCHITECTURE.md, "Metric names")."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +78,7 @@ def check_run_config(cfg: RunConfig) -> None:
             f"train.early_stopping_metric '{cfg.train.early_stopping_metric}' is not a metric; "
             f"valid: {', '.join(METRIC_COLUMNS[1:-2])}"
         )
-    from geoloc.model.modeling import model_names
+    from geoloc.model import model_names
 
     if cfg.model.arch not in model_names():
         raise ConfigError(
@@ -164,97 +159,6 @@ def check_resumable(
 
 
 # --------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------
-
-def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: finite_or_none(v) for k, v in metrics.items()}
-
-
-def write_metrics_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
-    """Rewrite metrics.csv whole from the run's history (atomic; a resume never duplicates)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row.get(k) for k in METRIC_COLUMNS})
-    write_text(path, buf.getvalue())
-
-
-def config_subset(cfg: RunConfig) -> dict[str, Any]:
-    """The few settings that tell runs apart on a leaderboard."""
-    return {
-        "arch": cfg.model.arch,
-        "loss": cfg.train.loss,
-        "hierarchy": cfg.model.hierarchy,
-        "hardneg": cfg.hardneg.enabled,
-        "epochs": cfg.train.epochs,
-        "batch_size": cfg.train.batch_size,
-        "lr": cfg.train.lr,
-        "weight_decay": cfg.train.weight_decay,
-        "image_size": cfg.train.image_size,
-        "tau_km": cfg.train.tau_km,
-        "hier_topk_parents": cfg.train.hier_topk_parents,
-        "class_weighting": cfg.train.class_weighting,
-        "seed": cfg.seed,
-    }
-
-
-def dataset_info(label_space: LabelSpace) -> dict[str, Any]:
-    return {
-        "fingerprint": label_space.fingerprint or None,
-        "num_classes": label_space.num_classes,
-        "num_parents": label_space.num_parents,
-        "resolution": label_space.resolution,
-        "parent_resolution": label_space.parent_resolution,
-    }
-
-
-def epoch_summary(history: Sequence[dict[str, Any]], best_epoch: int | None) -> dict[str, Any]:
-    """The per-epoch part of summary.json (last, best, best_val_acc, best_p90_km...)."""
-    if not history:
-        return {"epochs_completed": 0}
-    last = history[-1]
-    best = next((h for h in history if h["epoch"] == best_epoch), last)
-    acc = [h["val_top1"] for h in history if math.isfinite(h["val_top1"])]
-    p90 = [h["val_p90_km"] for h in history if math.isfinite(h["val_p90_km"])]
-    return {
-        "epochs_completed": int(last["epoch"]),
-        "best_epoch": best_epoch,
-        "best_val_acc": max(acc) if acc else None,
-        "best_p90_km": min(p90) if p90 else None,
-        "last_geo_median_km": finite_or_none(last["val_median_km"]),
-        "last": _clean({k: last.get(k) for k in METRIC_COLUMNS}),
-        "best": _clean({k: best.get(k) for k in METRIC_COLUMNS}),
-    }
-
-
-class _Recorder:
-    """Epoch callback that keeps metrics.csv and summary.json current while the run trains.
-
-    It runs first among the callbacks, so an epoch that a later callback aborts (pruning, a
-    crash) is still on disk, like the checkpoint `fit` wrote before calling it.
-    """
-
-    def __init__(self, paths: RunPaths, cfg: RunConfig, start: FitState) -> None:
-        self.paths = paths
-        self.metric = cfg.train.early_stopping_metric
-        self.mode = cfg.train.early_stopping_mode
-        self.history = list(start.history)
-        self.best_value, self.best_epoch = start.best_value, start.best_epoch
-
-    def __call__(self, epoch: int, metrics: dict[str, Any]) -> None:
-        self.history = [h for h in self.history if h["epoch"] < epoch] + [metrics]
-        if is_better(metrics.get(self.metric), self.best_value, self.mode):
-            self.best_value, self.best_epoch = metrics[self.metric], epoch
-        self.flush()
-
-    def flush(self) -> None:
-        write_metrics_csv(self.paths.metrics_csv, self.history)
-        update_summary(self.paths.root, **epoch_summary(self.history, self.best_epoch))
-
-
-# --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
@@ -262,8 +166,8 @@ class _Recorder:
 def build_model_and_loss(
     cfg: RunConfig, label_space: LabelSpace, splits_parquet: Path
 ) -> tuple[nn.Module, nn.Module]:
-    """The model and the child-head loss the config names (registries in `geoloc.model.modeling`)."""
-    from geoloc.model.modeling import compute_class_weights_from_parquet, create_loss, create_model
+    """The model and the child-head loss the config names (registries in `geoloc.model`)."""
+    from geoloc.model import compute_class_weights_from_parquet, create_loss, create_model
 
     model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
     weights = None
@@ -283,14 +187,19 @@ def train_run(
     run_dir: Path | None = None,
     resume: Path | None = None,
     callbacks: Sequence[EpochCallback] = (),
+    on_start: Callable[[Path], None] | None = None,
     progress: bool = True,
 ) -> Path:
     """Train `cfg` into `runs/<run_id>/` (or `run_dir`); `resume` continues that run's last.pt.
 
-    Returns the run directory. Bad input (missing/empty index, empty split, incompatible
-    checkpoint) raises a `GeolocError` before a run directory is created. `TrialPruned` from a
-    callback ends the run with status `pruned` and is re-raised; any other exception ends it with
-    status `failed` and its reason, and is re-raised.
+    Returns the run directory, with checkpoints, predictions, metrics.csv and summary.json;
+    reports and MLflow are the composer's (`geoloc.compose`). `on_start(run_dir)` runs once the
+    folder and its summary exist, before the first epoch (the composer starts its live mirror
+    there). Bad input (missing/empty index, empty split, incompatible checkpoint) raises a
+    `GeolocError` before a run directory is created. `TrialPruned` from a callback ends the run
+    with status `pruned` and is re-raised; any other exception ends it with status `failed` and
+    its reason, and is re-raised. With `train.nproc > 1` it starts the ranks on this host; under
+    torchrun this process is one of them.
     """
     check_run_config(cfg)
     data = load_run_data(cfg, resolve_index_dir(cfg))
@@ -300,40 +209,61 @@ def train_run(
         ckpt_path = RunPaths(run_dir).last_checkpoint
         resume_ckpt = load_checkpoint(ckpt_path)
         check_resumable(resume_ckpt, cfg, data.label_space, ckpt_path)
-    if cfg.train.nproc > 1 and current_context() is None:  # inputs checked: start the ranks
-        from geoloc.train.distributed import launch
-
-        return launch(cfg, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress)
+    if current_context() is None and (cfg.train.nproc > 1 or under_torchrun()):
+        if callbacks or on_start is not None:
+            raise ConfigError(
+                f"train.nproc={cfg.train.nproc}: epoch callbacks (pruning, live mirroring) need "
+                "train.nproc=1"
+            )
+        target = Path(run_dir) if run_dir else runs_dir() / new_run_id(cfg.name)
+        if under_torchrun():  # this process is one of torchrun's ranks
+            return run_rank(cfg, target, resume, progress)
+        return launch(run_rank, cfg, run_dir=target, resume=resume, progress=progress)
     paths = RunPaths(Path(run_dir) if run_dir else runs_dir() / new_run_id(cfg.name)).make()
     save_config(cfg, paths.config)
-    _start_summary(paths, cfg, data.label_space, resumed=resume_ckpt is not None)
+    start_summary(paths, cfg, data.label_space, resumed=resume_ckpt is not None)
     log.info("run %s: %s", paths.run_id, paths.root)
-
-    mirror = _start_mirror(paths, cfg)
-    recorder = _Recorder(
+    if on_start is not None:
+        on_start(paths.root)
+    recorder = Recorder(
         paths, cfg, FitState.from_checkpoint(resume_ckpt) if resume_ckpt else FitState()
     )
     recorder.flush()
-    hooks: list[EpochCallback] = [recorder]
-    if mirror is not None:
-        hooks.append(mirror.on_epoch_end)
-    hooks.extend(callbacks)
-    outcome: BaseException | None = None
     try:
-        _train_and_evaluate(cfg, paths, data, hooks, resume_ckpt, progress)
+        _train_and_evaluate(cfg, paths, data, [recorder, *callbacks], resume_ckpt, progress)
     except TrialPruned as exc:
-        outcome = exc
         update_summary(paths.root, status="pruned", failure_reason=str(exc) or "pruned")
+        raise
     except BaseException as exc:
-        outcome = exc
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         _record_failure(paths, reason)
-    _write_report(paths)
-    if mirror is not None:
-        _finish_mirror(mirror, paths)
-    if outcome is not None:
-        raise outcome
+        raise
     return paths.root
+
+
+def run_rank(cfg: RunConfig, run_dir: Path, resume: Path | None, progress: bool) -> Path:
+    """One rank of a distributed run: rank 0 runs `train_run` (and writes), the others `fit`."""
+    with joined_group(init_process_group(cfg.train.device)) as ctx:
+        run_dir = agree_run_dir(ctx, Path(resume or run_dir))
+        if ctx.is_main:
+            return train_run(cfg, run_dir=None if resume else run_dir, resume=resume,
+                             progress=progress)  # fmt: skip
+        _train_follower(ctx, cfg, run_dir, resume)
+        return run_dir
+
+
+def _train_follower(ctx: DistContext, cfg: RunConfig, run_dir: Path, resume: Path | None) -> None:
+    """What a rank other than 0 does: the same model and data, `fit` without writing anything."""
+    data = load_run_data(cfg, resolve_index_dir(cfg))
+    paths = RunPaths(run_dir)
+    resume_ckpt = load_checkpoint(paths.last_checkpoint) if resume is not None else None
+    seed_everything(cfg.seed, ctx.rank)
+    model, criterion = build_model_and_loss(
+        cfg, data.label_space, index_files(data.index_dir)["splits"]
+    )
+    criterion.to(ctx.device)
+    fit(model, data.train, data.val, criterion, data.label_space, cfg, ctx.device,
+        paths.checkpoints, resume_from=resume_ckpt, progress=False, dist=ctx)  # fmt: skip
 
 
 def _train_and_evaluate(
@@ -367,7 +297,7 @@ def _train_and_evaluate(
         test = _evaluate_split(model, data.test, criterion, data.label_space, cfg, device, "test",
                                progress)  # fmt: skip
         write_parquet(paths.test_predictions, test.predictions)
-        test_metrics = _clean(test.metrics)
+        test_metrics = clean_metrics(test.metrics)
     write_metrics_csv(paths.metrics_csv, result.state.history)
     update_summary(
         paths.root,
@@ -398,54 +328,8 @@ def _evaluate_split(
     )  # fmt: skip
 
 
-def _start_summary(paths: RunPaths, cfg: RunConfig, label_space: LabelSpace, resumed: bool) -> None:
-    summary = new_summary(paths.run_id, cfg.name, config_subset(cfg))
-    if resumed and paths.summary.is_file():
-        try:
-            old = read_summary(paths.root)
-            summary.update({k: old[k] for k in ("created_at", "tracking") if k in old})
-        except GeolocError as exc:
-            log.warning("previous summary of %s unreadable (%s); starting a fresh one", paths, exc)
-    summary["dataset"] = dataset_info(label_space)
-    write_summary(paths.root, summary)
-
-
 def _record_failure(paths: RunPaths, reason: str) -> None:
     try:
         update_summary(paths.root, status="failed", failure_reason=reason[:2000])
     except Exception:  # noqa: BLE001 - the original error matters more than this one
         log.exception("could not record the failure in %s", paths.summary)
-
-
-def _write_report(paths: RunPaths) -> None:
-    """REPORT.md and dashboard.html; a reporting failure is logged, never hides the result."""
-    try:
-        from geoloc.runs.report import write_report
-
-        write_report(paths.root)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("report for %s failed: %s", paths.root, exc)
-    try:  # refresh the artifact flags the report just created
-        update_summary(paths.root)
-    except GeolocError as exc:
-        log.warning("could not refresh %s: %s", paths.summary, exc)
-
-
-def _start_mirror(paths: RunPaths, cfg: RunConfig) -> Any | None:
-    if not cfg.tracking.enabled:
-        return None
-    try:
-        from geoloc.integrations.mlflow import LiveMirror
-    except ImportError as exc:
-        log.warning("MLflow mirroring unavailable: %s", exc)
-        update_summary(paths.root, tracking={"mirrored": False, "mlflow_run_id": None,
-                                             "error": f"tracking unavailable: {exc}"})  # fmt: skip
-        return None
-    return LiveMirror.start(paths.root, cfg)
-
-
-def _finish_mirror(mirror: Any, paths: RunPaths) -> None:
-    try:
-        mirror.finish(paths.root)
-    except Exception as exc:  # noqa: BLE001 - LiveMirror promises not to raise; belt and braces
-        log.warning("MLflow mirror of %s failed: %s", paths.root, exc)
