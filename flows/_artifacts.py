@@ -12,7 +12,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-from geoloc.compose import run_digest
+from geoloc.runs.digest import run_digest
 
 
 def _cell(value: Any) -> Any:

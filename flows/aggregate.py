@@ -16,8 +16,8 @@ from prefect.cache_policies import NO_CACHE
 import geoloc.integrations.mlflow
 import geoloc.runs.leaderboard
 from flows._artifacts import publish_table
-from geoloc.compose import table_records
-from geoloc.runs.leaderboard import AggregateResult
+from geoloc.runs.digest import table_records
+from geoloc.runs.leaderboard_table import AggregateResult
 
 
 @task(name="aggregate-runs", cache_policy=NO_CACHE)

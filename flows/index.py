@@ -1,10 +1,10 @@
 """`index` flow: demo images -> ingest (fetch + process) -> build the canonical index.
 
-Each stage is a task cached by the fingerprint of its inputs (`geoloc.compose.*_key`): a re-run
-with unchanged inputs, or after a later failure, skips it. A stage whose outputs were deleted runs
-again even when its key is cached; remote sources are never cached (their content is unknown
-until listed; ingestion resumes from its journal instead). Cache records live next to the data,
-in `data/state/stage-cache/`, so they follow `GEOLOC_DATA_DIR` and vanish with it.
+Each stage is a task cached by the fingerprint of its inputs (`geoloc.compose.stage_cache`):
+a re-run with unchanged inputs, or after a later failure, skips it. A stage whose outputs were
+deleted runs again even when its key is cached; remote sources are never cached (their content
+is unknown until listed; ingestion resumes from its journal instead). Cache records live next
+to the data, in `data/state/stage-cache/`, so they follow `GEOLOC_DATA_DIR` and vanish with it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import geoloc.data.demo
 import geoloc.data.index
 import geoloc.data.ingest
 from flows._artifacts import publish_table
-from geoloc import compose as pipeline
+from geoloc.compose import params as flow_params
+from geoloc.compose import stage_cache
 from geoloc.config import IndexConfig
 from geoloc.data.demo import DemoReport
 from geoloc.data.index import IndexReport
@@ -29,20 +30,20 @@ from geoloc.paths import DataPaths
 
 
 def _demo_key(_: TaskRunContext, p: dict[str, Any]) -> str:
-    return pipeline.demo_key(p["out_dir"], p["n"], p["seed"], p["sigma_deg"])
+    return stage_cache.demo_key(p["out_dir"], p["n"], p["seed"], p["sigma_deg"])
 
 
 def _ingest_key(_: TaskRunContext, p: dict[str, Any]) -> str | None:
-    return pipeline.ingest_key(p["spec"], p["paths"], p["cfg"], p["options"])
+    return stage_cache.ingest_key(p["spec"], p["paths"], p["cfg"], p["options"])
 
 
 def _index_key(_: TaskRunContext, p: dict[str, Any]) -> str:
-    return pipeline.index_key(p["paths"], p["cfg"])
+    return stage_cache.index_key(p["paths"], p["cfg"])
 
 
 @task(name="validate-index-config", cache_policy=NO_CACHE)
 def validate_config(preset: str | None, overrides: dict[str, Any] | None) -> IndexConfig:
-    return pipeline.index_config_from_params(preset, overrides)
+    return flow_params.index_config_from_params(preset, overrides)
 
 
 @task(name="make-demo", cache_key_fn=_demo_key)
@@ -86,7 +87,7 @@ def index(
     paths = DataPaths.default()
     if source == "demo":
         _stage(make_demo, "demo", paths)(paths.demo, demo_n, demo_seed, 0.5)
-    retries = 2 if pipeline.is_remote_source(source) else 0
+    retries = 2 if stage_cache.is_remote_source(source) else 0
     _stage(ingest, "ingest", paths, retries=retries)(source, paths, cfg, source_options or {})
     _stage(build_index, "index", paths)(paths, cfg)
     fingerprint = geoloc.data.index.index_fingerprint(paths)
@@ -101,7 +102,7 @@ def index(
 def _stage(stage_task: Any, stage: str, paths: DataPaths, **options: Any) -> Any:
     """The stage's task keeping its cache under the data tree; refreshed if outputs vanished."""
     return stage_task.with_options(
-        result_storage=pipeline.stage_cache_dir(paths),
-        refresh_cache=not pipeline.stage_outputs_present(stage, paths),
+        result_storage=stage_cache.stage_cache_dir(paths),
+        refresh_cache=not stage_cache.stage_outputs_present(stage, paths),
         **options,
     )

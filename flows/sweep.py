@@ -16,8 +16,8 @@ from prefect.cache_policies import NO_CACHE
 import geoloc.integrations.optuna
 from flows._artifacts import publish_table
 from flows.train import train_fn
-from geoloc.compose import table_records
 from geoloc.integrations.optuna import SweepConfig, SweepResult
+from geoloc.runs.digest import table_records
 
 
 @task(name="validate-sweep", cache_policy=NO_CACHE)

@@ -11,15 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-import geoloc.infer.rerank
-import geoloc.integrations.mlflow
-import geoloc.runs.report
-import geoloc.train.run
 from flows._artifacts import publish_run
-from geoloc.compose import TRAIN_PARAMS, run_config_from_params
+from geoloc.compose.params import TRAIN_PARAMS, run_config_from_params
+from geoloc.compose.training import RETRYABLE_STEPS, run_training
 from geoloc.config import RunConfig, flatten
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
@@ -32,29 +29,11 @@ def validate_config(
     return run_config_from_params(preset, params, overrides)
 
 
-@task(name="train-model", cache_policy=NO_CACHE)
-def train_model(
-    cfg: RunConfig, run_dir: Path | None, callbacks: Sequence[EpochCallback] = ()
-) -> Path:
-    return geoloc.train.run.train_run(cfg, run_dir=run_dir, callbacks=callbacks, progress=False)
-
-
-@task(name="evaluate-rerank", cache_policy=NO_CACHE)
-def evaluate_rerank(run_dir: Path, cfg: RunConfig) -> str:
-    return geoloc.infer.rerank.rerank_run(
-        run_dir, cfg=cfg.rerank, report=False, progress=False
-    ).best_variant
-
-
-@task(name="write-report", cache_policy=NO_CACHE)
-def write_report(run_dir: Path) -> None:
-    geoloc.runs.report.write_report(run_dir)
-
-
-# the tracking server is I/O: retry it, and only it
-@task(name="sync-mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def sync_mlflow(run_dir: Path) -> str | None:
-    return geoloc.integrations.mlflow.sync_run(run_dir).mlflow_run_id
+def as_task(name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run one composer step as a Prefect task; only the remote-I/O steps are retried."""
+    retries = 2 if name in RETRYABLE_STEPS else 0
+    unit = task(name=name, cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=5)(fn)
+    return unit(*args, **kwargs)
 
 
 @flow(name="train", log_prints=True)
@@ -108,27 +87,19 @@ def train(
     """
     params = {k: v for k, v in locals().items() if k in TRAIN_PARAMS}
     cfg = validate_config(preset, params, overrides)
-    out = train_model(cfg, Path(run_dir) if run_dir else None, callbacks or ())
-    if cfg.rerank.enabled:
-        evaluate_rerank(out, cfg)
-    write_report(out)
-    if cfg.tracking.enabled:
-        # after rerank and report: the MLflow run gets the final summary and files. A tracking
-        # outage (after retries) never turns a finished run into a failed flow run; the error
-        # is in summary.json `tracking.error`, and `geoloc mlflow sync` catches up later.
-        synced = sync_mlflow(out, return_state=True)
-        if synced.is_failed():
-            get_run_logger().warning("MLflow sync failed: %s", synced.message)
+    # train -> rerank -> report -> MLflow sync, each step a task (geoloc.compose)
+    out = run_training(cfg, run_dir=Path(run_dir) if run_dir else None,
+                       callbacks=callbacks or (), progress=False, step=as_task)  # fmt: skip
     return publish_run(out)
 
 
 def train_fn(
     cfg: RunConfig, *, run_dir: Path | None = None, callbacks: Sequence[EpochCallback] = ()
 ) -> Path:
-    """`geoloc.train.run.train_run`'s signature, run as the `train` flow (a subflow inside a flow).
+    """`geoloc.compose.training.run_training`'s signature, run as the `train` flow (a subflow).
 
-    Sweeps pass it as `geoloc.integrations.optuna.run_sweep(cfg, train_fn=train_fn)`: every trial becomes a
-    `train` flow run with its rerank evaluation, report and artifacts.
+    Sweeps pass it as `run_sweep(cfg, train_fn=train_fn)`: every trial becomes a `train` flow
+    run with its rerank evaluation, report and artifacts.
     """
     result = train(
         preset=None,

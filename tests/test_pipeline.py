@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from geoloc import compose as pipeline
+from geoloc.compose import params as flow_params
+from geoloc.compose import stage_cache
 from geoloc.config import IndexConfig, flatten, load_config
 from geoloc.errors import ConfigError
 from geoloc.paths import DataPaths
+from geoloc.runs.digest import run_digest
 
 
 def test_flat_params_land_on_their_config_keys() -> None:
-    cfg = pipeline.run_config_from_params(
+    cfg = flow_params.run_config_from_params(
         "geosoft", {"epochs": 2, "lr": 1e-3, "hardneg": False, "tracking": False, "arch": None}
     )
     assert cfg.train.epochs == 2
@@ -28,12 +30,12 @@ def test_flat_params_land_on_their_config_keys() -> None:
 
 
 def test_overrides_reach_any_key_and_conflicts_are_errors() -> None:
-    cfg = pipeline.run_config_from_params(
+    cfg = flow_params.run_config_from_params(
         "ce", {"epochs": 3}, {"warmup_epochs": 1, "rerank.k_neighbors": 5}
     )
     assert (cfg.train.warmup_epochs, cfg.rerank.k_neighbors, cfg.train.loss) == (1, 5, "ce")
     with pytest.raises(ConfigError, match="train.epochs' is set twice"):
-        pipeline.run_config_from_params("ce", {"epochs": 3}, {"train.epochs": 4})
+        flow_params.run_config_from_params("ce", {"epochs": 3}, {"train.epochs": 4})
 
 
 @pytest.mark.parametrize(
@@ -47,83 +49,84 @@ def test_overrides_reach_any_key_and_conflicts_are_errors() -> None:
 )
 def test_bad_values_name_the_key(preset, params, overrides, reason) -> None:
     with pytest.raises(ConfigError, match=reason):
-        pipeline.run_config_from_params(preset, params, overrides)
+        flow_params.run_config_from_params(preset, params, overrides)
 
 
 def test_a_whole_config_round_trips_through_overrides() -> None:
     """What `flows.train.train_fn` relies on to run any RunConfig as the `train` flow."""
     cfg = load_config("geosoft", {"epochs": 3, "tau_km": 250.0, "parent_run_id": "abc"})
-    assert pipeline.run_config_from_params(None, {}, flatten(cfg)) == cfg
+    assert flow_params.run_config_from_params(None, {}, flatten(cfg)) == cfg
 
 
 def test_train_flow_exposes_every_flat_parameter() -> None:
     from flows.train import train
 
     names = set(inspect.signature(train.fn).parameters)
-    assert set(pipeline.TRAIN_PARAMS) <= names
+    assert set(flow_params.TRAIN_PARAMS) <= names
     assert {"preset", "overrides"} <= names
 
 
 def test_tree_fingerprint_follows_content(tmp_path: Path) -> None:
     folder = tmp_path / "src"
-    assert pipeline.tree_fingerprint(folder) == "missing"
+    assert stage_cache.tree_fingerprint(folder) == "missing"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"x")
-    first = pipeline.tree_fingerprint(folder)
-    assert pipeline.tree_fingerprint(folder) == first
+    first = stage_cache.tree_fingerprint(folder)
+    assert stage_cache.tree_fingerprint(folder) == first
     (folder / "b.jpg").write_bytes(b"y")
-    second = pipeline.tree_fingerprint(folder)
+    second = stage_cache.tree_fingerprint(folder)
     assert second != first
     os.utime(folder / "a.jpg", ns=(1, 1))
-    assert pipeline.tree_fingerprint(folder) != second
+    assert stage_cache.tree_fingerprint(folder) != second
 
 
 def test_index_key_changes_with_manifest_and_config(tmp_path: Path) -> None:
     paths = DataPaths(tmp_path / "data")
     cfg = load_config("demo", model=IndexConfig)
-    missing = pipeline.index_key(paths, cfg)
+    missing = stage_cache.index_key(paths, cfg)
     paths.processed.mkdir(parents=True)
     paths.processed_manifest.write_bytes(b"v1")
-    v1 = pipeline.index_key(paths, cfg)
+    v1 = stage_cache.index_key(paths, cfg)
     assert v1 != missing
-    assert pipeline.index_key(paths, cfg) == v1
-    assert pipeline.index_key(paths, cfg.model_copy(update={"min_images_per_class": 3})) != v1
+    assert stage_cache.index_key(paths, cfg) == v1
+    assert stage_cache.index_key(paths, cfg.model_copy(update={"min_images_per_class": 3})) != v1
     paths.processed_manifest.write_bytes(b"v2")
-    assert pipeline.index_key(paths, cfg) != v1
+    assert stage_cache.index_key(paths, cfg) != v1
     # another data root never shares a cache entry
-    assert pipeline.index_key(DataPaths(tmp_path / "other"), cfg) != pipeline.index_key(paths, cfg)
+    other = DataPaths(tmp_path / "other")
+    assert stage_cache.index_key(other, cfg) != stage_cache.index_key(paths, cfg)
 
 
 def test_ingest_key_follows_the_demo_folder(tmp_path: Path) -> None:
     paths = DataPaths(tmp_path / "data")
     cfg = IndexConfig()
-    before = pipeline.ingest_key("demo", paths, cfg, {})
+    before = stage_cache.ingest_key("demo", paths, cfg, {})
     paths.demo.mkdir(parents=True)
     (paths.demo / "x.jpg").write_bytes(b"x")
-    after = pipeline.ingest_key("demo", paths, cfg, {})
+    after = stage_cache.ingest_key("demo", paths, cfg, {})
     assert after != before
-    assert pipeline.ingest_key("demo", paths, cfg, {"limit": 3}) != after
+    assert stage_cache.ingest_key("demo", paths, cfg, {"limit": 3}) != after
 
 
 @pytest.mark.parametrize("spec", ["s3://bucket/prefix", "mapillary:2.2,48.8,2.4,48.9"])
 def test_remote_sources_are_never_cached(spec: str, tmp_path: Path) -> None:
-    assert pipeline.is_remote_source(spec)
-    assert pipeline.ingest_key(spec, DataPaths(tmp_path), IndexConfig(), {}) is None
+    assert stage_cache.is_remote_source(spec)
+    assert stage_cache.ingest_key(spec, DataPaths(tmp_path), IndexConfig(), {}) is None
 
 
 def test_stage_outputs_present(tmp_path: Path) -> None:
     paths = DataPaths(tmp_path / "data")
-    assert not any(pipeline.stage_outputs_present(s, paths) for s in ("demo", "ingest", "index"))
+    assert not any(stage_cache.stage_outputs_present(s, paths) for s in ("demo", "ingest", "index"))
     paths.index.mkdir(parents=True)
     for p in (paths.images, paths.splits):
         p.write_bytes(b"")
-    assert not pipeline.stage_outputs_present("index", paths)
+    assert not stage_cache.stage_outputs_present("index", paths)
     paths.labels.write_text("{}")
-    assert pipeline.stage_outputs_present("index", paths)
+    assert stage_cache.stage_outputs_present("index", paths)
 
 
 def test_run_digest_reads_the_summary(fake_run: Path) -> None:
-    digest = pipeline.run_digest(fake_run)
+    digest = run_digest(fake_run)
     assert digest["run_id"] == fake_run.name
     assert digest["status"] == "completed"
     assert digest["metrics"]["best_val_acc"] is not None

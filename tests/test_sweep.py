@@ -15,6 +15,7 @@ import yaml
 from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 
 from geoloc.cli import main
+from geoloc.compose.training import run_training
 from geoloc.integrations.optuna import (
     ParamSpec,
     SweepConfig,
@@ -186,7 +187,10 @@ def test_cli_sweep_trains_full_runs_and_a_rerun_resumes_the_study(
 
 def test_a_pruned_trial_leaves_a_run_marked_pruned(demo_data: DataPaths) -> None:
     # no demo run reaches a val P90 of 1 km: the threshold pruner stops the trial after epoch 1
-    result = run_sweep(_sweep(study="pruned", n_trials=1, pruner="threshold", prune_threshold=1.0))
+    result = run_sweep(
+        _sweep(study="pruned", n_trials=1, pruner="threshold", prune_threshold=1.0),
+        train_fn=run_training,
+    )
     (row,) = result.trials.to_dict("records")
     assert row["state"] == "PRUNED"
     assert row["reason"].startswith("pruned at epoch 1")
@@ -210,7 +214,7 @@ def test_a_crashing_trial_is_failed_with_its_reason_and_the_sweep_goes_on(
     study = create_study(cfg)
     study.enqueue_trial({"lr": 1e9})
     study.enqueue_trial({"lr": 3e-3})
-    result = run_sweep(cfg)
+    result = run_sweep(cfg, train_fn=run_training)
 
     crashed, fine = result.trials.to_dict("records")
     assert crashed["state"] == "FAIL" and "loss is nan" in crashed["reason"]
@@ -221,7 +225,7 @@ def test_a_crashing_trial_is_failed_with_its_reason_and_the_sweep_goes_on(
 
 
 def test_multi_objective_reports_the_pareto_front(demo_data: DataPaths) -> None:
-    result = run_sweep(_sweep(study="multi", n_trials=2, objective="multi"))
+    result = run_sweep(_sweep(study="multi", n_trials=2, objective="multi"), train_fn=run_training)
     table = result.trials
     assert set(table["state"]) == {"COMPLETE"}
     front = result.best["pareto_front"]
@@ -249,8 +253,8 @@ def test_trials_are_child_runs_of_one_mlflow_parent_across_resumes(demo_data: Da
         pruner="none",
         base_overrides={"tracking.enabled": True, "tracking.register_model": False},
     )
-    first = run_sweep(cfg)
-    second = run_sweep(cfg)
+    first = run_sweep(cfg, train_fn=run_training)
+    second = run_sweep(cfg, train_fn=run_training)
     assert first.mlflow_run_id and second.mlflow_run_id == first.mlflow_run_id
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])

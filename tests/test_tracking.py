@@ -20,10 +20,10 @@ from geoloc.cli import main
 from geoloc.config import RunConfig, TrainConfig, load_config
 from geoloc.geo import LabelSpace
 from geoloc.integrations import mlflow as tracking
-from geoloc.model.modeling import TINY_MODEL_CONFIG, create_model
+from geoloc.model import TINY_MODEL_CONFIG, create_model
 from geoloc.runs.layout import RunPaths
 from geoloc.runs.summary import read_summary
-from geoloc.train.loop import save_checkpoint
+from geoloc.train.checkpoint import save_checkpoint
 
 TINY_TRAINING = {
     "epochs": 2,
@@ -171,21 +171,22 @@ def test_sync_of_a_run_still_training_leaves_its_summary_to_the_trainer(make_run
     assert client().get_run(result.mlflow_run_id).info.status == "RUNNING"
 
 
-def test_live_mirror_logs_each_epoch_and_finish_adds_no_duplicates(make_run):
+def test_live_mirror_logs_each_epoch_and_the_final_sync_adds_no_duplicates(make_run):
     run_dir = make_run("live", epochs=3)
     cfg = load_config(RunPaths(run_dir).config)
-    mirror = tracking.LiveMirror.start(run_dir, cfg)
+    mirror = tracking.LiveMirror(cfg)
+    mirror.begin(run_dir)
     assert mirror.error is None
     state = read_summary(run_dir)["tracking"]
     assert state["mirrored"] is False and state["mlflow_run_id"] == mirror.mlflow_run_id
 
     c = client()
     for row in csv_rows(run_dir):  # what the training loop hands the callback
-        mirror.on_epoch_end(int(row["epoch"]), {k: float(v) for k, v in row.items()})
+        mirror(int(row["epoch"]), {k: float(v) for k, v in row.items()})
         seen = c.get_metric_history(mirror.mlflow_run_id, "val_top1")
         assert max(m.step for m in seen) == int(row["epoch"])  # visible while training
 
-    mirror.finish(run_dir)
+    tracking.sync_run(run_dir)  # what the composer does once the run is done
     assert read_summary(run_dir)["tracking"] == {
         "mirrored": True, "mlflow_run_id": mirror.mlflow_run_id, "error": None
     }  # fmt: skip
@@ -248,8 +249,9 @@ def test_trial_runs_nest_under_a_sweep_parent(make_run):
     assert parent is not None
     run_dir = make_run("trial", epochs=2)
     cfg = load_config(RunPaths(run_dir).config, {"tracking.parent_run_id": parent})
-    mirror = tracking.LiveMirror.start(run_dir, cfg)
-    mirror.finish(run_dir)
+    mirror = tracking.LiveMirror(cfg)
+    mirror.begin(run_dir)
+    tracking.sync_run(run_dir, parent_run_id=parent)
 
     c = client()
     child = c.get_run(mirror.mlflow_run_id)
@@ -263,7 +265,8 @@ def test_a_parent_unknown_to_the_server_does_not_stop_the_mirror(make_run):
     run_dir = make_run("orphan", epochs=2)
     cfg = load_config(RunPaths(run_dir).config, {"tracking.parent_run_id": "f" * 32})
     (result,) = tracking.sync_runs([run_dir], log_model=False)  # config.json has no parent
-    mirror = tracking.LiveMirror.start(run_dir, cfg)
+    mirror = tracking.LiveMirror(cfg)
+    mirror.begin(run_dir)
     assert mirror.error is None and mirror.mlflow_run_id == result.mlflow_run_id
     (result,) = tracking.sync_runs([run_dir], log_model=False, parent_run_id="f" * 32)
     assert result.action == "unchanged"
@@ -287,10 +290,10 @@ def test_tracking_uri_defaults_to_sqlite_in_the_working_dir(monkeypatch, isolate
 
 
 def test_training_mirrors_live_and_registers_its_model(demo_data):
-    from geoloc.train.run import train_run
+    from geoloc.compose.training import run_training
 
     cfg = load_config(None, {**TINY_TRAINING, "name": "live-train"})
-    run_dir = train_run(cfg, progress=False)
+    run_dir = run_training(cfg, progress=False)
 
     summary = read_summary(run_dir)
     assert summary["status"] == "completed"
@@ -326,10 +329,12 @@ def test_server_down_during_training_then_sync_catches_up(
     cfg = load_config(RunPaths(run_dir).config, {"tracking.tracking_uri": dead})
 
     t0 = time.monotonic()
-    mirror = tracking.LiveMirror.start(run_dir, cfg)
+    mirror = tracking.LiveMirror(cfg)
+    mirror.begin(run_dir)
     for row in csv_rows(run_dir):
-        mirror.on_epoch_end(int(row["epoch"]), {k: float(v) for k, v in row.items()})
-    mirror.finish(run_dir)
+        mirror(int(row["epoch"]), {k: float(v) for k, v in row.items()})
+    with pytest.raises(tracking.TrackingError):  # the composer logs it; the run is done anyway
+        tracking.sync_run(run_dir, tracking_uri=dead)
     assert time.monotonic() - t0 < 30  # training is not held up by retries
     state = read_summary(run_dir)["tracking"]
     assert state["mirrored"] is False and "unreachable" in state["error"]
@@ -357,11 +362,11 @@ def test_server_down_during_training_then_sync_catches_up(
 def test_real_training_with_the_server_down_completes_and_syncs_later(
     demo_data, monkeypatch, mlflow_server
 ):
-    from geoloc.train.run import train_run
+    from geoloc.compose.training import run_training
 
     fast_fail_env(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port_uri())
-    run_dir = train_run(load_config(None, {**TINY_TRAINING, "name": "down"}), progress=False)
+    run_dir = run_training(load_config(None, {**TINY_TRAINING, "name": "down"}), progress=False)
 
     summary = read_summary(run_dir)
     assert summary["status"] == "completed"  # nothing lost locally

@@ -28,10 +28,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rerank evaluation of a run: prior, gated neighbour rerank, in-cell refinement and
         calibration, tuned on val and reported on test (artifacts/tables/rerank_eval.csv)."""
-        from geoloc.infer.rerank import rerank_run
+        from geoloc.compose.training import rerank_and_publish
 
         cfg = _rerank_config(run_dir, overrides or [])
-        result = rerank_run(run_dir, index_dir=index_dir, cfg=cfg, use_cache=cache)
+        result = rerank_and_publish(run_dir, index_dir=index_dir, cfg=cfg, use_cache=cache)
         table = result.test_table[list(TABLE_COLUMNS)]
         typer.echo("test (every parameter chosen on val):")
         typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -60,7 +60,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     ) -> None:
-        """Optuna sweep over training configs; every trial is a full run under runs/."""
+        """Optuna sweep over training configs; every trial is a full run under runs/ (trained,
+        reranked, reported and mirrored like `geoloc train`)."""
+        from geoloc.compose.training import run_training
         from geoloc.integrations.optuna import run_sweep, sweep_config
 
         fields: dict[str, Any] = {
@@ -77,7 +79,7 @@ def register(app: typer.Typer) -> None:
         }
         if space is not None:
             fields["space"] = _load_space(space)
-        result = run_sweep(sweep_config(fields))
+        result = run_sweep(sweep_config(fields), train_fn=run_training)
         table = result.trials
         typer.echo(table.to_string(index=False) if len(table) else "no trials")
         typer.echo(f"best: {result.best}")
