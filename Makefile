@@ -39,8 +39,10 @@ test-all: venv system-deps
 system-deps:
 	@bash infra/setup-system.sh
 
+## make lint: ruff, and import-linter's layer contracts (pyproject.toml [tool.importlinter])
 lint: venv
 	$(BIN)/ruff check geoloc flows tests benchmarks
+	$(BIN)/lint-imports
 
 bench: venv
 	$(BIN)/python -m benchmarks
