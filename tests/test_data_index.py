@@ -258,7 +258,7 @@ def test_zero_fractions_leave_those_splits_empty(synth_paths: DataPaths) -> None
 
 @pytest.mark.slow
 def test_full_demo_gives_a_few_hundred_classes_reproducibly() -> None:
-    """The README's promise about the demo preset (12,000 images, ~1 minute on 2 cores)."""
+    """docs/data.md's promise about the demo preset (12,000 images, ~1 minute on 2 cores)."""
     from geoloc.config import load_config
     from geoloc.data.demo import make_demo
     from geoloc.data.ingest import ingest

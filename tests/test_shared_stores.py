@@ -1,7 +1,7 @@
 """Shared stores on a real PostgreSQL cluster: what several machines rely on.
 
 MLflow tracking, Optuna studies and the Prefect server each keep their state in one
-PostgreSQL database when a team outgrows SQLite (see README, Scale-out).
+PostgreSQL database when a team outgrows SQLite (see docs/scale-out.md).
 """
 
 from __future__ import annotations
