@@ -6,9 +6,10 @@
 - Every image under the prefix that no manifest references is an item of its own, with its GPS
   read from EXIF at processing time (as for a local folder).
 
-Bytes are not read here: each item carries a `fetch()` that downloads through `geoloc.integrations.s3`
-when ingestion asks for it, so listing a large prefix stays cheap. The endpoint comes from the
-`endpoint_url` option or `AWS_ENDPOINT_URL` (MinIO and other S3-compatible stores).
+Bytes are not read here: each item carries a `fetch()` that downloads through
+`geoloc.integrations.s3` when ingestion asks for it, so listing a large prefix stays cheap.
+The endpoint comes from the `endpoint_url` option or `AWS_ENDPOINT_URL` (MinIO and other
+S3-compatible stores).
 """
 
 from __future__ import annotations
