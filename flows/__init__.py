@@ -6,3 +6,7 @@ train -> aggregate; `python -m flows.pipeline` is `make demo`), `aggregate` (lea
 `sweep` (Optuna trials as `train` subflows). Deployments are declared in `prefect.yaml` at the
 repository root.
 """
+
+from flows._logging import send_geoloc_logs_to_prefect
+
+send_geoloc_logs_to_prefect()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -40,12 +42,46 @@ def _register() -> None:
 _register()
 
 
+class _ProgressHandler(logging.Handler):
+    """`geoloc.progress` lines (epochs, run start/end) as plain text on stderr, written above a
+    running tqdm bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+@contextmanager
+def _progress_lines() -> Iterator[None]:
+    """Show progress lines at the default WARNING level, once each, for one command."""
+    from geoloc.progress import progress_log
+
+    handler = _ProgressHandler()
+    before = progress_log.propagate
+    progress_log.addHandler(handler)
+    progress_log.propagate = False
+    try:
+        yield
+    finally:
+        progress_log.removeHandler(handler)
+        progress_log.propagate = before
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line reasons, non-zero exits, no tracebacks for user errors."""
     logging.basicConfig(
         level=os.environ.get("GEOLOC_LOG_LEVEL", "WARNING"),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    with _progress_lines():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False)
         if isinstance(rv, int):  # click returns the code of a typer.Exit here

@@ -24,10 +24,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from geoloc.config import TrainConfig
 from geoloc.errors import DataError, IndexMissingError
+from geoloc.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ class GeoDataset(Dataset[Sample]):
     `row` is the position in this split (0..len-1), so evaluation maps predictions back to
     `table.image_id` and the hard-negative pool returns train indices. Image paths in the index are
     relative to the data root, which is the index folder's parent unless `data_root` says otherwise.
-    `cache=None` caches decoded pixels when they fit in `DEFAULT_CACHE_BYTES`.
+    `cache=None` caches decoded pixels when they fit in `DEFAULT_CACHE_BYTES`; that decode shows
+    a bar or log lines as `progress` says (`geoloc.progress.track`).
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class GeoDataset(Dataset[Sample]):
         *,
         data_root: Path | None = None,
         cache: bool | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.index_dir = Path(index_dir)
         self.split = split
@@ -152,7 +154,7 @@ class GeoDataset(Dataset[Sample]):
         self._cache: list[torch.Tensor] | None = None
         use_cache = cache if cache is not None else self.decoded_bytes() <= DEFAULT_CACHE_BYTES
         if use_cache:
-            self._cache = self._decode_all()
+            self._cache = self._decode_all(progress)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -168,8 +170,8 @@ class GeoDataset(Dataset[Sample]):
     def cached(self) -> bool:
         return self._cache is not None
 
-    def _decode_all(self) -> list[torch.Tensor]:
-        it = tqdm(self._paths, desc=f"decode {self.split}", unit="img", leave=False)
+    def _decode_all(self, progress: bool | None) -> list[torch.Tensor]:
+        it = track(self._paths, desc=f"decode {self.split}", unit="img", bars=progress)
         return [decode_image(p) for p in it]
 
     def raw_image(self, i: int) -> torch.Tensor:

@@ -29,6 +29,8 @@ from geoloc.infer.rerank import (
     run_variants,
 )
 from geoloc.infer.tuning import GateGrid, choose_best_variant, evaluation_table, tune
+from geoloc.progress import progress_log
+from geoloc.runs.formatting import fmt_km
 from geoloc.runs.layout import RunPaths
 
 __all__ = [
@@ -161,6 +163,12 @@ def rerank_run(
     best_row = tables["test"].set_index("variant").loc[params.best_variant]
     metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
     update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})
+    base = tables["test"].set_index("variant").loc["base"]
+    progress_log.info(
+        "rerank: %s chosen on val; test median %s -> %s, P90 %s -> %s", params.best_variant,
+        fmt_km(base["median_km"]), fmt_km(metrics.get("median_km")), fmt_km(base["p90_km"]),
+        fmt_km(metrics.get("p90_km")),
+    )  # fmt: skip
     return RerankResult(paths.root, tables["test"], tables["val"], params, params.best_variant)
 
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from geoloc.errors import DataError
 from geoloc.geo import LabelSpace
 from geoloc.infer.arrays import read_npz, write_npz
 from geoloc.infer.gallery import Gallery, l2_normalize
+from geoloc.progress import track
 from geoloc.runs.layout import RunPaths
 
 __all__ = [
@@ -113,8 +113,8 @@ def compute_outputs(
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
     logits, parents, embs = [], [], []
-    for images, _, _, _ in tqdm(
-        loader, desc=f"embed {dataset.split}", unit="batch", leave=False, disable=not progress
+    for images, _, _, _ in track(
+        loader, desc=f"embed {dataset.split}", unit="batch", bars=progress
     ):
         out = model(images.to(device))
         logits.append(out["logits"].float().cpu())
@@ -171,7 +171,7 @@ def split_outputs(
         if cached is not None:
             log.info("using cached %s outputs from %s", split, cache)
             return cached
-    dataset = GeoDataset(index_dir, split, trained.transform())
+    dataset = GeoDataset(index_dir, split, trained.transform(), progress=progress)
     cfg = trained.config.train
     out = compute_outputs(
         trained.model, dataset, trained.device, cfg.batch_size, cfg.num_workers, progress

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace, haversine_km
@@ -46,6 +45,7 @@ from geoloc.infer.rerank import (
     refine_coordinates,
     run_variants,
 )
+from geoloc.progress import track
 
 __all__ = [
     "MEDIAN_SLACK",
@@ -148,8 +148,8 @@ def choose_gate(
                           grid.require_disagreement, grid.decode)
     )  # fmt: skip
     votes_cache: dict[tuple[int, float], np.ndarray] = {}
-    for k, temp, w, thr, disagree, decode in tqdm(
-        combos, desc="gate grid (val)", leave=False, disable=not progress
+    for k, temp, w, thr, disagree, decode in track(
+        combos, desc="gate grid (val)", unit="gate", bars=progress
     ):
         if k > nbrs.k:
             continue

@@ -42,6 +42,30 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def fmt_km(value: Any) -> str:
+    """A distance for people: `78.5 km` below 100 km, `3,623 km` above, dash for missing."""
+    if value is None or isinstance(value, bool):
+        return EMPTY
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return EMPTY
+    if not math.isfinite(v):
+        return EMPTY
+    return f"{v:.1f} km" if abs(v) < 100 else f"{v:,.0f} km"
+
+
+def fmt_share(value: Any) -> str:
+    """A share in [0, 1] as a percentage with one decimal (`41.2%`), dash for missing."""
+    if value is None or isinstance(value, bool):
+        return EMPTY
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return EMPTY
+    return f"{100 * v:.1f}%" if math.isfinite(v) else EMPTY
+
+
 def escape_html(value: Any) -> str:
     """Text safe in HTML content and quoted attributes; None and pandas NA become empty."""
     return html.escape("" if value is None or value is pd.NA else str(value), quote=True)

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
 from geoloc.data.dataset import GeoDataset, make_loader
 from geoloc.geo import LabelSpace, build_hardneg_pool
+from geoloc.progress import format_duration, progress_log
+from geoloc.runs.formatting import fmt_km, fmt_share
 from geoloc.train.checkpoint import save_checkpoint, set_rng_state
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from geoloc.train.steps import (
@@ -218,6 +220,7 @@ def fit(
         pool_true = train_set.labels if cfg.hardneg.pool_split == "train" else val_set.labels
     epochs_bar = tqdm(range(state.epoch, tc.epochs), initial=state.epoch, total=tc.epochs,
                       desc="train", unit="epoch", disable=not progress)  # fmt: skip
+    session_start = (state.epoch, time.perf_counter())  # (epochs done, when) for the ETA
     for epoch_index in epochs_bar:
         start = time.perf_counter()
         order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
@@ -240,7 +243,8 @@ def fit(
         if is_main:
             _save_checkpoints(checkpoint_dir, model, opt, cfg, label_space, state, improved,
                               last=stop or state.epoch == tc.epochs)  # fmt: skip
-        _log_epoch(epochs_bar, metrics)
+        if is_main:
+            _log_epoch(epochs_bar, metrics, tc.epochs, session_start)
         for callback in callbacks if is_main else ():
             callback(state.epoch, dict(metrics))
         if stop:
@@ -304,12 +308,24 @@ def _save_checkpoints(
         save_checkpoint(checkpoint_dir / "last.pt", **kwargs)
 
 
-def _log_epoch(bar: Any, metrics: dict[str, Any]) -> None:
-    log.info(
-        "epoch %d: train_loss=%.4f val_top1=%.4f val_median_km=%.1f (%.1fs)",
-        metrics["epoch"], metrics["train_loss"], metrics["val_top1"], metrics["val_median_km"],
-        metrics["epoch_time_s"],
-    )  # fmt: skip
+def epoch_line(metrics: dict[str, Any], epochs: int, eta_s: float | None) -> str:
+    """`epoch 3/8: loss 4.213, val top-1 41.2%, median 201 km, P90 3,623 km, 24.1 s, ETA ...`."""
+    eta = "done" if metrics["epoch"] >= epochs else f"ETA {format_duration(eta_s)}"
+    return (
+        f"epoch {metrics['epoch']}/{epochs}: loss {metrics['train_loss']:.4f}, "
+        f"val top-1 {fmt_share(metrics.get('val_top1'))}, "
+        f"median {fmt_km(metrics.get('val_median_km'))}, P90 {fmt_km(metrics.get('val_p90_km'))}, "
+        f"{format_duration(metrics['epoch_time_s'])}, {eta}"
+    )
+
+
+def _log_epoch(bar: Any, metrics: dict[str, Any], epochs: int,
+               session_start: tuple[int, float]) -> None:  # fmt: skip
+    """One line per epoch on `geoloc.progress` (CLI, flow-run logs), and the bar's postfix."""
+    done0, t0 = session_start
+    done = metrics["epoch"] - done0  # epochs of this process: a resume does not skew the ETA
+    eta = (time.perf_counter() - t0) / done * (epochs - metrics["epoch"]) if done > 0 else None
+    progress_log.info(epoch_line(metrics, epochs, eta))
     bar.set_postfix(
         val_top1=f"{metrics['val_top1']:.3f}", val_median_km=f"{metrics['val_median_km']:.0f}"
     )

@@ -31,6 +31,8 @@ from geoloc.data.dataset import (
 from geoloc.errors import ConfigError, DataError, TrainingError, TrialPruned
 from geoloc.geo import LabelSpace
 from geoloc.paths import DataPaths, runs_dir
+from geoloc.progress import progress_log
+from geoloc.runs.formatting import fmt_km, fmt_share
 from geoloc.runs.layout import RunPaths, new_run_id
 from geoloc.runs.summary import (
     update_summary,
@@ -103,16 +105,18 @@ class RunData:
     test: GeoDataset | None
 
 
-def load_run_data(cfg: RunConfig, index_dir: Path) -> RunData:
-    """Check the index and open its splits; train and val must have images, test may not."""
+def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None) -> RunData:
+    """Check the index and open its splits; train and val must have images, test may not.
+
+    `progress` is how their decode reports (`geoloc.progress.track`: bars or log lines)."""
     check_index(index_dir)
     label_space = LabelSpace.from_json(index_files(index_dir)["labels"])
     train_tf = build_transforms(cfg.train, train=True)
     eval_tf = build_transforms(cfg.train, train=False)
-    train = GeoDataset(index_dir, "train", train_tf)
-    val = GeoDataset(index_dir, "val", eval_tf)
+    train = GeoDataset(index_dir, "train", train_tf, progress=progress)
+    val = GeoDataset(index_dir, "val", eval_tf, progress=progress)
     try:
-        test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf)
+        test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf, progress=progress)
     except EmptySplitError as exc:
         log.warning("%s: no test metrics for this run", exc)
         test = None
@@ -202,7 +206,7 @@ def train_run(
     torchrun this process is one of them.
     """
     check_run_config(cfg)
-    data = load_run_data(cfg, resolve_index_dir(cfg))
+    data = load_run_data(cfg, resolve_index_dir(cfg), progress)
     resume_ckpt = None
     if resume is not None:
         run_dir = Path(resume)
@@ -222,7 +226,7 @@ def train_run(
     paths = RunPaths(Path(run_dir) if run_dir else runs_dir() / new_run_id(cfg.name)).make()
     save_config(cfg, paths.config)
     start_summary(paths, cfg, data.label_space, resumed=resume_ckpt is not None)
-    log.info("run %s: %s", paths.run_id, paths.root)
+    progress_log.info("run %s: writing %s", paths.run_id, paths.root)
     if on_start is not None:
         on_start(paths.root)
     recorder = Recorder(
@@ -254,7 +258,8 @@ def run_rank(cfg: RunConfig, run_dir: Path, resume: Path | None, progress: bool)
 
 def _train_follower(ctx: DistContext, cfg: RunConfig, run_dir: Path, resume: Path | None) -> None:
     """What a rank other than 0 does: the same model and data, `fit` without writing anything."""
-    data = load_run_data(cfg, resolve_index_dir(cfg))
+    progress_log.setLevel(logging.WARNING)  # rank 0 reports progress for the whole run
+    data = load_run_data(cfg, resolve_index_dir(cfg), progress=False)
     paths = RunPaths(run_dir)
     resume_ckpt = load_checkpoint(paths.last_checkpoint) if resume is not None else None
     seed_everything(cfg.seed, ctx.rank)
@@ -281,6 +286,11 @@ def _train_and_evaluate(
         cfg, data.label_space, index_files(data.index_dir)["splits"]
     )
     criterion.to(device)
+    progress_log.info(
+        "run %s: %s, %s loss, %s train / %s val images, %s classes, %d epochs on %s",
+        paths.run_id, cfg.model.arch, cfg.train.loss, f"{len(data.train):,}", f"{len(data.val):,}",
+        f"{data.label_space.num_classes:,}", cfg.train.epochs, device,
+    )  # fmt: skip
     result = fit(
         model, data.train, data.val, criterion, data.label_space, cfg, device, paths.checkpoints,
         callbacks=hooks, resume_from=resume_ckpt, progress=progress, dist=dist,
@@ -298,6 +308,11 @@ def _train_and_evaluate(
                                progress)  # fmt: skip
         write_parquet(paths.test_predictions, test.predictions)
         test_metrics = clean_metrics(test.metrics)
+        progress_log.info(
+            "run %s: test top-1 %s, median %s, P90 %s (best epoch %s)", paths.run_id,
+            fmt_share(test_metrics.get("test_top1")), fmt_km(test_metrics.get("test_median_km")),
+            fmt_km(test_metrics.get("test_p90_km")), result.state.best_epoch,
+        )  # fmt: skip
     write_metrics_csv(paths.metrics_csv, result.state.history)
     update_summary(
         paths.root,

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from geoloc.data.dataset import GeoDataset
 from geoloc.errors import GeolocError, TrainingError
@@ -25,6 +24,7 @@ from geoloc.geo import LabelSpace
 from geoloc.geo import haversine_km as _haversine_km
 from geoloc.geo.metrics import geo_metrics_from_errors, topk_accuracy
 from geoloc.model.scores import class_scores
+from geoloc.progress import track
 
 if TYPE_CHECKING:
     pass
@@ -128,8 +128,9 @@ def train_one_epoch(
     preds = np.full(n_rows, -1, dtype=np.int64)
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
     total = min(len(loader), max_steps) if max_steps else len(loader)
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", unit="batch", leave=False,
-               disable=not progress)  # fmt: skip
+    # a bar in a terminal; as log lines only a slow epoch says where it is (its line follows)
+    bar = track(loader, total=total, desc=f"epoch {epoch}", unit="batch", bars=progress,
+                summary=False)  # fmt: skip
     for step, (images, labels, parent_labels, rows) in enumerate(bar):
         if max_steps and step >= max_steps:
             break
@@ -208,8 +209,8 @@ def evaluate(
     top_labels = np.zeros((n, k), dtype=np.int64)
     top_probs = np.zeros((n, k), dtype=np.float32)
     loss_sum, top5_hits = 0.0, 0.0
-    for images, labels, parent_labels, rows in tqdm(
-        loader, desc=f"eval {prefix}", unit="batch", leave=False, disable=not progress
+    for images, labels, parent_labels, rows in track(
+        loader, desc=f"eval {prefix}", unit="batch", bars=progress, summary=False
     ):
         images = images.to(device, non_blocking=True)
         labels_d = labels.to(device, non_blocking=True)
