@@ -67,10 +67,15 @@ class IndexConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> IndexConfig:
-        if self.parent_resolution > self.resolution:
+        if self.parent_resolution >= self.resolution:
+            fix = (
+                f"set parent_resolution to at most {self.resolution - 1}"
+                if self.resolution > 0
+                else "set resolution to at least 1 (resolution 0 has no coarser level)"
+            )
             raise ValueError(
-                f"parent_resolution ({self.parent_resolution}) must be <= resolution "
-                f"({self.resolution})"
+                f"parent_resolution ({self.parent_resolution}) must be coarser than resolution "
+                f"({self.resolution}): {fix}"
             )
         if self.val_frac + self.test_frac >= 1.0:
             raise ValueError("val_frac + test_frac must be < 1")
@@ -107,6 +112,20 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the heads.")
     pretrained: bool = Field(False, description="Load torchvision weights (needs the network).")
     hierarchy: bool = Field(True, description="Train a parent head jointly with the child head.")
+    head: str = Field(
+        "flat",
+        description="Classifier head from the head registry: flat (one layer over all K classes) "
+        "or factorised (P(parent) x P(child | parent), child logits only for the parents needed).",
+    )
+
+    @model_validator(mode="after")
+    def _factorised_has_parents(self) -> ModelConfig:
+        if self.head == "factorised" and not self.hierarchy:
+            raise ValueError(
+                "model.head=factorised always predicts the parent cell: set model.hierarchy=true "
+                "(or model.head=flat)"
+            )
+        return self
 
 
 class HardNegConfig(_Strict):
@@ -137,7 +156,17 @@ class TrainConfig(_Strict):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     amp: bool = Field(True, description="Mixed precision when on CUDA.")
-    loss: Literal["ce", "geosoft"] = Field("geosoft", description="Loss on the child head.")
+    loss: Literal["ce", "geosoft", "geosoft_sparse"] = Field(
+        "geosoft",
+        description="Loss on the classes: ce, geosoft (dense distance-soft targets) or "
+        "geosoft_sparse (the same over each cell's geosoft_neighbours nearest classes).",
+    )
+    geosoft_neighbours: int = Field(
+        64,
+        ge=1,
+        description="geosoft_sparse: soft targets over this many nearest classes (the true one "
+        "included); 64 keeps ~99.5% of the dense target mass on a full H3 grid.",
+    )
     tau_km: float | None = Field(
         None, gt=0, description="GeoSoft temperature in km; None scales it with the resolution."
     )
@@ -150,7 +179,10 @@ class TrainConfig(_Strict):
     )
     parent_loss_weight: float = Field(0.5, ge=0.0, description="Weight of the parent-head loss.")
     hier_topk_parents: int = Field(
-        0, ge=0, description="At eval, keep only children of the top-k parents (0: off)."
+        0,
+        ge=0,
+        description="At eval, score only children of the top-k parents (0: all; the factorised "
+        "head then computes every child, K x D per image; rerank re-chooses k on val).",
     )
     early_stopping_metric: str = Field("val_p90_km", description="Metric for best/early stopping.")
     early_stopping_mode: Literal["min", "max"] = Field("min", description="min or max.")

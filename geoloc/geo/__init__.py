@@ -8,7 +8,9 @@ The names below are the package's public API; each is defined once, in the submo
 
 from geoloc.geo.distance import (
     EARTH_RADIUS_KM,
+    chord_arc_km,
     haversine_km,
+    nearest_points,
     pairwise_haversine_km,
     unit_vectors,
 )
@@ -22,10 +24,12 @@ __all__ = [
     "HardNegPool",
     "LabelSpace",
     "build_hardneg_pool",
+    "chord_arc_km",
     "haversine_km",
     "hierarchical_predict",
     "mask_child_logits",
     "mask_r7_logits",
+    "nearest_points",
     "pairwise_haversine_km",
     "unit_vectors",
 ]

@@ -87,3 +87,45 @@ def pairwise_haversine_km(
     u2 = unit_vectors(lat2.reshape(-1), lon2.reshape(-1)).to(u1.dtype)
     chord = torch.cdist(u1, u2, compute_mode="donot_use_mm_for_euclid_dist")  # (N, M)
     return chord.mul_(0.5).clamp_(max=1.0).asin_().mul_(2 * EARTH_RADIUS_KM)
+
+
+def chord_arc_km(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """Great-circle km between unit vectors (..., 3) (broadcasting), no gradient needed.
+
+    The same chord -> arc step as `pairwise_haversine_km`, for chosen pairs instead of all of
+    them, so sparse and dense GeoSoft targets agree to float32 rounding.
+    """
+    chord = torch.linalg.vector_norm(u1 - u2, dim=-1)
+    return chord.mul_(0.5).clamp_(max=1.0).asin_().mul_(2 * EARTH_RADIUS_KM)
+
+
+def nearest_points(lat: Any, lon: Any, k: int, chunk: int = 65_536) -> np.ndarray:
+    """(N, k) int64: for each point, the indices of its `k` nearest points, itself first.
+
+    A k-d tree over unit vectors (nearest by chord is nearest by great circle), queried in
+    chunks so memory stays O(chunk x k) besides the answer; ~seconds per 10^5 points. Ties
+    follow the tree; a point that shares its position with another still comes first.
+    """
+    from scipy.spatial import cKDTree
+
+    u = np.asarray(unit_vectors(lat, lon), dtype=np.float64).reshape(-1, 3)
+    n = u.shape[0]
+    k = min(int(k), n)
+    if k < 1:
+        raise ValueError(f"nearest_points needs k >= 1 and at least one point, got k={k}, n={n}")
+    tree = cKDTree(u)
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        _, idx = tree.query(u[start:stop], k=k, workers=-1)
+        out[start:stop] = np.asarray(idx, dtype=np.int64).reshape(stop - start, k)
+    _self_first(out)
+    return out
+
+
+def _self_first(nbr: np.ndarray) -> None:
+    """Put each row's own index in column 0 (in place); coincident points can displace it."""
+    own = np.arange(nbr.shape[0])
+    for row in np.flatnonzero(nbr[:, 0] != own):
+        rest = [j for j in nbr[row] if j != row][: nbr.shape[1] - 1]
+        nbr[row] = [row, *rest]

@@ -1,24 +1,31 @@
-"""`GeoModel`: a registered backbone, a small neck giving the embedding, a child head and an
-optional parent head (hierarchy), trained jointly; `create_model` builds it from `ModelConfig`."""
+"""`GeoModel`: a registered backbone, a small neck giving the embedding and a registered head
+(`geoloc.model.heads`: flat, optionally with a parent layer, or factorised), trained jointly;
+`create_model` builds it from `ModelConfig`."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
 from geoloc.config import ModelConfig
 from geoloc.errors import GeolocError
 from geoloc.model.backbones import MODELS
+from geoloc.model.heads import FactorisedHead, FlatHead, HeadSpec, create_head
 
 __all__ = ["GeoModel", "create_model"]
 
 
 class GeoModel(nn.Module):
-    """Backbone -> embedding -> child head (+ parent head).
+    """Backbone -> embedding -> head.
 
-    `forward` returns a dict: `logits` (B, K), `embedding` (B, D) (the neck output, before dropout
-    and heads; L2-normalise it for neighbour search) and `parent_logits` (B, P) only when the
-    model has a parent head.
+    `forward(x, parents=None)` returns a dict: `embedding` (B, D) (the neck output, before
+    dropout and heads; L2-normalise it for neighbour search) and the head's outputs: `logits`
+    (B, K) and, with a parent layer, `parent_logits` (B, P) for the flat head; for the factorised
+    head the keys in `geoloc.model.heads` (`parents`, the parents a loss needs scored, goes to
+    it).
     """
 
     def __init__(
@@ -30,6 +37,7 @@ class GeoModel(nn.Module):
         embed_dim: int = 256,
         dropout: float = 0.1,
         arch: str = "",
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -43,30 +51,62 @@ class GeoModel(nn.Module):
             nn.Linear(feature_dim, embed_dim), nn.LayerNorm(embed_dim), nn.GELU()
         )
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.parent_head = nn.Linear(embed_dim, num_parents) if num_parents else None
+        self.head = head if head is not None else FlatHead(embed_dim, num_classes, num_parents)
+        self._register_load_state_dict_pre_hook(_upgrade_flat_head_keys)
 
     @property
     def has_parent_head(self) -> bool:
-        return self.parent_head is not None
+        return bool(getattr(self.head, "has_parent_head", False))
+
+    @property
+    def topk_parents(self) -> int:
+        """Parents the factorised head scores at inference (0: all; other heads: 0)."""
+        return self.head.topk_parents if isinstance(self.head, FactorisedHead) else 0
+
+    @topk_parents.setter
+    def topk_parents(self, k: int) -> None:
+        if isinstance(self.head, FactorisedHead):
+            self.head.topk_parents = int(k)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) embedding."""
         return self.neck(self.backbone(x))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, parents: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         emb = self.embed(x)
-        h = self.dropout(emb)
-        out = {"logits": self.head(h), "embedding": emb}
-        if self.parent_head is not None:
-            out["parent_logits"] = self.parent_head(h)
+        out = self.head(self.dropout(emb), parents=parents)
+        out["embedding"] = emb
         return out
 
 
-def create_model(cfg: ModelConfig, num_classes: int, num_parents: int | None = None) -> GeoModel:
-    """Build the model `cfg.arch` names; the parent head exists iff `cfg.hierarchy` and
-    `num_parents` are both set. Unknown names raise `ConfigError` listing the valid ones."""
-    backbone, feature_dim = MODELS.get(cfg.arch)(cfg)
+def _upgrade_flat_head_keys(state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Checkpoints from before the head registry: `head.*` / `parent_head.*` were the flat
+    head's two layers, now `head.classifier.*` / `head.parent.*`."""
+    for name in ("weight", "bias"):
+        if f"{prefix}head.{name}" in state:
+            state[f"{prefix}head.classifier.{name}"] = state.pop(f"{prefix}head.{name}")
+        if f"{prefix}parent_head.{name}" in state:
+            state[f"{prefix}head.parent.{name}"] = state.pop(f"{prefix}parent_head.{name}")
+
+
+def create_model(
+    cfg: ModelConfig,
+    num_classes: int,
+    num_parents: int | None = None,
+    *,
+    parent_of: np.ndarray | None = None,
+    topk_parents: int = 0,
+) -> GeoModel:
+    """Build the model `cfg.arch` and `cfg.head` name. The flat head has a parent layer iff
+    `cfg.hierarchy` and `num_parents` are both set; the factorised head needs `parent_of` (K,)
+    and scores the `topk_parents` best parents at inference. Unknown names raise `ConfigError`
+    listing the valid ones."""
+    builder = MODELS.get(cfg.arch)
+    head = create_head(cfg, cfg.embed_dim, HeadSpec(num_classes, num_parents, parent_of,
+                                                    topk_parents))  # fmt: skip
+    backbone, feature_dim = builder(cfg)
     return GeoModel(
         backbone,
         feature_dim,
@@ -75,4 +115,5 @@ def create_model(cfg: ModelConfig, num_classes: int, num_parents: int | None = N
         embed_dim=cfg.embed_dim,
         dropout=cfg.dropout,
         arch=cfg.arch,
+        head=head,
     )

@@ -1,10 +1,14 @@
-"""Child-head losses, chosen by `TrainConfig.loss` through the loss registry, and class weights.
+"""Class losses, chosen by `TrainConfig.loss` through the loss registry, and class weights.
 
-- `create_loss(cfg, label_space, class_weights)`: `ce` (cross-entropy) or `geosoft`
-  (`GeoSoftTargetLoss`, distance-soft targets in O(B*K) memory).
+- `create_loss(cfg, label_space, class_weights, head)`: `ce` (cross-entropy), `geosoft`
+  (`GeoSoftTargetLoss`, distance-soft targets in O(B*K) memory) or `geosoft_sparse`
+  (`geoloc.model.sparse_losses`: the same targets over each class's nearest classes, O(B*r)).
+  For `model.head=factorised` the loss scores P(parent) x P(child | parent) (`FactorisedLoss`);
+  `forward_inputs(criterion, labels)` says which parents the model must score for it.
 - `compute_class_weights_from_parquet` turns train frequencies into per-class loss weights.
 
-A new loss is one function decorated with `@register_loss(name)`.
+A new loss is one function decorated with `@register_loss(name)`; it receives the head name and
+raises `ConfigError` for heads it cannot train.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import h3
 import numpy as np
 import torch
 from torch import nn
@@ -23,16 +26,20 @@ from geoloc.config import TrainConfig
 from geoloc.errors import ConfigError, DataError, GeolocError
 from geoloc.geo import LabelSpace, pairwise_haversine_km
 from geoloc.model.registry import Registry
+from geoloc.model.soft_targets import TAU_PER_EDGE, at_least_float32, default_tau_km
 
 __all__ = [
     "LOSSES",
     "TAU_PER_EDGE",
     "GeoSoftTargetLoss",
     "LossBuilder",
+    "at_least_float32",
+    "check_loss_for_head",
     "class_weights_from_counts",
     "compute_class_weights_from_parquet",
     "create_loss",
     "default_tau_km",
+    "forward_inputs",
     "loss_names",
     "register_loss",
 ]
@@ -40,22 +47,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # GeoSoft
 # --------------------------------------------------------------------------------------------
-
-TAU_PER_EDGE = 1.0
-"""GeoSoft tau in units of the mean H3 edge length at the class resolution.
-
-1.0 gives tau = 69 km at r3 (cells about PIGEON's size, where it uses 65-75 km) and 1.4 km at r7.
-An adjacent cell (centres ~sqrt(3) edges apart) then gets exp(-sqrt(3)) ~ 0.18 of the true
-cell's mass, two rings out ~0.03: the neighbourhood counts, the far field does not.
-"""
-
-
-def default_tau_km(resolution: int) -> float:
-    """GeoSoft temperature for classes at H3 `resolution`: `TAU_PER_EDGE` x mean edge length."""
-    if not 0 <= resolution <= 15:
-        raise ConfigError(f"H3 resolution must be in 0..15, got {resolution}")
-    return TAU_PER_EDGE * float(h3.average_hexagon_edge_length(resolution, unit="km"))
-
 
 _MIN_EXPONENT = -70.0  # e^-70 ~ 4e-31: far above float32's smallest normal (1.2e-38)
 
@@ -135,7 +126,7 @@ class GeoSoftTargetLoss(nn.Module):
         else:
             w = self.class_weights[targets]
             w = w / w.sum()
-        return _SoftTargetCrossEntropy.apply(logits.float(), q, w)
+        return _SoftTargetCrossEntropy.apply(at_least_float32(logits), q, w)
 
 
 class _SoftTargetCrossEntropy(torch.autograd.Function):
@@ -144,8 +135,8 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
     Since each q row sums to 1 the loss is logsumexp(z) - <q, z>, and its gradient is
     w_b * (softmax(z_b) - q_b). Forward keeps softmax(z) (as cross-entropy does) and backward
     turns it into the gradient in place: one (B, K) buffer besides q, and about half the
-    memory passes of composing logsumexp + einsum under autograd. The loss is computed in
-    float32 whatever the logits' dtype (mixed precision).
+    memory passes of composing logsumexp + einsum under autograd. The loss is computed in at
+    least float32 whatever the logits' dtype (mixed precision).
     """
 
     @staticmethod
@@ -173,15 +164,16 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
 # Loss registry
 # --------------------------------------------------------------------------------------------
 
-LossBuilder = Callable[[TrainConfig, LabelSpace, "torch.Tensor | None"], nn.Module]
-"""(cfg, label_space, class_weights) -> loss module `(logits (B, K), targets (B,)) -> scalar`."""
+LossBuilder = Callable[[TrainConfig, LabelSpace, "torch.Tensor | None", str], nn.Module]
+"""(cfg, label_space, class_weights, head) -> loss module. For the flat head it is called as
+`(logits (B, K), targets (B,)) -> scalar`; for the factorised head as `(outputs, targets)`."""
 
 LOSSES: Registry[LossBuilder] = Registry("loss")
 """Loss builders by `TrainConfig.loss`; this module registers the built-in ones."""
 
 
 def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
-    """Register a loss builder `(cfg, label_space, class_weights) -> nn.Module` under `name`."""
+    """Register a loss builder `(cfg, label_space, class_weights, head) -> nn.Module`."""
     return LOSSES.register(name)
 
 
@@ -191,24 +183,85 @@ def loss_names() -> list[str]:
 
 
 def create_loss(
-    cfg: TrainConfig, label_space: LabelSpace, class_weights: torch.Tensor | None = None
+    cfg: TrainConfig,
+    label_space: LabelSpace,
+    class_weights: torch.Tensor | None = None,
+    head: str = "flat",
 ) -> nn.Module:
-    """The child-head loss `cfg.loss` names: `forward(logits (B, K), targets (B,)) -> scalar`."""
-    return LOSSES.get(cfg.loss)(cfg, label_space, class_weights)
+    """The loss `cfg.loss` names, for the head `head` (`ModelConfig.head`)."""
+    return LOSSES.get(cfg.loss)(cfg, label_space, class_weights, head)
+
+
+def forward_inputs(criterion: nn.Module, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Extra inputs of the model's forward for this loss: `{"parents": (B, R)}` for the
+    factorised head (the parents whose children the loss reads), nothing otherwise."""
+    from geoloc.model.sparse_losses import FactorisedLoss
+
+    if isinstance(criterion, FactorisedLoss):
+        return {"parents": criterion.head_parents(labels)}
+    return {}
+
+
+def check_loss_for_head(cfg: TrainConfig, head: str) -> None:
+    """`ConfigError` naming the fix when `cfg.loss` cannot train `head` (checked before a run
+    starts, and again by the builders)."""
+    if head != "factorised":
+        return
+    if cfg.loss == "geosoft":
+        raise ConfigError(
+            "train.loss=geosoft builds dense (B, K) targets, which model.head=factorised is "
+            "there to avoid: use train.loss=geosoft_sparse"
+        )
+    if cfg.label_smoothing > 0:
+        raise ConfigError(
+            f"train.label_smoothing={cfg.label_smoothing} is not supported with "
+            "model.head=factorised; set it to 0 (train.loss=geosoft_sparse smooths by distance)"
+        )
+
+
+def _factorised(
+    cfg: TrainConfig,
+    label_space: LabelSpace,
+    class_weights: torch.Tensor | None,
+    sparse: bool,
+) -> nn.Module:
+    from geoloc.model.sparse_losses import FactorisedLoss, GeoSoftNeighbours
+
+    check_loss_for_head(cfg, "factorised")
+    neighbours = GeoSoftNeighbours.from_config(cfg, label_space) if sparse else None
+    return FactorisedLoss.for_label_space(label_space, neighbours, class_weights)
 
 
 @register_loss("ce")
-def _ce(cfg: TrainConfig, label_space: LabelSpace, class_weights: torch.Tensor | None) -> nn.Module:
-    """Cross-entropy with `cfg.label_smoothing` and optional class weights."""
+def _ce(
+    cfg: TrainConfig, label_space: LabelSpace, class_weights: torch.Tensor | None, head: str
+) -> nn.Module:
+    """Cross-entropy with `cfg.label_smoothing` and optional class weights; for the factorised
+    head, the negative log-likelihood CE(parent) + CE(child | true parent)."""
+    if head == "factorised":
+        return _factorised(cfg, label_space, class_weights, sparse=False)
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
 
 
 @register_loss("geosoft")
 def _geosoft(
-    cfg: TrainConfig, label_space: LabelSpace, class_weights: torch.Tensor | None
+    cfg: TrainConfig, label_space: LabelSpace, class_weights: torch.Tensor | None, head: str
 ) -> nn.Module:
     """GeoSoft targets; `cfg.label_smoothing` is not applied (the soft targets already smooth)."""
+    check_loss_for_head(cfg, head)
     return GeoSoftTargetLoss.from_config(cfg, label_space, class_weights)
+
+
+@register_loss("geosoft_sparse")
+def _geosoft_sparse(
+    cfg: TrainConfig, label_space: LabelSpace, class_weights: torch.Tensor | None, head: str
+) -> nn.Module:
+    """GeoSoft over each class's `cfg.geosoft_neighbours` nearest classes (O(B*r) targets)."""
+    from geoloc.model.sparse_losses import GeoSoftNeighbours, SparseGeoSoftLoss
+
+    if head == "factorised":
+        return _factorised(cfg, label_space, class_weights, sparse=True)
+    return SparseGeoSoftLoss(GeoSoftNeighbours.from_config(cfg, label_space), class_weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""Classifier heads, chosen by `ModelConfig.head` through the head registry.
+
+A head maps the (B, D) embedding (after dropout) to the outputs that losses and
+`geoloc.model.scores.class_scores` read:
+
+- `flat`: one linear layer over all K classes, plus a parent layer when `model.hierarchy` is on.
+  Outputs `logits` (B, K) and `parent_logits` (B, P). Per sample it costs K x D.
+- `factorised`: P(class) = P(parent) x P(class | parent). A parent layer over the P occupied
+  parent cells and, for each parent, a small table over its own children (padded to the most
+  children any parent has, C: 7 for r7 cells under r6 ones). Child logits are computed only for
+  the parents that matter, so the child part costs R x C x D per sample, not K x D:
+  while training for the parents the loss asks for (`parents`: the true one, plus the parents
+  of GeoSoft's neighbour cells), at inference for the `topk_parents` best parents.
+  Outputs `parent_logits` (B, P); for the scored parents `child_logits` (B, k, C) (padding is
+  -inf), `child_parents` (B, k) (best first, so the first k' of them are the top k') and
+  `child_classes` (B, k, C) (class of each slot); with `parents`, `target_child_logits`
+  (B, R, C) and `target_parents` (B, R).
+  In training mode only the best parent is scored (under no_grad, for the training-time
+  predictions); `topk_parents=0` scores every parent (exact, but K x D per sample again).
+
+A new head is one function decorated with `@register_head(name)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from geoloc.config import ModelConfig
+from geoloc.errors import ConfigError, DataError
+from geoloc.model.registry import Registry
+
+__all__ = [
+    "HEADS",
+    "ChildTable",
+    "FactorisedHead",
+    "FlatHead",
+    "HeadSpec",
+    "child_table",
+    "create_head",
+    "head_names",
+    "register_head",
+]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head needs to know about the label space."""
+
+    num_classes: int
+    num_parents: int | None = None  # None: the index has no parent level for this model
+    parent_of: np.ndarray | None = None  # (K,) parent index of each class
+    topk_parents: int = 0  # parents scored at inference (factorised head; 0: all)
+
+
+HeadBuilder = Callable[[ModelConfig, int, HeadSpec], nn.Module]
+"""(model config, embedding size D, label-space spec) -> head module `(h, parents=None) -> dict`."""
+
+HEADS: Registry[HeadBuilder] = Registry("model head")
+"""Head builders by `ModelConfig.head`; this module registers the built-in ones."""
+
+
+def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
+    """Register a head builder `(cfg, embed_dim, spec) -> nn.Module` under `name`."""
+    return HEADS.register(name)
+
+
+def head_names() -> list[str]:
+    """Every registered `model.head`, sorted."""
+    return HEADS.names()
+
+
+def create_head(cfg: ModelConfig, embed_dim: int, spec: HeadSpec) -> nn.Module:
+    """The head `cfg.head` names; unknown names raise `ConfigError` listing the valid ones."""
+    return HEADS.get(cfg.head)(cfg, embed_dim, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# flat
+# --------------------------------------------------------------------------------------------
+
+
+class FlatHead(nn.Module):
+    """One linear layer over all classes (+ an independent parent layer)."""
+
+    def __init__(self, embed_dim: int, num_classes: int, num_parents: int | None = None) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(embed_dim, num_classes)
+        self.parent = nn.Linear(embed_dim, num_parents) if num_parents else None
+
+    @property
+    def has_parent_head(self) -> bool:
+        return self.parent is not None
+
+    def forward(self, h: torch.Tensor, parents: torch.Tensor | None = None) -> dict[str, Any]:
+        out = {"logits": self.classifier(h)}  # (B, K)
+        if self.parent is not None:
+            out["parent_logits"] = self.parent(h)  # (B, P)
+        return out
+
+
+@register_head("flat")
+def _flat(cfg: ModelConfig, embed_dim: int, spec: HeadSpec) -> nn.Module:
+    return FlatHead(embed_dim, spec.num_classes, spec.num_parents if cfg.hierarchy else None)
+
+
+# --------------------------------------------------------------------------------------------
+# factorised
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChildTable:
+    """Each parent's children in slots 0..C-1 (C: the most children any parent has)."""
+
+    children: np.ndarray  # (P, C) int64 class index per slot; padding repeats slot 0
+    mask: np.ndarray  # (P, C) bool: True for a real child
+    slot_of: np.ndarray  # (K,) int64: each class's slot within its parent
+
+    @property
+    def max_children(self) -> int:
+        return int(self.children.shape[1])
+
+
+def child_table(parent_of: np.ndarray, num_parents: int) -> ChildTable:
+    """Slots of every class under its parent, in class order (vectorised; fine at K = 10^6)."""
+    parent_of = np.asarray(parent_of, dtype=np.int64)
+    k = parent_of.shape[0]
+    counts = np.bincount(parent_of, minlength=num_parents)
+    if counts.shape[0] != num_parents or (counts == 0).any():
+        empty = np.flatnonzero(counts == 0)[:5].tolist() if counts.shape[0] == num_parents else []
+        raise DataError(
+            f"the label space's parent map does not cover parents 0..{num_parents - 1} with at "
+            f"least one class each (childless parents: {empty}); rebuild the index"
+        )
+    order = np.argsort(parent_of, kind="stable")
+    sorted_parents = parent_of[order]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slots_sorted = np.arange(k) - starts[sorted_parents]
+    slot_of = np.empty(k, dtype=np.int64)
+    slot_of[order] = slots_sorted
+    width = int(counts.max())
+    children = np.repeat(order[starts][:, None], width, axis=1)  # pad with each parent's first
+    children[sorted_parents, slots_sorted] = order
+    mask = np.zeros((num_parents, width), dtype=bool)
+    mask[sorted_parents, slots_sorted] = True
+    return ChildTable(children, mask, slot_of)
+
+
+class FactorisedHead(nn.Module):
+    """P(parent) x P(child | parent), child logits only for the parents asked for.
+
+    Parameters: a parent layer (P x D) and one (C x D) child table per parent, stored as one
+    (P, C, D) tensor and gathered per sample. See the module docstring for the outputs.
+    """
+
+    def __init__(
+        self, embed_dim: int, parent_of: np.ndarray, num_parents: int, topk_parents: int = 0
+    ) -> None:
+        super().__init__()
+        table = child_table(parent_of, num_parents)
+        self.num_classes = int(len(parent_of))
+        self.num_parents = int(num_parents)
+        self.max_children = table.max_children
+        self.topk_parents = int(topk_parents)
+        self.parent = nn.Linear(embed_dim, num_parents)
+        self.child_weight = nn.Parameter(torch.empty(num_parents, self.max_children, embed_dim))
+        self.child_bias = nn.Parameter(torch.empty(num_parents, self.max_children))
+        bound = 1.0 / math.sqrt(embed_dim)  # nn.Linear's default init, per child table
+        nn.init.uniform_(self.child_weight, -bound, bound)
+        nn.init.uniform_(self.child_bias, -bound, bound)
+        # derived from the label space; the layout is saved too so that a checkpoint loaded
+        # against other classes fails (`_load_from_state_dict`) instead of scoring wrong cells
+        self.register_buffer("child_index", torch.from_numpy(table.children))
+        self.register_buffer("slot_of", torch.from_numpy(table.slot_of))
+        self.register_buffer("child_mask", torch.from_numpy(table.mask), persistent=False)
+
+    @property
+    def has_parent_head(self) -> bool:
+        return True
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        error_msgs = args[-1]
+        for name in ("child_index", "slot_of"):
+            saved, mine = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and saved.shape == mine.shape and not torch.equal(saved, mine):
+                error_msgs.append(
+                    f"{prefix}{name}: the checkpoint's parent/child layout is not this label "
+                    "space's"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def child_logits(self, h: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings, (B, R) parent indices -> (B, R, C) child logits, padding -inf."""
+        b, r = parents.shape
+        w = self.child_weight[parents]  # (B, R, C, D): only the tables asked for
+        z = torch.bmm(w.view(b, r * self.max_children, -1), h.unsqueeze(2)).view(b, r, -1)
+        z = z + self.child_bias[parents]
+        return z.masked_fill(~self.child_mask[parents], float("-inf"))
+
+    def _all_child_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, P, C) child logits of every parent (the exact, K x D per sample, path)."""
+        z = torch.einsum("bd,pcd->bpc", h, self.child_weight) + self.child_bias
+        return z.masked_fill(~self.child_mask, float("-inf"))
+
+    def forward(self, h: torch.Tensor, parents: torch.Tensor | None = None) -> dict[str, Any]:
+        parent_logits = self.parent(h)  # (B, P)
+        out: dict[str, Any] = {"parent_logits": parent_logits}
+        if parents is not None:
+            out["target_parents"] = parents
+            out["target_child_logits"] = self.child_logits(h, parents)
+        k = 1 if self.training else self.topk_parents
+        with torch.no_grad() if self.training else nullcontext():
+            if 0 < k < self.num_parents:
+                top = parent_logits.detach().topk(k, dim=1).indices  # (B, k), best first
+                scored = self.child_logits(h, top)
+            else:  # every parent, still best first so that the first k are the top-k
+                top = parent_logits.detach().argsort(dim=1, descending=True)  # (B, P)
+                every = self._all_child_logits(h)  # (B, P, C)
+                scored = every.gather(1, top[:, :, None].expand(-1, -1, every.shape[2]))
+        out["child_parents"] = top
+        out["child_logits"] = scored
+        out["child_classes"] = self.child_index[top]  # (B, k, C)
+        return out
+
+
+@register_head("factorised")
+def _factorised(cfg: ModelConfig, embed_dim: int, spec: HeadSpec) -> nn.Module:
+    if spec.parent_of is None or not spec.num_parents:
+        raise ConfigError(
+            "model.head=factorised needs the label space's parent level (parent_of); build the "
+            "model from an index with parent_resolution < resolution, or set model.head=flat"
+        )
+    return FactorisedHead(embed_dim, spec.parent_of, spec.num_parents, spec.topk_parents)
