@@ -10,6 +10,7 @@ Reporting is not done here: the composer writes the report once the run's artifa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,15 @@ from geoloc.infer.rerank import (
     land_fraction_for,
     run_variants,
 )
-from geoloc.infer.tuning import GateGrid, choose_best_variant, evaluation_table, tune
+from geoloc.infer.trained import check_same_classes
+from geoloc.infer.tuning import (
+    TOPK_PARENTS,
+    GateGrid,
+    choose_best_variant,
+    choose_topk_parents,
+    evaluation_table,
+    tune,
+)
 from geoloc.progress import progress_log
 from geoloc.runs.formatting import fmt_km
 from geoloc.runs.layout import RunPaths
@@ -41,6 +50,8 @@ __all__ = [
     "rerank_run",
     "val_table_path",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,8 +98,12 @@ def evaluate_rerank(
     """
     gallery = gallery or outs["train"].to_gallery()
     k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
+    if outs["val"].scored_parents:  # factorised head: its k is one more choice made on val
+        hier_topk_parents, k_table = choose_topk_parents(outs["val"], label_space)
+        log.info("factorised head: children of the top %d parents kept (chosen on val)\n%s",
+                 hier_topk_parents, k_table.to_string(index=False))  # fmt: skip
     probs = {
-        s: base_probs(outs[s].logits, outs[s].parent_logits, label_space, hier_topk_parents)
+        s: base_probs(outs[s].head_arrays(), label_space, hier_topk_parents)
         for s in ("val", "test")
     }
     nbrs = {
@@ -132,8 +147,12 @@ def rerank_run(
     trained = load_trained(paths.root, "best")
     cfg = cfg or trained.config.rerank
     index_dir = Path(index_dir) if index_dir else resolve_index_dir(trained.config)
+    check_same_classes(trained.checkpoint, trained.label_space, index_dir)
     label_space = trained.label_space
     key = f"{file_sha256(trained.checkpoint)}:{label_space.fingerprint}"
+    if trained.config.model.head == "factorised":  # enough parents scored to choose k on val
+        trained.model.topk_parents = max(trained.config.train.hier_topk_parents, *TOPK_PARENTS)
+        key = f"{key}:parents{trained.model.topk_parents}"
     paths.data.mkdir(parents=True, exist_ok=True)
     outs = {
         s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress)

@@ -8,6 +8,7 @@ checkpoint's sha256 and the label space's fingerprint (another checkpoint or ind
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,36 +34,51 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OUTPUTS_VERSION = 1
-_REQUIRED = ("key", "logits", "embeddings", "labels", "lat", "lon", "image_ids")
+_REQUIRED = ("key", "embeddings", "labels", "lat", "lon", "image_ids")
+_HEAD_ARRAYS = ("logits", "parent_logits", "child_logits", "child_parents", "child_classes")
+"""What `class_scores` reads (`geoloc.model.scores.SCORE_INPUTS`), as cached arrays."""
 
 
 @dataclass(eq=False)
 class SplitOutputs:
     """What one pass of the model over a split gives, row-aligned with the split table."""
 
-    logits: np.ndarray  # (N, K) float32
+    logits: np.ndarray | None  # (N, K) float32; None for the factorised head
     parent_logits: np.ndarray | None  # (N, P) float32, None without a parent head
     embeddings: np.ndarray  # (N, D) float32, L2-normalised
     labels: np.ndarray  # (N,) int64 true class
     lat: np.ndarray  # (N,) float64 true coordinates
     lon: np.ndarray  # (N,)
     image_ids: np.ndarray  # (N,) str
+    # factorised head: the children of its best parents (`geoloc.model.heads`)
+    child_logits: np.ndarray | None = None  # (N, k, C) float32, padding -inf
+    child_parents: np.ndarray | None = None  # (N, k) int64, best parent first
+    child_classes: np.ndarray | None = None  # (N, k, C) int64
 
     def __post_init__(self) -> None:
         # fixed-width unicode, not object: the cache is read back with allow_pickle=False
         self.image_ids = np.asarray(self.image_ids, dtype=str)
 
     def __len__(self) -> int:
-        return self.logits.shape[0]
+        return self.labels.shape[0]
+
+    @property
+    def scored_parents(self) -> int:
+        """How many parents the factorised head scored per image (0 for other heads)."""
+        return 0 if self.child_parents is None else int(self.child_parents.shape[1])
+
+    def head_arrays(self) -> dict[str, np.ndarray]:
+        """The model outputs `base_probs` turns into class probabilities."""
+        arrays = {name: getattr(self, name) for name in _HEAD_ARRAYS}
+        return {k: v for k, v in arrays.items() if v is not None}
 
     def to_gallery(self) -> Gallery:
         return Gallery(self.embeddings, self.labels, self.lat, self.lon, self.image_ids)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays to cache (no `parent_logits` without a parent head)."""
+        """The arrays to cache (only the head outputs the model has)."""
         arrays = {
-            "logits": self.logits,
-            "parent_logits": self.parent_logits,
+            **self.head_arrays(),
             "embeddings": self.embeddings,
             "labels": self.labels,
             "lat": self.lat,
@@ -87,14 +103,16 @@ class SplitOutputs:
             return None
         if str(z["key"]) != key:
             return None
+        if "logits" not in z and "child_logits" not in z:
+            log.warning("ignoring cache %s: it holds no class logits", path)
+            return None
         return cls(
-            logits=z["logits"],
-            parent_logits=z.get("parent_logits"),
             embeddings=z["embeddings"],
             labels=z["labels"],
             lat=z["lat"],
             lon=z["lon"],
             image_ids=z["image_ids"],
+            **{name: z.get(name) for name in _HEAD_ARRAYS},
         )
 
 
@@ -112,19 +130,22 @@ def compute_outputs(
 
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
-    logits, parents, embs = [], [], []
+    heads: dict[str, list[torch.Tensor]] = {}
+    embs = []
     for images, _, _, _ in track(
         loader, desc=f"embed {dataset.split}", unit="batch", bars=progress
     ):
         out = model(images.to(device))
-        logits.append(out["logits"].float().cpu())
         embs.append(out["embedding"].float().cpu())
-        if "parent_logits" in out:
-            parents.append(out["parent_logits"].float().cpu())
+        for name in _HEAD_ARRAYS:
+            if name in out:
+                value = out[name]
+                heads.setdefault(name, []).append(
+                    (value.float() if value.is_floating_point() else value).cpu()
+                )
     table = dataset.table
     return SplitOutputs(
-        logits=torch.cat(logits).numpy(),
-        parent_logits=torch.cat(parents).numpy() if parents else None,
+        **{n: torch.cat(heads[n]).numpy() if n in heads else None for n in _HEAD_ARRAYS},
         embeddings=l2_normalize(torch.cat(embs)),
         labels=np.asarray(dataset.labels, dtype=np.int64),
         lat=table["lat"].to_numpy(dtype=np.float64),
@@ -134,17 +155,18 @@ def compute_outputs(
 
 
 def base_probs(
-    logits: np.ndarray,
-    parent_logits: np.ndarray | None,
-    label_space: LabelSpace,
-    hier_topk_parents: int,
+    head: Mapping[str, np.ndarray], label_space: LabelSpace, hier_topk_parents: int
 ) -> np.ndarray:
-    """(N, K) class probabilities exactly as training evaluates them (`class_scores`)."""
+    """(N, K) class probabilities exactly as training evaluates them (`class_scores`), from the
+    head's outputs (`SplitOutputs.head_arrays()`)."""
     from geoloc.model.scores import class_scores
 
-    tensors = {"logits": torch.from_numpy(np.asarray(logits, dtype=np.float32))}
-    if parent_logits is not None:
-        tensors["parent_logits"] = torch.from_numpy(np.asarray(parent_logits, dtype=np.float32))
+    tensors = {
+        name: torch.from_numpy(
+            np.asarray(value, dtype=np.float32) if name.endswith("logits") else np.asarray(value)
+        )
+        for name, value in head.items()
+    }
     return class_scores(tensors, label_space.parent_of, hier_topk_parents).double().numpy()
 
 

@@ -36,6 +36,7 @@ from geoloc.infer.evaluation import gallery_path, params_path
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.infer.outputs import base_probs
 from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
+from geoloc.model.scores import SCORE_INPUTS
 from geoloc.runs.layout import RunPaths
 
 __all__ = [
@@ -133,6 +134,8 @@ class Predictor:
         self.top_k = min(top_k, self.label_space.num_classes)
         self.batch_size = batch_size
         self.params = self._load_params()
+        if self.trained.config.model.head == "factorised" and self.params is not None:
+            self.trained.model.topk_parents = self.hier_topk_parents  # the k rerank chose on val
         self.gallery: Gallery | None = None
         self.variant = "base"
         if rerank and self.params is not None:
@@ -154,6 +157,9 @@ class Predictor:
 
     @property
     def hier_topk_parents(self) -> int:
+        """The k rerank chose on val (`rerank_params.json`), else the run's config."""
+        if self.params is not None:
+            return self.params.hier_topk_parents
         return self.trained.config.train.hier_topk_parents
 
     def _batches(self, files: Sequence[Path]) -> Iterator[_Batch]:
@@ -170,18 +176,19 @@ class Predictor:
             yield _Batch(chunk, images, ok, errors)
 
     @torch.no_grad()
-    def _forward(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def _forward(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The head outputs `base_probs` reads, and L2-normalised embeddings."""
         out = self.trained.model(images.to(self.trained.device))
-        parents = out.get("parent_logits")
-        return (
-            out["logits"].float().cpu().numpy(),
-            None if parents is None else parents.float().cpu().numpy(),
-            l2_normalize(out["embedding"].float().cpu()),
-        )
+        head = {
+            name: (v.float() if v.is_floating_point() else v).cpu().numpy()
+            for name, v in out.items()
+            if name in SCORE_INPUTS
+        }
+        return head, l2_normalize(out["embedding"].float().cpu())
 
     def _answer(self, images: torch.Tensor) -> VariantOutput:
-        logits, parent_logits, emb = self._forward(images)
-        probs = base_probs(logits, parent_logits, self.label_space, self.hier_topk_parents)
+        head, emb = self._forward(images)
+        probs = base_probs(head, self.label_space, self.hier_topk_parents)
         if self.variant == "base" or self.params is None or self.gallery is None:
             pred = probs.argmax(axis=1)
             ls = self.label_space

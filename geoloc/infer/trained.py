@@ -42,8 +42,37 @@ class TrainedRun:
         )
 
 
-def load_trained(run_dir: Path, which: str = "best", device: str | None = None) -> TrainedRun:
-    """Load `checkpoints/<which>.pt` of a run: model in eval mode, label space, config."""
+def check_same_classes(checkpoint: Path, label_space: LabelSpace, index_dir: Path) -> None:
+    """`TrainingError` when the index at `index_dir` has other classes than the checkpoint."""
+    from geoloc.data.dataset import index_files
+
+    index_labels = LabelSpace.from_json(index_files(index_dir)["labels"])
+    if (
+        index_labels.num_classes != label_space.num_classes
+        or index_labels.fingerprint != label_space.fingerprint
+    ):
+        raise TrainingError(
+            f"checkpoint '{checkpoint}' has {label_space.num_classes} classes (index "
+            f"{label_space.fingerprint!r}) but the index at '{index_dir}' has "
+            f"{index_labels.num_classes} ({index_labels.fingerprint!r}): pass the index the run "
+            "was trained on (--index-dir, index_dir), or retrain on this one"
+        )
+
+
+def load_trained(
+    run_dir: Path,
+    which: str = "best",
+    device: str | None = None,
+    *,
+    index_dir: Path | None = None,
+    topk_parents: int | None = None,
+) -> TrainedRun:
+    """Load `checkpoints/<which>.pt` of a run: model in eval mode, label space, config.
+
+    With `index_dir`, the index the caller is about to read must be the one the checkpoint's
+    classes come from (same class count and fingerprint). A factorised head scores
+    `topk_parents` parents at inference (default: the run's `train.hier_topk_parents`).
+    """
     if which not in ("best", "last"):
         raise GeolocError(f"checkpoint '{which}' is not one of: best, last")
     paths = RunPaths(Path(run_dir))
@@ -56,10 +85,22 @@ def load_trained(run_dir: Path, which: str = "best", device: str | None = None) 
     except Exception as exc:  # noqa: BLE001 - pydantic or a missing key
         raise TrainingError(f"checkpoint '{path}' carries an unreadable config: {exc}") from exc
     label_space = LabelSpace.from_dict(ckpt["label_space"], source=f"checkpoint '{path}'")
+    if index_dir is not None:
+        check_same_classes(path, label_space, Path(index_dir))
     from geoloc.model import create_model
 
-    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
-    model.load_state_dict(ckpt["model"])
+    k = cfg.train.hier_topk_parents if topk_parents is None else topk_parents
+    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents,
+                         parent_of=label_space.parent_of, topk_parents=k)  # fmt: skip
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # shape mismatches: weights for another number of classes
+        first = str(exc).strip().splitlines()[-1].strip() or type(exc).__name__
+        raise TrainingError(
+            f"checkpoint '{path}' does not fit its own config and label space "
+            f"({cfg.model.head} head, {label_space.num_classes} classes, "
+            f"{label_space.num_parents} parents): {first}; retrain, or restore the run's files"
+        ) from exc
     dev = resolve_device(device or cfg.train.device)
     model.to(dev).eval()
     return TrainedRun(model, label_space, cfg, dev, path)

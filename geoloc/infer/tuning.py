@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace, haversine_km
@@ -45,15 +46,18 @@ from geoloc.infer.rerank import (
     refine_coordinates,
     run_variants,
 )
+from geoloc.model.scores import predicted_classes
 from geoloc.progress import track
 
 __all__ = [
     "MEDIAN_SLACK",
     "TABLE_COLUMNS",
+    "TOPK_PARENTS",
     "GateGrid",
     "choose_best_variant",
     "choose_gate",
     "choose_refinement",
+    "choose_topk_parents",
     "evaluation_table",
     "fit_calibration",
     "tail_objective",
@@ -71,6 +75,8 @@ TABLE_COLUMNS = (
     "coverage", "set_size",
 )  # fmt: skip
 """rerank_eval.csv columns, in order."""
+TOPK_PARENTS = (1, 2, 3, 5, 10)
+"""Candidates for the factorised head's `hier_topk_parents` (rerank scores the best 10)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +116,31 @@ def _quick_metrics(pred: np.ndarray, label_space: LabelSpace, true: SplitOutputs
 # --------------------------------------------------------------------------------------------
 # Choices on val
 # --------------------------------------------------------------------------------------------
+
+
+def choose_topk_parents(
+    val: SplitOutputs, label_space: LabelSpace, candidates: Sequence[int] = TOPK_PARENTS
+) -> tuple[int, pd.DataFrame]:
+    """How many parents the factorised head's scores keep, chosen on val.
+
+    Each k <= the parents the model scored is judged by `tail_objective` against the most
+    parents scored (the exact product argmax over them); the fewest parents win ties (cheaper
+    and the same answers). Returns k and the val table (`k`, median/P90/P95 km, `top1`).
+    """
+    scored = val.scored_parents
+    if scored == 0:
+        raise ValueError("choose_topk_parents needs factorised-head outputs (child_logits)")
+    head = {name: torch.from_numpy(np.asarray(v)) for name, v in val.head_arrays().items()}
+    rows = []
+    for k in sorted({k for k in candidates if 0 < k < scored} | {scored}):
+        pred = predicted_classes(head, k).numpy()
+        rows.append({"k": k, **_quick_metrics(pred, label_space, val),
+                     "top1": float(np.mean(pred == val.labels))})  # fmt: skip
+    table = pd.DataFrame(rows)
+    ref = rows[-1]
+    objective = [round(tail_objective(row, ref), 12) for row in rows]
+    best = min(range(len(rows)), key=lambda i: (objective[i], rows[i]["k"]))
+    return int(rows[best]["k"]), table
 
 
 @dataclass(frozen=True)

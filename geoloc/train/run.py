@@ -80,17 +80,39 @@ def check_run_config(cfg: RunConfig) -> None:
             f"train.early_stopping_metric '{cfg.train.early_stopping_metric}' is not a metric; "
             f"valid: {', '.join(METRIC_COLUMNS[1:-2])}"
         )
-    from geoloc.model import model_names
+    from geoloc.model import head_names, model_names
+    from geoloc.model.losses import check_loss_for_head
 
     if cfg.model.arch not in model_names():
         raise ConfigError(
             f"model.arch '{cfg.model.arch}' is not a registered model; "
             f"valid: {', '.join(model_names())}"
         )
+    if cfg.model.head not in head_names():
+        raise ConfigError(
+            f"model.head '{cfg.model.head}' is not a registered head; "
+            f"valid: {', '.join(head_names())}"
+        )
+    check_loss_for_head(cfg.train, cfg.model.head)
     if cfg.train.batch_size % cfg.train.nproc:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly "
             f"over train.nproc={cfg.train.nproc} processes"
+        )
+
+
+def check_label_space(cfg: RunConfig, label_space: LabelSpace, index_dir: Path) -> None:
+    """The index must have what the model config needs: a parent level for the factorised
+    head (parents strictly coarser than the classes)."""
+    if cfg.model.head != "factorised":
+        return
+    res, parent = label_space.resolution, label_space.parent_resolution
+    if parent >= res:
+        raise ConfigError(
+            f"model.head=factorised needs parent cells coarser than the classes, but the index "
+            f"'{index_dir}' has parent_resolution {parent} and resolution {res}: rebuild it "
+            f"with parent_resolution < resolution (e.g. {max(res - 1, 0)}), or set "
+            "model.head=flat"
         )
 
 
@@ -111,6 +133,7 @@ def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None)
     `progress` is how their decode reports (`geoloc.progress.track`: bars or log lines)."""
     check_index(index_dir)
     label_space = LabelSpace.from_json(index_files(index_dir)["labels"])
+    check_label_space(cfg, label_space, index_dir)  # before decoding any image
     train_tf = build_transforms(cfg.train, train=True)
     eval_tf = build_transforms(cfg.train, train=False)
     train = GeoDataset(index_dir, "train", train_tf, progress=progress)
@@ -132,16 +155,24 @@ def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None)
     return RunData(index_dir, label_space, train, val, test)
 
 
+def _with_defaults(model_section: dict[str, Any]) -> dict[str, Any]:
+    from geoloc.config import ModelConfig
+
+    try:
+        return ModelConfig.model_validate(model_section).model_dump(mode="json")
+    except ValueError:  # pydantic's ValidationError: compare as saved
+        return dict(model_section)
+
+
 def check_resumable(
     ckpt: dict[str, Any], cfg: RunConfig, label_space: LabelSpace, path: Path
 ) -> None:
     """An incompatible checkpoint (other model or label space) is an error naming it."""
     saved = ckpt.get("config") or {}
-    if saved.get("model") != cfg.model.model_dump(mode="json"):
+    saved_model = _with_defaults(saved.get("model") or {})  # keys added since default to old ways
+    if saved_model != cfg.model.model_dump(mode="json"):
         diff = sorted(
-            k
-            for k, v in cfg.model.model_dump(mode="json").items()
-            if (saved.get("model") or {}).get(k) != v
+            k for k, v in cfg.model.model_dump(mode="json").items() if saved_model.get(k) != v
         )
         raise TrainingError(
             f"checkpoint '{path}' was trained with another model config (differs in: "
@@ -155,7 +186,9 @@ def check_resumable(
         raise TrainingError(
             f"checkpoint '{path}' was trained on another index (fingerprint "
             f"{saved_labels.get('fingerprint')!r}, {len(saved_labels.get('classes', []))} classes) "
-            f"than the current one ({label_space.fingerprint!r}, {label_space.num_classes})"
+            f"than the index at '{resolve_index_dir(cfg)}' ({label_space.fingerprint!r}, "
+            f"{label_space.num_classes} classes): resume with the run's own index "
+            "(index_dir in its config.json), or start a new run"
         )
     if saved.get("seed") != cfg.seed or saved.get("train") != cfg.train.model_dump(mode="json"):
         log.warning("resuming '%s' with a changed train config or seed: results will differ "
@@ -173,7 +206,9 @@ def build_model_and_loss(
     """The model and the child-head loss the config names (registries in `geoloc.model`)."""
     from geoloc.model import compute_class_weights_from_parquet, create_loss, create_model
 
-    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
+    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents,
+                         parent_of=label_space.parent_of,
+                         topk_parents=cfg.train.hier_topk_parents)  # fmt: skip
     weights = None
     if cfg.train.class_weighting != "none":
         weights = compute_class_weights_from_parquet(
@@ -182,7 +217,7 @@ def build_model_and_loss(
             cfg.train.class_weighting,
             cfg.train.class_weight_beta,
         )
-    return model, create_loss(cfg.train, label_space, weights)
+    return model, create_loss(cfg.train, label_space, weights, head=cfg.model.head)
 
 
 def train_run(

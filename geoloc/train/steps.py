@@ -23,7 +23,8 @@ from geoloc.errors import GeolocError, TrainingError
 from geoloc.geo import LabelSpace
 from geoloc.geo import haversine_km as _haversine_km
 from geoloc.geo.metrics import geo_metrics_from_errors, topk_accuracy
-from geoloc.model.scores import class_scores
+from geoloc.model.losses import forward_inputs
+from geoloc.model.scores import class_scores, predicted_classes
 from geoloc.progress import track
 
 if TYPE_CHECKING:
@@ -75,7 +76,13 @@ def total_loss(
     criterion: nn.Module,
     parent_loss_weight: float,
 ) -> torch.Tensor:
-    """Child-head loss plus `parent_loss_weight` x parent-head cross-entropy (when there is one)."""
+    """Child-head loss plus `parent_loss_weight` x parent-head cross-entropy (when there is one).
+
+    The factorised head's loss scores P(parent) x P(child | parent) itself (the parent term is
+    part of the class likelihood), so `parent_loss_weight` does not apply to it.
+    """
+    if "target_child_logits" in outputs:
+        return criterion(outputs, labels)
     loss = criterion(outputs["logits"].float(), labels)
     parent_logits = outputs.get("parent_logits")
     if parent_logits is not None and parent_loss_weight > 0:
@@ -138,7 +145,7 @@ def train_one_epoch(
         labels = labels.to(device, non_blocking=True)  # (B,)
         parent_labels = parent_labels.to(device, non_blocking=True)  # (B,)
         with _autocast(device, amp):
-            outputs = model(images)
+            outputs = model(images, **forward_inputs(criterion, labels))
         loss = total_loss(outputs, labels, parent_labels, criterion, parent_loss_weight)
         if not torch.isfinite(loss):
             lr = optimizer.param_groups[0]["lr"]
@@ -155,7 +162,7 @@ def train_one_epoch(
         batch = labels.shape[0]
         loss_sum += float(loss.detach()) * batch
         seen += batch
-        preds[rows.numpy()] = outputs["logits"].detach().argmax(dim=1).cpu().numpy()
+        preds[rows.numpy()] = predicted_classes(outputs).detach().cpu().numpy()
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
     return EpochResult(
         loss=loss_sum / max(seen, 1),
@@ -215,7 +222,7 @@ def evaluate(
         images = images.to(device, non_blocking=True)
         labels_d = labels.to(device, non_blocking=True)
         with _autocast(device, amp):
-            outputs = model(images)
+            outputs = model(images, **forward_inputs(criterion, labels_d))
         loss = total_loss(
             outputs, labels_d, parent_labels.to(device), criterion, parent_loss_weight
         )
