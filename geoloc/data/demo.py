@@ -24,7 +24,7 @@ from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 from tqdm import tqdm
 
-from geoloc.atomic import write_json
+from geoloc.atomic import temp_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     # many small files: rename for atomicity, no fsync (the demo is regenerated in seconds)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

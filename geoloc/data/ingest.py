@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from geoloc.atomic import write_parquet
+from geoloc.atomic import sweep_stale_temps, temp_path, write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
 from geoloc.data.process import ProcessTask, process_one
@@ -96,7 +96,7 @@ def _fetch_one(item: RawItem, target: Path) -> tuple[Path | None, tuple[str, str
     except Exception as exc:  # a source bug must not kill the whole ingest
         return None, (R.UNREACHABLE, f"{type(exc).__name__}: {exc}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temp_path(target)
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return target, None
@@ -260,6 +260,9 @@ def journal_source(
     journal = Journal(paths.state / "ingest" / job_id(resolved, cfg, source_options))
     if fresh:
         journal.clear()
+    # temp files of writers killed mid-write (an earlier, interrupted ingest) go first
+    for folder in (paths.processed, paths.raw / getattr(source, "name", ""), journal.folder):
+        sweep_stale_temps(folder, recursive=True)
     done_rows = journal.read()
     done = set(done_rows["key"]) if len(done_rows) else set()
     pending = [e for e in entries if _key(e.source, e.source_ref) not in done]
