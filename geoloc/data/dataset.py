@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from geoloc.config import TrainConfig
+from geoloc.data.decode import DEFAULT_MAX_PIXELS, Rejected
+from geoloc.data.decode import decode_image as decode_rgb
 from geoloc.errors import DataError, IndexMissingError
 from geoloc.progress import track
 
@@ -113,13 +114,14 @@ def _require_columns(df: pd.DataFrame, path: Path, columns: Sequence[str]) -> No
         raise IndexMissingError(f"index file '{path}' lacks column(s) {', '.join(missing)}")
 
 
-def decode_image(path: Path) -> torch.Tensor:
-    """(3, H, W) uint8 RGB tensor from an image file; `DataError` naming it when unreadable."""
+def decode_image(src: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """(3, H, W) uint8 RGB tensor of an image file (or its bytes), decoded by the one decode every
+    model input goes through (`geoloc.data.decode`); `DataError` naming the file when unusable."""
     try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"image '{path}' could not be read: {exc}") from exc
+        rgb = decode_rgb(src, max_pixels)
+    except Rejected as exc:
+        name = "image bytes" if isinstance(src, bytes) else f"image '{src}'"
+        raise DataError(f"{name} could not be read: {exc.reason}: {exc.detail}") from exc
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

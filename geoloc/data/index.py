@@ -189,6 +189,8 @@ def make_splits(images: pd.DataFrame, cfg: IndexConfig) -> tuple[pd.DataFrame, d
         "fingerprint": "",
         "min_images_per_class": cfg.min_images_per_class,
         "remap_policy": REMAP_POLICY,
+        # how images were decoded and shrunk, so `geoloc predict` prepares photos the same way
+        "processing": {"max_side": cfg.max_side, "max_pixels": cfg.max_pixels},
         "split": {
             "strategy": cfg.split,
             "split_resolution": cfg.split_resolution,

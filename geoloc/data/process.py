@@ -1,9 +1,10 @@
 """Decode and clean one image: the work done in parallel processes during ingestion.
 
-Each file is decoded, oriented (EXIF), converted to 8-bit RGB (CMYK, palette, alpha, 16-bit,
-float), shrunk to `max_side`, re-encoded as JPEG without metadata and stored under its content
-address `data/processed/<aa>/<sha256>.jpg`. Identical content lands on the same path, which
-makes deduplication a set lookup and redoing a lost chunk harmless.
+Each file is decoded by `geoloc.data.decode` (oriented by EXIF, 8-bit RGB from CMYK, palette,
+alpha, 16-bit or float, bombs refused), shrunk to `max_side`, re-encoded as JPEG without
+metadata and stored under its content address `data/processed/<aa>/<sha256>.jpg`. Identical
+content lands on the same path, which makes deduplication a set lookup and redoing a lost chunk
+harmless.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image
 
+from geoloc.atomic import temp_path
 from geoloc.data import rejects as R
+from geoloc.data.decode import Rejected, decode_image_exif
 
 JPEG_QUALITY = 95
 
@@ -36,13 +37,6 @@ class ProcessTask:
     processed_root: str
     max_side: int
     max_pixels: int
-
-
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def _ratio(value: Any) -> float:
@@ -88,57 +82,13 @@ def captured_from_exif(exif: Image.Exif) -> str | None:
         return None
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode; transparency is composited over white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if im.mode.startswith("I;16"):
-            lo, hi = 0.0, 65535.0
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        im = Image.fromarray(np.nan_to_num(scaled).clip(0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, rgba)
-    return im.convert("RGB") if im.mode != "RGB" else im
-
-
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
-    if not data:
-        raise Rejected(R.EMPTY_FILE, "zero bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Rejected(R.DECOMPRESSION_BOMB, str(exc)) from exc
-    except UnidentifiedImageError as exc:
-        raise Rejected(R.NOT_IMAGE, "not a recognised image format") from exc
-    except Exception as exc:  # a header PIL chokes on
-        raise Rejected(R.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
-    w, h = im.size
-    if w * h > max_pixels:
-        raise Rejected(R.DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
-    return im
-
-
 def clean_image(data: bytes, max_side: int, max_pixels: int) -> tuple[bytes, int, int, Image.Exif]:
-    """JPEG bytes, width, height and the original EXIF of a cleaned image; `Rejected` if bad."""
-    im = _open_checked(data, max_pixels)
-    try:
-        exif = im.getexif()
-        if im.format == "JPEG":
-            im.draft("RGB", (max_side, max_side))  # decode at reduced scale when much larger
-        im.load()
-        im = ImageOps.exif_transpose(im) or im
-        im = to_rgb(im)
-    except Rejected:
-        raise
-    except Exception as exc:  # truncated data, broken codecs
-        raise Rejected(R.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
+    """JPEG bytes, width, height and the original EXIF of a cleaned image; `Rejected` if bad.
+
+    The pixels come from `geoloc.data.decode` (the decode every model input goes through);
+    this adds the shrink to `max_side` and the JPEG that ingest stores.
+    """
+    im, exif = decode_image_exif(data, max_pixels, draft_side=max_side)
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
@@ -152,7 +102,7 @@ def store(processed_root: Path, data: bytes) -> tuple[str, str]:
     target = processed_root / sha[:2] / f"{sha}.jpg"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{sha}.{os.getpid()}.tmp")
+        tmp = temp_path(target)  # recognisable, so one left by a kill is swept later
         tmp.write_bytes(data)
         os.replace(tmp, target)  # no fsync per image: a lost file is re-made on the next ingest
     return sha, f"{processed_root.name}/{sha[:2]}/{sha}.jpg"

@@ -10,7 +10,9 @@ variant, error`
 `prob` and `topk_probs` are temperature-calibrated; `conformal_set` holds the cells that contain
 the true cell with probability `conformal_coverage` (split conformal on val). A file that is not
 a readable image gets a row with `error` set and empty predictions; the others are predicted.
-Images go through the same decode and eval transform as training, in batches.
+Images go through what training's images went through: ingest's decode (EXIF orientation, alpha
+over white, 16-bit scaling, decompression-bomb limit), its shrink to the index's `max_side` and
+JPEG, the dataset's decode and the eval transform; then they are predicted in batches.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from geoloc.atomic import atomic_path, write_text
+from geoloc.config import IndexConfig
+from geoloc.data import rejects as R
 from geoloc.data.dataset import decode_image
+from geoloc.data.decode import Rejected
+from geoloc.data.process import clean_image
 from geoloc.errors import DataError, GeolocError
 from geoloc.infer.calibration import ConformalSets, apply_temperature, log_probs
 from geoloc.infer.evaluation import gallery_path, params_path
@@ -81,26 +86,30 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def _load_image(path: Path) -> torch.Tensor:
-    """(3, H, W) uint8; `DataError` with a one-line reason for anything unreadable."""
+def prepare_image(path: Path, max_side: int, max_pixels: int) -> torch.Tensor:
+    """(3, H, W) uint8 pixels of a photo exactly as ingest + the dataset would give them.
+
+    Ingest decodes (`geoloc.data.decode`), shrinks to `max_side` and stores a JPEG; the dataset
+    decodes that JPEG. Doing the same here in memory is what makes a prediction see the pixels
+    training saw, bit for bit. `DataError` with a one-line reason for anything unusable.
+    """
     if not path.exists():
         raise DataError("file does not exist")
     if not path.is_file():
         raise DataError("not a regular file")
     try:
-        return decode_image(path)
-    except DataError as exc:
+        jpeg, *_ = clean_image(path.read_bytes(), max_side, max_pixels)
+    except OSError as exc:
+        raise DataError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
+    except Rejected as exc:
         raise DataError(_reason(exc)) from exc
-    except (Image.DecompressionBombError, ValueError, MemoryError) as exc:
-        raise DataError(f"not a usable image: {exc}") from exc
+    return decode_image(jpeg)
 
 
-def _reason(exc: Exception) -> str:
-    text = str(exc)
-    cause = exc.__cause__
-    if cause is not None:
-        return f"not a readable image: {type(cause).__name__}: {cause}"
-    return text
+def _reason(rej: Rejected) -> str:
+    if rej.reason == R.DECOMPRESSION_BOMB:
+        return f"refused as a decompression bomb ({rej.reason}): {rej.detail}"
+    return f"not a readable image ({rej.reason}): {rej.detail}"
 
 
 @dataclass
@@ -122,6 +131,8 @@ class Predictor:
         top_k: int = 5,
         batch_size: int = 64,
         device: str | None = None,
+        max_side: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         from geoloc.infer.trained import load_trained
 
@@ -133,6 +144,11 @@ class Predictor:
         self.transform = self.trained.transform()
         self.top_k = min(top_k, self.label_space.num_classes)
         self.batch_size = batch_size
+        # the index's processing settings travel in the checkpoint's label space (labels.json)
+        processing = self.label_space.extra.get("processing") or {}
+        defaults = IndexConfig()
+        self.max_side = int(max_side or processing.get("max_side") or defaults.max_side)
+        self.max_pixels = int(max_pixels or processing.get("max_pixels") or defaults.max_pixels)
         self.params = self._load_params()
         if self.trained.config.model.head == "factorised" and self.params is not None:
             self.trained.model.topk_parents = self.hier_topk_parents  # the k rerank chose on val
@@ -155,6 +171,10 @@ class Predictor:
             return None
         return RerankParams.load(path)
 
+    def model_input(self, path: Path) -> torch.Tensor:
+        """(3, S, S) model input of one photo: ingest's decode and shrink, then eval transform."""
+        return self.transform(prepare_image(Path(path), self.max_side, self.max_pixels))
+
     @property
     def hier_topk_parents(self) -> int:
         """The k rerank chose on val (`rerank_params.json`), else the run's config."""
@@ -168,7 +188,7 @@ class Predictor:
             tensors, ok, errors = [], [], {}
             for i, path in enumerate(chunk):
                 try:
-                    tensors.append(self.transform(_load_image(path)))
+                    tensors.append(self.model_input(path))
                     ok.append(i)
                 except DataError as exc:
                     errors[i] = str(exc)
