@@ -372,3 +372,33 @@ def test_an_id_taken_by_another_source_is_a_duplicate_id(tmp_path: Path, write_i
     report = ingest(str(tmp_path / "b" / "m.csv"), paths, CFG)
     assert (report.accepted, report.rejected, report.reasons) == (0, 1, {"duplicate_id": 1})
     assert pd.read_parquet(paths.processed_manifest)["lat"].tolist() == [1.0]
+
+
+def test_links_leading_nowhere_or_outside_are_counted_rejects(tmp_path: Path, write_image):
+    """A dangling link and a linked folder outside are in rejects.parquet; counts add up."""
+    root = tmp_path / "photos"
+    write_image(root / "ok.jpg", 10.0, 20.0, seed=1)
+    write_image(tmp_path / "elsewhere" / "private.jpg", 11.0, 21.0, seed=2)
+    (root / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (root / "trip").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    paths = _paths()
+    report = ingest(str(root), paths, CFG)
+    assert (report.read, report.accepted, report.rejected) == (3, 1, 2)
+    assert report.read == report.accepted + report.rejected + report.duplicates
+    assert _reason_of(paths, "/gone.jpg") == "missing_file"
+    assert _reason_of(paths, "/trip") == "path_escape"
+
+
+def test_one_malformed_manifest_row_is_rejected_and_the_rest_ingested(tmp_path, write_image):
+    write_image(tmp_path / "a.jpg", seed=1)
+    write_image(tmp_path / "b.jpg", seed=2)
+    (tmp_path / "m.csv").write_text(
+        "id,lat,lon,path\na,10,10,a.jpg\nx,11,11,a.jpg,stray\nb,12,12,b.jpg\nn,north,10,b.jpg\n"
+    )
+    paths = _paths()
+    report = ingest(str(tmp_path / "m.csv"), paths, CFG)
+    assert (report.read, report.accepted, report.rejected) == (4, 2, 2)
+    assert report.reasons == {"malformed_row": 1, "nan_coords": 1}
+    rej = _rejects(paths).set_index("reason")["detail"]
+    assert rej["malformed_row"] == "expected 4 fields, found 5"
+    assert rej["nan_coords"] == "lat/lon not numeric: lat='north', lon='10'"

@@ -70,3 +70,55 @@ def test_links_out_of_the_folder_are_refused(tmp_path: Path) -> None:
 def test_missing_inputs_fail_with_their_name(spec: str) -> None:
     with pytest.raises(DataError, match=spec):
         create_source(spec)
+
+
+def test_dangling_links_and_linked_folders_outside_are_rejects_not_silence(
+    tmp_path: Path,
+) -> None:
+    """Nothing listed vanishes: each odd entry is a reject with its reason."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "private.jpg").write_bytes(b"x")
+    root = tmp_path / "root"
+    (root / "inner").mkdir(parents=True)
+    (root / "inner" / "a.jpg").write_bytes(b"x")
+    (root / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    (root / "trip").symlink_to(outside, target_is_directory=True)
+    (root / "again").symlink_to(root / "inner", target_is_directory=True)  # inside: listed once
+    entries = list(create_source(str(root)).items())
+    got = {e.source_ref.rsplit("/", 1)[-1]: e for e in entries}
+    assert sorted(got) == ["a.jpg", "gone.jpg", "loop.jpg", "trip"]
+    assert isinstance(got["a.jpg"], RawItem)
+    reasons = {k: (e.reason, e.detail) for k, e in got.items() if isinstance(e, SourceReject)}
+    assert reasons["gone.jpg"][0] == "missing_file" and "deleted.jpg" in reasons["gone.jpg"][1]
+    assert reasons["loop.jpg"][0] == "missing_file"
+    assert reasons["trip"] == ("path_escape", f"links to a folder outside '{root}'")
+
+
+def test_a_non_numeric_coordinate_keeps_its_text_in_the_reject(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("id,lat,lon,path\nx,48°51'N,2.35,a.jpg\ny,,3,a.jpg\n")
+    first, second = create_source(str(tmp_path / "m.csv")).items()
+    assert isinstance(first, SourceReject) and first.reason == "nan_coords"
+    assert first.detail == "lat/lon not numeric: lat=\"48°51'N\", lon='2.35'"
+    assert isinstance(second, SourceReject) and "lat=''" in second.detail
+
+
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_a_row_with_an_extra_field_is_a_reject_and_the_rest_is_read(
+    tmp_path: Path, sep: str
+) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    rows = [["id", "lat", "lon", "path"], ["a", "1", "1", "a.jpg"],
+            ["b", "2", "2", "b.jpg", "stray"], ["c", "3", "3", "c.jpg"]]  # fmt: skip
+    path = tmp_path / ("m.csv" if sep == "," else "m.tsv")
+    path.write_text("\n".join(sep.join(r) for r in rows) + "\n")
+    entries = list(create_source(str(path)).items())
+    assert [type(e).__name__ for e in entries] == ["RawItem", "SourceReject", "RawItem"]
+    bad = entries[1]
+    assert bad.reason == "malformed_row" and bad.detail == "expected 4 fields, found 5"
+    assert bad.source_ref == f"{path.as_posix()}:2"
+    assert entries[2].source_ref == f"{path.as_posix()}:3:c.jpg"  # later rows keep their numbers
+    assert [e.lat for e in entries if isinstance(e, RawItem)] == [1.0, 3.0]

@@ -15,7 +15,8 @@ import pandas as pd
 from geoloc.atomic import write_parquet
 
 # Reason codes (docs/ARCHITECTURE.md). `duplicate` marks content already accepted (counted as a
-# duplicate, not a reject); `missing_file` a manifest path that does not exist.
+# duplicate, not a reject); `missing_file` a manifest path that does not exist (or a dangling
+# symlink); `malformed_row` a manifest row that is not a row (e.g. more fields than the header).
 CORRUPT = "corrupt"
 NO_GPS = "no_gps"
 OUT_OF_RANGE = "out_of_range"
@@ -29,6 +30,7 @@ EMPTY_FILE = "empty_file"
 NOT_IMAGE = "not_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
 MISSING_FILE = "missing_file"
+MALFORMED_ROW = "malformed_row"
 
 REASONS = (
     CORRUPT,
@@ -44,6 +46,7 @@ REASONS = (
     NOT_IMAGE,
     DECOMPRESSION_BOMB,
     MISSING_FILE,
+    MALFORMED_ROW,
 )
 
 COLUMNS = ["source", "source_ref", "reason", "detail", "stage"]

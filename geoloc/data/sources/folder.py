@@ -7,10 +7,11 @@ labelled `demo` in the manifest so demo images stay recognisable downstream.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from geoloc.data.rejects import NOT_IMAGE, PATH_ESCAPE
+from geoloc.data.rejects import MISSING_FILE, NOT_IMAGE, PATH_ESCAPE
 from geoloc.data.sources import RawItem, SourceReject, register_source
 from geoloc.errors import DataError
 
@@ -22,7 +23,11 @@ _MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".csv.gz")
 
 
 class FolderSource:
-    """Every non-hidden file below `root` (sorted); non-image extensions are refused early."""
+    """Every non-hidden file below `root` (sorted); non-image extensions are refused early.
+
+    Nothing listed is dropped without a record: a dangling symlink is a `missing_file` reject, a
+    symlink (to a file or a whole folder) leading outside `root` a `path_escape` one.
+    """
 
     def __init__(self, root: Path, name: str = "folder", ref_prefix: str | None = None) -> None:
         self.name = name
@@ -39,16 +44,36 @@ class FolderSource:
     def items(self) -> Iterator[RawItem | SourceReject]:
         for path in sorted(self.root.rglob("*")):
             rel = path.relative_to(self.root)
-            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            if any(part.startswith(".") for part in rel.parts):
                 continue
             ref = f"{self.ref_prefix.rstrip('/')}/{rel.as_posix()}"
-            if not path.resolve().is_relative_to(self._real_root):
-                yield SourceReject(self.name, ref, PATH_ESCAPE, f"links outside '{self.root}'")
-            elif path.suffix.lower() not in IMAGE_SUFFIXES:
-                detail = f"extension '{path.suffix or '(none)'}' is not an image type"
-                yield SourceReject(self.name, ref, NOT_IMAGE, detail)
+            if path.is_dir() and (not path.is_symlink() or self._inside(path)):
+                continue  # its files are listed one by one (a link inside: under the real path)
+            problem = self._problem(path)
+            if problem is not None:
+                yield SourceReject(self.name, ref, *problem)
             else:
                 yield RawItem(source=self.name, source_ref=ref, local_path=path)
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            return path.resolve(strict=True).is_relative_to(self._real_root)
+        except (OSError, RuntimeError):  # dangling or looping link
+            return False
+
+    def _problem(self, path: Path) -> tuple[str, str] | None:
+        """(reason, detail) for a listed path that cannot be an image of this folder."""
+        if path.is_symlink() and not path.exists():
+            target = os.readlink(path)
+            return MISSING_FILE, f"symlink to '{target}' leads nowhere (missing or a loop)"
+        if not self._inside(path):
+            kind = "a folder" if path.is_dir() else "a file"
+            return PATH_ESCAPE, f"links to {kind} outside '{self.root}'"
+        if not path.is_file():
+            return NOT_IMAGE, "not a regular file (a pipe, socket or device)"
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            return NOT_IMAGE, f"extension '{path.suffix or '(none)'}' is not an image type"
+        return None
 
 
 def _is_folder_spec(spec: str) -> bool:

@@ -19,13 +19,24 @@ from typing import IO, Any
 
 import pandas as pd
 
-from geoloc.data.rejects import DUPLICATE_ID, MISSING_FILE, PATH_ESCAPE, coords_problem
+from geoloc.data.rejects import (
+    DUPLICATE_ID,
+    MALFORMED_ROW,
+    MISSING_FILE,
+    NAN_COORDS,
+    PATH_ESCAPE,
+    coords_problem,
+)
 from geoloc.data.sources import FetchError, RawItem, SourceReject, register_source
 from geoloc.errors import DataError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["image_id", "lat", "lon", "image", "captured_at", "sequence_id"]
+ROW_ERROR = "row_error"
+COORDS_TEXT = "coords_text"
+COLUMNS = ["image_id", "lat", "lon", "image", "captured_at", "sequence_id", COORDS_TEXT, ROW_ERROR]
+"""Normalised columns; `coords_text` keeps coordinates as written when they are not numbers,
+`row_error` says why a row could not be read as a row (e.g. too many fields)."""
 
 # normalised name -> accepted spellings (compared case-insensitively), first match wins
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -62,11 +73,40 @@ def _read_table(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataFra
         if _is_parquet(name):
             return pd.read_parquet(path_or_buffer)
         sep = "\t" if name.lower().endswith(".tsv") else ","
-        return pd.read_csv(path_or_buffer, sep=sep, dtype=str, keep_default_na=False)
+        try:
+            return pd.read_csv(path_or_buffer, sep=sep, dtype=str, keep_default_na=False)
+        except pd.errors.ParserError:  # a row with too many fields: read again, row by row
+            return _read_csv_keeping_bad_rows(path_or_buffer, sep)
     except FileNotFoundError as exc:
         raise DataError(f"manifest '{name}' does not exist") from exc
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"manifest '{name}' could not be read: {exc}") from exc
+
+
+_BAD_ROW = "\x00bad row:"  # marks a malformed row in its first field; real CSV text has no NUL
+
+
+def _read_csv_keeping_bad_rows(path_or_buffer: str | Path | IO[bytes], sep: str) -> pd.DataFrame:
+    """The slow path for a CSV with malformed rows: each keeps its place (so later rows keep
+    their numbers) with `ROW_ERROR` saying what is wrong; the other rows read as usual."""
+
+    def rewind() -> str | Path | IO[bytes]:
+        if hasattr(path_or_buffer, "seek"):
+            path_or_buffer.seek(0)  # type: ignore[union-attr]
+        return path_or_buffer
+
+    width = len(pd.read_csv(rewind(), sep=sep, dtype=str, nrows=0).columns)
+
+    def keep(fields: list[str]) -> list[str]:
+        return [f"{_BAD_ROW}expected {width} fields, found {len(fields)}"] + [""] * (width - 1)
+
+    table = pd.read_csv(rewind(), sep=sep, dtype=str, keep_default_na=False, engine="python",
+                        on_bad_lines=keep)  # fmt: skip
+    first = table.iloc[:, 0].astype(str)
+    bad = first.str.startswith(_BAD_ROW)
+    table[ROW_ERROR] = [v.removeprefix(_BAD_ROW) if v.startswith(_BAD_ROW) else None for v in first]
+    table.loc[bad, table.columns[0]] = ""
+    return table
 
 
 def _find(columns: list[str], spellings: tuple[str, ...]) -> str | None:
@@ -90,11 +130,12 @@ def _to_iso(value: Any) -> str | None:
 
 
 def read_manifest(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataFrame:
-    """Read a CSV/Parquet manifest into `image_id, lat, lon, image, captured_at, sequence_id`.
+    """Read a CSV/Parquet manifest into `COLUMNS` (image_id, lat, lon, image, ...).
 
     `name` is the file name used for the format and in error messages. Coordinates become
-    float64 (unparseable -> NaN, refused later with a reason); missing optional columns are None.
-    Raises `DataError` naming the file when it has no latitude/longitude columns.
+    float64 (unparseable -> NaN, refused later with a reason that quotes `coords_text`); missing
+    optional columns are None; a CSV row with more fields than the header keeps its place with
+    `row_error` set. Raises `DataError` naming the file when it has no latitude/longitude columns.
     """
     raw = _read_table(path_or_buffer, name)
     cols = [str(c) for c in raw.columns]
@@ -107,7 +148,7 @@ def read_manifest(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataF
         )
     n = len(raw)
     out = pd.DataFrame(index=range(n))
-    for key in COLUMNS:
+    for key in COLUMNS[:6]:
         col = found[key]
         values = raw[col].tolist() if col is not None else [None] * n
         if key in ("lat", "lon"):
@@ -123,7 +164,27 @@ def read_manifest(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataF
             )
     if found["image"] is None and found["image_id"] is not None:
         out["image"] = out["image_id"]  # MP-16 style: the id is the relative path
+    out[COORDS_TEXT] = _coords_text(raw[found["lat"]], raw[found["lon"]], out["lat"], out["lon"])
+    errors = raw[ROW_ERROR].tolist() if ROW_ERROR in raw else [None] * n
+    out[ROW_ERROR] = pd.Series([None if pd.isna(v) else str(v) for v in errors], dtype=object)
     return out
+
+
+def _coords_text(
+    lat_in: pd.Series, lon_in: pd.Series, lat: pd.Series, lon: pd.Series
+) -> pd.Series:
+    """`lat='abc', lon='10'` where a coordinate as written is not a number, else None."""
+
+    def unparsed(given: pd.Series, parsed: pd.Series) -> pd.Series:
+        written_nan = given.astype(str).str.strip().str.lower().isin(["nan", "-nan", "+nan"])
+        return parsed.isna().to_numpy() & ~written_nan.to_numpy()
+
+    bad = unparsed(lat_in, lat) | unparsed(lon_in, lon)
+    text = [
+        f"lat={a!r}, lon={b!r}" if is_bad else None
+        for a, b, is_bad in zip(lat_in.tolist(), lon_in.tolist(), bad, strict=True)
+    ]
+    return pd.Series(text, dtype=object)
 
 
 def http_fetcher(url: str, retries: int = HTTP_RETRIES) -> Callable[[], bytes]:
@@ -183,7 +244,12 @@ def checked_rows(
     for i, row in enumerate(table.itertuples(index=False)):
         image = row.image
         ref = f"{manifest_ref}:{i + 1}" + (f":{image}" if image is not None else "")
+        if row.row_error is not None:
+            yield SourceReject(source, ref, MALFORMED_ROW, row.row_error)
+            continue
         problem = coords_problem(row.lat, row.lon)
+        if problem and row.coords_text is not None:
+            problem = (NAN_COORDS, f"lat/lon not numeric: {row.coords_text}")
         if problem:
             yield SourceReject(source, ref, *problem)
             continue
