@@ -132,3 +132,15 @@ def test_fast_validation_agrees_with_jsonschema() -> None:
     assert 50 < valid < len(cases) - 50  # both sides are exercised
     disagree = [c for c in cases if fast(c) != reference.is_valid(c)]
     assert not disagree, f"{len(disagree)} disagreements, first: {disagree[0]}"
+
+
+def test_best_epoch_is_one_based_like_metrics_csv() -> None:
+    """`best_epoch` names a row of metrics.csv (epochs count from 1); 0 is not an epoch."""
+    schema = load_schema()["properties"]["best_epoch"]
+    assert "1-based" in schema["description"] and "0-based" not in schema["description"]
+    summary = new_summary("rid", "name")
+    summary.update(epochs_completed=1, best_epoch=1)
+    validate_summary(summary)
+    summary["best_epoch"] = 0
+    with pytest.raises(SummaryError, match="best_epoch"):
+        validate_summary(summary)
