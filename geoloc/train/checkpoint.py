@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from geoloc.errors import TrainingError
 from geoloc.geo import LabelSpace
 
 CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("epoch", "model", "config", "label_space")
+"""What every reader of a checkpoint (predict, rerank, resume) takes from it."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,12 +91,44 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise TrainingError(f"checkpoint '{path}' does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol notes on a file it refuses
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # objects beyond tensors and plain values: refused
+        raise TrainingError(
+            f"checkpoint '{path}' is refused: a weights-only load takes tensors and plain "
+            f"values, not this file ({_torch_reason(exc)}); use a checkpoint written by geoloc"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise TrainingError(f"checkpoint '{path}' could not be loaded: {exc}") from exc
+        raise TrainingError(
+            f"checkpoint '{path}' could not be loaded: {_torch_reason(exc)}"
+        ) from exc
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         version = state.get("version") if isinstance(state, dict) else None
         raise TrainingError(
             f"checkpoint '{path}' has version {version!r}; this geoloc reads {CHECKPOINT_VERSION}"
         )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise TrainingError(f"checkpoint '{path}' lacks {', '.join(missing)}; it is incomplete")
     return state
+
+
+# torch's weights-only refusal wraps the one useful line in paragraphs of advice (including
+# "load with weights_only=False", which would run the file's code): keep only that line
+_TORCH_BOILERPLATE = (
+    "weights only load failed", "please file an issue", "check the documentation",
+    "in pytorch 2.6", "re-running `torch.load`",
+)  # fmt: skip
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The one informative line of a torch load error (its messages span many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [
+        line.removeprefix("WeightsUnpickler error:").strip()
+        for line in lines
+        if not line.lower().startswith(_TORCH_BOILERPLATE)
+    ]
+    useful = [line for line in useful if line]
+    return useful[0] if useful else (lines[0] if lines else type(exc).__name__)
