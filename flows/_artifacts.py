@@ -6,11 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_table_artifact,
-)
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from geoloc.runs.digest import run_digest
 
@@ -23,27 +19,32 @@ def _cell(value: Any) -> Any:
 
 
 def publish_run(run_dir: Path) -> dict[str, Any]:
-    """Link to the run's dashboard.html, a markdown summary and a key-metrics table.
+    """A markdown page of the run (result after rerank beside the model alone, training, where
+    to look) and, when `GEOLOC_DASHBOARD_URL` says where `geoloc serve` publishes the runs, a
+    link to its dashboard (browsers do not open `file://` links from a web page).
 
     Returns the run digest (run id, status, metrics...) so the flow can return it too.
     """
     digest = run_digest(run_dir)
-    if digest["dashboard"]:
+    create_markdown_artifact(
+        key="geoloc-run-summary",
+        markdown=digest["markdown"],
+        description=f"Run {digest['run_id']}: result and where to look",
+    )
+    if digest["dashboard_url"]:
         create_link_artifact(
             key="geoloc-run-dashboard",
-            link=Path(digest["dashboard"]).as_uri(),
+            link=digest["dashboard_url"],
             link_text=f"dashboard of {digest['run_id']}",
-            description="The run's dashboard.html (open on the machine that holds the run).",
+            description="The run's dashboard.html, served by `geoloc serve`.",
         )
-    create_markdown_artifact(
-        key="geoloc-run-summary", markdown=digest["markdown"], description="Run summary"
-    )
-    create_table_artifact(
-        key="geoloc-run-metrics",
-        table=[{"metric": k, "value": _cell(v)} for k, v in digest["metrics"].items()],
-        description=f"Key metrics of {digest['run_id']} (from summary.json)",
-    )
     return {k: v for k, v in digest.items() if k != "markdown"}
+
+
+def publish_link(key: str, url: str | None, text: str, description: str) -> None:
+    """A link artifact when there is a web address for it (nothing for a bare file path)."""
+    if url:
+        create_link_artifact(key=key, link=url, link_text=text, description=description)
 
 
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
 import geoloc.integrations.mlflow
 import geoloc.runs.leaderboard
-from flows._artifacts import publish_table
-from geoloc.runs.digest import table_records
+from flows._artifacts import publish_link, publish_table
+from geoloc.paths import runs_url
+from geoloc.runs.digest import leaderboard_records
 from geoloc.runs.leaderboard_table import AggregateResult
 
 
@@ -42,14 +42,15 @@ def aggregate(runs_root: str | None = None, tracking: bool = True, top: int = 50
     result = aggregate_runs(Path(runs_root) if runs_root else None)
     publish_table(
         "geoloc-leaderboard",
-        table_records(result.table, limit=top),
+        leaderboard_records(result.table, limit=top),
         f"Leaderboard: {len(result.ranked)} ranked, {len(result.skipped)} skipped runs",
     )
     if result.dashboard_path is not None:
-        create_link_artifact(
-            key="geoloc-leaderboard-dashboard",
-            link=result.dashboard_path.as_uri(),
-            link_text="leaderboard dashboard",
+        publish_link(
+            "geoloc-leaderboard-dashboard",
+            runs_url(result.dashboard_path),
+            "leaderboard dashboard",
+            "runs/_aggregate/dashboard.html, served by `geoloc serve`",
         )
     mlflow_run_id = None
     if tracking:

@@ -43,7 +43,8 @@ def pipeline(
     built = index(
         source=source, index_preset=index_preset, overrides=index_overrides, demo_n=demo_n
     )
-    run = train(preset=preset, epochs=epochs, tracking=tracking, overrides=overrides)
+    run = train(preset=preset, epochs=epochs, tracking=tracking, overrides=overrides,
+                leaderboard=False)  # fmt: skip
     board = aggregate(tracking=tracking is not False)
     publish_run(Path(run["run_dir"]))  # the run's links and numbers on the pipeline's page too
     return {"index": built, "run": run, "leaderboard": board}

@@ -1,4 +1,5 @@
-"""`train` flow: one training run, then rerank evaluation, report, MLflow sync and artifacts.
+"""`train` flow: one training run, then rerank evaluation, report, MLflow sync, artifacts and
+the refreshed leaderboard (`aggregate` as a subflow; `leaderboard=False` skips it).
 
 Parameters are the `RunConfig` of `geoloc train`: flat ones for common keys (a form in the UI),
 `preset` for the base config and `overrides` for any other key; all of them are validated by
@@ -15,6 +16,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows._artifacts import publish_run
+from flows.aggregate import aggregate
 from geoloc.compose.params import TRAIN_PARAMS, run_config_from_params
 from geoloc.compose.training import RETRYABLE_STEPS, run_training
 from geoloc.config import RunConfig, flatten
@@ -58,6 +60,7 @@ def train(
     tracking: bool | None = None,
     overrides: dict[str, Any] | None = None,
     run_dir: str | None = None,
+    leaderboard: bool = True,
     callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Train one model on the canonical index and publish its results.
@@ -83,6 +86,7 @@ def train(
         tracking: Mirror the run into MLflow.
         overrides: Any other config key, short or dotted, e.g. {"train.warmup_epochs": 1}.
         run_dir: Write the run here instead of $GEOLOC_RUNS_DIR/<new run id>.
+        leaderboard: Then refresh the leaderboard (the `aggregate` flow, as a subflow).
         callbacks: In-process only (sweeps): callables (epoch, metrics) after each epoch.
     """
     params = {k: v for k, v in locals().items() if k in TRAIN_PARAMS}
@@ -90,7 +94,10 @@ def train(
     # train -> rerank -> report -> MLflow sync, each step a task (geoloc.compose)
     out = run_training(cfg, run_dir=Path(run_dir) if run_dir else None,
                        callbacks=callbacks or (), progress=False, step=as_task)  # fmt: skip
-    return publish_run(out)
+    published = publish_run(out)
+    if leaderboard:
+        published["leaderboard"] = aggregate(tracking=cfg.tracking.enabled)
+    return published
 
 
 def train_fn(
@@ -105,6 +112,7 @@ def train_fn(
         preset=None,
         overrides=flatten(cfg),
         run_dir=str(run_dir) if run_dir else None,
+        leaderboard=False,  # not per trial: `aggregate/nightly` or `geoloc aggregate` ranks them
         callbacks=list(callbacks),
     )
     return Path(result["run_dir"])

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 DATA_DIR_ENV = "GEOLOC_DATA_DIR"
 RUNS_DIR_ENV = "GEOLOC_RUNS_DIR"
+DASHBOARD_URL_ENV = "GEOLOC_DASHBOARD_URL"
 
 
 def data_dir() -> Path:
@@ -22,6 +24,22 @@ def data_dir() -> Path:
 def runs_dir() -> Path:
     """Root of all runs (`GEOLOC_RUNS_DIR`, default `./runs`)."""
     return Path(os.environ.get(RUNS_DIR_ENV, "runs")).resolve()
+
+
+def runs_url(path: Path) -> str | None:
+    """The web address of a file under the runs folder, as `geoloc serve` publishes it.
+
+    `GEOLOC_DASHBOARD_URL` is the base URL the runs folder is served at (e.g.
+    `http://127.0.0.1:8765`); None when it is unset or `path` lies outside `runs_dir()`.
+    """
+    base = os.environ.get(DASHBOARD_URL_ENV, "").strip()
+    if not base:
+        return None
+    try:
+        rel = Path(path).resolve().relative_to(runs_dir())
+    except ValueError:
+        return None
+    return f"{base.rstrip('/')}/{quote(rel.as_posix())}"
 
 
 @dataclass(frozen=True)

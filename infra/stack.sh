@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local Prefect stack for geoloc: one server (SQLite, analytics off, loopback only), the
-# `geoloc-process` work pool, every deployment of prefect.yaml, and one process worker.
+# `geoloc-process` work pool, every deployment of prefect.yaml, one process worker, and
+# `geoloc serve` publishing the runs folder read-only so flow-run artifacts link dashboards.
 #
 #   infra/stack.sh up       start what is not running, (re)deploy, wait until healthy
 #   infra/stack.sh down     stop exactly the processes `up` started (pid files)
@@ -12,6 +13,8 @@
 #   GEOLOC_HOME          checkout the worker runs flows from (default: this repository)
 #   GEOLOC_PREFECT_PORT  API/UI port on 127.0.0.1 (default 4200)
 #   GEOLOC_STACK_TIMEOUT seconds to wait for the server to answer (default 180)
+#   GEOLOC_DASHBOARD_PORT port of `geoloc serve` on 127.0.0.1 (default 8765); the worker gets
+#       GEOLOC_DASHBOARD_URL=http://127.0.0.1:$GEOLOC_DASHBOARD_PORT unless it is set already
 #   PREFECT_API_DATABASE_CONNECTION_URL  PostgreSQL instead of SQLite, e.g.
 #       postgresql+asyncpg://user:pass@host:5432/prefect
 #   GEOLOC_DATA_DIR, GEOLOC_RUNS_DIR, MLFLOW_TRACKING_URI are passed on to the worker as they are.
@@ -24,6 +27,8 @@ port="${GEOLOC_PREFECT_PORT:-4200}"
 timeout="${GEOLOC_STACK_TIMEOUT:-180}"
 pool="geoloc-process"
 api="http://127.0.0.1:${port}/api"
+dash_port="${GEOLOC_DASHBOARD_PORT:-8765}"
+export GEOLOC_DASHBOARD_URL="${GEOLOC_DASHBOARD_URL:-http://127.0.0.1:${dash_port}}"
 
 # the stack's own Prefect home: a developer's profile (or Prefect Cloud) is never touched
 export PREFECT_HOME="$state/prefect"
@@ -124,19 +129,32 @@ up() {
     exit 1
   }
   log "deployments registered from $GEOLOC_HOME/prefect.yaml"
+  # the worker runs flows from $GEOLOC_HOME: a relative or unset runs folder lies under it
+  local runs
+  runs="$(cd "$GEOLOC_HOME" && mkdir -p "${GEOLOC_RUNS_DIR:-runs}" && cd "${GEOLOC_RUNS_DIR:-runs}" && pwd)"
+  start dashboards "$bin/geoloc" serve --host 127.0.0.1 --port "$dash_port" --dir "$runs"
+  for _ in $(seq 1 20); do
+    curl -fsS --max-time 2 "http://127.0.0.1:${dash_port}/" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  curl -fsS --max-time 2 "http://127.0.0.1:${dash_port}/" >/dev/null 2>&1 \
+    || log "warning: geoloc serve does not answer on port $dash_port (see $state/dashboards.log):" \
+      "dashboard links in flow runs will not open; set GEOLOC_DASHBOARD_PORT"
   start worker "$prefect" worker start --pool "$pool" --type process --name "geoloc-$(hostname)-$port"
   echo "Prefect UI: http://127.0.0.1:${port}   API: $api"
+  echo "Dashboards: $GEOLOC_DASHBOARD_URL/ (runs folder $runs, read-only)"
   echo "In your shell: export PREFECT_API_URL=$api"
 }
 
 down() {
   stop worker
+  stop dashboards
   stop server
 }
 
 status() {
   local name rc=0
-  for name in server worker; do
+  for name in server worker dashboards; do
     if alive "$name"; then
       echo "$name: running (pid $(cat "$state/$name.pid"), log $state/$name.log)"
     else

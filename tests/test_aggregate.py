@@ -187,6 +187,24 @@ def test_cli_bad_weights_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert "at least one weight" in capsys.readouterr().err
 
 
+def test_leaderboard_shows_run_ids_and_the_reranked_result() -> None:
+    rerank = {"variant": "gated+refined", "metrics": {"median_km": 78.5, "p90_km": 463.2}}
+    put_run("with-rerank", run_name="demo", rerank=rerank)
+    put_run("without", run_name="demo")
+    result = aggregate_runs()
+    rows = by_id(pd.read_csv(result.csv_path))
+    assert rows["with-rerank"]["rerank_variant"] == "gated+refined"
+    assert (rows["with-rerank"]["rerank_median_km"], rows["with-rerank"]["rerank_p90_km"]) == (
+        78.5,
+        463.2,
+    )
+    assert pd.isna(rows["without"]["rerank_median_km"])
+    page = (result.dashboard_path or Path()).read_text()
+    # two runs of the same name are told apart by their ids
+    assert "<code>with-rerank</code>" in page and "<code>without</code>" in page
+    assert ">78.5 km<" in page and ">463 km<" in page and ">gated+refined<" in page
+
+
 def test_strings_from_summaries_are_escaped_in_the_leaderboard() -> None:
     evil = "<script>window.__pwned=1</script>"
     put_run("evil", run_name=evil, failure_reason=evil)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
+import pandas as pd
 import pytest
 from fixtures.demo_data import DEMO_FIXTURE_CONFIG, DEMO_FIXTURE_N
 from fixtures.prefect_server import free_port
@@ -17,6 +22,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 
 from flows.aggregate import aggregate
@@ -24,7 +31,9 @@ from flows.index import index
 from flows.pipeline import pipeline
 from flows.train import train
 from geoloc.paths import DataPaths, runs_dir
+from geoloc.runs.formatting import fmt_km
 from geoloc.runs.layout import RunPaths
+from geoloc.runs.serve import make_server, server_url
 from geoloc.runs.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
@@ -121,17 +130,81 @@ def test_pipeline_chains_index_train_report_aggregate() -> None:
         flows = {client.read_flow(c.flow_id).name: c.id for c in children}
     assert set(flows) == {"index", "train", "aggregate"}
     train_art = _artifacts(flows["train"])
-    assert RunPaths(run_dir).dashboard.as_uri() in train_art["geoloc-run-dashboard"].data
-    assert summary["run_id"] in train_art["geoloc-run-summary"].data
-    metrics = {
-        row["metric"]: row["value"] for row in json.loads(train_art["geoloc-run-metrics"].data)
-    }
-    assert metrics["best_val_acc"] == pytest.approx(summary["best_val_acc"])
+    page = train_art["geoloc-run-summary"].data
+    assert summary["run_id"] in page
+    assert fmt_km(summary["rerank"]["metrics"]["median_km"]) in page
+    # without GEOLOC_DASHBOARD_URL no link a browser would refuse (file://), the path instead
+    assert "geoloc-run-dashboard" not in train_art
+    assert str(RunPaths(run_dir).dashboard) in page and "geoloc serve" in page
     board = json.loads(_artifacts(flows["aggregate"])["geoloc-leaderboard"].data)
     assert [row["run_id"] for row in board] == [summary["run_id"]]
     assert "geoloc-index" in _artifacts(flows["index"])
     own = _artifacts(state.state_details.flow_run_id)
-    assert {"geoloc-run-dashboard", "geoloc-run-summary", "geoloc-run-metrics"} <= set(own)
+    assert "geoloc-run-summary" in own
+
+
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): loss .*, val top-1 .*%, median .* km, P90 .* km")
+
+
+def _flow_run_logs(flow_run_id: UUID, until: str, timeout_s: float = 60) -> list[str]:
+    """Messages of a flow run (its tasks' too) as the Prefect API stores them; waits until one
+    contains `until` (the API log handler sends in batches, in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                limit=200,
+            )
+        messages = [log.message for log in logs]
+        if any(until in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(1)
+
+
+def test_train_flow_logs_each_epoch_and_links_its_dashboard_over_http(
+    demo_data: DataPaths, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runs_dir().mkdir(parents=True)
+    server = make_server(runs_dir(), port=0)  # what `geoloc serve` runs
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GEOLOC_DASHBOARD_URL", server_url(server))
+    try:
+        state = train(preset="demo", epochs=2, tracking=False, overrides=TINY_TRAIN,
+                      return_state=True)  # fmt: skip
+        assert state.is_completed(), state.message
+        out = state.result()
+        flow_run_id = state.state_details.flow_run_id
+        summary = read_summary(Path(out["run_dir"]))
+
+        # one line per epoch in the flow run's logs, as the Prefect UI shows them
+        logs = _flow_run_logs(flow_run_id, until="epoch 2/2")
+        epochs = [m.groups() for m in map(EPOCH_LINE.match, logs) if m]
+        assert epochs == [("1", "2"), ("2", "2")], logs
+        assert any(m.startswith(f"run {summary['run_id']}: ") for m in logs)
+        assert any(m.startswith("rerank: ") and " km -> " in m for m in logs)
+        # long steps logged lines; no tqdm bar reached the terminal ("decode train" did)
+        assert any(m.startswith("decode train: ") for m in logs)
+        assert not re.search(r"\d+%\|", capfd.readouterr().err)
+
+        # the run page: km formatted, the reranked result beside the model's, a working link
+        arts = _artifacts(flow_run_id)
+        page = arts["geoloc-run-summary"].data
+        assert fmt_km(summary["rerank"]["metrics"]["median_km"]) in page
+        assert fmt_km(summary["test"]["test_median_km"]) in page
+        assert not re.search(r"\de[+-]\d", page), "numbers in scientific notation"
+        url = f"{server_url(server)}/{summary['run_id']}/dashboard.html"
+        assert f"({url})" in arts["geoloc-run-dashboard"].data and f"]({url})" in page
+        dashboard = httpx.get(url, timeout=30)
+        assert dashboard.status_code == 200 and summary["run_id"] in dashboard.text
+
+        # and the run is on the leaderboard (the `aggregate` subflow)
+        assert out["leaderboard"]["ranked"] == 1
+        board = pd.read_csv(out["leaderboard"]["csv"])
+        assert list(board["run_id"]) == [summary["run_id"]]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_failing_task_fails_the_flow_and_a_rerun_reuses_the_cached_index() -> None:

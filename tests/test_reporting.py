@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from fixtures.fake_runs import fake_classes
 
 from geoloc.cli import main
+from geoloc.runs.formatting import fmt_km, fmt_share
 from geoloc.runs.layout import RunPaths
 from geoloc.runs.plots import PLOTS, confusion_groups, shore_polygons
 from geoloc.runs.report import write_report
@@ -114,6 +116,68 @@ def test_exact_hits_and_one_epoch_still_plot(make_run: Callable[..., Path]) -> N
     write_report(run)
     for spec in PLOTS:
         _assert_png(RunPaths(run).plots / spec.filename)
+
+
+def test_one_or_two_epochs_plot_as_whole_epochs_with_big_markers(tmp_path: Path) -> None:
+    """A 1-epoch run used to draw one dot on an axis from 0.945 to 1.05."""
+    from geoloc.runs.inputs import RunInputs
+    from geoloc.runs.plots import draw_loss, pyplot
+
+    for epochs in (1, 2):
+        metrics = pd.DataFrame({"epoch": range(1, epochs + 1), "train_loss": [5.7, 5.1][:epochs],
+                                "val_loss": [5.6, 5.3][:epochs]})  # fmt: skip
+        inputs = RunInputs(paths=RunPaths(tmp_path / f"e{epochs}"), metrics=metrics)
+        fig = pyplot().figure()
+        draw_loss(fig, inputs)
+        (ax,) = fig.axes
+        assert ax.get_xlim() == (0.5, epochs + 0.5)
+        assert [t for t in ax.get_xticks() if 0.5 <= t <= epochs + 0.5] == list(
+            range(1, epochs + 1)
+        )
+        assert all(line.get_markersize() >= 6 for line in ax.get_lines())
+        pyplot().close(fig)
+
+
+def test_report_leads_with_the_reranked_result_and_names_confused_cells(
+    fake_run: Path,
+) -> None:
+    write_report(fake_run)
+    summary = read_summary(fake_run)
+    reranked = summary["rerank"]["metrics"]["median_km"]
+    report = RunPaths(fake_run).report.read_text()
+    result = report.split("## Result", 1)[1].split("##", 1)[0]
+    row = next(line for line in result.splitlines() if line.startswith("| median error"))
+    # after rerank first, then the model alone, both as people read km
+    assert row.split("|")[2].strip() == fmt_km(reranked)
+    assert row.split("|")[3].strip() == fmt_km(summary["test"]["test_median_km"])
+    confused = report.split("## Most confused cells", 1)[1].split("##", 1)[0]
+    assert ", " in confused  # "City, CC" labels
+    assert not re.search(r"\b8[0-9a-f]{14}\b", confused), "raw H3 ids in the confusion table"
+
+
+def test_places_are_named_after_the_largest_nearby_city() -> None:
+    import h3
+
+    from geoloc.geo.places import cell_place_labels, place_labels
+
+    assert place_labels([48.86, 45.76, 0.0], [2.35, 4.84, -160.0]) == [
+        "Paris, FR",
+        "Lyon, FR",
+        "0°N 160°W",  # open Pacific: a coordinate, not a city 2,000 km away
+    ]
+    paris = [h3.latlng_to_cell(48.86, 2.35, 7), h3.latlng_to_cell(48.80, 2.40, 7)]
+    assert cell_place_labels(paris) == {paris[0]: "Paris, FR", paris[1]: "Paris, FR #2"}
+
+
+def test_distances_and_shares_read_like_people_write_them() -> None:
+    assert [fmt_km(v) for v in (78.5123, 11480.3, 0.04, None, float("nan"))] == [
+        "78.5 km",
+        "11,480 km",
+        "0.0 km",
+        "—",
+        "—",
+    ]
+    assert fmt_share(0.41234) == "41.2%"
 
 
 def test_strings_from_config_and_data_are_escaped(make_run: Callable[..., Path]) -> None:
@@ -223,3 +287,34 @@ def test_dashboard_renders_from_disk_and_from_a_web_server(
     href = page.page.get_attribute("a[href='artifacts/tables/metrics.csv']", "href")
     assert page.page.request.get(f"{base}{run.name}/{href}").ok
     page.screenshot("run_dashboard")
+
+
+@pytest.mark.browser
+def test_dashboard_leads_with_the_reranked_result_and_fits_1280_px(
+    make_run: Callable[..., Path],
+    page,  # noqa: ANN001
+) -> None:
+    run = make_run("wide")
+    rp = RunPaths(run)
+    update_summary(run, run_name="w" * 64)  # one unbroken word as wide as a name may be
+    config = json.loads(rp.config.read_text())
+    config["index_dir"] = "/data/" + "deep/" * 60 + "index"
+    rp.config.write_text(json.dumps(config))
+    write_report(run)
+    page.goto(rp.dashboard.as_uri())
+    page.assert_clean()
+    width, scroll = page.page.evaluate(
+        "[window.innerWidth, document.documentElement.scrollWidth]"
+    )
+    assert width == 1280 and scroll <= width, f"the page scrolls sideways ({scroll} px)"
+    # the 17-column rerank table is wider than the page: it scrolls inside its own box
+    table, box = page.page.eval_on_selector(
+        "table.rerank", "t => [t.scrollWidth, t.parentElement.clientWidth]"
+    )
+    assert table > box
+    summary = read_summary(run)
+    first = page.page.inner_text("#result-cards .card:first-child")
+    assert "median error" in first
+    assert fmt_km(summary["rerank"]["metrics"]["median_km"]) in first
+    assert f"model alone: {fmt_km(summary['test']['test_median_km'])}" in first
+    page.screenshot("run_dashboard_1280")

@@ -27,7 +27,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # imported here so that `geoloc --help` stays the single place that lists every verb
-    from geoloc.cli import data, mlflow_cmd, report, rerank, s3, sweep, train
+    from geoloc.cli import data, mlflow_cmd, report, rerank, s3, serve, sweep, train
 
     app.add_typer(data.data_app, name="data")
     app.add_typer(data.index_app, name="index")
@@ -37,6 +37,7 @@ def _register() -> None:
     app.add_typer(mlflow_cmd.mlflow_app, name="mlflow")
     app.add_typer(s3.s3_app, name="s3")
     sweep.register(app)
+    serve.register(app)
 
 
 _register()

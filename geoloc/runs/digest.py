@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from geoloc.paths import DASHBOARD_URL_ENV, runs_url
+from geoloc.runs.formatting import fmt, fmt_km, fmt_share
 from geoloc.runs.layout import RunPaths
+from geoloc.runs.report_tables import fmt_metric, rerank_variant, result_rows
 from geoloc.runs.summary import read_summary
 
 
@@ -14,7 +17,9 @@ def run_digest(run_dir: Path) -> dict[str, Any]:
     """Key facts and metrics of a finished run, from its summary.json (never re-derived).
 
     Returns `run_id`, `run_dir`, `status`, `failure_reason`, `dashboard` (path or None),
-    `mlflow_run_id`, `metrics` (name -> value, headline numbers first) and `markdown`.
+    `dashboard_url` (http address where `geoloc serve` publishes it, or None), `mlflow_run_id`,
+    `metrics` (name -> value, headline numbers first) and `markdown` (formatted for people: the
+    test result after rerank beside the model alone, how training went, where to look).
     """
     rp = RunPaths(Path(run_dir))
     s = read_summary(rp.root)
@@ -31,41 +36,83 @@ def run_digest(run_dir: Path) -> dict[str, Any]:
         metrics[key] = test.get(key)
     for key, value in (rerank.get("metrics") or {}).items():
         metrics[f"rerank_{key}"] = value
-    dataset = s.get("dataset") or {}
-    lines = [
-        f"# Run `{s['run_id']}`",
-        "",
-        f"- status: **{s['status']}**"
-        + (f" ({s['failure_reason']})" if s.get("failure_reason") else ""),
-        f"- run directory: `{rp.root}`",
-        f"- dashboard: `{rp.dashboard}`" if rp.dashboard.is_file() else "- dashboard: not written",
-        f"- dataset fingerprint: `{dataset.get('fingerprint')}` "
-        f"({dataset.get('num_classes')} classes)",
-        f"- rerank variant: `{rerank.get('variant')}`" if rerank else "- rerank: not evaluated",
-        f"- MLflow run: `{(s.get('tracking') or {}).get('mlflow_run_id')}`",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        *(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()),
-    ]
+    dashboard = rp.dashboard if rp.dashboard.is_file() else None
+    url = runs_url(rp.dashboard) if dashboard else None
     return {
         "run_id": s["run_id"],
         "run_dir": str(rp.root),
         "status": s["status"],
         "failure_reason": s.get("failure_reason"),
-        "dashboard": str(rp.dashboard) if rp.dashboard.is_file() else None,
+        "dashboard": str(dashboard) if dashboard else None,
+        "dashboard_url": url,
         "mlflow_run_id": (s.get("tracking") or {}).get("mlflow_run_id"),
         "metrics": metrics,
-        "markdown": "\n".join(lines) + "\n",
+        "markdown": digest_markdown(s, rp, url),
     }
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def digest_markdown(s: dict[str, Any], rp: RunPaths, dashboard_url: str | None) -> str:
+    """A run page in markdown (a Prefect artifact): result, training, where to look."""
+    status = f"**{s['status']}**" + (f": {s['failure_reason']}" if s.get("failure_reason") else "")
+    dataset = s.get("dataset") or {}
+    training = (
+        f"Training: {s.get('epochs_completed') or 0} epochs (best: epoch "
+        f"{s.get('best_epoch') or '-'}), best val top-1 {fmt_share(s.get('best_val_acc'))}, "
+        f"best val P90 {fmt_km(s.get('best_p90_km'))}; {fmt(dataset.get('num_classes'))} classes "
+        f"(H3 r{dataset.get('resolution', '?')})."
+    )
+    lines = [
+        f"# Run `{s['run_id']}`",
+        "",
+        f"Status {status}.",
+        "",
+        *_result_markdown(s),
+        "",
+        training,
+        "",
+        _dashboard_line(rp, dashboard_url),
+        f"- run folder: `{rp.root}`",
+        f"- dataset fingerprint: `{str(dataset.get('fingerprint'))[:16]}`",
+        f"- MLflow run: `{(s.get('tracking') or {}).get('mlflow_run_id') or 'not mirrored'}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _result_markdown(s: dict[str, Any]) -> list[str]:
+    """The test result: a sentence on the headline metric, then the table."""
+    rows = result_rows(s)
+    variant = rerank_variant(s)
+    if not rows:
+        return ["No test result."]
+    if not variant:
+        table = [f"| {r.label} | {fmt_metric(r.model, r.kind)} |" for r in rows]
+        return ["No rerank evaluation: the model alone.", "", "| test metric | model |",
+                "| --- | ---: |", *table]  # fmt: skip
+    head = rows[0]
+    table = [
+        f"| {r.label} | {fmt_metric(r.reranked, r.kind)} | {fmt_metric(r.model, r.kind)} |"
+        for r in rows
+    ]
+    return [
+        f"Test {head.label}: **{fmt_metric(head.reranked, head.kind)}** after rerank "
+        f"(`{variant}`, chosen on val; what `geoloc predict` serves), "
+        f"{fmt_metric(head.model, head.kind)} from the model alone.",
+        "",
+        f"| test metric | after rerank (`{variant}`) | model alone |",
+        "| --- | ---: | ---: |",
+        *table,
+    ]
+
+
+def _dashboard_line(rp: RunPaths, url: str | None) -> str:
+    if url:
+        return f"- dashboard: [{rp.run_id}/dashboard.html]({url})"
+    if rp.dashboard.is_file():
+        return (
+            f"- dashboard: `{rp.dashboard}` (browsers do not open files from a web page: run "
+            f"`geoloc serve` and set `{DASHBOARD_URL_ENV}` where flows run to get a link here)"
+        )
+    return "- dashboard: not written"
 
 
 LEADERBOARD_COLUMNS = (
@@ -73,14 +120,32 @@ LEADERBOARD_COLUMNS = (
     "run_id",
     "status",
     "score",
+    "rerank_median_km",
+    "rerank_p90_km",
+    "rerank_variant",
+    "test_median_km",
+    "test_top1",
     "best_val_acc",
     "best_p90_km",
-    "last_geo_median_km",
-    "test_top1",
     "arch",
     "loss",
     "skip_reason",
 )
+
+
+def leaderboard_records(df: Any, limit: int | None = None) -> list[dict[str, Any]]:
+    """Leaderboard rows for people (a Prefect table): km as `78.5 km`, shares as `41.2%`,
+    the score to 3 decimals; rank and text as they are."""
+    rows = table_records(df, LEADERBOARD_COLUMNS, limit)
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_km"):
+                row[key] = fmt_km(value)
+            elif key in ("test_top1", "best_val_acc"):
+                row[key] = fmt_share(value)
+            elif key == "score" and value is not None:
+                row[key] = round(float(value), 3)
+    return rows
 
 
 def table_records(

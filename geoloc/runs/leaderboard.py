@@ -94,6 +94,7 @@ def summary_row(run_id: str, summary: Mapping[str, Any]) -> dict[str, Any]:
     dataset = summary.get("dataset") or {}
     artifacts = summary.get("artifacts") or {}
     rerank = summary.get("rerank") or {}
+    reranked = rerank.get("metrics") or {}
     arch, loss = _config_value(config, "model.arch"), _config_value(config, "train.loss")
     return {
         "run_id": run_id,
@@ -106,6 +107,8 @@ def summary_row(run_id: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         "test_median_km": _num(test.get("test_median_km")),
         "test_p90_km": _num(test.get("test_p90_km")),
         "rerank_variant": rerank.get("variant"),
+        "rerank_median_km": _num(reranked.get("median_km")),
+        "rerank_p90_km": _num(reranked.get("p90_km")),
         "epochs_completed": summary.get("epochs_completed"),
         "best_epoch": summary.get("best_epoch"),
         "arch": None if arch is None else str(arch),

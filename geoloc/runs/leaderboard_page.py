@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geoloc.runs.formatting import EMPTY, NO_FAVICON, NUM_CELL_CSS, STATUS_CSS
+from geoloc.runs.formatting import EMPTY, NO_FAVICON, NUM_CELL_CSS, STATUS_CSS, fmt_km
 from geoloc.runs.formatting import escape_html as _e
 from geoloc.runs.leaderboard_table import (
     CSV_NAME,
@@ -25,6 +25,7 @@ _CSS = "\n".join(
     [
         "",
         "body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}",
+        ".scroll{overflow-x:auto;max-width:100%}",
         "table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;"
         "padding:.2rem .5rem}",
         "th{background:#f4f4f4;cursor:pointer;user-select:none;position:sticky;top:0}",
@@ -74,17 +75,22 @@ _SORT_JS = """
 _SHOWN: tuple[tuple[str, str], ...] = (
     ("rank", "rank"),
     ("run_name", "run"),
+    ("run_id", "run id"),
     ("status", "status"),
     ("score", "score"),
+    ("rerank_median_km", "test median, reranked"),
+    ("rerank_p90_km", "test P90, reranked"),
+    ("rerank_variant", "rerank variant"),
+    ("test_median_km", "test median, model"),
+    ("test_p90_km", "test P90, model"),
+    ("test_top1", "test top-1, model"),
+    ("best_val_acc", "best val top-1"),
+    ("best_p90_km", "best val P90"),
+    ("last_geo_median_km", "last val median"),
     ("norm_acc", "acc part"),
     ("norm_p90", "P90 part"),
     ("norm_median", "median part"),
     ("penalty", "penalty"),
-    ("best_val_acc", "best val top-1"),
-    ("best_p90_km", "best val P90 km"),
-    ("last_geo_median_km", "last val median km"),
-    ("test_top1", "test top-1"),
-    ("test_median_km", "test median km"),
     ("epochs_completed", "epochs"),
     ("arch", "arch"),
     ("loss", "loss"),
@@ -99,7 +105,12 @@ def _cell(col: str, value: Any, row: Mapping[str, Any]) -> str:
         if missing:
             return f'<td class="num" data-v="">{EMPTY}</td>'
         v = float(value)
-        text = f"{v:,.0f}" if abs(v) >= 1000 else (f"{v:.4g}" if col != "rank" else f"{v:.0f}")
+        if col.endswith("_km"):
+            text = fmt_km(v)
+        elif col in ("rank", "epochs_completed"):
+            text = f"{v:.0f}"
+        else:
+            text = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
         return f'<td class="num" data-v="{v!r}">{_e(text)}</td>'
     if col == "run_name":
         label = _e(value or row["run_id"])
@@ -109,6 +120,8 @@ def _cell(col: str, value: Any, row: Mapping[str, Any]) -> str:
             return f'<td{title}><a href="{_e(link)}">{label}</a></td>'
         href = f"../{row['run_id']}/summary.json"
         return f'<td{title}>{label} <a href="{_e(href)}">(summary)</a></td>'
+    if col == "run_id":
+        return f"<td><code>{_e(value)}</code></td>"
     if col == "status":
         return f'<td class="status-{_e(value)}">{_e(value)}</td>'
     return f"<td>{'' if missing else _e(value)}</td>"
@@ -142,8 +155,8 @@ def render_leaderboard(result: AggregateResult) -> str:
             f"Weights: acc {w.acc:g}, p90 {w.p90:g}, median {w.median:g}. "
             f"Penalties for missing artifacts: {missing}; for status: {status}. "
             "Click a column to sort.</p>",
-            f'<table id="leaderboard"><thead><tr>{head}</tr></thead>',
-            f"<tbody>{''.join(body)}</tbody></table>",
+            f'<div class="scroll"><table id="leaderboard"><thead><tr>{head}</tr></thead>',
+            f"<tbody>{''.join(body)}</tbody></table></div>",
             f"<h2>Skipped runs ({len(result.skipped)})</h2>",
             '<table id="skipped"><thead><tr><th>run</th><th>reason</th></tr></thead>',
             f"<tbody>{skipped}</tbody></table>",

@@ -35,6 +35,8 @@ COLUMNS: tuple[str, ...] = (
     "test_median_km",
     "test_p90_km",
     "rerank_variant",
+    "rerank_median_km",
+    "rerank_p90_km",
     "epochs_completed",
     "best_epoch",
     "arch",
@@ -59,6 +61,8 @@ FLOAT_COLUMNS = (
     "test_top1",
     "test_median_km",
     "test_p90_km",
+    "rerank_median_km",
+    "rerank_p90_km",
 )
 INT_COLUMNS = ("rank", "epochs_completed", "best_epoch")
 STR_COLUMNS = tuple(c for c in COLUMNS if c not in (*FLOAT_COLUMNS, *INT_COLUMNS, "skipped"))

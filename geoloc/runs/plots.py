@@ -18,6 +18,7 @@ import pandas as pd
 
 from geoloc.atomic import atomic_path
 from geoloc.geo.metrics import THRESHOLDS_KM
+from geoloc.geo.places import cell_place_labels
 from geoloc.runs.inputs import RunInputs
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,22 @@ def _draw_metric_lines(fig: Any, inputs: RunInputs, columns: Sequence[str], ylab
     df = _require_metrics(inputs, columns)
     ax = fig.add_subplot(1, 1, 1)
     x = _epochs(df)
+    few = len(x) <= 3  # single points and short lines: big markers, values written beside them
     for col in columns:
         if col in df.columns and df[col].notna().any():
-            ax.plot(x, df[col].to_numpy(dtype=float), marker="o", markersize=3, label=col)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            y = df[col].to_numpy(dtype=float)
+            ax.plot(x, y, marker="o", markersize=7 if few else 3, label=col)
+            for xi, yi in zip(x, y, strict=True) if few else ():
+                if np.isfinite(yi):
+                    ax.annotate(f"{yi:.3g}", (xi, yi), textcoords="offset points", xytext=(6, 4),
+                                fontsize=8)  # fmt: skip
+    if 0 < len(x) <= 12:
+        ax.set_xticks(x)  # one tick per epoch (MaxNLocator falls back to 0.1 steps here)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(x):
+        # whole epochs around the points (one epoch would otherwise span 0.945..1.055)
+        ax.set_xlim(float(np.nanmin(x)) - 0.5, float(np.nanmax(x)) + 0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -192,7 +205,8 @@ def _parent_resolution(inputs: RunInputs) -> int | None:
 
 
 def draw_confusion(fig: Any, inputs: RunInputs) -> None:
-    """Row-normalised confusion matrix, readable at thousands of classes (`confusion_groups`)."""
+    """Row-normalised confusion matrix, readable at thousands of classes (`confusion_groups`);
+    cells are named after the largest nearby city, not by their H3 id."""
     df = inputs.test_predictions
     split = "test"
     if df is None or not {"true_cell", "pred_cell"} <= set(df.columns):
@@ -211,8 +225,10 @@ def draw_confusion(fig: Any, inputs: RunInputs) -> None:
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     ticks = np.arange(len(labels))
     fontsize = 7 if len(labels) <= 15 else 5
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
-    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    names = cell_place_labels([c for c in labels if c != "other"])  # cells by the nearest city
+    shown = [names.get(c, c) for c in labels]
+    ax.set_xticks(ticks, shown, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, shown, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{split}: {desc}", fontsize=9)

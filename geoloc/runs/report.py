@@ -22,9 +22,15 @@ from geoloc.runs.plots import PlotOutcome, draw_plots
 from geoloc.runs.report_tables import (
     artifact_links,
     config_items,
-    headline,
+    confused_cells,
+    confused_pairs,
+    fmt_by_name,
+    fmt_metric,
     metric_rows,
     rerank_cells,
+    rerank_variant,
+    result_rows,
+    training_facts,
 )
 from geoloc.runs.summary import SummaryError, read_summary, write_summary
 
@@ -46,7 +52,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
 
 
 def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
-    """REPORT.md: headline, metrics, plots (linked), rerank table, config, artifacts."""
+    """REPORT.md: result, training, metrics, plots (linked), confusions, rerank, config, files."""
     s = inputs.summary or {}
     lines = [f"# Run report: {_md_escape(inputs.run_name)}", ""]
     lines.append(f"Run id `{inputs.paths.run_id}` · status **{_md_escape(inputs.status)}**")
@@ -54,11 +60,15 @@ def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
         lines.append(f"\nFailure reason: {_md_escape(s['failure_reason'])}")
     for key, note in inputs.notes.items():
         lines.append(f"\n> {key}: {_md_escape(note)}")
-    lines += ["", "## Key metrics", ""]
-    lines += _md_table(["", "value"], [(k, fmt(v)) for k, v in headline(inputs)])
+    lines += ["", "## Result", ""]
+    lines += _result_lines(inputs)
+    lines += ["", "## Training", ""]
+    lines += _md_table(["", "value"], [(k, fmt(v)) for k, v in training_facts(inputs)])
     rows = metric_rows(inputs)
-    lines += ["", "| metric | val best | val last | test |", "| --- | --- | --- | --- |"]
-    lines += [f"| {m} | {fmt(b)} | {fmt(la)} | {fmt(t)} |" for m, b, la, t in rows] or [
+    lines += ["", "| metric | val best | val last | test (model) |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {m} | " + " | ".join(fmt_by_name(m, v) for v in vals) + " |" for m, *vals in rows
+    ] or [
         f"| {EMPTY} | {EMPTY} | {EMPTY} | {EMPTY} |"
     ]
     lines += ["", "## Plots", ""]
@@ -68,7 +78,14 @@ def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
             lines += [f"### {p.spec.title}", "", f"![{p.spec.title}]({rel})", ""]
         else:
             lines += [f"### {p.spec.title}", "", f"_Not available: {_md_escape(p.reason)}_", ""]
-    lines += ["## Rerank evaluation", ""]
+    split, pairs = confused_pairs(inputs)
+    lines += ["## Most confused cells", ""]
+    if pairs:
+        lines += [f"On {split}; cells named after the largest nearby city.", ""]
+        lines += _md_table(*confused_cells(pairs)) + [""]
+    else:
+        lines += ["_No mistakes to show._", ""]
+    lines += ["## Rerank evaluation (test)", ""]
     if inputs.rerank is not None:
         lines += _md_table(*rerank_cells(inputs.rerank))
     else:
@@ -78,6 +95,20 @@ def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
     lines += ["", "## Artifacts", "", "- [dashboard.html](dashboard.html)"]
     lines += [f"- [{_md_escape(label)}]({href})" for label, href in artifact_links(inputs)]
     return "\n".join(lines) + "\n"
+
+
+def _result_lines(inputs: RunInputs) -> list[str]:
+    """The test result: after rerank beside the model alone (or the model only)."""
+    rows = result_rows(inputs.summary)
+    variant = rerank_variant(inputs.summary)
+    if not rows:
+        return ["_No test result yet._"]
+    if not variant:
+        return _md_table(["test metric", "model"], [(r.label, fmt_metric(r.model, r.kind))
+                                                    for r in rows])  # fmt: skip
+    body = [(r.label, fmt_metric(r.reranked, r.kind), fmt_metric(r.model, r.kind)) for r in rows]
+    note = [f"After rerank (`{variant}`, chosen on val) is what `geoloc predict` serves.", ""]
+    return note + _md_table(["test metric", f"after rerank ({variant})", "model alone"], body)
 
 
 def refresh_summary_artifacts(run_dir: Path) -> None:
