@@ -110,7 +110,20 @@ class ModelConfig(_Strict):
     depth: int = Field(4, ge=2, le=6, description="MultiScaleCNN: number of stages.")
     embed_dim: int = Field(256, ge=8, description="Embedding size before the heads.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the heads.")
-    pretrained: bool = Field(False, description="Load torchvision weights (needs the network).")
+    pretrained: bool = Field(
+        False,
+        description="Start from the arch's published ImageNet weights (torchvision), read from "
+        "the torch hub cache ($TORCH_HOME/hub/checkpoints).",
+    )
+    download_weights: bool = Field(
+        False,
+        description="Download missing pretrained weights into the torch hub cache (else a "
+        "missing file is an error that says how to pre-seed it).",
+    )
+    freeze_backbone: bool = Field(
+        False,
+        description="Keep the backbone fixed (eval mode, no gradients): only neck and heads train.",
+    )
     hierarchy: bool = Field(True, description="Train a parent head jointly with the child head.")
     head: str = Field(
         "flat",
@@ -155,7 +168,30 @@ class TrainConfig(_Strict):
     augment: bool = Field(True, description="Random flips/colour jitter on train images.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    amp: bool = Field(True, description="Mixed precision when on CUDA.")
+    amp: bool = Field(
+        True, description="Mixed precision (autocast) on CUDA; on CPU only with amp_dtype=bf16."
+    )
+    amp_dtype: Literal["auto", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast dtype: auto = bf16 where the GPU supports it, else fp16 (with a "
+        "GradScaler); bf16 also autocasts on CPU.",
+    )
+    channels_last: bool = Field(
+        True, description="channels_last memory format for conv backbones on CUDA."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model for training (the first steps compile)."
+    )
+    deterministic: bool = Field(
+        True,
+        description="Reproducible cuDNN algorithms; false lets cuDNN benchmark and pick the "
+        "fastest (GPU speed over bit-equal reruns).",
+    )
+    embeddings: Literal["online", "cache"] = Field(
+        "online",
+        description="cache: embed each image once with the frozen backbone (needs "
+        "model.freeze_backbone), store it beside the index and train the heads on it.",
+    )
     loss: Literal["ce", "geosoft", "geosoft_sparse"] = Field(
         "geosoft",
         description="Loss on the classes: ce, geosoft (dense distance-soft targets) or "
@@ -238,6 +274,23 @@ class RunConfig(_Strict):
         if "/" in v or "\\" in v or v.startswith("."):
             raise ValueError("name may not contain path separators or start with '.'")
         return v
+
+    @model_validator(mode="after")
+    def _embedding_cache_needs_a_fixed_input(self) -> RunConfig:
+        # cached embeddings are computed once, with the eval transform, by a backbone that
+        # never changes: anything else would train on stale or unaugmented features silently
+        if self.train.embeddings == "cache":
+            if not self.model.freeze_backbone:
+                raise ValueError(
+                    "train.embeddings=cache needs model.freeze_backbone=true (a backbone that "
+                    "trains makes stored embeddings stale)"
+                )
+            if self.train.augment:
+                raise ValueError(
+                    "train.embeddings=cache embeds each image once without augmentation: set "
+                    "train.augment=false"
+                )
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -223,10 +224,18 @@ def make_loader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
-    sampler: Sampler[int] | Sequence[int] | None = None,
+    sampler: Sampler[Any] | Sequence[int] | None = None,
     drop_last: bool = False,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
 ) -> DataLoader[Sample]:
-    """A DataLoader whose order and worker RNGs depend only on `seed` (and the sampler)."""
+    """A DataLoader whose order and worker RNGs depend only on `seed` (and the sampler).
+
+    `pin_memory` (page-locked batches, so `.to(cuda, non_blocking=True)` overlaps the copy)
+    defaults to "a GPU is present"; pass `device.type == "cuda"` when the device is known.
+    `persistent_workers` (default: whenever there are workers) keeps worker processes between
+    passes over the loader instead of starting them again each time.
+    """
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
@@ -237,7 +246,7 @@ def make_loader(
         num_workers=num_workers,
         worker_init_fn=seed_worker,
         generator=generator,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
         drop_last=drop_last,
     )

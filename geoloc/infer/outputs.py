@@ -125,7 +125,8 @@ def compute_outputs(
     num_workers: int = 0,
     progress: bool = True,
 ) -> SplitOutputs:
-    """One eval-mode pass over a `GeoDataset` (built with the eval transform)."""
+    """One eval-mode pass over a `GeoDataset` (built with the eval transform) or its stored
+    backbone features (`geoloc.train.embeddings.FeatureDataset`)."""
     from geoloc.data.dataset import make_loader
 
     model.eval()
@@ -193,8 +194,14 @@ def split_outputs(
         if cached is not None:
             log.info("using cached %s outputs from %s", split, cache)
             return cached
-    dataset = GeoDataset(index_dir, split, trained.transform(), progress=progress)
     cfg = trained.config.train
+    dataset: Any = GeoDataset(index_dir, split, trained.transform(), progress=progress,
+                              cache=False if cfg.embeddings == "cache" else None)  # fmt: skip
+    if cfg.embeddings == "cache":  # the heads run on the frozen backbone's stored features
+        from geoloc.train.embeddings import embed_split
+
+        dataset = embed_split(trained.model, dataset, trained.config, trained.device, index_dir,
+                              progress=progress)  # fmt: skip
     out = compute_outputs(
         trained.model, dataset, trained.device, cfg.batch_size, cfg.num_workers, progress
     )

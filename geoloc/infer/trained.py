@@ -89,8 +89,10 @@ def load_trained(
         check_same_classes(path, label_space, Path(index_dir))
     from geoloc.model import create_model
 
+    # the checkpoint holds every weight: no need for the pretrained ones (nor their cache)
+    model_cfg = cfg.model.model_copy(update={"pretrained": False})
     k = cfg.train.hier_topk_parents if topk_parents is None else topk_parents
-    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents,
+    model = create_model(model_cfg, label_space.num_classes, label_space.num_parents,
                          parent_of=label_space.parent_of, topk_parents=k)  # fmt: skip
     try:
         model.load_state_dict(ckpt["model"])

@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from geoloc.config import ModelConfig
-from geoloc.errors import GeolocError
+from geoloc.errors import ConfigError, GeolocError
 from geoloc.model.registry import Registry
 
 __all__ = [
     "MODELS",
     "TINY_MODEL_CONFIG",
+    "TORCHVISION_ARCHS",
     "BackboneBuilder",
     "MultiScaleCNN",
+    "check_pretrained",
     "model_names",
+    "pretrained_weights",
     "register_model",
+    "weights_cache_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,28 +141,85 @@ def _multiscale_cnn_tiny(cfg: ModelConfig) -> tuple[nn.Module, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_torchvision(name: str, pretrained: bool) -> nn.Module:
-    """Build a torchvision model; with `pretrained`, load its default weights or fail clearly.
+TORCHVISION_ARCHS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny")
+"""Registered archs built by torchvision; `pretrained` loads their published ImageNet weights."""
 
-    Weights come from the torch hub cache (`$TORCH_HOME/hub/checkpoints`) or are downloaded; any
-    failure (offline, bad hash) becomes a `GeolocError` that says how to proceed.
+
+def _default_weights(name: str) -> Any:
+    import torchvision
+
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def weights_cache_file(url: str) -> Path:
+    """Where torchvision's weights API caches `url`: `torch.hub.get_dir()/checkpoints/<basename>`.
+
+    `torch.hub.get_dir()` is `$TORCH_HOME/hub` (default `~/.cache/torch/hub`).
+    """
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def pretrained_weights(cfg: ModelConfig) -> str | None:
+    """The weights `cfg` starts from (e.g. `ResNet18_Weights.IMAGENET1K_V1`), None for random
+    init; part of the embedding cache key. `ConfigError` when the arch has none to offer."""
+    if not cfg.pretrained:
+        return None
+    if cfg.arch not in TORCHVISION_ARCHS:
+        raise ConfigError(
+            f"model.pretrained=true but model.arch '{cfg.arch}' has no published weights "
+            f"(pretrained archs: {', '.join(TORCHVISION_ARCHS)}); set model.pretrained=false"
+        )
+    return str(_default_weights(cfg.arch))
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Fail before any work when `cfg` asks for pretrained weights it cannot get offline.
+
+    A missing cache file is a `GeolocError` naming the folder, the file torchvision expects and
+    how to pre-seed it; with `model.download_weights=true` the file may be fetched instead.
+    """
+    if pretrained_weights(cfg) is None or cfg.download_weights:
+        return
+    weights = _default_weights(cfg.arch)
+    path = weights_cache_file(weights.url)
+    if not path.is_file():
+        raise GeolocError(
+            f"pretrained weights for model.arch '{cfg.arch}' ({weights}) are not cached: "
+            f"'{path.name}' is missing in {path.parent} ($TORCH_HOME/hub/checkpoints); pre-seed "
+            f"it with `curl -L --create-dirs -o {path} {weights.url}`, or set "
+            "model.download_weights=true (network) or model.pretrained=false"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+
+
+def _load_torchvision(cfg: ModelConfig, name: str) -> nn.Module:
+    """Build a torchvision model; with `cfg.pretrained`, load its published default weights.
+
+    Weights come through torchvision's weights API and its cache (`weights_cache_file`); nothing
+    is downloaded unless `cfg.download_weights`. Any failure is a one-line `GeolocError`.
     """
     import torchvision
 
     net = torchvision.models.get_model(name, weights=None)
-    if not pretrained:
+    if not cfg.pretrained:
         return net
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # URLError, OSError, RuntimeError (hash) ...
+    check_pretrained(cfg)
+    weights = _default_weights(name)
+    path = weights_cache_file(weights.url)
+    source = path if path.is_file() else weights.url
+    try:  # reads the cached file; downloads (hash-checked) only when it is missing
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        net.load_state_dict(state)
+    except Exception as exc:  # URLError, OSError, unpickling, hash or key mismatch ...
         raise GeolocError(
-            f"could not load pretrained torchvision weights for '{name}' from {weights.url}: "
-            f"{type(exc).__name__}: {exc}. Without network access, put the file in "
-            f"{torch.hub.get_dir()}/checkpoints, or set model.pretrained=false"
+            f"could not load pretrained weights {weights} for model.arch '{name}' from "
+            f"{source}: {_one_line(exc)}; replace the file (from {weights.url}) or set "
+            "model.pretrained=false"
         ) from exc
-    net.load_state_dict(state)
-    log.info("loaded pretrained weights %s for %s", weights, name)
+    log.info("loaded pretrained weights %s for %s from %s", weights, name, path)
     return net
 
 
@@ -170,7 +234,7 @@ def _resnet50(cfg: ModelConfig) -> tuple[nn.Module, int]:
 
 
 def _resnet(name: str, cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = _load_torchvision(name, cfg.pretrained)
+    net = _load_torchvision(cfg, name)
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
@@ -178,7 +242,7 @@ def _resnet(name: str, cfg: ModelConfig) -> tuple[nn.Module, int]:
 
 @register_model("efficientnet_b0")
 def _efficientnet_b0(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = _load_torchvision("efficientnet_b0", cfg.pretrained)
+    net = _load_torchvision(cfg, "efficientnet_b0")
     dim = net.classifier[-1].in_features
     net.classifier = nn.Identity()  # keeps avgpool + flatten, drops dropout + linear
     return net, dim
@@ -186,7 +250,7 @@ def _efficientnet_b0(cfg: ModelConfig) -> tuple[nn.Module, int]:
 
 @register_model("convnext_tiny")
 def _convnext_tiny(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = _load_torchvision("convnext_tiny", cfg.pretrained)
+    net = _load_torchvision(cfg, "convnext_tiny")
     dim = net.classifier[-1].in_features
     net.classifier[-1] = nn.Identity()  # keeps LayerNorm2d + flatten
     return net, dim

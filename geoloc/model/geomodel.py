@@ -12,7 +12,7 @@ from torch import nn
 
 from geoloc.config import ModelConfig
 from geoloc.errors import GeolocError
-from geoloc.model.backbones import MODELS
+from geoloc.model.backbones import MODELS, check_pretrained
 from geoloc.model.heads import FactorisedHead, FlatHead, HeadSpec, create_head
 
 __all__ = ["GeoModel", "create_model"]
@@ -25,7 +25,10 @@ class GeoModel(nn.Module):
     dropout and heads; L2-normalise it for neighbour search) and the head's outputs: `logits`
     (B, K) and, with a parent layer, `parent_logits` (B, P) for the flat head; for the factorised
     head the keys in `geoloc.model.heads` (`parents`, the parents a loss needs scored, goes to
-    it).
+    it). Its input is (B, 3, H, W) images or, for a frozen backbone whose outputs were stored
+    (`geoloc.train.embeddings`), (B, F) backbone features.
+    With `freeze_backbone` the backbone stays in eval mode without gradients whatever
+    `train()` says, so its BatchNorm statistics and weights never move.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class GeoModel(nn.Module):
         embed_dim: int = 256,
         dropout: float = 0.1,
         arch: str = "",
+        freeze_backbone: bool = False,
         head: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -47,6 +51,11 @@ class GeoModel(nn.Module):
         self.num_parents = num_parents or 0
         self.embed_dim = embed_dim
         self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+            backbone.eval()
         self.neck = nn.Sequential(
             nn.Linear(feature_dim, embed_dim), nn.LayerNorm(embed_dim), nn.GELU()
         )
@@ -68,9 +77,22 @@ class GeoModel(nn.Module):
         if isinstance(self.head, FactorisedHead):
             self.head.topk_parents = int(k)
 
+    def train(self, mode: bool = True) -> GeoModel:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, F) backbone features (no graph when frozen)."""
+        if self.freeze_backbone:
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) embedding."""
-        return self.neck(self.backbone(x))
+        """(B, 3, H, W) images or (B, F) stored backbone features -> (B, D) embedding."""
+        return self.neck(x if x.dim() == 2 else self.features(x))
 
     def forward(
         self, x: torch.Tensor, parents: torch.Tensor | None = None
@@ -102,10 +124,12 @@ def create_model(
     """Build the model `cfg.arch` and `cfg.head` name. The flat head has a parent layer iff
     `cfg.hierarchy` and `num_parents` are both set; the factorised head needs `parent_of` (K,)
     and scores the `topk_parents` best parents at inference. Unknown names raise `ConfigError`
-    listing the valid ones."""
+    listing the valid ones, and pretrained weights that cannot be had a `GeolocError` saying how
+    to get them."""
     builder = MODELS.get(cfg.arch)
     head = create_head(cfg, cfg.embed_dim, HeadSpec(num_classes, num_parents, parent_of,
                                                     topk_parents))  # fmt: skip
+    check_pretrained(cfg)
     backbone, feature_dim = builder(cfg)
     return GeoModel(
         backbone,
@@ -115,5 +139,6 @@ def create_model(
         embed_dim=cfg.embed_dim,
         dropout=cfg.dropout,
         arch=cfg.arch,
+        freeze_backbone=cfg.freeze_backbone,
         head=head,
     )

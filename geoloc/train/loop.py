@@ -31,11 +31,14 @@ from geoloc.geo import LabelSpace, build_hardneg_pool
 from geoloc.progress import format_duration, progress_log
 from geoloc.runs.formatting import fmt_km, fmt_share
 from geoloc.train.checkpoint import save_checkpoint, set_rng_state
+from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from geoloc.train.steps import (
+    Compute,
     EpochResult,
     epoch_seed,
     evaluate,
+    resolve_compute,
     seed_everything,
     train_one_epoch,
 )
@@ -163,11 +166,11 @@ class _Optimisation:
     scaler: torch.amp.GradScaler
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: RunConfig, n_rows: int, amp: bool,
-              device: torch.device) -> _Optimisation:  # fmt: skip
+    def build(cls, model: nn.Module, cfg: RunConfig, n_rows: int,
+              compute: Compute) -> _Optimisation:  # fmt: skip
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(n_rows, cfg.train))
-        return cls(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=amp))
+        return cls(optimizer, scheduler, compute.grad_scaler())
 
     def restore(self, model: nn.Module, ckpt: dict[str, Any]) -> FitState:
         """Load a checkpoint's model, optimiser, schedule, scaler and RNG; its `FitState`."""
@@ -204,17 +207,20 @@ def fit(
     through DDP; only rank 0 writes checkpoints and runs callbacks.
     """
     tc = cfg.train
-    amp = tc.amp and device.type == "cuda"
-    model.to(device)
-    opt = _Optimisation.build(model, cfg, len(train_set), amp, device)
+    compute = resolve_compute(tc, device, model)
+    compute.prepare_model(model.to(device))
+    opt = _Optimisation.build(model, cfg, len(train_set), compute)
     state = FitState()
     if resume_from is not None:
         state = opt.restore(model, resume_from)
         log.info("resuming after epoch %d", state.epoch)
-    train_model = model if dist is None else dist.wrap(model, cfg)
+    train_model = _training_model(model, cfg, dist)
     is_main = dist is None or dist.is_main
+    cuda = device.type == "cuda"
     val_loader = make_loader(val_set, tc.batch_size, shuffle=False, seed=cfg.seed,
-                             num_workers=tc.num_workers)  # fmt: skip
+                             num_workers=tc.num_workers, pin_memory=cuda)  # fmt: skip
+    batch_size = tc.batch_size if dist is None else dist.local_batch(tc.batch_size)
+    train_loader = EpochLoader(train_set, batch_size, tc.num_workers, pin_memory=cuda)
     pool_true = None
     if cfg.hardneg.enabled:
         pool_true = train_set.labels if cfg.hardneg.pool_split == "train" else val_set.labels
@@ -225,12 +231,13 @@ def fit(
         start = time.perf_counter()
         order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
                             pool_true, cfg.hardneg)  # fmt: skip
-        trained = _train_epoch(train_model, model, train_set, order, criterion, opt, cfg, device,
-                               epoch_index, amp, progress, dist)  # fmt: skip
+        trained = _train_epoch(train_model, model, train_loader, order, len(train_set), criterion,
+                               opt, cfg, device, epoch_index, compute, progress,
+                               dist)  # fmt: skip
         evaluated = evaluate(
             model, val_loader, criterion, label_space, device, prefix="val",
             parent_loss_weight=tc.parent_loss_weight, hier_topk_parents=tc.hier_topk_parents,
-            amp=amp, progress=progress,
+            compute=compute, progress=progress,
         )  # fmt: skip
         if cfg.hardneg.enabled:
             train_pool = cfg.hardneg.pool_split == "train"
@@ -254,33 +261,43 @@ def fit(
     return FitResult(state=state, stopped_early=False)
 
 
+def _training_model(model: nn.Module, cfg: RunConfig, dist: DistContext | None) -> nn.Module:
+    """What the training steps call: `model`, DDP-wrapped under `dist`, compiled on request.
+
+    Parameters are shared, so `model` itself is what gets evaluated and checkpointed.
+    """
+    train_model = model if dist is None else dist.wrap(model, cfg)
+    if cfg.train.compile:
+        log.info("compiling the model with torch.compile (the first steps are slow)")
+        train_model = torch.compile(train_model)
+    return train_model
+
+
 def _train_epoch(
     train_model: nn.Module,
     model: nn.Module,
-    train_set: GeoDataset,
+    train_loader: EpochLoader,
     order: np.ndarray,
+    num_rows: int,
     criterion: nn.Module,
     opt: _Optimisation,
     cfg: RunConfig,
     device: torch.device,
     epoch_index: int,
-    amp: bool,
+    compute: Compute,
     progress: bool,
     dist: DistContext | None,
 ) -> EpochResult:
     """One pass over `order` (this rank's shard of it under DDP), reseeded from the epoch."""
     tc = cfg.train
-    # augmentation and dropout draw from torch's global RNG: reseed it per epoch
-    seed_everything(epoch_seed(cfg.seed, epoch_index), 0 if dist is None else dist.rank)
-    sampler = order.tolist() if dist is None else dist.shard(order, tc.batch_size)
-    batch_size = tc.batch_size if dist is None else dist.local_batch(tc.batch_size)
-    loader = make_loader(train_set, batch_size, shuffle=False,
-                         seed=epoch_seed(cfg.seed, epoch_index), num_workers=tc.num_workers,
-                         sampler=sampler)  # fmt: skip
+    seed = epoch_seed(cfg.seed, epoch_index)
+    # augmentation (without workers) and dropout draw from torch's global RNG: reseed per epoch
+    seed_everything(seed, 0 if dist is None else dist.rank, tc.deterministic)
+    rows = order.tolist() if dist is None else dist.shard(order, tc.batch_size)
     trained = train_one_epoch(
-        train_model, loader, criterion, opt.optimizer, opt.scheduler, opt.scaler, device,
-        epoch=epoch_index + 1, parent_loss_weight=tc.parent_loss_weight, amp=amp,
-        max_steps=tc.max_steps_per_epoch, num_rows=len(train_set), progress=progress,
+        train_model, train_loader.epoch(rows, seed), criterion, opt.optimizer, opt.scheduler,
+        opt.scaler, device, epoch=epoch_index + 1, parent_loss_weight=tc.parent_loss_weight,
+        compute=compute, max_steps=tc.max_steps_per_epoch, num_rows=num_rows, progress=progress,
     )  # fmt: skip
     return trained if dist is None else dist.after_epoch(model, trained)
 

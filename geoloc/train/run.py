@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,13 @@ from geoloc.train.records import (
     start_summary,
     write_metrics_csv,
 )
-from geoloc.train.steps import EvalResult, evaluate, resolve_device, seed_everything
+from geoloc.train.steps import (
+    EvalResult,
+    evaluate,
+    resolve_compute,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,14 @@ def check_run_config(cfg: RunConfig) -> None:
             f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly "
             f"over train.nproc={cfg.train.nproc} processes"
         )
+    if cfg.train.embeddings == "cache" and (cfg.train.nproc > 1 or under_torchrun()):
+        raise ConfigError(
+            "train.embeddings=cache trains the heads on stored embeddings in one process; set "
+            "train.nproc=1 (and run without torchrun)"
+        )
+    from geoloc.model.backbones import check_pretrained
+
+    check_pretrained(cfg.model)  # missing weights fail here, not after the run folder exists
 
 
 def check_label_space(cfg: RunConfig, label_space: LabelSpace, index_dir: Path) -> None:
@@ -136,10 +150,14 @@ def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None)
     check_label_space(cfg, label_space, index_dir)  # before decoding any image
     train_tf = build_transforms(cfg.train, train=True)
     eval_tf = build_transforms(cfg.train, train=False)
-    train = GeoDataset(index_dir, "train", train_tf, progress=progress)
-    val = GeoDataset(index_dir, "val", eval_tf, progress=progress)
+    # with stored embeddings, pixels are decoded only while a split is embedded
+    kw: dict[str, Any] = {"progress": progress}
+    if cfg.train.embeddings == "cache":
+        kw["cache"] = False
+    train = GeoDataset(index_dir, "train", train_tf, **kw)
+    val = GeoDataset(index_dir, "val", eval_tf, **kw)
     try:
-        test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf, progress=progress)
+        test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf, **kw)
     except EmptySplitError as exc:
         log.warning("%s: no test metrics for this run", exc)
         test = None
@@ -297,7 +315,7 @@ def _train_follower(ctx: DistContext, cfg: RunConfig, run_dir: Path, resume: Pat
     data = load_run_data(cfg, resolve_index_dir(cfg), progress=False)
     paths = RunPaths(run_dir)
     resume_ckpt = load_checkpoint(paths.last_checkpoint) if resume is not None else None
-    seed_everything(cfg.seed, ctx.rank)
+    seed_everything(cfg.seed, ctx.rank, cfg.train.deterministic)
     model, criterion = build_model_and_loss(
         cfg, data.label_space, index_files(data.index_dir)["splits"]
     )
@@ -314,13 +332,15 @@ def _train_and_evaluate(
     resume_ckpt: dict[str, Any] | None,
     progress: bool,
 ) -> None:
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, deterministic=cfg.train.deterministic)
     dist = current_context()
     device = dist.device if dist is not None else resolve_device(cfg.train.device)
     model, criterion = build_model_and_loss(
         cfg, data.label_space, index_files(data.index_dir)["splits"]
     )
     criterion.to(device)
+    if cfg.train.embeddings == "cache":
+        data = _stored_features(model, data, cfg, device, progress)
     progress_log.info(
         "run %s: %s, %s loss, %s train / %s val images, %s classes, %d epochs on %s",
         paths.run_id, cfg.model.arch, cfg.train.loss, f"{len(data.train):,}", f"{len(data.val):,}",
@@ -369,13 +389,27 @@ def _evaluate_split(
     progress: bool,
 ) -> EvalResult:
     loader = make_loader(dataset, cfg.train.batch_size, shuffle=False, seed=cfg.seed,
-                         num_workers=cfg.train.num_workers)  # fmt: skip
+                         num_workers=cfg.train.num_workers,
+                         pin_memory=device.type == "cuda")  # fmt: skip
     return evaluate(
         model, loader, criterion, label_space, device, prefix=prefix,
         parent_loss_weight=cfg.train.parent_loss_weight,
         hier_topk_parents=cfg.train.hier_topk_parents,
-        amp=cfg.train.amp and device.type == "cuda", progress=progress,
+        compute=resolve_compute(cfg.train, device, model), progress=progress,
     )  # fmt: skip
+
+
+def _stored_features(
+    model: nn.Module, data: RunData, cfg: RunConfig, device: torch.device, progress: bool
+) -> RunData:
+    """`train.embeddings=cache`: every split as the frozen backbone's stored features."""
+    from geoloc.train.embeddings import embed_split
+
+    def stored(ds: GeoDataset) -> Any:
+        return embed_split(model, ds, cfg, device, data.index_dir, progress=progress)
+
+    test = stored(data.test) if data.test is not None else None
+    return replace(data, train=stored(data.train), val=stored(data.val), test=test)
 
 
 def _record_failure(paths: RunPaths, reason: str) -> None:

@@ -6,10 +6,11 @@ Also the seeding and device rules every step shares. Epoch numbers are 1-based.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils.data import DataLoader
 
-from geoloc.data.dataset import GeoDataset
+from geoloc.config import TrainConfig
 from geoloc.errors import GeolocError, TrainingError
 from geoloc.geo import LabelSpace
 from geoloc.geo import haversine_km as _haversine_km
@@ -27,8 +28,16 @@ from geoloc.model.losses import forward_inputs
 from geoloc.model.scores import class_scores, predicted_classes
 from geoloc.progress import track
 
-if TYPE_CHECKING:
-    pass
+
+@runtime_checkable
+class LabelledSplit(Protocol):
+    """What evaluation reads from a split: a `GeoDataset`, or its stored backbone features
+    (`geoloc.train.embeddings.FeatureDataset`)."""
+
+    split: str
+    table: pd.DataFrame
+    labels: np.ndarray
+    parent_labels: np.ndarray
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +50,18 @@ PREDICTION_TOPK = 10
 # --------------------------------------------------------------------------------------------
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) from one number; ranks get distinct streams."""
+def seed_everything(seed: int, rank: int = 0, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) from one number; ranks get distinct streams.
+
+    `deterministic` pins cuDNN to reproducible algorithms; without it cuDNN benchmarks and picks
+    the fastest ones (`train.deterministic=false`, GPU runs that value speed over bit-equality).
+    """
     s = (int(seed) + 1_000_003 * int(rank)) % 2**32
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)  # also seeds every CUDA device
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def epoch_seed(seed: int, epoch_index: int) -> int:
@@ -90,8 +103,79 @@ def total_loss(
     return loss
 
 
-def _autocast(device: torch.device, amp: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How the steps run on their device: autocast dtype (None: float32) and memory format.
+
+    fp16 autocast on CUDA scales the loss (`grad_scaler`); bf16 keeps float32's range and needs
+    no scaling. `channels_last` stores image batches NHWC, which cuDNN's conv kernels (tensor
+    cores) prefer; the model must be converted the same way (`prepare_model`).
+    """
+
+    device_type: str = "cpu"
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @property
+    def precision(self) -> str:
+        """`bf16`, `fp16` or `fp32`: what the forward pass computes in."""
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return names.get(self.amp_dtype, "fp32")  # type: ignore[arg-type]
+
+    def autocast(self) -> torch.autocast:
+        dtype = self.amp_dtype or torch.bfloat16  # any supported dtype when disabled
+        return torch.autocast(self.device_type, dtype=dtype, enabled=self.amp_dtype is not None)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler that is on only for fp16 on CUDA (the one case that underflows)."""
+        enabled = self.amp_dtype == torch.float16 and self.device_type == "cuda"
+        return torch.amp.GradScaler(self.device_type, enabled=enabled)
+
+    def images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A batch onto `device` (asynchronously from pinned memory), NHWC when asked."""
+        if self.channels_last and images.dim() == 4:
+            return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return images.to(device, non_blocking=True)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Convert the model's conv weights to channels_last when this mode uses it."""
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+FP32 = Compute()
+"""Plain float32, contiguous: what CPU runs use by default."""
+
+
+def has_conv(model: nn.Module) -> bool:
+    """Does the model convolve images (where channels_last pays off)?"""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def resolve_compute(train_cfg: TrainConfig, device: torch.device, model: nn.Module) -> Compute:
+    """`train.amp`/`amp_dtype`/`channels_last` on `device` -> the `Compute` the steps use.
+
+    CUDA autocasts to bf16 where the GPU supports it (`auto`), else fp16; CPU autocasts only with
+    an explicit `amp_dtype=bf16` (CPUs without bf16 units run it slower than float32, but it is
+    the way to exercise the mixed-precision path without a GPU). channels_last is for conv
+    models on CUDA.
+    """
+    want = train_cfg.amp_dtype
+    dtype: torch.dtype | None = None
+    if train_cfg.amp and device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if want == "bf16" and not bf16_ok:
+            raise GeolocError(
+                f"train.amp_dtype=bf16 but {torch.cuda.get_device_name(device)} has no bf16 "
+                "support; use train.amp_dtype=auto or fp16"
+            )
+        dtype = _AMP_DTYPES[("bf16" if bf16_ok else "fp16") if want == "auto" else want]
+    elif train_cfg.amp and device.type == "cpu" and want == "bf16":
+        dtype = torch.bfloat16
+    channels_last = train_cfg.channels_last and device.type == "cuda" and has_conv(model)
+    return Compute(device.type, dtype, channels_last)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +204,7 @@ def train_one_epoch(
     *,
     epoch: int,
     parent_loss_weight: float = 0.0,
-    amp: bool = False,
+    compute: Compute = FP32,
     max_steps: int = 0,
     num_rows: int | None = None,
     progress: bool = True,
@@ -128,11 +212,14 @@ def train_one_epoch(
     """One pass over `loader`; a non-finite loss stops with a `TrainingError` naming the step.
 
     Returns the mean loss per image and each row's last training-time prediction (the
-    hard-negative pool can be built from train confusion without another pass).
+    hard-negative pool can be built from train confusion without another pass). Each step
+    synchronises with the device once (the loss check); predictions stay on the device until
+    the epoch ends.
     """
     model.train()
     n_rows = num_rows if num_rows is not None else len(loader.dataset)  # type: ignore[arg-type]
     preds = np.full(n_rows, -1, dtype=np.int64)
+    step_preds: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, argmax on the device)
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
     total = min(len(loader), max_steps) if max_steps else len(loader)
     # a bar in a terminal; as log lines only a slow epoch says where it is (its line follows)
@@ -141,16 +228,17 @@ def train_one_epoch(
     for step, (images, labels, parent_labels, rows) in enumerate(bar):
         if max_steps and step >= max_steps:
             break
-        images = images.to(device, non_blocking=True)  # (B, 3, S, S)
+        images = compute.images(images, device)  # (B, 3, S, S) or (B, F) stored features
         labels = labels.to(device, non_blocking=True)  # (B,)
         parent_labels = parent_labels.to(device, non_blocking=True)  # (B,)
-        with _autocast(device, amp):
+        with compute.autocast():
             outputs = model(images, **forward_inputs(criterion, labels))
         loss = total_loss(outputs, labels, parent_labels, criterion, parent_loss_weight)
-        if not torch.isfinite(loss):
+        value = float(loss.detach())  # the step's one host-device synchronisation
+        if not math.isfinite(value):
             lr = optimizer.param_groups[0]["lr"]
             raise TrainingError(
-                f"loss is {loss.item()} at epoch {epoch}, step {step} (lr={lr:.3g}); "
+                f"loss is {value} at epoch {epoch}, step {step} (lr={lr:.3g}); "
                 "lower train.lr or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -160,10 +248,12 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         batch = labels.shape[0]
-        loss_sum += float(loss.detach()) * batch
+        loss_sum += value * batch
         seen += batch
-        preds[rows.numpy()] = predicted_classes(outputs).detach().cpu().numpy()
+        step_preds.append((rows, predicted_classes(outputs).detach()))
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+    for rows, pred in step_preds:  # in step order: a row seen twice keeps its last prediction
+        preds[rows.numpy()] = pred.cpu().numpy()
     return EpochResult(
         loss=loss_sum / max(seen, 1),
         images=seen,
@@ -197,7 +287,7 @@ def evaluate(
     prefix: str = "val",
     parent_loss_weight: float = 0.0,
     hier_topk_parents: int = 0,
-    amp: bool = False,
+    compute: Compute = FP32,
     progress: bool = True,
 ) -> EvalResult:
     """Loss, top-1/top-5, parent accuracy and geo metrics on a `GeoDataset` loader.
@@ -207,8 +297,8 @@ def evaluate(
     it is comparable between runs with and without a parent head.
     """
     dataset = loader.dataset
-    if not isinstance(dataset, GeoDataset):
-        raise TypeError("evaluate needs a loader over a GeoDataset")
+    if not isinstance(dataset, LabelledSplit):
+        raise TypeError("evaluate needs a loader over a GeoDataset (or its stored features)")
     model.eval()
     parent_of = torch.as_tensor(label_space.parent_of, dtype=torch.long)
     n = len(dataset)
@@ -219,13 +309,16 @@ def evaluate(
     for images, labels, parent_labels, rows in track(
         loader, desc=f"eval {prefix}", unit="batch", bars=progress, summary=False
     ):
-        images = images.to(device, non_blocking=True)
+        images = compute.images(images, device)
         labels_d = labels.to(device, non_blocking=True)
-        with _autocast(device, amp):
+        with compute.autocast():
             outputs = model(images, **forward_inputs(criterion, labels_d))
+        outputs = {key: value.float() if value.is_floating_point() else value
+                   for key, value in outputs.items()}  # bf16 has no numpy  # fmt: skip
         loss = total_loss(
-            outputs, labels_d, parent_labels.to(device), criterion, parent_loss_weight
-        )
+            outputs, labels_d, parent_labels.to(device, non_blocking=True), criterion,
+            parent_loss_weight,
+        )  # fmt: skip
         loss_sum += float(loss) * labels.shape[0]
         scores = class_scores(outputs, parent_of.to(device), hier_topk_parents).cpu()  # (B, K)
         top5_hits += topk_accuracy(scores, labels, 5) * labels.shape[0]
@@ -250,7 +343,7 @@ def evaluate(
 
 
 def predictions_frame(
-    dataset: GeoDataset, label_space: LabelSpace, top_labels: np.ndarray, top_probs: np.ndarray
+    dataset: LabelledSplit, label_space: LabelSpace, top_labels: np.ndarray, top_probs: np.ndarray
 ) -> pd.DataFrame:
     """The predictions parquet contract (docs/ARCHITECTURE.md) from top-k labels/probabilities."""
     table = dataset.table
