@@ -2,6 +2,8 @@
 
 Each `benchmarks/bench_*.py` is a standalone script that times geoloc against a plain
 reference doing the same work and prints the ratio; this runner only lists and starts them.
+`python -m benchmarks gpu [ARGS]` runs the GPU check (`gpu_check.py`, needs CUDA; not part of
+`make bench`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ def main(argv: list[str]) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
+    if argv[:1] == ["gpu"]:
+        return subprocess.call([sys.executable, str(HERE / "gpu_check.py"), *argv[1:], *extra])
     scripts = sorted(HERE.glob("bench_*.py"))
     if argv in (["-l"], ["--list"]):
         print("\n".join(p.stem for p in scripts))
