@@ -9,8 +9,8 @@ A head maps the (B, D) embedding (after dropout) to the outputs that losses and
   parent cells and, for each parent, a small table over its own children (padded to the most
   children any parent has, C: 7 for r7 cells under r6 ones). Child logits are computed only for
   the parents that matter, so the child part costs R x C x D per sample, not K x D:
-  while training for the parents the loss asks for (`parents`: the true one, plus the parents
-  of GeoSoft's neighbour cells), at inference for the `topk_parents` best parents.
+  while training for the parents the loss asks for (`parents`: the true one), at inference for
+  the `topk_parents` best parents.
   Outputs `parent_logits` (B, P); for the scored parents `child_logits` (B, k, C) (padding is
   -inf), `child_parents` (B, k) (best first, so the first k' of them are the top k') and
   `child_classes` (B, k, C) (class of each slot); with `parents`, `target_child_logits`

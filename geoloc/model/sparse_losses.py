@@ -8,18 +8,15 @@ them. Per batch that is O(B x r) memory and time for the targets instead of O(B 
 - `SparseGeoSoftLoss` (`train.loss=geosoft_sparse`, flat head): logsumexp(z) - sum_j q_j z_{n_j}
   with a hand-written backward: besides the logits it keeps one (B, K) softmax, as
   cross-entropy does.
-- `FactorisedLoss` (factorised head, `ce` or `geosoft_sparse`): the same soft cross-entropy
-  against the model's class distribution P(k) = P(parent(k)) x P(k | parent(k)):
-  -sum_j q_j [log P(parent(n_j)) + log P(n_j | parent(n_j))]. It needs child logits only for the
-  parents of the r neighbour cells (`head_parents`), which the model computes on request. With
-  `ce` (r = 1) this is the exact negative log-likelihood, CE(parent) + CE(child | true parent).
-  When the neighbours hold all the target mass it equals dense GeoSoft applied to log P.
+- `FactorisedLoss` (factorised head, `ce` or `geosoft_sparse`): the parent level is trained on
+  the targets summed per parent, the child level on the targets among the true parent's
+  children, so child logits are needed for the true parent only. With `ce` it is the exact
+  negative log-likelihood, CE(parent) + CE(child | true parent).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,7 +41,10 @@ log = logging.getLogger(__name__)
 class GeoSoftNeighbours(nn.Module):
     """Each class's `r` nearest classes (itself first) and its GeoSoft targets over them."""
 
-    def __init__(self, centroids: torch.Tensor, tau_km: float, r: int) -> None:
+    def __init__(
+        self, centroids: torch.Tensor, tau_km: float, r: int, nbr: np.ndarray | None = None
+    ) -> None:
+        """`nbr` (K, >= r) precomputed `nearest_points` (e.g. cached); else built here."""
         super().__init__()
         if centroids.ndim != 2 or centroids.shape[1] != 2:
             raise GeolocError(
@@ -54,7 +54,9 @@ class GeoSoftNeighbours(nn.Module):
             raise ConfigError(f"GeoSoft tau_km must be > 0, got {tau_km}")
         self.tau_km = float(tau_km)
         c = centroids.detach().float().cpu()
-        nbr = nearest_points(c[:, 0].double().numpy(), c[:, 1].double().numpy(), r)
+        if nbr is None:
+            nbr = nearest_points(c[:, 0].double().numpy(), c[:, 1].double().numpy(), r)
+        nbr = np.asarray(nbr)[:, : min(r, c.shape[0])]
         # not saved in state dicts: rebuilt from the label space
         self.register_buffer("nbr", torch.from_numpy(nbr.astype(np.int32)), persistent=False)
         self.register_buffer("units", unit_vectors(c[:, 0], c[:, 1]), persistent=False)
@@ -163,21 +165,20 @@ class SparseGeoSoftLoss(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Request:
-    """Per batch: the parents to score and where each neighbour class sits among them."""
-
-    parents: torch.Tensor  # (B, R) distinct parents of the neighbours (padding repeats one)
-    position: torch.Tensor  # (B, r) index into the flattened (R, C) child grid
-    q: torch.Tensor  # (B, r) target weights
-
-
 class FactorisedLoss(nn.Module):
-    """Soft cross-entropy of P(parent) x P(child | parent) against GeoSoft (or one-hot) targets.
+    """GeoSoft (or cross-entropy) for P(parent) x P(child | parent): a parent and a child term.
 
-    `neighbours=None` is cross-entropy: the true class only, so only the true parent's children
-    are scored. With neighbours, the parents of the r nearest classes are scored (a handful:
-    R <= r, ~4-10 for r = 64 on a full r7 grid).
+    With q the targets over the true class y's r nearest classes n_j (one-hot for `ce`):
+
+      parent term  -sum_j q_j log P(parent(n_j))          the targets' marginal over parents
+      child term   -sum_j q~_j log P(n_j | parent(y))     q~: q on y's siblings, renormalised
+
+    so child logits are needed for the true parent only (`head_parents`). With `ce` the sum is
+    the exact negative log-likelihood -log P(y) of the product distribution. With GeoSoft the
+    parent level gets the dense loss's targets summed per parent (exact up to the mass beyond
+    the r neighbours) and the child level the distance-soft targets among the siblings; the
+    neighbour cells under other parents reach the model through their parent's share only
+    (scoring their own children would cost R x C x D more per sample).
     """
 
     def __init__(
@@ -189,7 +190,6 @@ class FactorisedLoss(nn.Module):
     ) -> None:
         super().__init__()
         table = child_table(parent_of, num_parents)
-        self.max_children = table.max_children
         self.neighbours = neighbours
         self.register_buffer("parent_of", torch.as_tensor(parent_of, dtype=torch.long),
                              persistent=False)  # fmt: skip
@@ -206,42 +206,31 @@ class FactorisedLoss(nn.Module):
     ) -> FactorisedLoss:
         return cls(label_space.parent_of, label_space.num_parents, neighbours, class_weights)
 
-    @torch.no_grad()
-    def request(self, targets: torch.Tensor) -> _Request:
-        """The parents whose children the loss needs for these targets, and the target layout."""
-        targets = targets.to(device=self.parent_of.device, dtype=torch.long)
-        if self.neighbours is None:
-            nbr = targets[:, None]
-            q = torch.ones(nbr.shape, device=targets.device)
-        else:
-            nbr, q = self.neighbours.targets(targets)
-        par = self.parent_of[nbr]  # (B, r)
-        ordered, order = par.sort(dim=1, stable=True)
-        first = torch.ones_like(ordered, dtype=torch.bool)
-        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-        rank_sorted = first.long().cumsum(dim=1) - 1  # distinct-parent index, in sorted order
-        width = int(rank_sorted[:, -1].max()) + 1  # R: most distinct parents in this batch
-        parents = ordered[:, :1].repeat(1, width).scatter_(1, rank_sorted, ordered)
-        rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
-        return _Request(parents, rank * self.max_children + self.slot_of[nbr], q)
-
     def head_parents(self, targets: torch.Tensor) -> torch.Tensor:
-        """(B, R) parents to pass to the factorised head's forward (`parents=`)."""
-        return self.request(targets).parents
+        """(B, 1): the true parents, whose children the head must score (`parents=`)."""
+        return self.parent_of[targets.to(self.parent_of.device, torch.long)][:, None]
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         if "target_child_logits" not in outputs:
             raise GeolocError(
-                "the factorised loss needs child logits for the requested parents: call the "
-                "model with parents=criterion.head_parents(labels)"
+                "the factorised loss needs child logits of the true parents: call the model "
+                "with parents=criterion.head_parents(labels)"
             )
         targets = targets.to(device=outputs["parent_logits"].device, dtype=torch.long)
-        req = self.request(targets)
-        if not torch.equal(req.parents, outputs["target_parents"]):
+        true_parent = self.parent_of[targets][:, None]  # (B, 1)
+        if not torch.equal(outputs["target_parents"], true_parent):
             raise GeolocError("the model scored other parents than the loss asked for")
-        log_parent = F.log_softmax(outputs["parent_logits"].float(), dim=1)  # (B, P)
-        log_child = F.log_softmax(outputs["target_child_logits"].float(), dim=2)  # (B, R, C)
-        log_p = log_parent.gather(1, req.parents)[:, :, None] + log_child  # (B, R, C)
-        log_target = log_p.flatten(1).gather(1, req.position)  # (B, r)
-        nll = -(req.q * log_target).sum(dim=1)  # (B,)
-        return (nll * sample_weights(self.class_weights, targets)).sum()
+        if self.neighbours is None:
+            nbr, q = targets[:, None], torch.ones(targets.shape[0], 1, device=targets.device)
+        else:
+            nbr, q = self.neighbours.targets(targets)  # (B, r)
+        par = self.parent_of[nbr]  # (B, r)
+        log_parent = F.log_softmax(at_least_float32(outputs["parent_logits"]), dim=1).gather(1, par)
+        parent_term = -(q * log_parent).sum(dim=1)  # (B,)
+        sibling = par == true_parent  # (B, r); the true class itself always is one
+        q_sib = q * sibling
+        q_sib = q_sib / q_sib.sum(dim=1, keepdim=True)
+        log_child = F.log_softmax(at_least_float32(outputs["target_child_logits"][:, 0]), dim=1)
+        log_child = log_child.gather(1, self.slot_of[nbr]).masked_fill(~sibling, 0.0)
+        child_term = -(q_sib * log_child).sum(dim=1)  # (B,)
+        return ((parent_term + child_term) * sample_weights(self.class_weights, targets)).sum()
