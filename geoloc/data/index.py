@@ -10,6 +10,11 @@ inputs skips them, and the same manifest and config always give byte-identical f
 Cells with fewer than `min_images_per_class` train images do not become classes. Their images
 are not dropped: every image (any split) whose own cell is not a class is mapped to the class
 whose cell centre is nearest to its own cell's centre, with `remapped=True` in splits.parquet.
+
+Scale: the manifest is streamed in row groups (`geoloc.data.tables`) into images.parquet and
+again into splits.parquet; between them the build holds a few numpy values per image (H3 ids,
+split codes, labels) and the class table, never a Python object per image. Splits and classes
+are whole-array operations on integer H3 ids (`geoloc.data.splits`).
 """
 
 from __future__ import annotations
@@ -18,29 +23,44 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import h3
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from geoloc.atomic import file_sha256, write_json, write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
-from geoloc.data.cells import cell_centers, h3_columns, nearest
+from geoloc.data import tables
+from geoloc.data.cells import (
+    columns_from_finest,
+    from_strings,
+    latlng_to_cells_int,
+    parent_int,
+    to_strings,
+)
 from geoloc.data.ingest import read_processed_manifest
+from geoloc.data.splits import (
+    SPLITS,
+    ClassTable,
+    assign_splits,
+    group_codes,
+    make_classes,
+    map_to_classes,
+)
 from geoloc.data.state import StageState, maybe_fault, stable_hash
+from geoloc.data.tables import is_sorted, iter_frames, table_digest, write_frames
 from geoloc.errors import DataError, IndexMissingError
-from geoloc.geo.distance import unit_vectors
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)
 
 LABELS_VERSION = 1
 REMAP_POLICY = "nearest_kept_class"
-SPLITS = ("train", "val", "test")
 STAGES = ("images", "splits", "features")
 
 
@@ -61,13 +81,82 @@ class IndexReport:
 # ------------------------------------------------------------------------------------------
 
 
-def label_images(manifest: pd.DataFrame, cfg: IndexConfig) -> pd.DataFrame:
-    """images.parquet: the manifest (minus source_ref) plus `h3_r*` columns, sorted by id."""
-    cols = h3_columns(manifest["lat"].to_numpy(), manifest["lon"].to_numpy(), cfg.resolutions)
-    images = manifest.drop(columns=["source_ref"]).copy()
-    for name, values in cols.items():
-        images[name] = pd.array(values, dtype="str")
-    return images.sort_values("image_id", kind="stable").reset_index(drop=True)
+@dataclass
+class _Rows:
+    """Per-image values the split stage needs, gathered batch by batch in image order."""
+
+    finest: list[np.ndarray] = field(default_factory=list)  # uint64 cells at the finest res
+    image_ids: list[pa.Array] = field(default_factory=list)  # only for split=random/sequence
+    sequence_ids: list[pa.Array] = field(default_factory=list)  # only for split=sequence
+
+    def add(self, frame: pd.DataFrame, finest: np.ndarray, cfg: IndexConfig) -> None:
+        self.finest.append(finest)
+        if cfg.split != "geographic":
+            self.image_ids.append(pa.array(frame["image_id"].array, type=pa.string()))
+        if cfg.split == "sequence":
+            self.sequence_ids.append(pa.array(frame["sequence_id"].array, type=pa.string()))
+
+    def cells(self) -> np.ndarray:
+        return np.concatenate(self.finest) if self.finest else np.zeros(0, np.uint64)
+
+    def column(self, name: str) -> pa.ChunkedArray | None:
+        chunks = getattr(self, name)
+        return pa.chunked_array(chunks, type=pa.string()) if chunks else None
+
+
+def label_images(manifest: pd.DataFrame, cfg: IndexConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """(images rows, finest uint64 cells): the manifest minus source_ref plus `h3_r*` columns.
+
+    One H3 call per point at the finest resolution; the coarser columns are its parents.
+    """
+    finest_res = max(cfg.resolutions)
+    lat = manifest["lat"].to_numpy(dtype=np.float64)
+    lon = manifest["lon"].to_numpy(dtype=np.float64)
+    finest = latlng_to_cells_int(lat, lon, finest_res)
+    images = manifest.drop(columns=["source_ref"])
+    for name, values in columns_from_finest(finest, finest_res, cfg.resolutions).items():
+        images[name] = values
+    return images, finest
+
+
+def _manifest_frames(paths: DataPaths) -> Iterator[pd.DataFrame]:
+    """The processed manifest sorted by image_id, a batch at a time.
+
+    Ingest writes it sorted, so it streams; a manifest written otherwise is sorted in memory.
+    """
+    if is_sorted(paths.processed_manifest, "image_id"):
+        yield from iter_frames(paths.processed_manifest)
+        return
+    log.warning("%s is not sorted by image_id: sorting it in memory", paths.processed_manifest)
+    manifest = read_processed_manifest(paths)
+    manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
+    step = tables.BATCH_ROWS
+    for i in range(0, len(manifest), step):
+        yield manifest.iloc[i : i + step].reset_index(drop=True)
+
+
+def write_images(paths: DataPaths, cfg: IndexConfig) -> _Rows:
+    """Stream the manifest into images.parquet; return what the split stage needs."""
+    rows = _Rows()
+
+    def frames() -> Iterator[pd.DataFrame]:
+        for batch in _manifest_frames(paths):
+            images, finest = label_images(batch, cfg)
+            rows.add(images, finest, cfg)
+            yield images
+
+    write_frames(paths.images, frames())
+    return rows
+
+
+def read_images(paths: DataPaths, cfg: IndexConfig) -> _Rows:
+    """What the split stage needs, from an images.parquet built earlier."""
+    finest_col = f"h3_r{max(cfg.resolutions)}"
+    columns = [finest_col, "image_id", "sequence_id"]
+    rows = _Rows()
+    for frame in iter_frames(paths.images, columns=columns):
+        rows.add(frame, from_strings(frame[finest_col].array), cfg)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,114 +164,59 @@ def label_images(manifest: pd.DataFrame, cfg: IndexConfig) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------
 
 
-def split_groups(images: pd.DataFrame, cfg: IndexConfig) -> np.ndarray:
-    """The group of each image: groups never straddle splits."""
-    if cfg.split == "geographic":
-        return images[f"h3_r{cfg.split_resolution}"].to_numpy(dtype=object)
-    if cfg.split == "sequence":
-        seq = images["sequence_id"]
-        if seq.isna().all():
-            log.warning("split=sequence but no image has a sequence_id: splitting per image")
-        fallback = "img:" + images["image_id"].astype(str)
-        return ("seq:" + seq.astype(str)).where(seq.notna(), fallback).to_numpy(dtype=object)
-    return images["image_id"].to_numpy(dtype=object)
+@dataclass(frozen=True)
+class _Splits:
+    split: np.ndarray  # (N,) int8 codes into SPLITS
+    table: ClassTable
+    labels: np.ndarray  # (N,) int64 class index
+    remapped: np.ndarray  # (N,) bool
 
 
-def assign_splits(groups: np.ndarray, cfg: IndexConfig) -> np.ndarray:
-    """train/val/test per row: seeded shuffle of whole groups, filled test first, then val."""
-    uniq, inverse, counts = np.unique(groups.astype(str), return_inverse=True, return_counts=True)
-    order = np.random.default_rng(cfg.seed).permutation(len(uniq))
-    n = len(groups)
-    before = np.concatenate([[0], np.cumsum(counts[order])[:-1]])  # images placed before group
-    split_of_group = np.empty(len(uniq), dtype=object)
-    test_end = cfg.test_frac * n
-    val_end = (cfg.test_frac + cfg.val_frac) * n
-    split_of_group[order] = np.where(
-        before < test_end, "test", np.where(before < val_end, "val", "train")
+def make_splits(rows: _Rows, cfg: IndexConfig) -> _Splits:
+    """Split every image, choose the classes, label every image (own cell or nearest class)."""
+    finest = rows.cells()
+    finest_res = max(cfg.resolutions)
+    groups = group_codes(
+        cfg,
+        parent_int(finest, finest_res, cfg.split_resolution),
+        rows.column("image_ids"),
+        rows.column("sequence_ids"),
     )
-    return split_of_group[inverse.reshape(-1)]
+    split = assign_splits(groups, cfg)
+    cells = parent_int(finest, finest_res, cfg.resolution)
+    table = make_classes(cells, split, cfg)
+    labels, remapped = map_to_classes(cells, table)
+    return _Splits(split=split, table=table, labels=labels, remapped=remapped)
 
 
-# ------------------------------------------------------------------------------------------
-# classes
-# ------------------------------------------------------------------------------------------
+def write_splits(paths: DataPaths, result: _Splits) -> None:
+    """splits.parquet, one row per images.parquet row (same order), a batch at a time."""
+    names = np.array(SPLITS, dtype=object)
+
+    def frames() -> Iterator[pd.DataFrame]:
+        offset = 0
+        for ids in iter_frames(paths.images, columns=["image_id"]):
+            part = slice(offset, offset + len(ids))
+            offset += len(ids)
+            labels = result.labels[part]
+            yield pd.DataFrame(
+                {
+                    "image_id": ids["image_id"].astype("str"),
+                    "split": pd.array(names[result.split[part]], dtype="str"),
+                    "label": labels,
+                    "parent_label": result.table.parent_index[labels],
+                    "label_cell": to_strings(result.table.cells[labels]),
+                    "remapped": result.remapped[part],
+                }
+            )
+
+    write_frames(paths.splits, frames())
 
 
-def make_classes(
-    cells: pd.Series, split: np.ndarray, cfg: IndexConfig
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(classes, parents) for labels.json: kept cells sorted by cell id, parents likewise."""
-    train_counts = cells[split == "train"].value_counts()
-    kept = sorted(c for c, k in train_counts.items() if k >= cfg.min_images_per_class)
-    if not kept:
-        raise DataError(
-            f"no H3 r{cfg.resolution} cell has >= {cfg.min_images_per_class} train images "
-            f"({int((split == 'train').sum())} train images in {len(train_counts)} cells): "
-            f"lower min_images_per_class or use a coarser resolution"
-        )
-    parent_cells = [h3.cell_to_parent(c, cfg.parent_resolution) for c in kept]
-    parent_list = sorted(set(parent_cells))
-    parent_index = {c: i for i, c in enumerate(parent_list)}
-    lat, lon = cell_centers(kept)
-    plat, plon = cell_centers(parent_list)
-    classes = [
-        {
-            "index": i,
-            "cell": cell,
-            "parent": parent,
-            "parent_index": parent_index[parent],
-            "train_count": int(train_counts[cell]),
-            "lat": float(lat[i]),
-            "lon": float(lon[i]),
-        }
-        for i, (cell, parent) in enumerate(zip(kept, parent_cells, strict=True))
-    ]
-    parents = [
-        {"index": i, "cell": c, "lat": float(plat[i]), "lon": float(plon[i])}
-        for i, c in enumerate(parent_list)
-    ]
-    return classes, parents
-
-
-def map_to_classes(
-    cells: pd.Series, classes: list[dict[str, Any]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(label, remapped) per image: its own cell's class, else the nearest kept class."""
-    index = {c["cell"]: c["index"] for c in classes}
-    uniq = sorted(set(cells))
-    missing = [c for c in uniq if c not in index]
-    lookup = dict(index)
-    if missing:
-        targets = unit_vectors(
-            np.array([c["lat"] for c in classes]), np.array([c["lon"] for c in classes])
-        )
-        mlat, mlon = cell_centers(missing)
-        near = nearest(unit_vectors(mlat, mlon), targets)
-        lookup.update({c: int(classes[j]["index"]) for c, j in zip(missing, near, strict=True)})
-    labels = cells.map(lookup).to_numpy(dtype=np.int64)
-    remapped = ~cells.isin(index.keys()).to_numpy()
-    return labels, remapped
-
-
-def make_splits(images: pd.DataFrame, cfg: IndexConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """(splits.parquet frame, labels.json document without fingerprint)."""
-    split = assign_splits(split_groups(images, cfg), cfg)
-    cells = images[f"h3_r{cfg.resolution}"].astype(str)
-    classes, parents = make_classes(cells, split, cfg)
-    labels, remapped = map_to_classes(cells, classes)
-    parent_of = np.array([c["parent_index"] for c in classes], dtype=np.int64)
-    cell_of = np.array([c["cell"] for c in classes], dtype=object)
-    splits = pd.DataFrame(
-        {
-            "image_id": images["image_id"].astype("str"),
-            "split": pd.array(split, dtype="str"),
-            "label": labels,
-            "parent_label": parent_of[labels],
-            "label_cell": pd.array(cell_of[labels], dtype="str"),
-            "remapped": remapped,
-        }
-    )
-    doc = {
+def labels_document(result: _Splits, cfg: IndexConfig) -> dict[str, Any]:
+    """labels.json without its fingerprint."""
+    classes, parents = result.table.documents()
+    return {
         "version": LABELS_VERSION,
         "resolution": cfg.resolution,
         "parent_resolution": cfg.parent_resolution,
@@ -195,12 +229,16 @@ def make_splits(images: pd.DataFrame, cfg: IndexConfig) -> tuple[pd.DataFrame, d
             "strategy": cfg.split,
             "split_resolution": cfg.split_resolution,
             "seed": cfg.seed,
-            "counts": {s: int((split == s).sum()) for s in SPLITS},
+            "counts": _split_counts(result.split),
         },
         "classes": classes,
         "parents": parents,
     }
-    return splits, doc
+
+
+def _split_counts(split: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(split, minlength=len(SPLITS))
+    return {name: int(counts[i]) for i, name in enumerate(SPLITS)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,19 +246,12 @@ def make_splits(images: pd.DataFrame, cfg: IndexConfig) -> tuple[pd.DataFrame, d
 # ------------------------------------------------------------------------------------------
 
 
-def _frame_digest(df: pd.DataFrame) -> bytes:
-    """Content hash of a frame (names, dtypes, values), independent of the parquet writer."""
-    h = hashlib.sha256()
-    h.update(json.dumps([[c, str(t)] for c, t in df.dtypes.items()]).encode())
-    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
-    return h.digest()
-
-
-def compute_fingerprint(images: pd.DataFrame, splits: pd.DataFrame, doc: dict[str, Any]) -> str:
+def compute_fingerprint(images: bytes, splits: bytes, doc: dict[str, Any]) -> str:
+    """sha256 of the images and splits contents (`frame_digest`s) and labels.json's body."""
     body = {k: v for k, v in doc.items() if k != "fingerprint"}
     h = hashlib.sha256()
-    h.update(_frame_digest(images))
-    h.update(_frame_digest(splits))
+    h.update(images)
+    h.update(splits)
     h.update(json.dumps(body, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -238,7 +269,7 @@ def read_labels(paths: DataPaths) -> dict[str, Any]:
 def index_fingerprint(paths: DataPaths) -> str:
     """The fingerprint of the index on disk (recomputed from its files, not read back)."""
     doc = read_labels(paths)
-    return compute_fingerprint(pd.read_parquet(paths.images), pd.read_parquet(paths.splits), doc)
+    return compute_fingerprint(table_digest(paths.images), table_digest(paths.splits), doc)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,8 +303,7 @@ def build_index(
     `on_stage(name)` is called after each stage is committed (tests inject interruptions here).
     """
     t0 = time.perf_counter()
-    manifest = read_processed_manifest(paths)
-    if not len(manifest):
+    if not paths.processed_manifest.is_file() or not _num_rows(paths.processed_manifest):
         raise IndexMissingError(
             f"no processed images in {paths.processed_manifest}: run `geoloc data demo` and "
             f"`geoloc data ingest demo` (or ingest your own source) first"
@@ -297,24 +327,26 @@ def build_index(
             on_stage(stage)
         maybe_fault("index", len(doc["done"]))
 
+    rows: _Rows | None = None
     if _stage_done(doc, "images", stage_files["images"]):
         skipped.append("images")
-        images = pd.read_parquet(paths.images)
     else:
-        images = label_images(manifest, cfg)
-        write_parquet(paths.images, images)
-        images = pd.read_parquet(paths.images)
+        rows = write_images(paths, cfg)
         commit("images")
 
     if _stage_done(doc, "splits", stage_files["splits"]):
         skipped.append("splits")
-        splits = pd.read_parquet(paths.splits)
         labels = read_labels(paths)
+        split_counts, n_remapped = _splits_summary(paths)
     else:
-        splits, labels = make_splits(images, cfg)
-        write_parquet(paths.splits, splits)
-        splits = pd.read_parquet(paths.splits)
-        labels["fingerprint"] = compute_fingerprint(images, splits, labels)
+        result = make_splits(rows if rows is not None else read_images(paths, cfg), cfg)
+        rows = None  # the per-image ids are no longer needed
+        write_splits(paths, result)
+        labels = labels_document(result, cfg)
+        split_counts, n_remapped = _split_counts(result.split), int(result.remapped.sum())
+        del result
+        images_digest, splits_digest = table_digest(paths.images), table_digest(paths.splits)
+        labels["fingerprint"] = compute_fingerprint(images_digest, splits_digest, labels)
         write_json(paths.labels, labels)
         commit("splits")
 
@@ -331,14 +363,29 @@ def build_index(
         write_parquet(paths.rejects, R.empty_rejects())
 
     report = IndexReport(
-        n_images=len(images),
+        n_images=_num_rows(paths.images),
         n_classes=len(labels["classes"]),
         n_parents=len(labels["parents"]),
-        n_remapped=int(splits["remapped"].sum()),
-        split_counts={s: int((splits["split"] == s).sum()) for s in SPLITS},
+        n_remapped=n_remapped,
+        split_counts=split_counts,
         fingerprint=labels["fingerprint"],
         skipped_stages=skipped,
         seconds=time.perf_counter() - t0,
     )
     log.info("index: %s", report)
     return report
+
+
+def _num_rows(path: Any) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _splits_summary(paths: DataPaths) -> tuple[dict[str, int], int]:
+    """(split counts, remapped images) of a splits.parquet built earlier."""
+    counts = dict.fromkeys(SPLITS, 0)
+    remapped = 0
+    for frame in iter_frames(paths.splits, columns=["split", "remapped"]):
+        for name, n in frame["split"].value_counts().items():
+            counts[name] += int(n)
+        remapped += int(frame["remapped"].sum())
+    return counts, remapped
