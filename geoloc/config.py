@@ -238,6 +238,12 @@ class RerankConfig(_Strict):
     top_k: int = Field(10, ge=1, description="Model top-k cells the votes are blended into.")
     refine: bool = Field(True, description="Refine the coordinate from in-cell neighbours.")
     coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Conformal set coverage.")
+    conformal: Literal["auto", "lac", "aps", "raps"] = Field(
+        "auto", description="Conformal cell-set score; auto: the smallest sets on val."
+    )
+    radius_coverage: float = Field(
+        0.9, gt=0.0, lt=1.0, description="Share of truths the per-image error radius holds."
+    )
     index: Literal["auto", "faiss", "brute"] = Field("auto", description="Neighbour search.")
 
 

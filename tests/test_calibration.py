@@ -9,13 +9,16 @@ import pytest
 
 from geoloc.errors import GeolocError
 from geoloc.infer.calibration import (
+    Calibration,
     ConformalSets,
     apply_temperature,
     calibration_metrics,
+    choose_conformal,
     conformal_scores,
     conformal_sets,
     conformal_threshold,
     fit_conformal,
+    fit_scaling,
     fit_temperature,
     log_probs,
     top1_ece,
@@ -57,7 +60,7 @@ def test_temperature_of_log_probabilities_equals_that_of_logits() -> None:
     )
 
 
-@pytest.mark.parametrize("method", ["lac", "aps"])
+@pytest.mark.parametrize("method", ["lac", "aps", "raps"])
 @pytest.mark.parametrize("coverage", [0.8, 0.9])
 def test_conformal_sets_reach_the_coverage_on_exchangeable_data(
     method: str, coverage: float
@@ -65,7 +68,7 @@ def test_conformal_sets_reach_the_coverage_on_exchangeable_data(
     logits, labels = calibrated_task(6000, 30, sharpness=1.5, seed=2)
     probs = apply_temperature(logits, 1.0)
     cal, test = slice(0, 3000), slice(3000, 6000)
-    sets = fit_conformal(probs[cal], labels[cal], coverage, method)  # type: ignore[arg-type]
+    sets = fit_conformal(probs[cal], labels[cal], coverage, method, 2, 0.01)  # type: ignore[arg-type]
     result = sets.evaluate(probs[test], labels[test])
     assert result["coverage"] >= coverage - 0.02
     assert result["coverage"] <= coverage + 0.05, "not trivially full sets"
@@ -97,10 +100,10 @@ def test_lac_sets_are_no_larger_than_aps_sets_on_average() -> None:
 def test_sets_contain_the_true_label_exactly_when_its_score_is_under_the_threshold() -> None:
     logits, labels = calibrated_task(500, 10, sharpness=1.0, seed=5)
     probs = apply_temperature(logits, 1.0)
-    for method in ("lac", "aps"):
+    for method in ("lac", "aps", "raps"):
         thr = 0.7
-        member = conformal_sets(probs, thr, method)  # type: ignore[arg-type]
-        scores = conformal_scores(probs, labels, method)  # type: ignore[arg-type]
+        member = conformal_sets(probs, thr, method, 2, 0.05)  # type: ignore[arg-type]
+        scores = conformal_scores(probs, labels, method, 2, 0.05)  # type: ignore[arg-type]
         top1 = probs.argmax(axis=1) == labels
         inside = member[np.arange(500), labels]
         np.testing.assert_array_equal(inside, (scores <= thr) | top1)
@@ -143,3 +146,79 @@ def test_top_label_temperature_survives_hard_zeros_that_mislead_nll() -> None:
     )
     with pytest.raises(GeolocError, match="objective"):
         fit_temperature(z, labels, "brier")  # type: ignore[arg-type]
+
+
+def test_the_raps_penalty_keeps_sets_small_where_aps_grows_through_a_flat_tail() -> None:
+    logits, labels = calibrated_task(4000, 100, sharpness=1.0, seed=8)
+    probs = apply_temperature(logits, 1.0)
+    cal, test = slice(0, 2000), slice(2000, 4000)
+    aps = fit_conformal(probs[cal], labels[cal], 0.9, "aps").evaluate(probs[test], labels[test])
+    raps = fit_conformal(probs[cal], labels[cal], 0.9, "raps", 2, 0.02).evaluate(
+        probs[test], labels[test]
+    )
+    assert raps["set_size"] < aps["set_size"]
+    assert raps["coverage"] >= 0.88
+    chosen = choose_conformal(probs[cal], labels[cal], 0.9)
+    assert chosen.n_calibration == 2000 and chosen.coverage == 0.9
+    assert chosen.evaluate(probs[test], labels[test])["coverage"] >= 0.88
+    assert ConformalSets.from_dict(chosen.to_dict()) == chosen
+
+
+def one_hot_vote_task(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(votes, model, labels): a calibrated model, and neighbour votes that are one-hot on most
+    rows (right 60% of the time, else on a cell drawn from the model), split 0.7/0.3 on a few,
+    like a gated rerank with weight 1 and a tiny vote temperature."""
+    logits, labels = calibrated_task(n, k, sharpness=1.5, seed=seed)
+    model = apply_temperature(logits, 1.0)
+    rng = np.random.default_rng(seed + 100)
+
+    def vote() -> np.ndarray:
+        drawn = (model.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+        return np.where(rng.random(n) < 0.6, labels, drawn)
+
+    first, second = vote(), vote()
+    split = rng.random(n) < 0.3
+    votes = np.zeros_like(model)
+    votes[np.arange(n), first] += np.where(split, 0.7, 1.0)
+    votes[np.arange(n), second] += np.where(split, 0.3, 0.0)
+    return votes, model, labels
+
+
+def _confidence_and_set_size(cal: Calibration, votes, model, labels):  # type: ignore[no-untyped-def]
+    val, test = slice(0, 2000), slice(2000, None)
+    m = (None, None) if model is None else (model[val], model[test])
+    sets = fit_conformal(cal.apply(votes[val], m[0]), labels[val], 0.9)
+    probs = cal.apply(votes[test], m[1])
+    return probs.max(axis=1), sets.sets(probs).sum(axis=1), sets.evaluate(probs, labels[test])
+
+
+def test_one_hot_votes_keep_informative_sets_at_high_confidence() -> None:
+    votes, model, labels = one_hot_vote_task(4000, 60, seed=0)
+    # the defect: floored one-hot scores, temperature-scaled, tie every other cell, and the
+    # most confident rows get a set of every cell
+    floored = Calibration(fit_temperature(log_probs(votes[:2000]), labels[:2000]), 0.0)
+    conf, size, _ = _confidence_and_set_size(floored, votes, None, labels)
+    assert size[conf >= 0.5].max() == 60, "the fixture reproduces the defect"
+
+    # the fix: the model's distribution mixed back in, smoothing and temperature fitted on val
+    cal = fit_scaling(votes[:2000], labels[:2000], model[:2000])
+    assert cal.smoothing > 0
+    conf, size, result = _confidence_and_set_size(cal, votes, model, labels)
+    assert (conf >= 0.5).any()
+    assert size[conf >= 0.5].max() <= 30, "no confident row gets half the cells or more"
+    assert 0.87 <= result["coverage"] <= 0.93
+    # more confident -> smaller (or equal) sets, on average
+    quartiles = np.array_split(np.argsort(conf), 4)
+    assert size[quartiles[-1]].mean() <= size[quartiles[0]].mean()
+    assert np.corrcoef(conf, size)[0, 1] < 0
+
+
+def test_without_a_model_distribution_calibration_is_plain_temperature_scaling() -> None:
+    logits, labels = calibrated_task(2000, 20, sharpness=1.5, seed=9)
+    probs = apply_temperature(3.0 * logits, 1.0)
+    cal = fit_scaling(probs, labels)
+    assert cal.smoothing == 0.0 and cal.temperature == pytest.approx(3.0, rel=0.2)
+    np.testing.assert_allclose(
+        cal.apply(probs), apply_temperature(log_probs(probs), cal.temperature)
+    )
+    assert Calibration.from_dict(cal.to_dict()) == cal

@@ -12,7 +12,7 @@ from fixtures.rerank_data import synthetic_task
 
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace
-from geoloc.infer.evaluation import evaluate_rerank
+from geoloc.infer.evaluation import evaluate_rerank, variants_for
 from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.rerank import (
     VARIANTS,
@@ -91,6 +91,31 @@ def test_gated_rerank_cuts_the_tail_neighbours_can_see(evaluated) -> None:  # ty
     assert test.loc["gated", "median_km"] <= 1.02 * test.loc["base", "median_km"]
     assert test.loc["gated+refined", "median_km"] < test.loc["gated", "median_km"]
     assert params.best_variant in VARIANTS and params.best_variant != "base"
+
+
+def test_min_risk_decodes_the_calibrated_gated_distribution(task, evaluated) -> None:  # type: ignore[no-untyped-def]
+    ls, outs = task
+    params, tables = evaluated
+    assert params.min_risk_candidates in (2, 3, 5, 10, 20, 50)
+    variants = variants_for(outs["test"], outs["train"].to_gallery(), ls, params)
+    calibrated = params.calibrated("gated", variants["gated"])
+    expected = min_risk_cells(calibrated, ls, params.min_risk_candidates)
+    np.testing.assert_array_equal(variants["min_risk"].pred, expected)
+    # the same calibrated distribution: its sets and radius are fitted like any variant's
+    assert params.calibration["min_risk"] == params.calibration["gated"]
+    assert params.calibration["gated"].smoothing > 0, "votes are never calibrated unmixed"
+    assert "min_risk" in params.radius and "min_risk" in params.conformal
+
+
+def test_radius_and_sets_hold_their_coverage_on_exchangeable_val_and_test(evaluated) -> None:  # type: ignore[no-untyped-def]
+    params, tables = evaluated
+    test = tables["test"].set_index("variant")
+    for variant in VARIANTS:
+        assert 0.84 <= test.loc[variant, "radius_coverage"] <= 0.97, variant
+        assert test.loc[variant, "radius_median_km"] > 0
+        assert 0.84 <= test.loc[variant, "coverage"] <= 1.0, variant
+    # the reranked answers are sharper, so their radius is smaller than the model's alone
+    assert test.loc["gated+refined", "radius_median_km"] < test.loc["base", "radius_median_km"]
 
 
 def test_a_closed_gate_changes_nothing(task) -> None:  # type: ignore[no-untyped-def]
@@ -209,6 +234,24 @@ def test_geoloc_rerank_writes_the_table_params_gallery_and_summary(reranked_run:
     params = RerankParams.load(paths.data / "rerank_params.json")
     assert params.best_variant == best
     assert (paths.data / "gallery.npz").is_file()
+    metrics = summary["rerank"]["metrics"]
+    assert 0.0 <= metrics["radius_coverage"] <= 1.0 and metrics["radius_median_km"] > 0
+    answers = pd.read_parquet(paths.rerank_test_predictions)
+    assert len(answers) == summary["dataset"].get("test_images", len(answers))
+    assert (answers["variant"] == best).all()
+    assert answers["within_radius"].mean() == pytest.approx(metrics["radius_coverage"])
+    assert np.median(answers["radius_km"]) == pytest.approx(metrics["radius_median_km"])
+
+
+def test_rerank_params_written_before_radii_still_load(evaluated, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    params, _ = evaluated
+    old = params.to_dict()
+    for key in ("calibration", "radius", "min_risk_candidates"):
+        old.pop(key)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    back = RerankParams.load(tmp_path / "old.json")
+    assert back.temperatures == params.temperatures and back.radius == {}
+    assert all(c.smoothing == 0.0 for c in back.calibration.values())
 
 
 def test_base_row_matches_the_test_metrics_training_recorded(reranked_run: Path) -> None:

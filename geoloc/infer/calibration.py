@@ -11,8 +11,17 @@
   probability is at least `1 - threshold`. Under exchangeability of val and test the set contains
   the true cell with probability >= 1 - alpha, and among sets with that guarantee LAC gives the
   smallest expected size — what the issue asks for. APS (adaptive, cumulative-mass score) is
-  available too (`method="aps"`): larger sets, but coverage that adapts to how hard an image is.
+  available too (`method="aps"`): larger sets, but coverage that adapts to how hard an image is,
+  and RAPS (Angelopoulos et al. 2021, `method="raps"`): APS plus `penalty` per rank beyond
+  `k_reg`, which stops sets from growing through a long tail of tiny probabilities.
+  `choose_conformal` picks the method (and RAPS's k_reg/penalty) with the smallest sets on val,
+  cross-fitted over two halves so the choice is not judged on the images that set its threshold.
   Sets always contain the top-1 cell, so no image gets an empty answer (coverage only rises).
+- `Calibration`: what a rerank variant's scores go through before temperature scaling. A variant
+  built from neighbour votes can be nearly one-hot; flooring its zeros and scaling would give
+  every such row the same probability and tie all other cells (the confident rows then get the
+  largest sets). So the variant's scores are first mixed with the model's own distribution
+  (`smoothing`, chosen on val by NLL), which keeps the model's ranking below the votes' choice.
 """
 
 from __future__ import annotations
@@ -29,23 +38,29 @@ from geoloc.errors import GeolocError
 from geoloc.geo.metrics import expected_calibration_error
 
 __all__ = [
+    "SMOOTHING_GRID",
+    "Calibration",
     "ConformalMethod",
     "ConformalSets",
     "TemperatureObjective",
     "apply_temperature",
     "calibration_metrics",
+    "choose_conformal",
+    "conformal_quantile",
     "conformal_scores",
     "conformal_sets",
     "conformal_threshold",
     "fit_conformal",
+    "fit_scaling",
     "fit_temperature",
+    "nll",
     "log_probs",
     "top1_ece",
 ]
 
 log = logging.getLogger(__name__)
 
-ConformalMethod = Literal["lac", "aps"]
+ConformalMethod = Literal["lac", "aps", "raps"]
 TemperatureObjective = Literal["nll", "top_label"]
 _EPS = 1e-12
 
@@ -121,6 +136,77 @@ def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
     return torch.softmax(z / temperature, dim=1).numpy()
 
 
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (probabilities floored at 1e-12)."""
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if y.size == 0:
+        return float("nan")
+    p_true = np.asarray(probs, dtype=np.float64)[np.arange(y.size), y]
+    return float(-np.log(np.clip(p_true, _EPS, None)).mean())
+
+
+SMOOTHING_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+"""Shares of the model's distribution `fit_scaling` tries (never 0: see `Calibration`)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Scores -> calibrated probabilities: mix in the model's distribution, then a temperature.
+
+    `apply(scores, model)` = softmax(log((1 - smoothing) * scores + smoothing * model) / T).
+    With `model` given (variants built from neighbour votes) the mixture has no zeros the model
+    does not have, so near one-hot votes keep the model's ranking of every other cell instead
+    of a floor that ties them; without it (base, prior) this is plain temperature scaling.
+    """
+
+    temperature: float = 1.0
+    smoothing: float = 0.0  # share of the model's distribution in the mixture
+
+    def mixed(self, scores: np.ndarray, model: np.ndarray | None = None) -> np.ndarray:
+        """(N, K) the mixture before the temperature."""
+        if model is None or self.smoothing <= 0.0:
+            return np.asarray(scores, dtype=np.float64)
+        return (1.0 - self.smoothing) * scores + self.smoothing * model
+
+    def apply(self, scores: np.ndarray, model: np.ndarray | None = None) -> np.ndarray:
+        """(N, K) calibrated probabilities."""
+        return apply_temperature(log_probs(self.mixed(scores, model)), self.temperature)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(float(d.get("temperature", 1.0)), float(d.get("smoothing", 0.0)))
+
+
+def fit_scaling(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    model: np.ndarray | None = None,
+    smoothing_grid: tuple[float, ...] = SMOOTHING_GRID,
+) -> Calibration:
+    """The `Calibration` of a variant's scores, fitted on (val) labels.
+
+    With `model`: the smoothing with the lowest val NLL (each at its NLL temperature). Then the
+    temperature is fitted for NLL and for top-label log loss, and the one with the lower val
+    ECE is kept (hierarchical masking makes NLL over-soften; see `fit_temperature`).
+    """
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    smoothing = 0.0
+    if model is not None and y.size:
+        best = math.inf
+        for lam in smoothing_grid:
+            z = log_probs(Calibration(1.0, lam).mixed(scores, model))
+            loss = nll(apply_temperature(z, fit_temperature(z, y, "nll")), y)
+            if loss < best - 1e-12:
+                smoothing, best = lam, loss
+    z = log_probs(Calibration(1.0, smoothing).mixed(scores, model))
+    temps = [fit_temperature(z, y, obj) for obj in ("nll", "top_label")]
+    t = min(temps, key=lambda t: top1_ece(apply_temperature(z, t), y))
+    return Calibration(t, smoothing)
+
+
 def top1_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """ECE of the top-1 probability against top-1 correctness (`geoloc.geo.metrics`)."""
     p = np.asarray(probs)
@@ -133,7 +219,24 @@ def top1_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def conformal_scores(probs: np.ndarray, labels: np.ndarray, method: ConformalMethod) -> np.ndarray:
+def _sorted_desc(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, sorted probabilities) per row, most likely first; ties keep the class order."""
+    order = np.argsort(-p, axis=1, kind="stable")
+    return order, np.take_along_axis(p, order, axis=1)
+
+
+def _rank_penalty(ranks: np.ndarray, k_reg: int, penalty: float) -> np.ndarray:
+    """RAPS's size penalty for 1-based ranks: `penalty` per rank beyond `k_reg`."""
+    return penalty * np.maximum(ranks - k_reg, 0)
+
+
+def conformal_scores(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    method: ConformalMethod,
+    k_reg: int = 0,
+    penalty: float = 0.0,
+) -> np.ndarray:
     """(N,) nonconformity of each true label: higher means the model found it less likely."""
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -143,50 +246,72 @@ def conformal_scores(probs: np.ndarray, labels: np.ndarray, method: ConformalMet
     if method == "aps":
         # mass of every class at least as likely as the true one (the true one included)
         return np.sum(np.where(p >= p_true[:, None], p, 0.0), axis=1)
-    raise GeolocError(f"unknown conformal method '{method}'; valid: lac, aps")
+    if method == "raps":
+        # mass down to the true class's rank in the stable order, plus the rank penalty
+        order, sorted_p = _sorted_desc(p)
+        rank = np.argmax(order == y[:, None], axis=1)  # 0-based
+        cum = np.cumsum(sorted_p, axis=1)[np.arange(len(y)), rank]
+        return cum + _rank_penalty(rank + 1, k_reg, penalty)
+    raise GeolocError(f"unknown conformal method '{method}'; valid: lac, aps, raps")
 
 
-def conformal_threshold(
-    probs: np.ndarray, labels: np.ndarray, coverage: float, method: ConformalMethod = "lac"
-) -> float:
-    """The split-conformal quantile of the calibration scores for coverage 1 - alpha.
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The split-conformal quantile of calibration scores for coverage 1 - alpha.
 
-    With n calibration images the level is ceil((n+1) * coverage) / n; above 1 (too few images
-    for the coverage asked) the threshold is +inf: every cell goes into every set.
+    With n calibration scores the level is ceil((n+1) * coverage) / n; above 1 (too few scores
+    for the coverage asked) the quantile is +inf. Shared by cell sets and the error radius.
     """
     if not 0.0 < coverage < 1.0:
         raise GeolocError(f"coverage must be in (0, 1), got {coverage}")
-    scores = conformal_scores(probs, labels, method)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     n = scores.size
     if n == 0:
         return math.inf
     level = math.ceil((n + 1) * coverage) / n
     if level > 1.0:
-        log.warning("%d calibration images are too few for coverage %.3f: full sets", n, coverage)
+        log.warning("%d calibration images are too few for coverage %.3f", n, coverage)
         return math.inf
     return float(np.quantile(scores, level, method="higher"))
 
 
+def conformal_threshold(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    coverage: float,
+    method: ConformalMethod = "lac",
+    k_reg: int = 0,
+    penalty: float = 0.0,
+) -> float:
+    """The conformal quantile of the calibration scores; +inf (full sets) with too few images."""
+    if not 0.0 < coverage < 1.0:
+        raise GeolocError(f"coverage must be in (0, 1), got {coverage}")
+    return conformal_quantile(conformal_scores(probs, labels, method, k_reg, penalty), coverage)
+
+
 def conformal_sets(
-    probs: np.ndarray, threshold: float, method: ConformalMethod = "lac"
+    probs: np.ndarray,
+    threshold: float,
+    method: ConformalMethod = "lac",
+    k_reg: int = 0,
+    penalty: float = 0.0,
 ) -> np.ndarray:
     """(N, K) bool: which cells are in each image's set (the top-1 cell always is)."""
     p = np.asarray(probs, dtype=np.float64)
     if method == "lac":
         member = p >= 1.0 - threshold
-    elif method == "aps":
-        # a class is in when the mass of classes at least as likely (itself included) <= threshold;
-        # sorting once per row gives that mass for every class
-        order = np.argsort(-p, axis=1, kind="stable")
-        sorted_p = np.take_along_axis(p, order, axis=1)
+    elif method in ("aps", "raps"):
+        # a class is in when its (penalised) cumulative mass <= threshold; one sort per row
+        order, sorted_p = _sorted_desc(p)
         cum = np.cumsum(sorted_p, axis=1)
-        # ties share the mass of the whole tie group, as in `conformal_scores`
-        last_of_tie = _tie_group_end(sorted_p)
-        cum = np.take_along_axis(cum, last_of_tie, axis=1)
+        if method == "aps":
+            # ties share the mass of the whole tie group, as in `conformal_scores`
+            cum = np.take_along_axis(cum, _tie_group_end(sorted_p), axis=1)
+        else:
+            cum = cum + _rank_penalty(np.arange(1, p.shape[1] + 1)[None, :], k_reg, penalty)
         member = np.zeros_like(p, dtype=bool)
         np.put_along_axis(member, order, cum <= threshold, axis=1)
     else:
-        raise GeolocError(f"unknown conformal method '{method}'; valid: lac, aps")
+        raise GeolocError(f"unknown conformal method '{method}'; valid: lac, aps, raps")
     if p.shape[0]:
         member[np.arange(p.shape[0]), p.argmax(axis=1)] = True
     return member
@@ -210,10 +335,12 @@ class ConformalSets:
     coverage: float  # the target 1 - alpha
     threshold: float  # the calibrated score quantile (inf: full sets)
     n_calibration: int
+    k_reg: int = 0  # RAPS: ranks free of the size penalty
+    penalty: float = 0.0  # RAPS: score added per rank beyond k_reg
 
     def sets(self, probs: np.ndarray) -> np.ndarray:
         """(N, K) bool membership."""
-        return conformal_sets(probs, self.threshold, self.method)
+        return conformal_sets(probs, self.threshold, self.method, self.k_reg, self.penalty)
 
     def evaluate(self, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Empirical `coverage` and mean `set_size` on held-out (test) images."""
@@ -239,15 +366,66 @@ class ConformalSets:
             coverage=float(d["coverage"]),
             threshold=math.inf if thr is None else float(thr),
             n_calibration=int(d.get("n_calibration", 0)),
+            k_reg=int(d.get("k_reg", 0)),
+            penalty=float(d.get("penalty", 0.0)),
         )
 
 
 def fit_conformal(
-    probs: np.ndarray, labels: np.ndarray, coverage: float, method: ConformalMethod = "lac"
+    probs: np.ndarray,
+    labels: np.ndarray,
+    coverage: float,
+    method: ConformalMethod = "lac",
+    k_reg: int = 0,
+    penalty: float = 0.0,
 ) -> ConformalSets:
     """Calibrate on val: the threshold for sets that hold the true cell `coverage` of the time."""
-    thr = conformal_threshold(probs, labels, coverage, method)
-    return ConformalSets(method, float(coverage), thr, int(np.asarray(labels).size))
+    thr = conformal_threshold(probs, labels, coverage, method, k_reg, penalty)
+    n = int(np.asarray(labels).size)
+    return ConformalSets(method, float(coverage), thr, n, int(k_reg), float(penalty))
+
+
+RAPS_GRID: tuple[tuple[int, float], ...] = tuple(
+    (k, lam) for k in (1, 2, 5, 10) for lam in (0.001, 0.01, 0.1)
+)
+"""(k_reg, penalty) pairs `choose_conformal` tries for RAPS."""
+
+
+def choose_conformal(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    coverage: float,
+    methods: tuple[ConformalMethod, ...] = ("lac", "aps", "raps"),
+    seed: int = 0,
+) -> ConformalSets:
+    """The conformal method with the smallest mean set on val, fitted on all of val.
+
+    Each candidate (LAC, APS, RAPS x `RAPS_GRID`) is judged cross-fitted: the threshold from one
+    half of val, the mean set size on the other, both ways. Ties go to the earlier candidate
+    (LAC first: it is the simplest). Fewer than 40 images: LAC without a choice.
+    """
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    candidates: list[tuple[ConformalMethod, int, float]] = []
+    for m in methods:
+        if m not in ("lac", "aps", "raps"):
+            raise GeolocError(f"unknown conformal method '{m}'; valid: lac, aps, raps")
+        candidates += [(m, k, lam) for k, lam in RAPS_GRID] if m == "raps" else [(m, 0, 0.0)]
+    if y.size < 40 or len(candidates) == 1:
+        m, k, lam = candidates[0] if len(candidates) == 1 else ("lac", 0, 0.0)
+        return fit_conformal(probs, y, coverage, m, k, lam)
+    perm = np.random.default_rng(seed).permutation(y.size)
+    halves = (perm[: y.size // 2], perm[y.size // 2 :])
+    best, best_size = candidates[0], math.inf
+    for m, k, lam in candidates:
+        size = 0.0
+        for a, b in (halves, halves[::-1]):
+            thr = conformal_threshold(probs[a], y[a], coverage, m, k, lam)
+            size += conformal_sets(probs[b], thr, m, k, lam).sum(axis=1).mean() / 2
+        if size < best_size - 1e-9:
+            best, best_size = (m, k, lam), size
+    log.info("conformal sets: %s (k_reg %d, penalty %g) chosen on val, cross-fitted mean size %.1f",
+             *best, best_size)  # fmt: skip
+    return fit_conformal(probs, y, coverage, *best)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ One pass of the run's best model over train, val and test (`geoloc.infer.outputs
 train gallery, every parameter chosen on val (`geoloc.infer.tuning`), then all variants evaluated
 on val and test. The tables go to `artifacts/tables/rerank_eval.csv` (test) and
 `rerank_eval_val.csv`; every chosen parameter goes to `artifacts/data/rerank_params.json`, which
-`geoloc predict` reuses; the best variant on val goes to `summary.json` with its test numbers.
+`geoloc predict` reuses; the best variant on val goes to `summary.json` with its test numbers, and
+its per-image test answers (point, error, calibrated probability, error radius, set size) to
+`artifacts/data/rerank_test_predictions.parquet` (the dashboard's radius circles).
 Reporting is not done here: the composer writes the report once the run's artifacts are in.
 """
 
@@ -17,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geoloc.atomic import file_sha256, write_text
+from geoloc.atomic import atomic_path, file_sha256, write_text
 from geoloc.config import RerankConfig
-from geoloc.geo import LabelSpace
+from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
 from geoloc.infer.rerank import (
     Neighbours,
     RerankParams,
+    VariantOutput,
     class_log_prior,
     land_fraction_for,
     run_variants,
@@ -44,11 +47,13 @@ from geoloc.runs.layout import RunPaths
 
 __all__ = [
     "RerankResult",
+    "answer_table",
     "evaluate_rerank",
     "gallery_path",
     "params_path",
     "rerank_run",
     "val_table_path",
+    "variants_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,27 +107,53 @@ def evaluate_rerank(
         hier_topk_parents, k_table = choose_topk_parents(outs["val"], label_space)
         log.info("factorised head: children of the top %d parents kept (chosen on val)\n%s",
                  hier_topk_parents, k_table.to_string(index=False))  # fmt: skip
-    probs = {
-        s: base_probs(outs[s].head_arrays(), label_space, hier_topk_parents)
-        for s in ("val", "test")
-    }
-    nbrs = {
-        s: Neighbours.search(gallery, outs[s].embeddings, k_search, kind=cfg.index)
-        for s in ("val", "test")
-    }
+    val = outs["val"]
+    probs = base_probs(val.head_arrays(), label_space, hier_topk_parents)
+    nbrs = Neighbours.search(gallery, val.embeddings, k_search, kind=cfg.index)
     params = RerankParams(
         log_prior=class_log_prior(label_space, cfg.prior_alpha, land_fraction),
         hier_topk_parents=hier_topk_parents,
         neighbours=k_search,
         index=cfg.index,
     )
-    params = tune(params, probs["val"], nbrs["val"], outs["val"], label_space, cfg, grid, progress)
+    params = tune(params, probs, nbrs, val, label_space, cfg, grid, progress)
     tables = {
-        s: evaluation_table(run_variants(probs[s], nbrs[s], label_space, params), outs[s], params)
+        s: evaluation_table(
+            variants_for(outs[s], gallery, label_space, params), outs[s], params, label_space
+        )  # fmt: skip
         for s in ("val", "test")
     }
     params.best_variant = choose_best_variant(tables["val"])
     return params, tables
+
+
+def variants_for(
+    out: SplitOutputs, gallery: Gallery, label_space: LabelSpace, params: RerankParams
+) -> dict[str, VariantOutput]:
+    """Every variant's answer for the images of `out`, with parameters chosen on val."""
+    probs = base_probs(out.head_arrays(), label_space, params.hier_topk_parents)
+    k = min(params.neighbours, len(gallery))
+    nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
+    return run_variants(probs, nbrs, label_space, params)
+
+
+def answer_table(
+    name: str, v: VariantOutput, true: SplitOutputs, params: RerankParams, label_space: LabelSpace
+) -> pd.DataFrame:
+    """Per image: the variant's point and error, calibrated top-1 probability, error radius
+    (NaN when none was fitted) and conformal set size."""
+    probs = params.calibrated(name, v)
+    radius, sets = params.radius.get(name), params.conformal.get(name)
+    n = len(v.pred)
+    error = haversine_km(true.lat, true.lon, v.lat, v.lon)
+    r = radius.radius_km(probs, v.lat, v.lon, label_space) if radius else np.full(n, np.nan)
+    return pd.DataFrame({
+        "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
+        "pred_lat": v.lat, "pred_lon": v.lon, "pred_label": v.pred, "error_km": error,
+        "prob": probs[np.arange(n), v.pred], "radius_km": r, "within_radius": error <= r,
+        "set_size": sets.sets(probs).sum(axis=1) if sets else np.full(n, -1),
+        "variant": name,
+    })  # fmt: skip
 
 
 def rerank_run(
@@ -179,6 +210,10 @@ def rerank_run(
     params.save(params_path(paths))
     _write_table(paths.rerank_eval, tables["test"])
     _write_table(val_table_path(paths), tables["val"])
+    best = variants_for(outs["test"], gallery, label_space, params)[params.best_variant]
+    answers = answer_table(params.best_variant, best, outs["test"], params, label_space)
+    with atomic_path(paths.rerank_test_predictions) as tmp:
+        answers.to_parquet(tmp, index=False)
     best_row = tables["test"].set_index("variant").loc[params.best_variant]
     metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
     update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})

@@ -5,11 +5,13 @@ been through `geoloc rerank`, its train gallery and `rerank_params.json`: the va
 val, its temperature and its conformal threshold. `predict(paths)` returns one row per image:
 
 `path, lat, lon, cell, prob, topk_cells, topk_probs, conformal_set, conformal_coverage,
-variant, error`
+radius_km, radius_coverage, variant, error`
 
-`prob` and `topk_probs` are temperature-calibrated; `conformal_set` holds the cells that contain
-the true cell with probability `conformal_coverage` (split conformal on val). A file that is not
-a readable image gets a row with `error` set and empty predictions; the others are predicted.
+`prob` and `topk_probs` are calibrated on val; `conformal_set` holds the cells that contain
+the true cell with probability `conformal_coverage` (split conformal on val); the true location
+lies within `radius_km` of (`lat`, `lon`) with probability `radius_coverage`
+(`geoloc.infer.radius`). A file that is not a readable image gets a row with `error` set and
+empty predictions; the others are predicted.
 Images go through what training's images went through: ingest's decode (EXIF orientation, alpha
 over white, 16-bit scaling, decompression-bomb limit), its shrink to the index's `max_side` and
 JPEG, the dataset's decode and the eval transform; then they are predicted in batches.
@@ -36,10 +38,11 @@ from geoloc.data.dataset import decode_image
 from geoloc.data.decode import Rejected
 from geoloc.data.process import clean_image
 from geoloc.errors import DataError, GeolocError
-from geoloc.infer.calibration import ConformalSets, apply_temperature, log_probs
+from geoloc.infer.calibration import ConformalSets
 from geoloc.infer.evaluation import gallery_path, params_path
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.infer.outputs import base_probs
+from geoloc.infer.radius import ErrorRadius
 from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
 from geoloc.model.scores import SCORE_INPUTS
 from geoloc.runs.layout import RunPaths
@@ -57,7 +60,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 OUTPUT_COLUMNS = (
     "path", "lat", "lon", "cell", "prob", "topk_cells", "topk_probs", "conformal_set",
-    "conformal_coverage", "variant", "error",
+    "conformal_coverage", "radius_km", "radius_coverage", "variant", "error",
 )  # fmt: skip
 LIST_COLUMNS = ("topk_cells", "topk_probs", "conformal_set")
 
@@ -219,13 +222,19 @@ class Predictor:
         return run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
 
     def _rows(self, answer: VariantOutput) -> list[dict[str, Any]]:
-        temperature = 1.0
         sets: ConformalSets | None = None
+        radius: ErrorRadius | None = None
+        probs = answer.scores
         if self.params is not None:
-            temperature = self.params.temperatures.get(self.variant, 1.0)
+            probs = self.params.calibrated(self.variant, answer)  # (B, K)
             sets = self.params.conformal.get(self.variant)
-        probs = apply_temperature(log_probs(answer.scores), temperature)  # (B, K)
+            radius = self.params.radius.get(self.variant)
         member = sets.sets(probs) if sets is not None else None
+        radii = (
+            radius.radius_km(probs, answer.lat, answer.lon, self.label_space)
+            if radius is not None
+            else None
+        )
         cells = np.asarray(self.label_space.cells, dtype=object)
         order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
         rows = []
@@ -242,6 +251,8 @@ class Predictor:
                     "topk_probs": [float(probs[i, c]) for c in order[i]],
                     "conformal_set": [str(cells[c]) for c in in_set],
                     "conformal_coverage": None if sets is None else sets.coverage,
+                    "radius_km": None if radii is None else _finite(radii[i]),
+                    "radius_coverage": None if radius is None else radius.coverage,
                     "variant": self.variant,
                     "error": None,
                 }
@@ -273,8 +284,14 @@ class Predictor:
 def _error_row(reason: str, variant: str) -> dict[str, Any]:
     return {
         "lat": None, "lon": None, "cell": None, "prob": None, "topk_cells": [], "topk_probs": [],
-        "conformal_set": [], "conformal_coverage": None, "variant": variant, "error": reason,
+        "conformal_set": [], "conformal_coverage": None, "radius_km": None,
+        "radius_coverage": None, "variant": variant, "error": reason,
     }  # fmt: skip
+
+
+def _finite(x: float) -> float | None:
+    """A number for the table, None for an unbounded radius (too few val images to calibrate)."""
+    return float(x) if np.isfinite(x) else None
 
 
 def write_predictions(table: pd.DataFrame, out: Path) -> None:

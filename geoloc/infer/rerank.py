@@ -14,6 +14,11 @@ Four variants, each built on the previous one, turn a model's class probabilitie
 - `gated+refined`: the coordinate is no longer the chosen cell's centroid but the
   similarity-weighted mean (or medoid) of the nearest train neighbours inside that cell, falling
   back to the centroid when no neighbour is in it.
+- `min_risk`: the gated distribution after its val calibration (`RerankParams.calibration`,
+  which mixes the model back into near one-hot votes), decoded for every image to the cell of
+  least expected great-circle distance among its `min_risk_candidates` most likely cells, then
+  refined like `gated+refined`. Minimum-expected-distance decoding is the Bayes answer for km
+  under a calibrated distribution; whether it beats top-1 is, like everything, decided on val.
 
 This module only scores: every parameter (`RerankParams`) is chosen on val by
 `geoloc.infer.tuning`, and `geoloc.infer.evaluation` runs it all on a trained run. `geoloc predict`
@@ -34,8 +39,9 @@ import pandas as pd
 from geoloc.atomic import write_json
 from geoloc.errors import DataError, GeolocError
 from geoloc.geo import LabelSpace, haversine_km, unit_vectors
-from geoloc.infer.calibration import ConformalSets
+from geoloc.infer.calibration import Calibration, ConformalSets
 from geoloc.infer.gallery import Gallery, IndexKind
+from geoloc.infer.radius import ErrorRadius
 
 __all__ = [
     "VARIANTS",
@@ -56,7 +62,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-VARIANTS: tuple[str, ...] = ("base", "prior", "gated", "gated+refined")
+VARIANTS: tuple[str, ...] = ("base", "prior", "gated", "gated+refined", "min_risk")
 PARAMS_VERSION = 1
 LAND_FLOOR = 0.1
 """A cell with no land keeps this share of its probability (the land prior never zeroes a cell)."""
@@ -201,6 +207,7 @@ class VariantOutput:
     lon: np.ndarray  # (N,)
     gate: np.ndarray  # (N,) bool: the rerank changed this row's inputs
     refined: np.ndarray | None = None  # (N,) bool: coordinate from in-cell neighbours
+    model: np.ndarray | None = None  # (N, K) the model's distribution the votes were blended into
 
 
 def gated_rerank(
@@ -293,13 +300,24 @@ class RerankParams:
     gated_on_prior: bool = False  # gated builds on the prior variant (it helped on val)
     gate: GateParams = field(default_factory=GateParams)
     refine: RefineParams = field(default_factory=RefineParams)
-    temperatures: dict[str, float] = field(default_factory=dict)  # per variant
+    calibration: dict[str, Calibration] = field(default_factory=dict)  # per variant
     conformal: dict[str, ConformalSets] = field(default_factory=dict)  # per variant
+    radius: dict[str, ErrorRadius] = field(default_factory=dict)  # per variant
+    min_risk_candidates: int = 10  # cells the min_risk variant decodes among
     best_variant: str = "base"
     hier_topk_parents: int = 0
     neighbours: int = 50  # neighbours searched per query (max of gate and refine k)
     index: str = "auto"
     checkpoint_sha256: str = ""
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """Each variant's temperature (part of its `calibration`)."""
+        return {k: c.temperature for k, c in self.calibration.items()}
+
+    def calibrated(self, name: str, v: VariantOutput) -> np.ndarray:
+        """(N, K) the calibrated probabilities of variant `name` (raw scores when not fitted)."""
+        return self.calibration.get(name, Calibration()).apply(v.scores, v.model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -309,7 +327,10 @@ class RerankParams:
             "gate": asdict(self.gate),
             "refine": asdict(self.refine),
             "temperatures": self.temperatures,
+            "calibration": {k: v.to_dict() for k, v in self.calibration.items()},
             "conformal": {k: v.to_dict() for k, v in self.conformal.items()},
+            "radius": {k: v.to_dict() for k, v in self.radius.items()},
+            "min_risk_candidates": self.min_risk_candidates,
             "hier_topk_parents": self.hier_topk_parents,
             "neighbours": self.neighbours,
             "index": self.index,
@@ -323,13 +344,19 @@ class RerankParams:
             raise DataError(
                 f"rerank params version {d.get('version')!r}; this geoloc reads {PARAMS_VERSION}"
             )
+        # files written before smoothing and radii: plain temperatures, no radius
+        calibration = d.get("calibration") or {
+            k: {"temperature": v} for k, v in d["temperatures"].items()
+        }
         return cls(
             log_prior=np.asarray(d["log_prior"], dtype=np.float64),
             gated_on_prior=bool(d["gated_on_prior"]),
             gate=GateParams(**d["gate"]),
             refine=RefineParams(**d["refine"]),
-            temperatures={k: float(v) for k, v in d["temperatures"].items()},
+            calibration={k: Calibration.from_dict(v) for k, v in calibration.items()},
             conformal={k: ConformalSets.from_dict(v) for k, v in d["conformal"].items()},
+            radius={k: ErrorRadius.from_dict(v) for k, v in (d.get("radius") or {}).items()},
+            min_risk_candidates=int(d.get("min_risk_candidates", 10)),
             best_variant=str(d["best_variant"]),
             hier_topk_parents=int(d.get("hier_topk_parents", 0)),
             neighbours=int(d.get("neighbours", 50)),
@@ -353,7 +380,8 @@ class RerankParams:
 def run_variants(
     probs: np.ndarray, nbrs: Neighbours, label_space: LabelSpace, params: RerankParams
 ) -> dict[str, VariantOutput]:
-    """base -> prior -> gated -> gated+refined for a batch of queries (evaluation and predict)."""
+    """base -> prior -> gated -> gated+refined -> min_risk for a batch of queries (evaluation
+    and predict)."""
     n = probs.shape[0]
     closed = np.zeros(n, dtype=bool)
 
@@ -367,7 +395,13 @@ def run_variants(
     g = params.gate
     votes = neighbour_votes(nbrs, label_space.num_classes, g.k, g.vote_temperature)
     scores, pred, gate = gated_rerank(source.scores, votes, g, label_space)
-    out["gated"] = VariantOutput(scores, pred, label_space.lat[pred], label_space.lon[pred], gate)
+    model = source.scores
+    ls = label_space
+    out["gated"] = VariantOutput(scores, pred, ls.lat[pred], ls.lon[pred], gate, model=model)
     lat, lon, refined = refine_coordinates(pred, nbrs, label_space, params.refine)
-    out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined)
+    out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined, model)
+    calibrated = params.calibrated("gated", out["gated"])
+    risk_pred = min_risk_cells(calibrated, label_space, params.min_risk_candidates)
+    lat, lon, refined = refine_coordinates(risk_pred, nbrs, label_space, params.refine)
+    out["min_risk"] = VariantOutput(scores, risk_pred, lat, lon, gate, refined, model)
     return out

@@ -5,8 +5,10 @@ calibration (`fit_calibration`) are chosen on VAL: minimise P90/P90_base + P95/P
 to median <= 1.02 x base median (`tail_objective`). Test never tunes anything; its labels are
 read only by `evaluation_table`.
 
-Each variant's probabilities get a temperature and a conformal threshold fitted on val
-(`geoloc.infer.calibration`); the tables carry those columns next to the geo metrics.
+Each variant's probabilities get a calibration (smoothing + temperature), conformal cell sets and
+an error radius fitted on val (`geoloc.infer.calibration`, `geoloc.infer.radius`); the tables
+carry those columns next to the geo metrics. The `min_risk` variant's candidate count is chosen
+on val too (`choose_min_risk`), after the gated distribution is calibrated.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.geo.metrics import geo_metrics_from_errors
 from geoloc.infer.calibration import (
+    Calibration,
     ConformalSets,
-    apply_temperature,
-    fit_conformal,
-    fit_temperature,
-    log_probs,
+    choose_conformal,
+    fit_scaling,
     top1_ece,
 )
 from geoloc.infer.outputs import SplitOutputs
+from geoloc.infer.radius import ErrorRadius, fit_error_radius
 from geoloc.infer.rerank import (
     VARIANTS,
     GateParams,
@@ -42,6 +44,7 @@ from geoloc.infer.rerank import (
     VariantOutput,
     apply_prior,
     gated_rerank,
+    min_risk_cells,
     neighbour_votes,
     refine_coordinates,
     run_variants,
@@ -56,6 +59,7 @@ __all__ = [
     "GateGrid",
     "choose_best_variant",
     "choose_gate",
+    "choose_min_risk",
     "choose_refinement",
     "choose_topk_parents",
     "evaluation_table",
@@ -72,9 +76,11 @@ MEDIAN_SLACK = 1.02
 TABLE_COLUMNS = (
     "variant", "median_km", "p90_km", "p95_km", "acc_1km", "acc_25km", "acc_200km", "acc_750km",
     "acc_2500km", "geoscore", "top1", "gate_share", "ece", "ece_calibrated", "temperature",
-    "coverage", "set_size",
+    "coverage", "set_size", "radius_coverage", "radius_median_km",
 )  # fmt: skip
 """rerank_eval.csv columns, in order."""
+MIN_RISK_CANDIDATES = (2, 3, 5, 10, 20, 50)
+"""Candidate counts `choose_min_risk` tries for the `min_risk` variant."""
 TOPK_PARENTS = (1, 2, 3, 5, 10)
 """Candidates for the factorised head's `hier_topk_parents` (rerank scores the best 10)."""
 
@@ -231,41 +237,88 @@ def choose_refinement(
 # --------------------------------------------------------------------------------------------
 
 
-def fit_calibration(
-    val: dict[str, VariantOutput], val_true: SplitOutputs, coverage: float
-) -> tuple[dict[str, float], dict[str, ConformalSets]]:
-    """Per variant: temperature on log-probabilities and the conformal threshold, both on val.
-
-    The temperature is fitted for NLL and for top-label log loss; the one with the lower val ECE
-    is kept (see `fit_temperature`: hierarchical masking makes NLL over-soften).
-    """
-    temps, sets = {}, {}
-    for name, v in val.items():
-        z = log_probs(v.scores)
-        candidates = [fit_temperature(z, val_true.labels, obj) for obj in ("nll", "top_label")]
-        temps[name] = min(
-            candidates, key=lambda t, z=z: top1_ece(apply_temperature(z, t), val_true.labels)
+def choose_min_risk(
+    gated: VariantOutput,
+    calibration: Calibration,
+    nbrs: Neighbours,
+    true: SplitOutputs,
+    label_space: LabelSpace,
+    refine: RefineParams,
+    reference: dict[str, float],
+    candidates: Sequence[int] = MIN_RISK_CANDIDATES,
+) -> int:
+    """How many of the calibrated gated distribution's best cells `min_risk` decodes among:
+    the best val tail objective (median constraint included), fewer candidates on ties."""
+    probs = calibration.apply(gated.scores, gated.model)
+    best, best_key = candidates[0], (math.inf, math.inf)
+    for m in sorted(set(candidates)):
+        lat, lon, _ = refine_coordinates(
+            min_risk_cells(probs, label_space, m), nbrs, label_space, refine
         )
-        sets[name] = fit_conformal(apply_temperature(z, temps[name]), val_true.labels, coverage)
-    return temps, sets
+        metrics = geo_metrics_from_errors(_errors(lat, lon, true))
+        key = (round(tail_objective(metrics, reference), 12), metrics["median_km"])
+        if key < best_key:
+            best, best_key = m, key
+    log.info("min_risk decoding among the top %d cells (chosen on val)", best)
+    return best
+
+
+@dataclass(frozen=True)
+class CalibrationFit:
+    """Everything fitted on val per variant: probabilities, cell sets, error radius."""
+
+    calibration: dict[str, Calibration]
+    conformal: dict[str, ConformalSets]
+    radius: dict[str, ErrorRadius]
+
+
+def fit_calibration(
+    val: dict[str, VariantOutput],
+    val_true: SplitOutputs,
+    label_space: LabelSpace,
+    cfg: RerankConfig,
+    known: dict[str, Calibration] | None = None,
+) -> CalibrationFit:
+    """Per variant, on val: the calibration (`fit_scaling`: smoothing for variants built from
+    votes, then a temperature), conformal cell sets (`choose_conformal`, or `cfg.conformal`) and
+    the error radius at `cfg.radius_coverage`. `known` calibrations are reused, not refitted."""
+    methods = ("lac", "aps", "raps") if cfg.conformal == "auto" else (cfg.conformal,)
+    cals: dict[str, Calibration] = dict(known or {})
+    sets, radii = {}, {}
+    for name, v in val.items():
+        if name not in cals:
+            same = next((n for n, o in val.items() if n in cals and o.scores is v.scores), None)
+            cals[name] = cals[same] if same else fit_scaling(v.scores, val_true.labels, v.model)
+        probs = cals[name].apply(v.scores, v.model)
+        sets[name] = choose_conformal(probs, val_true.labels, cfg.coverage, methods)
+        radii[name] = fit_error_radius(probs, v.lat, v.lon, val_true.lat, val_true.lon,
+                                       label_space, cfg.radius_coverage)  # fmt: skip
+    return CalibrationFit(cals, sets, radii)
 
 
 def calibration_columns(
-    v: VariantOutput, true: SplitOutputs, temperature: float, sets: ConformalSets
+    name: str, v: VariantOutput, true: SplitOutputs, params: RerankParams, label_space: LabelSpace
 ) -> dict[str, float]:
-    """ECE before and after the val temperature, and the conformal sets' coverage and size."""
-    z = log_probs(v.scores)
-    calibrated = apply_temperature(z, temperature)
-    return {
+    """ECE before and after calibration, the conformal sets' coverage and size, the radius's."""
+    calibrated = params.calibrated(name, v)
+    cols = {
         "ece": top1_ece(v.scores, true.labels),
         "ece_calibrated": top1_ece(calibrated, true.labels),
-        "temperature": temperature,
-        **sets.evaluate(calibrated, true.labels),
+        "temperature": params.temperatures.get(name, float("nan")),
     }
+    sets, radius = params.conformal.get(name), params.radius.get(name)
+    if sets is not None:
+        cols.update(sets.evaluate(calibrated, true.labels))
+    if radius is not None:
+        cols.update(radius.evaluate(calibrated, v.lat, v.lon, true.lat, true.lon, label_space))
+    return cols
 
 
 def evaluation_table(
-    variants: dict[str, VariantOutput], true: SplitOutputs, params: RerankParams
+    variants: dict[str, VariantOutput],
+    true: SplitOutputs,
+    params: RerankParams,
+    label_space: LabelSpace,
 ) -> pd.DataFrame:
     """One row per variant (`TABLE_COLUMNS`): geo metrics and calibration against the truth."""
     rows = []
@@ -275,7 +328,7 @@ def evaluation_table(
             {
                 "variant": name,
                 **variant_metrics(v, true),
-                **calibration_columns(v, true, params.temperatures[name], params.conformal[name]),
+                **calibration_columns(name, v, true, params, label_space),
             }
         )
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -307,7 +360,8 @@ def tune(
     grid: GateGrid = GateGrid(),
     progress: bool = True,
 ) -> RerankParams:
-    """Every choice rerank makes, from val only: prior use, gate, refinement, calibration.
+    """Every choice rerank makes, from val only: prior use, gate, refinement, calibration,
+    min-risk candidates, cell sets and error radii.
 
     `params.log_prior` must be set; the rest of `params` is filled in and returned.
     """
@@ -328,5 +382,13 @@ def tune(
     else:
         params.refine = RefineParams(method="none")
     val_variants = run_variants(val_probs, val_nbrs, label_space, params)
-    params.temperatures, params.conformal = fit_calibration(val_variants, val_true, cfg.coverage)
+    gated = val_variants["gated"]
+    gated_cal = fit_scaling(gated.scores, val_true.labels, gated.model)
+    params.min_risk_candidates = choose_min_risk(
+        gated, gated_cal, val_nbrs, val_true, label_space, params.refine, ref
+    )
+    params.calibration = {"gated": gated_cal}
+    val_variants = run_variants(val_probs, val_nbrs, label_space, params)
+    fit = fit_calibration(val_variants, val_true, label_space, cfg, known=params.calibration)
+    params.calibration, params.conformal, params.radius = fit.calibration, fit.conformal, fit.radius
     return params

@@ -92,6 +92,11 @@ class RunPaths:
     def test_predictions(self) -> Path:
         return self.data / "test_predictions.parquet"
 
+    @property
+    def rerank_test_predictions(self) -> Path:
+        """Per test image, the rerank variant chosen on val: point, error, radius, set size."""
+        return self.data / "rerank_test_predictions.parquet"
+
     def make(self) -> RunPaths:
         for d in (self.plots, self.tables, self.data, self.checkpoints):
             d.mkdir(parents=True, exist_ok=True)
