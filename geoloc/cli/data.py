@@ -35,6 +35,13 @@ def demo(
     force: Annotated[
         bool, typer.Option(help="Regenerate even if the folder is up to date.")
     ] = False,
+    placement: Annotated[
+        str,
+        typer.Option(
+            help="cities (near GeoNames cities) or uniform-land (uniform over land: the shift "
+            "split, evaluated with `geoloc evaluate`)."
+        ),
+    ] = "cities",
 ) -> None:
     """Write the offline demo dataset (Blue Marble crops at GeoNames cities, GPS in EXIF)."""
     from geoloc.data.demo import make_demo
@@ -42,8 +49,15 @@ def demo(
 
     out_dir = out or DataPaths.default().demo
     report = make_demo(
-        out_dir, n=n, seed=seed, sigma_deg=sigma_deg, min_population=min_population, force=force
-    )
+        out_dir, n=n, seed=seed, sigma_deg=sigma_deg, min_population=min_population,
+        placement=placement, force=force,  # type: ignore[arg-type]
+    )  # fmt: skip
+    if placement == "uniform-land":
+        typer.echo(
+            f"demo: {report.n} images uniform over land -> {report.out_dir} "
+            f"({report.seconds:.1f}s); next: geoloc evaluate --run runs/<run_id> {report.out_dir}"
+        )
+        return
     typer.echo(
         f"demo: {report.n} images near {report.n_cities} cities -> {report.out_dir} "
         f"({report.seconds:.1f}s); next: geoloc data ingest demo"

