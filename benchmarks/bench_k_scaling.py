@@ -249,7 +249,7 @@ def print_table(rows: list[dict], header: bool) -> None:
         print(f"{'K':>9} {'method':<15} {'step ms':>9} {'x flat CE':>9} {'peak MB':>9}")
     for r in rows:
         if r["ms"] is None:
-            print(f"{r['K']:>9,} {r['method']:<15} skipped (needs ~{r['skipped_gb']:.0f} GB)")
+            print(f"{r['K']:>9,} {r['method']:<15} skipped (needs ~{r['skipped_gb']:.1f} GB)")
             continue
         ratio = f"{r['ms'] / ce:9.2f}" if ce else f"{'-':>9}"
         print(f"{r['K']:>9,} {r['method']:<15} {r['ms']:9.1f} {ratio} {r['peak_mb']:9.0f}")
@@ -267,9 +267,11 @@ def print_goals(rows: list[dict]) -> None:
         print(f"  fact.+sparse / flat CE at K={hi:,}: {fact_hi / ce_hi:.2f}x")
     if fact_hi and fact_lo:
         print(f"  fact.+sparse at K={hi:,} / at K={lo:,}: {fact_hi / fact_lo:.1f}x")
-    worst = max((ms[(k, "sparse GeoSoft")] / ms[(k, "flat CE")], k) for k in ks
-                if ms[(k, "sparse GeoSoft")] and ms[(k, "flat CE")])  # fmt: skip
-    print(f"  sparse GeoSoft / flat CE, worst K ({worst[1]:,}): {worst[0]:.2f}x")
+    ratios = [(ms[(k, "sparse GeoSoft")] / ms[(k, "flat CE")], k) for k in ks
+              if ms[(k, "sparse GeoSoft")] and ms[(k, "flat CE")]]  # fmt: skip
+    if ratios:
+        worst = max(ratios)
+        print(f"  sparse GeoSoft / flat CE, worst K ({worst[1]:,}): {worst[0]:.2f}x")
 
 
 def main() -> None:

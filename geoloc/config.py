@@ -201,7 +201,7 @@ class TrainConfig(_Strict):
         64,
         ge=1,
         description="geosoft_sparse: soft targets over this many nearest classes (the true one "
-        "included); 64 keeps ~99.5% of the dense target mass on a full H3 grid.",
+        "included); 64 keep ~99.4% of the dense target mass on a full H3 grid.",
     )
     tau_km: float | None = Field(
         None, gt=0, description="GeoSoft temperature in km; None scales it with the resolution."
