@@ -151,6 +151,7 @@ def answer_table(
         "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
         "pred_lat": v.lat, "pred_lon": v.lon, "pred_label": v.pred, "error_km": error,
         "prob": probs[np.arange(n), v.pred], "radius_km": r, "within_radius": error <= r,
+        "radius_coverage": radius.coverage if radius else np.nan,
         "set_size": sets.sets(probs).sum(axis=1) if sets else np.full(n, -1),
         "variant": name,
     })  # fmt: skip

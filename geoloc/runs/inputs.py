@@ -29,6 +29,7 @@ class RunInputs:
     val_predictions: pd.DataFrame | None = None
     test_predictions: pd.DataFrame | None = None
     rerank: pd.DataFrame | None = None
+    rerank_predictions: pd.DataFrame | None = None  # optional: radius circles on the error map
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -101,4 +102,6 @@ def load_run_inputs(run_dir: Path) -> RunInputs:
         setattr(inputs, attr, value)
         if note:
             inputs.notes[attr] = note
+    # optional (runs reranked before it existed have none): absent is not worth a note
+    inputs.rerank_predictions, _ = _load_table(rp.rerank_test_predictions, pd.read_parquet)
     return inputs

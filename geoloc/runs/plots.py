@@ -301,12 +301,61 @@ def draw_error_map(fig: Any, inputs: RunInputs) -> None:
         zorder=3,
     )
     fig.colorbar(sc, ax=ax, fraction=0.025, pad=0.02, label="error (km, log)")
+    title = f"test errors at the true location (n={len(pts)})"
+    circles = _draw_radius_circles(ax, inputs.rerank_predictions)
+    if circles:
+        title += f"; circles: the {circles} error radius around the answer of a few images"
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
     ax.set_aspect("equal")
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
-    ax.set_title(f"test errors at the true location (n={len(pts)})", fontsize=9)
+    ax.set_title(title, fontsize=9)
+
+
+RADIUS_CIRCLES = 5
+"""Test images whose error radius the map draws (spread over the range of radii)."""
+
+
+def _circle(lat: float, lon: float, radius_km: float, n: int = 181) -> tuple[np.ndarray, ...]:
+    """(lon, lat) of the points `radius_km` from (lat, lon) on the sphere, NaN where the line
+    crosses the antimeridian (so it is not drawn across the map)."""
+    from geoloc.geo import EARTH_RADIUS_KM
+
+    d = min(radius_km / EARTH_RADIUS_KM, np.pi)
+    p1, l1 = np.radians(lat), np.radians(lon)
+    theta = np.linspace(0.0, 2 * np.pi, n)
+    p2 = np.arcsin(np.sin(p1) * np.cos(d) + np.cos(p1) * np.sin(d) * np.cos(theta))
+    l2 = l1 + np.arctan2(
+        np.sin(theta) * np.sin(d) * np.cos(p1), np.cos(d) - np.sin(p1) * np.sin(p2)
+    )
+    x = (np.degrees(l2) + 180.0) % 360.0 - 180.0
+    y = np.degrees(p2)
+    cut = np.flatnonzero(np.abs(np.diff(x)) > 180.0) + 1
+    return np.insert(x, cut, np.nan), np.insert(y, cut, np.nan)
+
+
+def _draw_radius_circles(ax: Any, df: pd.DataFrame | None) -> str | None:
+    """The calibrated error radius (rerank_test_predictions) of `RADIUS_CIRCLES` test images,
+    with the answer (x) and the truth (*); returns the radius's confidence, None if not drawn."""
+    need = {"pred_lat", "pred_lon", "true_lat", "true_lon", "radius_km"}
+    if df is None or not need <= set(df.columns):
+        return None
+    rows = df[np.isfinite(df["radius_km"].to_numpy(dtype=float))].sort_values("radius_km")
+    if rows.empty:
+        return None
+    picks = np.unique(np.linspace(0, len(rows) - 1, RADIUS_CIRCLES).round().astype(int))
+    for i, (_, r) in enumerate(rows.iloc[picks].iterrows()):
+        colour = f"C{i}"
+        ax.plot(*_circle(r["pred_lat"], r["pred_lon"], r["radius_km"]), color=colour, lw=1.2,
+                zorder=4)  # fmt: skip
+        ax.plot([r["pred_lon"], r["true_lon"]], [r["pred_lat"], r["true_lat"]], color=colour,
+                lw=0.6, ls=":", zorder=4)  # fmt: skip
+        ax.scatter([r["pred_lon"]], [r["pred_lat"]], marker="x", color=colour, s=30, zorder=5)
+        ax.scatter([r["true_lon"]], [r["true_lat"]], marker="*", color=colour, s=50, zorder=5,
+                   edgecolors="black", linewidths=0.3)  # fmt: skip
+    level = df["radius_coverage"].iloc[0] if "radius_coverage" in df.columns else None
+    return f"{level:.0%}" if isinstance(level, float) and np.isfinite(level) else "calibrated"
 
 
 PLOTS: tuple[PlotSpec, ...] = (

@@ -64,6 +64,8 @@ RESULT_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("within 200 km", "share", "test_acc_200km", "acc_200km"),
     ("within 750 km", "share", "test_acc_750km", "acc_750km"),
     ("GeoScore (max 5,000)", "score", "test_geoscore", "geoscore"),
+    ("truth within the error radius", "share", "test_radius_coverage", "radius_coverage"),
+    ("median error radius", "km", "test_radius_median_km", "radius_median_km"),
 )
 
 
@@ -152,7 +154,8 @@ def fmt_by_name(column: str, value: Any) -> str:
     name = column.removeprefix("val_").removeprefix("test_")
     if name.endswith("_km"):
         return fmt_km(value)
-    if name.startswith("acc_") or name in ("top1", "top5", "parent_acc", "gate_share", "coverage"):
+    shares = ("top1", "top5", "parent_acc", "gate_share", "coverage", "radius_coverage")
+    if name.startswith("acc_") or name in shares:
         return fmt_share(value)
     return fmt(value)
 
