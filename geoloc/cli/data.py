@@ -64,15 +64,69 @@ def demo(
     )
 
 
+@data_app.command("synth")
+def synth(
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 10000,
+    layout: Annotated[
+        str, typer.Option(help="folder (EXIF GPS) or osv5m (train.csv/test.csv + images/).")
+    ] = "folder",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: $GEOLOC_DATA_DIR/raw/synth).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the places: same seed, same bytes.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels (~100 m each).")] = 64,
+    test_frac: Annotated[
+        float, typer.Option(help="osv5m: share of sequences written to test.csv.")
+    ] = 0.1,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes rendering images (default: all CPUs).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rewrite even if the folder is up to date.")] = False,
+) -> None:
+    """Write a synthetic street-level dataset (a procedural world at ~100 m/pixel) for scale."""
+    from geoloc.data.synth import make_synth
+    from geoloc.paths import DataPaths
+
+    out_dir = out or DataPaths.default().raw / "synth"
+    report = make_synth(
+        out_dir, n, layout, seed, size=size, test_frac=test_frac, workers=workers, force=force
+    )
+    rate = "up to date" if report.skipped else f"{report.images_per_s:.0f} images/s"
+    typer.echo(
+        f"synth: {report.n} images ({report.layout}) around {report.n_towns} towns -> "
+        f"{report.out_dir} ({report.seconds:.1f}s, {rate})"
+    )
+    if report.layout == "folder":
+        typer.echo(f"next: geoloc data ingest {report.out_dir}")
+
+
 @data_app.command("ingest")
 def ingest(
     source: Annotated[
         str,
         typer.Argument(
-            help="A folder, a .csv/.parquet manifest, s3://bucket/prefix, "
+            help="A folder, a .csv/.parquet manifest, a downloaded OSV-5M (its folder or "
+            "train.csv) or MP-16 table, s3://bucket/prefix, "
             "mapillary:minlon,minlat,maxlon,maxlat, or `demo`."
         ),
     ],
+    format: Annotated[  # noqa: A002 - the option is --format
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="What SOURCE is: auto (detected from its columns and files), osv5m, mp16, "
+            "manifest, folder, s3, mapillary, demo.",
+        ),
+    ] = "auto",
+    fetch_urls: Annotated[
+        bool,
+        typer.Option(
+            "--fetch-urls",
+            help="Download a row's URL (e.g. OSV-5M thumb_original_url) when its image is not "
+            "on disk; never otherwise.",
+        ),
+    ] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
     workers: Annotated[int | None, typer.Option(help="Processes for decoding.")] = None,
@@ -105,6 +159,10 @@ def ingest(
     options = parse_overrides(option or [])
     if endpoint_url:
         options["endpoint_url"] = endpoint_url
+    if fetch_urls:
+        options["fetch_urls"] = True
+    if format != "auto":
+        options["format"] = format
     report = run_ingest(
         source, DataPaths.default(), cfg, fresh=fresh, chunk_size=chunk_size, **options
     )
@@ -116,6 +174,12 @@ def ingest(
     )
     for reason, count in report.reasons.items():
         typer.echo(f"  rejected {reason}: {count}")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    for error in report.errors:  # the rest is ingested; the command still fails
+        typer.echo(f"error: {error}", err=True)
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @index_app.command("build")
