@@ -270,7 +270,7 @@ def test_manifest_urls_are_fetched_into_raw_and_dead_ones_rejected(http_folder, 
         f"u4,40,40,{dead}\n"
     )
     paths = _paths()
-    report = ingest(str(www.parent / "urls.csv"), paths, CFG)
+    report = ingest(str(www.parent / "urls.csv"), paths, CFG, fetch_urls=True)
     assert (report.accepted, report.rejected) == (2, 2)
     fetched = sorted(p.name for p in (paths.raw / "manifest").iterdir())
     assert [(n[:3], n[-4:]) for n in fetched] == [("u1-", ".jpg"), ("u2-", ".png")]

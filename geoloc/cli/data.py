@@ -105,10 +105,28 @@ def ingest(
     source: Annotated[
         str,
         typer.Argument(
-            help="A folder, a .csv/.parquet manifest, s3://bucket/prefix, "
+            help="A folder, a .csv/.parquet manifest, a downloaded OSV-5M (its folder or "
+            "train.csv) or MP-16 table, s3://bucket/prefix, "
             "mapillary:minlon,minlat,maxlon,maxlat, or `demo`."
         ),
     ],
+    format: Annotated[  # noqa: A002 - the option is --format
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="What SOURCE is: auto (detected from its columns and files), osv5m, mp16, "
+            "manifest, folder, s3, mapillary, demo.",
+        ),
+    ] = "auto",
+    fetch_urls: Annotated[
+        bool,
+        typer.Option(
+            "--fetch-urls",
+            help="Download a row's URL (e.g. OSV-5M thumb_original_url) when its image is not "
+            "on disk; never otherwise.",
+        ),
+    ] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
     workers: Annotated[int | None, typer.Option(help="Processes for decoding.")] = None,
@@ -141,6 +159,10 @@ def ingest(
     options = parse_overrides(option or [])
     if endpoint_url:
         options["endpoint_url"] = endpoint_url
+    if fetch_urls:
+        options["fetch_urls"] = True
+    if format != "auto":
+        options["format"] = format
     report = run_ingest(
         source, DataPaths.default(), cfg, fresh=fresh, chunk_size=chunk_size, **options
     )
@@ -152,6 +174,12 @@ def ingest(
     )
     for reason, count in report.reasons.items():
         typer.echo(f"  rejected {reason}: {count}")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    for error in report.errors:  # the rest is ingested; the command still fails
+        typer.echo(f"error: {error}", err=True)
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @index_app.command("build")

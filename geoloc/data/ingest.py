@@ -26,6 +26,7 @@ from tqdm import tqdm
 from geoloc.atomic import sweep_stale_temps, temp_path, write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
+from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
 from geoloc.data.process import ProcessTask, process_one
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, file_lock, maybe_fault, stable_hash
@@ -64,6 +65,8 @@ class IngestReport:
     reasons: dict[str, int] = field(default_factory=dict)
     resumed: int = 0  # items already journaled by an earlier, interrupted run
     seconds: float = 0.0
+    errors: tuple[str, ...] = ()  # parts of the source that could not be read (a corrupt zip)
+    notes: tuple[str, ...] = ()  # hints from the source (e.g. URLs not fetched)
 
 
 def _key(source: str, ref: str) -> str:
@@ -77,6 +80,7 @@ def _meta(entry: RawItem | SourceReject) -> dict[str, Any]:
         base.update(
             image_id=entry.image_id, captured_at=entry.captured_at, sequence_id=entry.sequence_id
         )
+        base.update(entry.attributes)  # optional columns (geoloc.data.attributes)
     return base
 
 
@@ -93,6 +97,8 @@ def _fetch_one(item: RawItem, target: Path) -> tuple[Path | None, tuple[str, str
         data = item.fetch() if item.fetch else b""
     except FetchError as exc:
         return None, (exc.reason or R.UNREACHABLE, exc.detail)
+    except DataError:  # the network is down: one error for the ingest, not one per item
+        raise
     except Exception as exc:  # a source bug must not kill the whole ingest
         return None, (R.UNREACHABLE, f"{type(exc).__name__}: {exc}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +199,7 @@ class _Runner:
                 ProcessTask(
                     key=meta["key"],
                     path=str(local),
+                    member=entry.member,
                     lat=entry.lat,
                     lon=entry.lon,
                     processed_root=str(self.paths.processed),
@@ -241,6 +248,8 @@ class JournaledSource:
     keys: list[str]  # every listed item in source order; deduplication follows it
     journal: Path
     resumed: int = 0
+    errors: tuple[str, ...] = ()  # the source's `errors` (parts it could not read)
+    notes: tuple[str, ...] = ()
 
 
 def journal_source(
@@ -265,7 +274,14 @@ def journal_source(
         sweep_stale_temps(folder, recursive=True)
     done_rows = journal.read()
     done = set(done_rows["key"]) if len(done_rows) else set()
-    pending = [e for e in entries if _key(e.source, e.source_ref) not in done]
+    # a source's reject is not final: a file missing last time may be there now
+    redo = set(done_rows["key"][done_rows["stage"] == "source"]) if "stage" in done_rows else set()
+    pending = [
+        e
+        for e in entries
+        if (key := _key(e.source, e.source_ref)) not in done
+        or (key in redo and isinstance(e, RawItem))
+    ]
     resumed = len(entries) - len(pending)
     if resumed:
         log.info("ingest %s: resuming, %d of %d items already done", spec, resumed, len(entries))
@@ -291,6 +307,8 @@ def journal_source(
         keys=[_key(e.source, e.source_ref) for e in entries],
         journal=journal.folder,
         resumed=resumed,
+        errors=tuple(getattr(source, "errors", ())),
+        notes=tuple(getattr(source, "notes", ())),
     )
 
 
@@ -317,8 +335,9 @@ def ingest(
     with file_lock(paths.state / "ingest.lock"):
         report = finalize(rows, order, paths, spec=spec, source=job.source)
     return IngestReport(
-        **{**report.__dict__, "resumed": job.resumed, "seconds": time.perf_counter() - t0}
-    )
+        **{**report.__dict__, "resumed": job.resumed, "seconds": time.perf_counter() - t0,
+           "errors": job.errors, "notes": job.notes}
+    )  # fmt: skip
 
 
 def _timestamps(values: pd.Series) -> pd.Series:
@@ -332,8 +351,15 @@ def empty_manifest() -> pd.DataFrame:
 
 
 def normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
-    """Contract dtypes and column order of `data/processed/manifest.parquet`."""
-    out = df[MANIFEST_COLUMNS].copy()
+    """Contract dtypes and column order of `data/processed/manifest.parquet`.
+
+    Optional attribute columns (`ATTRIBUTE_COLUMNS`) follow the contract ones, each only when
+    some row has a value.
+    """
+    attributes = [c for c in ATTRIBUTE_COLUMNS if c in df and df[c].notna().any()]
+    out = df[MANIFEST_COLUMNS + attributes].copy()
+    for col in attributes:
+        out[col] = out[col].astype(attribute_dtype(col))
     for col in ("image_id", "path", "sha256", "source", "source_ref"):
         out[col] = out[col].astype("str")
     for col in ("lat", "lon"):
@@ -356,13 +382,23 @@ def _value(row: dict[str, Any], col: str) -> Any:
     return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
 
 
+def _attribute_columns(records: list[dict[str, Any]]) -> list[str]:
+    present = {key for rec in records for key in rec}
+    return [c for c in ATTRIBUTE_COLUMNS if c in present]
+
+
 def finalize(
     rows: pd.DataFrame, order: dict[str, int], paths: DataPaths, *, spec: str, source: str
 ) -> IngestReport:
     """Deduplicate this job's rows in source order and merge them into manifest + rejects."""
     if rows.empty:  # nothing listed or nothing journaled yet: an empty, valid result
         rows = pd.DataFrame(columns=["key", "source", "source_ref", "status"])
-    rows = rows[rows["key"].isin(order.keys())].drop_duplicates("key")
+    # a source reject no longer listed (a zip repaired since) leaves rejects.parquet too
+    from_source = rows["stage"] == "source" if "stage" in rows else False
+    gone = rows[from_source & ~rows["key"].isin(order.keys())]
+    gone_refs = set(zip(gone["source"], gone["source_ref"], strict=True))
+    # the last journal row of a key wins: source verdicts are redone on every run
+    rows = rows[rows["key"].isin(order.keys())].drop_duplicates("key", keep="last")
     rows = rows.assign(_order=rows["key"].map(order)).sort_values("_order", kind="stable")
     job_refs = set(zip(rows["source"], rows["source_ref"], strict=True))
     base = read_processed_manifest(paths)
@@ -407,13 +443,15 @@ def finalize(
                 "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
                 "sequence_id": _value(row, "sequence_id"),
             }
+            | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
         )
-    new = normalise_manifest(pd.DataFrame(accepted, columns=MANIFEST_COLUMNS))
-    manifest = pd.concat([normalise_manifest(base), new], ignore_index=True) if len(base) else new
+    new = pd.DataFrame(accepted, columns=MANIFEST_COLUMNS + _attribute_columns(accepted))
+    both = pd.concat([base, new], ignore_index=True) if len(base) else new
+    manifest = normalise_manifest(both)
     manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
     write_parquet(paths.processed_manifest, manifest)
     refused_df = pd.DataFrame(refused, columns=R.COLUMNS)
-    R.merge_rejects(paths.rejects, refused_df, job_refs)
+    R.merge_rejects(paths.rejects, refused_df, job_refs | gone_refs)
     reasons = Counter(r["reason"] for r in refused if r["reason"] != R.DUPLICATE)
     read = len(rows)
     report = IngestReport(

@@ -22,6 +22,7 @@ from PIL import ExifTags, Image
 from geoloc.atomic import temp_path
 from geoloc.data import rejects as R
 from geoloc.data.decode import Rejected, decode_image_exif
+from geoloc.data.sources.archive import read_bytes
 
 JPEG_QUALITY = 95
 
@@ -37,6 +38,7 @@ class ProcessTask:
     processed_root: str
     max_side: int
     max_pixels: int
+    member: str | None = None  # a member of the zip at `path`, read in place
 
 
 def _ratio(value: Any) -> float:
@@ -113,7 +115,7 @@ def process_one(task: ProcessTask) -> dict[str, Any]:
     row: dict[str, Any] = {"key": task.key}
     try:
         try:
-            data = Path(task.path).read_bytes()
+            data = read_bytes(task.path, task.member)
         except OSError as exc:
             raise Rejected(R.CORRUPT, f"unreadable: {exc}") from exc
         jpeg, width, height, exif = clean_image(data, task.max_side, task.max_pixels)

@@ -1,9 +1,11 @@
 """The `manifest` source: a CSV or Parquet table of id, latitude, longitude and image path/URL.
 
 Column spellings of the common datasets are accepted (OSV-5M `id/latitude/longitude`, MP-16
-`IMG_ID/LAT/LON`, ...) and normalised by `read_manifest`, which the S3 source reuses. Local
-paths are resolved against the manifest's folder and may not escape it (`../`); http(s) URLs
-are fetched during ingestion with timeouts and retries.
+`IMG_ID/LAT/LON`, ...) and normalised by `read_manifest`, which the S3 source and the published
+layouts (`osv5m`, `mp16`) reuse. Local paths are resolved against the manifest's folder and may
+not escape it (`../`). A file on disk always wins over a URL: http(s) URLs are fetched only with
+the `fetch_urls` option, and then stop the ingest with one line when the network is down
+(`geoloc.data.sources.urls`); without it a row with no file is a `missing_file` reject.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import pandas as pd
 
+from geoloc.data.attributes import ATTRIBUTE_ALIASES, parse_attribute, present_values
 from geoloc.data.rejects import (
     DUPLICATE_ID,
     MALFORMED_ROW,
@@ -27,16 +29,22 @@ from geoloc.data.rejects import (
     PATH_ESCAPE,
     coords_problem,
 )
-from geoloc.data.sources import FetchError, RawItem, SourceReject, register_source
+from geoloc.data.sources import RawItem, SourceReject, register_source
+from geoloc.data.sources.urls import HostBreaker, http_fetcher
 from geoloc.errors import DataError
 
 log = logging.getLogger(__name__)
 
 ROW_ERROR = "row_error"
 COORDS_TEXT = "coords_text"
-COLUMNS = ["image_id", "lat", "lon", "image", "captured_at", "sequence_id", COORDS_TEXT, ROW_ERROR]
-"""Normalised columns; `coords_text` keeps coordinates as written when they are not numbers,
-`row_error` says why a row could not be read as a row (e.g. too many fields)."""
+COLUMNS = [
+    "image_id", "lat", "lon", "image", "url", "captured_at", "sequence_id", COORDS_TEXT, ROW_ERROR
+]  # fmt: skip
+"""Normalised columns; `image` is the path column (else a URL column, else the id), `url` the
+first URL column; `coords_text` keeps coordinates as written when they are not numbers,
+`row_error` says why a row could not be read as a row (e.g. too many fields). Attribute columns
+(`geoloc.data.attributes`) follow when the table has them."""
+_URL_SPELLINGS = ("url", "image_url", "thumb_1024_url", "thumb_original_url", "download_url")
 
 # normalised name -> accepted spellings (compared case-insensitively), first match wins
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -52,16 +60,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "filename",
         "file_name",
         "url",
-        "image_url",
-        "thumb_1024_url",
-        "thumb_original_url",
+        *_URL_SPELLINGS[1:],
     ),
+    "url": _URL_SPELLINGS,
     "captured_at": ("captured_at", "timestamp", "datetime", "date_taken", "taken_at", "date"),
     "sequence_id": ("sequence_id", "sequence", "seq_id", "sequence_key", "seq_key"),
 }
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".parquet", ".pq")
-HTTP_TIMEOUT_S = (5.0, 30.0)
-HTTP_RETRIES = 3
 
 
 def _is_parquet(name: str) -> bool:
@@ -148,7 +153,7 @@ def read_manifest(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataF
         )
     n = len(raw)
     out = pd.DataFrame(index=range(n))
-    for key in COLUMNS[:6]:
+    for key in COLUMNS[:7]:
         col = found[key]
         values = raw[col].tolist() if col is not None else [None] * n
         if key in ("lat", "lon"):
@@ -167,12 +172,34 @@ def read_manifest(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataF
     out[COORDS_TEXT] = _coords_text(raw[found["lat"]], raw[found["lon"]], out["lat"], out["lon"])
     errors = raw[ROW_ERROR].tolist() if ROW_ERROR in raw else [None] * n
     out[ROW_ERROR] = pd.Series([None if pd.isna(v) else str(v) for v in errors], dtype=object)
+    for name, spellings in ATTRIBUTE_ALIASES.items():
+        col = _find(cols, spellings)
+        if col is not None:
+            out[name] = parse_attribute(name, raw[col].reset_index(drop=True))
     return out
 
 
-def _coords_text(
-    lat_in: pd.Series, lon_in: pd.Series, lat: pd.Series, lon: pd.Series
-) -> pd.Series:
+def table_columns(path: Path) -> list[str]:
+    """The column names of a CSV/TSV/Parquet table, read from its header only ([] if none)."""
+    name = path.name.lower()
+    try:
+        if _is_parquet(name):
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        sep = "\t" if name.endswith(".tsv") else ","
+        return [str(c) for c in pd.read_csv(path, sep=sep, nrows=0).columns]
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return []
+
+
+def has_columns(columns: list[str], *spellings: str) -> bool:
+    """Whether every one of `spellings` is among `columns` (case-insensitively)."""
+    lower = {c.lower().strip() for c in columns}
+    return all(s.lower() in lower for s in spellings)
+
+
+def _coords_text(lat_in: pd.Series, lon_in: pd.Series, lat: pd.Series, lon: pd.Series) -> pd.Series:
     """`lat='abc', lon='10'` where a coordinate as written is not a number, else None."""
 
     def unparsed(given: pd.Series, parsed: pd.Series) -> pd.Series:
@@ -187,31 +214,7 @@ def _coords_text(
     return pd.Series(text, dtype=object)
 
 
-def http_fetcher(url: str, retries: int = HTTP_RETRIES) -> Callable[[], bytes]:
-    """A `fetch()` for one URL: timeouts, retries with backoff on errors, 429 and 5xx."""
-
-    def fetch() -> bytes:
-        import requests
-
-        last = ""
-        for attempt in range(retries):
-            try:
-                resp = requests.get(url, timeout=HTTP_TIMEOUT_S)
-            except requests.RequestException as exc:
-                last = f"{url}: {type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 200:
-                    return resp.content
-                last = f"{url}: HTTP {resp.status_code}"
-                if resp.status_code != 429 and resp.status_code < 500:
-                    break  # 404 and friends will not get better
-            time.sleep(min(0.2 * 2**attempt, 2.0))
-        raise FetchError("unreachable", last)
-
-    return fetch
-
-
-def _raw_name(image_id: str | None, url: str) -> str:
+def url_raw_name(image_id: str | None, url: str) -> str:
     """`<id or url stem>-<hash of the url><ext>`: readable, and never shared by two URLs.
 
     A fetched file is reused on resume when its name exists, so two URLs must never map to one
@@ -225,13 +228,22 @@ def _raw_name(image_id: str | None, url: str) -> str:
     return f"{safe}-{digest}{suffix}"
 
 
+def is_url(text: str | None) -> bool:
+    return text is not None and text.lower().startswith(("http://", "https://"))
+
+
 @dataclass(frozen=True)
 class ManifestRow:
     """A manifest row that passed the checks every manifest shares."""
 
     ref: str  # `<manifest>:<1-based row>:<image>`
     image: str  # the image column: a path, key or URL
-    fields: dict[str, Any]  # RawItem fields: image_id, lat, lon, captured_at, sequence_id
+    fields: dict[str, Any]  # RawItem fields: image_id, lat, lon, captured_at, sequence_id, ...
+    url: str | None = None  # a URL column beside the path (fetched only with `fetch_urls`)
+
+
+def _attributes(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c in ATTRIBUTE_ALIASES]
 
 
 def checked_rows(
@@ -241,6 +253,7 @@ def checked_rows(
     and an image; every other row as a reject with its reason. Local and S3 manifests share it,
     so a bad row gets the same reason wherever the manifest lives."""
     ids_seen: set[str] = set()
+    attributes = _attributes(table)
     for i, row in enumerate(table.itertuples(index=False)):
         image = row.image
         ref = f"{manifest_ref}:{i + 1}" + (f":{image}" if image is not None else "")
@@ -267,21 +280,33 @@ def checked_rows(
             "lon": float(row.lon),
             "captured_at": row.captured_at,
             "sequence_id": row.sequence_id,
+            "attributes": present_values({a: getattr(row, a) for a in attributes}),
         }
-        yield ManifestRow(ref=ref, image=image, fields=fields)
+        yield ManifestRow(ref=ref, image=image, fields=fields, url=row.url)
 
 
 class ManifestSource:
-    """Rows of a manifest as `RawItem`s; bad rows as `SourceReject`s with a reason."""
+    """Rows of a manifest as `RawItem`s; bad rows as `SourceReject`s with a reason.
+
+    Each row's image is looked for on disk first: its path, or for a URL or a bare id,
+    `<id>`, `<id>.jpg` and `images/<id>.jpg` beside the manifest. Its URL is fetched only when
+    that finds nothing and `fetch_urls` is set.
+    """
 
     name = "manifest"
 
-    def __init__(self, path: Path, base_dir: Path | None = None) -> None:
+    def __init__(self, path: Path, base_dir: Path | None = None, fetch_urls: bool = False) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise DataError(f"manifest '{path}' is a folder, not a CSV/Parquet file")
         if not self.path.is_file():
             raise DataError(f"manifest '{path}' does not exist")
         self.base_dir = Path(base_dir) if base_dir else self.path.parent
+        self.fetch_urls = bool(fetch_urls)
         self.table = read_manifest(self.path, self.path.name)
+        self.breaker = HostBreaker(disk_hint=self.base_dir)
+        self.notes: list[str] = []
+        self._not_fetched = 0
 
     def _local(self, image: str) -> Path | None:
         """The resolved local path, or None when it escapes the manifest's folder."""
@@ -295,29 +320,58 @@ class ManifestSource:
             return [image]
         return [image, f"{image}.jpg", f"images/{image}.jpg"]
 
+    def _on_disk(self, row: ManifestRow) -> Path | SourceReject | None:
+        """The row's file, a `path_escape` reject, or None when nothing is on disk."""
+        if is_url(row.image):
+            image_id = row.fields["image_id"]
+            names = self._candidates(image_id) if image_id else []
+            found = [p for p in map(self._local, names) if p is not None and p.is_file()]
+            return found[0] if found else None
+        resolved = [self._local(c) for c in self._candidates(row.image)]
+        if resolved[0] is None:
+            detail = f"'{row.image}' escapes the folder {self.base_dir}"
+            return SourceReject(self.name, row.ref, PATH_ESCAPE, detail)
+        return next((p for p in resolved if p is not None and p.is_file()), None)
+
+    def _missing(self, row: ManifestRow) -> SourceReject:
+        url = row.url or (row.image if is_url(row.image) else None)
+        where = row.fields["image_id"] if is_url(row.image) else row.image
+        detail = f"'{where}' does not exist under {self.base_dir}"
+        if url is not None:
+            self._not_fetched += 1
+            detail += "; its URL is fetched only with --fetch-urls (option fetch_urls=true)"
+        return SourceReject(self.name, row.ref, MISSING_FILE, detail)
+
     def items(self) -> Iterator[RawItem | SourceReject]:
         # refs: the file as given + 1-based data row (+ the image column)
         for row in checked_rows(self.table, self.path.as_posix(), self.name):
             if isinstance(row, SourceReject):
                 yield row
                 continue
-            ref, image = row.ref, row.image
-            common = dict(source=self.name, source_ref=ref, **row.fields)
-            if image.lower().startswith(("http://", "https://")):
-                raw_name = _raw_name(row.fields["image_id"], image)
-                yield RawItem(**common, fetch=http_fetcher(image), raw_name=raw_name)
+            found = self._on_disk(row)
+            if isinstance(found, SourceReject):
+                yield found
                 continue
-            resolved = [self._local(c) for c in self._candidates(image)]
-            if resolved[0] is None:
-                yield SourceReject(
-                    self.name, ref, PATH_ESCAPE, f"'{image}' escapes the folder {self.base_dir}"
-                )
+            common = dict(source=self.name, source_ref=row.ref, **row.fields)
+            if found is not None:
+                yield RawItem(**common, local_path=found)
                 continue
-            existing = [p for p in resolved if p is not None and p.is_file()]
-            if not existing:
-                yield SourceReject(self.name, ref, MISSING_FILE, f"'{image}' does not exist")
+            url = row.url or (row.image if is_url(row.image) else None)
+            if url is not None and self.fetch_urls:
+                raw_name = url_raw_name(row.fields["image_id"], url)
+                yield RawItem(**common, fetch=http_fetcher(url, breaker=self.breaker),
+                              raw_name=raw_name)  # fmt: skip
                 continue
-            yield RawItem(**common, local_path=existing[0])
+            yield self._missing(row)
+        if self._not_fetched:
+            self.notes.append(url_hint(self._not_fetched))
+
+
+def url_hint(count: int) -> str:
+    return (
+        f"{count} row(s) have no image on disk but a URL: pass --fetch-urls "
+        "(option fetch_urls=true) to download them"
+    )
 
 
 def _is_manifest_spec(spec: str) -> bool:
@@ -326,9 +380,12 @@ def _is_manifest_spec(spec: str) -> bool:
 
 
 @register_source("manifest", _is_manifest_spec)
-def create_manifest_source(spec: str, base_dir: str | None = None, **_: object) -> ManifestSource:
-    """`path/to/manifest.csv` (or .parquet); `base_dir` overrides where relative paths live."""
-    return ManifestSource(Path(spec), Path(base_dir) if base_dir else None)
+def create_manifest_source(
+    spec: str, base_dir: str | None = None, fetch_urls: bool = False, **_: object
+) -> ManifestSource:
+    """`path/to/manifest.csv` (or .parquet); `base_dir` overrides where relative paths live;
+    `fetch_urls` downloads the URL of a row with no file on disk."""
+    return ManifestSource(Path(spec), Path(base_dir) if base_dir else None, fetch_urls)
 
 
 def read_manifest_bytes(data: bytes, name: str) -> pd.DataFrame:

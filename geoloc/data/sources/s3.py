@@ -31,9 +31,9 @@ from geoloc.data.sources.folder import IMAGE_SUFFIXES
 from geoloc.data.sources.manifest import (
     MANIFEST_SUFFIXES,
     checked_rows,
-    http_fetcher,
     read_manifest_bytes,
 )
+from geoloc.data.sources.urls import http_fetcher
 from geoloc.data.state import stable_hash
 from geoloc.errors import DataError
 from geoloc.integrations import s3 as storage
