@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from geoloc.runs.breakdown import error_breakdowns
 from geoloc.runs.formatting import NO_FAVICON, NUM_CELL_CSS, STATUS_CSS, fmt
 from geoloc.runs.formatting import escape_html as _e
 from geoloc.runs.inputs import RunInputs
@@ -147,6 +148,7 @@ def render_dashboard(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
         else:
             parts.append(f'<p class="note">{_e(p.spec.title)}: not available ({_e(p.reason)})</p>')
     parts += _confused_section(inputs)
+    parts += _breakdown_section(inputs)
     parts.append("<h2>Rerank evaluation (test)</h2>")
     if inputs.rerank is not None:
         parts.append(_html_table(*rerank_cells(inputs.rerank), "rerank"))
@@ -171,4 +173,18 @@ def _confused_section(inputs: RunInputs) -> list[str]:
         "predicted as another, cells named after the largest nearby city.</p>"
     )
     out.append(_html_table(*confused_cells(pairs), "confused"))
+    return out
+
+
+def _breakdown_section(inputs: RunInputs) -> list[str]:
+    """Error by continent and by country, when the index has a country per image."""
+    found = error_breakdowns(inputs)
+    if not found.tables:
+        return [f'<p class="note">{_e(found.note)}</p>'] if found.note else []
+    out = []
+    for i, table in enumerate(found.tables):
+        anchor = table.title.lower().replace(" ", "-")
+        out.append(f'<h2 id="{_e(anchor)}">{_e(table.title)}</h2>')
+        out += [f"<p>{_e(found.note)}</p>"] if i == 0 else []
+        out.append(_html_table(table.header, table.rows, "breakdown"))
     return out

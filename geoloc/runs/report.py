@@ -15,6 +15,7 @@ from typing import Any
 
 from geoloc.atomic import write_text
 from geoloc.errors import GeolocError
+from geoloc.runs.breakdown import error_breakdowns
 from geoloc.runs.dashboard import render_dashboard
 from geoloc.runs.formatting import EMPTY, fmt
 from geoloc.runs.inputs import RunInputs, load_run_inputs
@@ -85,6 +86,7 @@ def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
         lines += _md_table(*confused_cells(pairs)) + [""]
     else:
         lines += ["_No mistakes to show._", ""]
+    lines += _breakdown_lines(inputs)
     lines += ["## Rerank evaluation (test)", ""]
     if inputs.rerank is not None:
         lines += _md_table(*rerank_cells(inputs.rerank))
@@ -109,6 +111,18 @@ def _result_lines(inputs: RunInputs) -> list[str]:
     body = [(r.label, fmt_metric(r.reranked, r.kind), fmt_metric(r.model, r.kind)) for r in rows]
     note = [f"After rerank (`{variant}`, chosen on val) is what `geoloc predict` serves.", ""]
     return note + _md_table(["test metric", f"after rerank ({variant})", "model alone"], body)
+
+
+def _breakdown_lines(inputs: RunInputs) -> list[str]:
+    """Error by continent and by country, when the index has a country per image."""
+    found = error_breakdowns(inputs)
+    if not found.tables:
+        return [f"> {_md_escape(found.note)}", ""] if found.note else []
+    lines: list[str] = []
+    for i, table in enumerate(found.tables):
+        lines += [f"## {table.title}", ""] + ([_md_escape(found.note), ""] if i == 0 else [])
+        lines += _md_table(table.header, table.rows) + [""]
+    return lines
 
 
 def refresh_summary_artifacts(run_dir: Path) -> None:
