@@ -292,3 +292,40 @@ def test_flat_checkpoints_from_before_the_head_registry_still_load() -> None:
     fresh.load_state_dict(old)
     assert torch.equal(fresh.head.classifier.weight, model.head.classifier.weight)
     assert torch.equal(fresh.head.parent.weight, model.head.parent.weight)
+
+
+def test_rerank_chooses_the_fewest_parents_that_score_best_on_val(grid: LabelSpace) -> None:
+    """The factorised head's k is chosen on val: one parent is not enough when the parent head
+    ranks the true parent second; two are, and more change nothing (so two win the tie)."""
+    from geoloc.infer.outputs import SplitOutputs
+    from geoloc.infer.tuning import choose_topk_parents
+
+    rng = np.random.default_rng(0)
+    table = child_table(grid.parent_of, grid.num_parents)
+    n, scored = 60, 5
+    y = rng.integers(0, grid.num_classes, n)
+    true_parent = grid.parent_of[y]
+    parent_logits = np.full((n, grid.num_parents), -5.0, dtype=np.float32)
+    child_parents = np.zeros((n, scored), dtype=np.int64)
+    for i in range(n):
+        # wrong parents with several children: each of them gets a low P(child | parent)
+        others = [p for p in range(grid.num_parents)
+                  if p != true_parent[i] and table.mask[p].sum() >= 4]  # fmt: skip
+        wrong = rng.choice(others, size=scored - 1, replace=False)
+        tricky = i % 2 == 0  # the parent head prefers a wrong parent, narrowly
+        order = [wrong[0], true_parent[i], *wrong[1:]] if tricky else [true_parent[i], *wrong]
+        child_parents[i] = order
+        parent_logits[i, order[0]], parent_logits[i, order[1]] = 1.0, 0.8
+    child_logits = np.where(table.mask[child_parents], 0.0, -np.inf).astype(np.float32)
+    slot = np.flatnonzero(child_parents == true_parent[:, None]) % scored
+    child_logits[np.arange(n), slot, table.slot_of[y]] = 5.0
+    val = SplitOutputs(
+        logits=None, parent_logits=parent_logits, embeddings=np.zeros((n, 4), np.float32),
+        labels=y, lat=grid.lat[y] + 1e-3, lon=grid.lon[y], image_ids=np.arange(n).astype(str),
+        child_logits=child_logits, child_parents=child_parents,
+        child_classes=table.children[child_parents],
+    )  # fmt: skip
+    k, k_table = choose_topk_parents(val, grid)
+    assert k == 2
+    top1 = dict(zip(k_table["k"], k_table["top1"], strict=True))
+    assert top1[1] == pytest.approx(0.5) and top1[2] == top1[5] == 1.0
