@@ -104,6 +104,14 @@ def test_rerank_chooses_the_number_of_parents_on_val(r7_run: Path) -> None:
     assert (RunPaths(r7_run).data / "outputs_val.npz").is_file()
 
 
+def test_factorised_run_resumes_from_its_checkpoint(r7_index: DataPaths) -> None:
+    cfg = load_config("r7", {**TINY_R7, "index_dir": str(r7_index.index), "epochs": 1})
+    run_dir = train_run(cfg, progress=False)
+    longer = load_config("r7", {**TINY_R7, "index_dir": str(r7_index.index), "epochs": 2})
+    resumed = train_run(longer, resume=run_dir, progress=False)
+    assert resumed == run_dir and read_summary(run_dir)["epochs_completed"] == 2
+
+
 # ------------------------------------------------------------------------------------------
 # bad input: refused before any training step, naming the setting and the fix
 # ------------------------------------------------------------------------------------------

@@ -190,7 +190,9 @@ class FactorisedHead(nn.Module):
         error_msgs = args[-1]
         for name in ("child_index", "slot_of"):
             saved, mine = state_dict.get(prefix + name), getattr(self, name)
-            if saved is not None and saved.shape == mine.shape and not torch.equal(saved, mine):
+            if saved is not None and saved.shape == mine.shape and not torch.equal(
+                saved.to(mine.device), mine
+            ):
                 error_msgs.append(
                     f"{prefix}{name}: the checkpoint's parent/child layout is not this label "
                     "space's"
