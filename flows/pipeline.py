@@ -56,18 +56,21 @@ def main() -> None:
     with `make up` running, the flow run shows in the Prefect UI."""
     import os
 
+    from geoloc.errors import redact
     from geoloc.paths import aggregate_dir
 
     result = pipeline()
     run = result["run"]
     board = aggregate_dir() / "dashboard.html"
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    tracking_uri = redact(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     lines = [
         "",
         f"run:          {run['run_dir']} ({run['status']})",
         f"dashboard:    {run.get('dashboard') or 'not written'}",
         f"report:       {Path(run['run_dir']) / 'REPORT.md'}",
         f"leaderboard:  {board}",
+        f"over HTTP:    .venv/bin/geoloc serve  (http://127.0.0.1:8765/{Path(run['run_dir']).name}"
+        "/dashboard.html, http://127.0.0.1:8765/_aggregate/dashboard.html)",
         f"MLflow UI:    make mlflow-ui   (tracking store {tracking_uri}; http://127.0.0.1:5000)",
         "Prefect UI:   make up          (server, work pool, deployments and a worker;"
         " http://127.0.0.1:4200)",

@@ -68,3 +68,21 @@ def test_cli_train_prints_one_line_per_epoch_at_the_default_log_level(
     assert f"run {run_dir.name}: " in err  # which run, before the first epoch
     assert re.search(rf"run {run_dir.name}: test top-1 [\d.]+%, median [\d,.]+ km", err)
     assert "INFO" not in err  # progress lines, not the other INFO logs
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_the_user_says_otherwise(
+    given: str | None, expected: str
+) -> None:
+    """Spinning OpenMP threads made epochs ~14-40x slower on a busy 2-core machine."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    # set on `import geoloc`, before torch loads the OpenMP runtime (which reads it once)
+    code = "import geoloc, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == [expected, "False"], out.stderr

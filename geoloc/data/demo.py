@@ -28,9 +28,9 @@ from typing import Literal
 import numpy as np
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
-from tqdm import tqdm
 
 from geoloc.atomic import temp_path, write_json
+from geoloc.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def make_demo(
     else:
         lat, lon, n_cities = sample_locations(n, seed, sigma_deg, min_population)
     image = blue_marble()
-    for i in tqdm(range(n), desc="demo images", unit="img", leave=False):
+    for i in track(range(n), desc="demo images", unit="img"):  # bars only in a terminal
         data = encode_demo_image(crop_at(image, lat[i], lon[i]), float(lat[i]), float(lon[i]))
         _write_if_changed(out_dir / f"demo_{i:06d}.jpg", data)
     for stale in out_dir.glob("demo_*.jpg"):

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
 from geoloc.atomic import sweep_stale_temps, temp_path, write_parquet
 from geoloc.config import IndexConfig
@@ -32,6 +31,7 @@ from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, file_lock, maybe_fault, stable_hash
 from geoloc.errors import DataError
 from geoloc.paths import DataPaths
+from geoloc.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def journal_source(
     """List `spec` and fetch + process what its journal does not hold yet (resumable)."""
     resolved = _resolve_spec(spec, paths)
     source = create_source(resolved, **source_options)
-    entries = list(tqdm(source.items(), desc=f"listing {spec}", unit="item", leave=False))
+    entries = list(track(source.items(), desc=f"listing {spec}", unit="item"))
     journal = Journal(paths.state / "ingest" / job_id(resolved, cfg, source_options))
     if fresh:
         journal.clear()
@@ -287,7 +287,9 @@ def journal_source(
         log.info("ingest %s: resuming, %d of %d items already done", spec, resumed, len(entries))
     runner = _Runner(paths, cfg)
     try:
-        with tqdm(total=len(entries), initial=resumed, desc=f"ingest {spec}", unit="img") as bar:
+        # a bar in a terminal, log lines under an orchestrator (no terminal)
+        with track(total=len(entries), initial=resumed, desc=f"ingest {spec}", unit="img",
+                   leave=True) as bar:  # fmt: skip
             chunks = list(_chunks(pending, chunk_size))
             downloads = runner.prefetch(chunks[0]) if chunks else {}
             for i, chunk in enumerate(chunks):
