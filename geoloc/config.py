@@ -56,6 +56,10 @@ class IndexConfig(_Strict):
     test_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Share of images in test.")
     seed: int = Field(0, description="Seed of the split.")
     max_side: int = Field(512, ge=16, description="Processed images are resized to this max side.")
+    shard_size_mb: int = Field(
+        256, ge=1, le=4096,
+        description="Processed images are stored in tar shards of about this many MiB.",
+    )  # fmt: skip
     workers: int = Field(2, ge=1, description="Processes for image processing.")
     max_pixels: int = Field(
         89_478_485, ge=1, description="Refuse images above this many pixels (decompression bombs)."
@@ -167,6 +171,26 @@ class TrainConfig(_Strict):
     image_size: int = Field(64, ge=16, description="Model input side in pixels.")
     augment: bool = Field(True, description="Random flips/colour jitter on train images.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    cache_mb: int = Field(
+        1024, ge=0,
+        description="Splits whose decoded pixels fit in this many MiB are decoded once into "
+        "memory (random access, hard negatives); larger ones stream from their shards.",
+    )  # fmt: skip
+    shuffle_buffer: int = Field(
+        4096, ge=1,
+        description="Streamed splits: images each loader worker holds to shuffle the "
+        "sequential shard stream (a row leaves within this many reads).",
+    )  # fmt: skip
+    shards_url: str | None = Field(
+        None,
+        description="Read image shards from this pushed index (s3://bucket/prefix, as "
+        "`geoloc s3 push --index` wrote it) instead of data/processed/shards/.",
+    )
+    checkpoint_every_steps: int = Field(
+        1000, ge=0,
+        description="Also save checkpoints/last.pt every N steps inside an epoch, so a killed "
+        "run resumes mid-epoch (0: only at epoch ends).",
+    )  # fmt: skip
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     amp: bool = Field(
         True, description="Mixed precision (autocast) on CUDA; on CPU only with amp_dtype=bf16."

@@ -44,7 +44,7 @@ def write_manifest(paths: DataPaths, lat, lon, sequence_id=None) -> pd.DataFrame
             "captured_at": None,
             "sequence_id": sequence_id if sequence_id is not None else [None] * n,
         }
-    )[MANIFEST_COLUMNS]
+    ).reindex(columns=MANIFEST_COLUMNS)  # no image files: no shard columns either
     write_parquet(paths.processed_manifest, normalise_manifest(df))
     return df
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from geoloc.config import IndexConfig
+from geoloc.data.imagestore import ImageLocations
 from geoloc.data.ingest import MANIFEST_COLUMNS, ingest
 from geoloc.paths import DataPaths
 
@@ -60,12 +62,14 @@ def test_folder_ingest_reads_exif_gps_recursively_into_the_manifest(photo_folder
     assert m["image_id"].is_unique and set(m["source"]) == {"folder"}
     tokyo = m[m["source_ref"].str.endswith("c.webp")].iloc[0]
     assert (tokyo["lat"], tokyo["lon"]) == pytest.approx((35.7, 139.7), abs=1e-5)
-    for row in m.itertuples():
-        stored = paths.root / row.path
-        assert stored.name == f"{row.sha256}.jpg" and stored.parent.name == row.sha256[:2]
-        with Image.open(stored) as im:
+    stored = ImageLocations(m, paths.root)
+    for i, row in enumerate(m.itertuples()):
+        # one tar shard holds them; each member is named by its content
+        assert row.path == f"processed/shards/{row.shard}" and row.member == f"{row.sha256}.jpg"
+        with Image.open(io.BytesIO(stored.read(i))) as im:
             assert im.format == "JPEG" and im.mode == "RGB"
             assert (im.width, im.height) == (row.width, row.height)
+    assert m["shard"].nunique() == 1
 
 
 @pytest.mark.parametrize(
@@ -83,8 +87,8 @@ def test_any_colour_mode_becomes_rgb(tmp_path: Path, write_image, mode: str, fmt
     write_image(tmp_path / "in" / f"x.{fmt.lower()}", 10.0, 20.0, mode=mode, fmt=fmt)
     paths = _paths()
     assert ingest(str(tmp_path / "in"), paths, CFG).accepted == 1
-    path = pd.read_parquet(paths.processed_manifest)["path"].iloc[0]
-    with Image.open(paths.root / path) as im:
+    stored = ImageLocations(pd.read_parquet(paths.processed_manifest), paths.root)
+    with Image.open(io.BytesIO(stored.read(0))) as im:
         assert im.mode == "RGB"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 
 from geoloc.cli import main
+from geoloc.data.imagestore import ImageLocations
 from geoloc.errors import GeolocError
 from geoloc.infer.predict import OUTPUT_COLUMNS, Predictor, collect_images, write_predictions
 from geoloc.paths import DataPaths
@@ -21,9 +21,10 @@ def photo_folder(demo_index: DataPaths, tmp_path: Path) -> Path:
     """Five demo photos in nested folders, a corrupt .jpg, and a text file (not an image)."""
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    images = sorted(demo_index.processed.rglob("*.jpg"))[:5]
-    for i, src in enumerate(images):
-        shutil.copy(src, (folder / ("sub" if i % 2 else "")) / f"img{i}.jpg")
+    manifest = pd.read_parquet(demo_index.processed_manifest).sort_values("sha256")
+    stored = ImageLocations(manifest.reset_index(drop=True), demo_index.root)  # tar shards
+    for i in range(5):
+        ((folder / ("sub" if i % 2 else "")) / f"img{i}.jpg").write_bytes(stored.read(i))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (folder / "notes.txt").write_text("not a photo")
     return folder

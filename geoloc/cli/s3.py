@@ -1,7 +1,14 @@
-"""`geoloc s3 push|pull`: mirror a run directory or the data index to S3-compatible storage."""
+"""`geoloc s3 push|pull`: mirror a run directory or the data index to S3-compatible storage.
+
+An index travels with its images: `push --index URL` uploads `data/index/` to `URL/` and the
+tar shards its images.parquet reads from to `URL/shards/`; `pull --index URL` brings both back
+(`data/index/`, `data/processed/shards/`), or the index alone with `--no-images` (then train
+with `train.shards_url=URL` to stream the images from the bucket).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +36,10 @@ ThresholdOption = Annotated[
     int, typer.Option("--multipart-threshold-mb", min=1, help="Multipart above this size (MiB).")
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, help="Files in flight at once.")]
+NoImagesFlag = Annotated[
+    bool,
+    typer.Option("--no-images", help="With --index: leave the image shards out of the transfer."),
+]
 
 
 def _split_args(args: list[str], index: bool, verb: str, usage: str) -> tuple[str | None, str]:
@@ -66,8 +77,9 @@ def _print_report(verb: str, src: str, dst: str, report: object) -> None:
 
 
 def _transfer(
-    verb: str, src: str, dst: str, endpoint_url: str | None, threshold_mb: int, workers: int
-) -> None:
+    verb: str, src: str, dst: str, endpoint_url: str | None, threshold_mb: int, workers: int,
+    keep: Callable[[str], bool] | None = None,
+) -> None:  # fmt: skip
     """Run push (src local, dst S3) or pull (src S3, dst local) and print the counts, also
     the partial ones when it fails midway."""
     from geoloc.integrations import s3 as storage
@@ -81,6 +93,7 @@ def _transfer(
             multipart_threshold=threshold_mb * 1024 * 1024,
             workers=workers,
             progress=True,
+            keep=keep,
         )
     except storage.StorageError as exc:
         if exc.report is not None:
@@ -96,16 +109,33 @@ def push(
     endpoint_url: EndpointOption = None,
     multipart_threshold_mb: ThresholdOption = 64,
     workers: WorkersOption = 4,
+    no_images: NoImagesFlag = False,
 ) -> None:
-    """Upload RUN_DIR (a path or a run id) or --index to s3://bucket/prefix.
+    """Upload RUN_DIR (a path or a run id) or --index (with its image shards) to
+    s3://bucket/prefix.
 
     Files whose content is already there (same sha256) are skipped.
     """
     local, url = _split_args(args, index, "push", "geoloc s3 push RUN_DIR|--index s3://b/prefix")
-    src = DataPaths.default().index if local is None else _run_dir(local)
+    paths = DataPaths.default()
+    src = paths.index if local is None else _run_dir(local)
     if local is None and not src.is_dir():
         raise GeolocError(f"no data index at '{src}': run `geoloc index build` first")
+    from geoloc.data.imagestore import SHARDS_DIR
+
+    shards = _index_shards(paths) if index and not no_images else []
+    folder = paths.processed / SHARDS_DIR
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:  # refuse before uploading anything: a pushed index must be whole
+        raise GeolocError(
+            f"the index in '{paths.index}' reads {len(missing)} shard(s) missing from "
+            f"'{folder}' (e.g. {missing[0]}): rebuild the index or pull the shards first"
+        )
     _transfer("push", str(src), url, endpoint_url, multipart_threshold_mb, workers)
+    if shards:
+        wanted = set(shards)
+        _transfer("push", str(folder), f"{url.rstrip('/')}/{SHARDS_DIR}", endpoint_url,
+                  multipart_threshold_mb, workers, keep=wanted.__contains__)  # fmt: skip
 
 
 @s3_app.command("pull")
@@ -115,8 +145,10 @@ def pull(
     endpoint_url: EndpointOption = None,
     multipart_threshold_mb: ThresholdOption = 64,
     workers: WorkersOption = 4,
+    no_images: NoImagesFlag = False,
 ) -> None:
-    """Download s3://bucket/prefix into RUN_DIR (default: runs/<last prefix part>) or --index.
+    """Download s3://bucket/prefix into RUN_DIR (default: runs/<last prefix part>) or --index
+    (and its image shards into data/processed/shards/).
 
     Each file is verified against the sha256 recorded at upload; a mismatch leaves the local
     file untouched and fails the command.
@@ -133,4 +165,23 @@ def pull(
         if not name:
             raise GeolocError(f"'{url}' names no run folder: give RUN_DIR explicitly")
         dst = runs_dir() / name
-    _transfer("pull", url, str(dst), endpoint_url, multipart_threshold_mb, workers)
+    if not index:
+        _transfer("pull", url, str(dst), endpoint_url, multipart_threshold_mb, workers)
+        return
+    from geoloc.data.imagestore import SHARDS_DIR
+
+    paths = DataPaths.default()
+    not_shards = lambda rel: not rel.startswith(f"{SHARDS_DIR}/")  # noqa: E731
+    _transfer("pull", url, str(dst), endpoint_url, multipart_threshold_mb, workers,
+              keep=not_shards)  # fmt: skip
+    shards = set(_index_shards(paths)) if not no_images else set()
+    if shards:
+        _transfer("pull", f"{url.rstrip('/')}/{SHARDS_DIR}", str(paths.processed / SHARDS_DIR),
+                  endpoint_url, multipart_threshold_mb, workers,
+                  keep=shards.__contains__)  # fmt: skip
+
+
+def _index_shards(paths: DataPaths) -> list[str]:
+    from geoloc.data.imagestore import index_shards
+
+    return index_shards(paths.images) if paths.images.is_file() else []

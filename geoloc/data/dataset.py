@@ -1,14 +1,16 @@
 """The dataset, once: index split -> (image tensor, label, parent label, row index).
 
-`GeoDataset` reads the canonical index (`images.parquet` for paths and coordinates,
-`splits.parquet` for the split and the labels) and nothing else; training, evaluation, rerank
-and prediction all go through it and through `build_transforms`, so an image is decoded and
-normalised one way everywhere.
+`GeoDataset` reads the canonical index (`images.parquet` for where each image is stored and its
+coordinates, `splits.parquet` for the split and the labels) and nothing else; training,
+evaluation, rerank and prediction all go through it and through `build_transforms`, so an image
+is decoded and normalised one way everywhere.
 
-Decoded images of a small split are kept in memory as uint8 tensors: on 2 CPU cores JPEG decoding
-is a visible share of an epoch at 64x64 (see `benchmarks/bench_dataloader.py`), and a cached split
-gives bit-identical samples to an uncached one because both go through the same uint8 -> float
-transform.
+Images live in tar shards (`geoloc.data.imagestore`; older indexes name one file per image).
+A small split is decoded into memory once, as uint8 tensors, by one sequential pass over its
+shards: on 2 CPU cores JPEG decoding is a visible share of an epoch at 64x64 (see
+`benchmarks/bench_dataloader.py`), and a cached split gives bit-identical samples to an uncached
+one because both go through the same uint8 -> float transform. "Small" is `TrainConfig.cache_mb`
+of decoded pixels; larger splits are streamed from their shards by `geoloc.data.streaming`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torchvision.transforms import v2
 from geoloc.config import TrainConfig
 from geoloc.data.decode import DEFAULT_MAX_PIXELS, Rejected
 from geoloc.data.decode import decode_image as decode_rgb
+from geoloc.data.imagestore import LOCATION_COLUMNS, ImageLocations, ShardError
 from geoloc.errors import DataError, IndexMissingError
 from geoloc.progress import track
 
@@ -36,8 +39,8 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
-DEFAULT_CACHE_BYTES = 1 << 30
-"""Splits whose decoded pixels fit in this many bytes are cached in memory (1 GiB)."""
+DEFAULT_CACHE_BYTES = TrainConfig.model_fields["cache_mb"].default << 20
+"""Splits whose decoded pixels fit in this many bytes are cached in memory (`train.cache_mb`)."""
 
 
 class EmptySplitError(DataError):
@@ -76,8 +79,9 @@ def check_index(index_dir: Path) -> None:
 def read_split_table(index_dir: Path, split: str) -> pd.DataFrame:
     """One row per image of `split`: splits.parquet joined with images.parquet, in index order.
 
-    Columns: image_id, path, lat, lon, label, parent_label, label_cell (plus width/height when
-    the index has them). Order is the order of splits.parquet, so row positions are stable.
+    Columns: image_id, path, lat, lon, label, parent_label, label_cell (plus width/height and the
+    shard location columns when the index has them). Order is the order of splits.parquet, so
+    row positions are stable.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
@@ -96,7 +100,8 @@ def read_split_table(index_dir: Path, split: str) -> pd.DataFrame:
     part = splits.loc[splits["split"] == split].reset_index(drop=True)
     if part.empty:
         raise EmptySplitError(f"split '{split}' of index '{files['splits']}' has no images")
-    keep = [c for c in ("image_id", "path", "lat", "lon", "width", "height") if c in images]
+    wanted = ("image_id", "path", "lat", "lon", "width", "height", *LOCATION_COLUMNS)
+    keep = [c for c in wanted if c in images]
     table = part.merge(images[keep], on="image_id", how="left", validate="one_to_one")
     missing = table["path"].isna()
     if missing.any():
@@ -115,14 +120,16 @@ def _require_columns(df: pd.DataFrame, path: Path, columns: Sequence[str]) -> No
         raise IndexMissingError(f"index file '{path}' lacks column(s) {', '.join(missing)}")
 
 
-def decode_image(src: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_image(src: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 name: str | None = None) -> torch.Tensor:  # fmt: skip
     """(3, H, W) uint8 RGB tensor of an image file (or its bytes), decoded by the one decode every
-    model input goes through (`geoloc.data.decode`); `DataError` naming the file when unusable."""
+    model input goes through (`geoloc.data.decode`); `DataError` naming the file (or `name`, for
+    bytes) when unusable."""
     try:
         rgb = decode_rgb(src, max_pixels)
     except Rejected as exc:
-        name = "image bytes" if isinstance(src, bytes) else f"image '{src}'"
-        raise DataError(f"{name} could not be read: {exc.reason}: {exc.detail}") from exc
+        label = name or ("image bytes" if isinstance(src, bytes) else f"image '{src}'")
+        raise DataError(f"{label} could not be read: {exc.reason}: {exc.detail}") from exc
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -130,10 +137,14 @@ class GeoDataset(Dataset[Sample]):
     """Images of one split of the canonical index: `(image (3,S,S), label, parent, row)`.
 
     `row` is the position in this split (0..len-1), so evaluation maps predictions back to
-    `table.image_id` and the hard-negative pool returns train indices. Image paths in the index are
-    relative to the data root, which is the index folder's parent unless `data_root` says otherwise.
-    `cache=None` caches decoded pixels when they fit in `DEFAULT_CACHE_BYTES`; that decode shows
-    a bar or log lines as `progress` says (`geoloc.progress.track`).
+    `table.image_id` and the hard-negative pool returns train indices. Image locations in the index
+    are relative to the data root, which is the index folder's parent unless `data_root` says
+    otherwise; `shards_url` reads the shards from a pushed index on S3 instead.
+    `cache=None` caches decoded pixels when they fit in `cache_bytes`; that decode (one
+    sequential pass over the shards) shows a bar or log lines as `progress` says.
+    `unreadable="skip"` leaves images that cannot be read out of the split, one warning line
+    each naming the shard and member (training: the other shards still load); `"raise"` stops
+    at the first with that line as a `DataError`.
     """
 
     def __init__(
@@ -144,20 +155,28 @@ class GeoDataset(Dataset[Sample]):
         *,
         data_root: Path | None = None,
         cache: bool | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        shards_url: str | None = None,
+        unreadable: str = "raise",
         progress: bool | None = None,
     ) -> None:
         self.index_dir = Path(index_dir)
         self.split = split
         self.transform = transform
         self.data_root = Path(data_root) if data_root is not None else self.index_dir.parent
-        self.table = read_split_table(self.index_dir, split)
-        self.labels = self.table["label"].to_numpy(dtype=np.int64)  # (N,)
-        self.parent_labels = self.table["parent_label"].to_numpy(dtype=np.int64)  # (N,)
-        self._paths = [self.data_root / p for p in self.table["path"].astype(str)]
+        self.shards_url = shards_url
+        self.unreadable = unreadable
         self._cache: list[torch.Tensor] | None = None
-        use_cache = cache if cache is not None else self.decoded_bytes() <= DEFAULT_CACHE_BYTES
+        self._set_table(read_split_table(self.index_dir, split))
+        use_cache = cache if cache is not None else self.decoded_bytes() <= cache_bytes
         if use_cache:
             self._cache = self._decode_all(progress)
+
+    def _set_table(self, table: pd.DataFrame) -> None:
+        self.table = table.reset_index(drop=True)
+        self.labels = self.table["label"].to_numpy(dtype=np.int64)  # (N,)
+        self.parent_labels = self.table["parent_label"].to_numpy(dtype=np.int64)  # (N,)
+        self.locations = ImageLocations(self.table, self.data_root, self.shards_url)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -174,17 +193,57 @@ class GeoDataset(Dataset[Sample]):
         return self._cache is not None
 
     def _decode_all(self, progress: bool | None) -> list[torch.Tensor]:
-        it = track(self._paths, desc=f"decode {self.split}", unit="img", bars=progress)
-        return [decode_image(p) for p in it]
+        """Every image, read in storage order (sequential shard reads), kept by row."""
+        order = self.locations.storage_order()
+        pixels: list[torch.Tensor | None] = [None] * len(self)
+        bad: list[int] = []
+        it = track(self.locations.iter_bytes(order), total=len(order),
+                   desc=f"decode {self.split}", unit="img", bars=progress)  # fmt: skip
+        for row, data in it:
+            try:
+                if isinstance(data, ShardError):
+                    raise data
+                pixels[row] = self.image_from_bytes(row, data)
+            except (DataError, OSError) as exc:
+                self._unreadable(row, exc)
+                bad.append(row)
+        if bad:
+            keep = np.setdiff1d(np.arange(len(self)), bad)
+            log.warning("split '%s': %d of %d images are unreadable and left out", self.split,
+                        len(bad), len(self))  # fmt: skip
+            self._set_table(self.table.iloc[keep])
+            return [pixels[i] for i in keep]  # type: ignore[misc]
+        return pixels  # type: ignore[return-value]
+
+    def _unreadable(self, row: int, exc: Exception) -> None:
+        msg = str(exc) if isinstance(exc, DataError) else f"{self.locations.describe(row)}: {exc}"
+        if self.unreadable != "skip":
+            raise exc if isinstance(exc, DataError) else DataError(msg) from exc
+        log.warning("skipping an unreadable image: %s", msg)
+
+    def image_from_bytes(self, i: int, data: bytes) -> torch.Tensor:
+        """(3, H, W) uint8 pixels of row `i` from its stored bytes; errors name shard/member."""
+        return decode_image(data, name=self.locations.describe(i))
 
     def raw_image(self, i: int) -> torch.Tensor:
-        """(3, H, W) uint8 pixels of row `i`, from the cache or the file."""
-        return self._cache[i] if self._cache is not None else decode_image(self._paths[i])
+        """(3, H, W) uint8 pixels of row `i`, from the cache or its shard (or file)."""
+        if self._cache is not None:
+            return self._cache[i]
+        file = self.locations.file(i)
+        if file is not None:
+            return decode_image(file)
+        return self.image_from_bytes(i, self.locations.read(i))
 
-    def __getitem__(self, i: int) -> Sample:
-        image = self.raw_image(i)
+    def sample(self, i: int, image: torch.Tensor) -> Sample:
         x = self.transform(image) if self.transform is not None else image
         return x, int(self.labels[i]), int(self.parent_labels[i]), i
+
+    def sample_from_bytes(self, i: int, data: bytes) -> Sample:
+        """The sample of row `i` from bytes a sequential shard read delivered."""
+        return self.sample(i, self.image_from_bytes(i, data))
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.sample(i, self.raw_image(i))
 
 
 def build_transforms(train_cfg: TrainConfig, train: bool) -> Transform:
@@ -220,7 +279,7 @@ def seed_worker(worker_id: int) -> None:
 
 def make_loader(
     dataset: Dataset[Sample],
-    batch_size: int,
+    batch_size: int | None,
     shuffle: bool,
     seed: int,
     num_workers: int = 0,

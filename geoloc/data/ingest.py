@@ -1,8 +1,11 @@
 """Ingestion: a source spec -> `data/raw/<source>/` (fetched bytes) -> `data/processed/`.
 
 One call is one *job*, identified by the spec, the source options and the processing settings.
-The job journals finished items under `data/state/ingest/<job>/` chunk by chunk, so an
-interrupted ingest resumes where it stopped; finalising is idempotent: it replaces this job's
+Cleaned images go into the job's tar shards `data/processed/shards/<job>-<seq>.tar`
+(`geoloc.data.imagestore`, `IndexConfig.shard_size_mb` each), not one file per image.
+The job journals finished items under `data/state/ingest/<job>/` chunk by chunk, after the
+shard bytes they point at are on disk, so an interrupted ingest resumes where it stopped (its
+shards cut back to what the journal holds); finalising is idempotent: it replaces this job's
 rows in `data/processed/manifest.parquet` and `data/index/rejects.parquet`, never appends twice.
 Counts always satisfy `read = accepted + rejected + duplicates`.
 """
@@ -26,6 +29,7 @@ from geoloc.atomic import sweep_stale_temps, temp_path, write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
 from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
+from geoloc.data.imagestore import SHARDS_DIR, ShardWriter, members_of, shard_relpath
 from geoloc.data.process import ProcessTask, process_one
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, file_lock, maybe_fault, stable_hash
@@ -47,6 +51,10 @@ MANIFEST_COLUMNS = [
     "source_ref",
     "captured_at",
     "sequence_id",
+    "shard",
+    "member",
+    "offset",
+    "length",
 ]
 FETCH_THREADS = 8
 DEFAULT_CHUNK = 256
@@ -140,9 +148,10 @@ def _die_with_parent(parent_pid: int) -> None:
 class _Runner:
     """Turns a chunk of pending entries into journal rows (fetch: threads, decode: processes)."""
 
-    def __init__(self, paths: DataPaths, cfg: IndexConfig) -> None:
+    def __init__(self, paths: DataPaths, cfg: IndexConfig, writer: ShardWriter) -> None:
         self.paths = paths
         self.cfg = cfg
+        self.writer = writer
         self.threads = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="geoloc-fetch")
         self.procs: Executor | None = None
         if cfg.workers > 1:
@@ -202,7 +211,6 @@ class _Runner:
                     member=entry.member,
                     lat=entry.lat,
                     lon=entry.lon,
-                    processed_root=str(self.paths.processed),
                     max_side=self.cfg.max_side,
                     max_pixels=self.cfg.max_pixels,
                 )
@@ -221,7 +229,13 @@ class _Runner:
                 f"a processing worker died on one of the files {first} ... {last}: {exc}; "
                 f"finished chunks are kept, rerun with --workers 1 to find the file"
             ) from exc
-        return [rows[_key(e.source, e.source_ref)] for e in chunk]
+        out = [rows[_key(e.source, e.source_ref)] for e in chunk]
+        for row in out:  # into the shard in source order: same input, same shard bytes
+            if "jpeg" in row:
+                m = self.writer.add(row["sha256"], row.pop("jpeg"))
+                row.update(path=shard_relpath(m.shard), shard=m.shard, member=m.member,
+                           offset=m.offset, length=m.length)  # fmt: skip
+        return out
 
 
 def job_id(spec: str, cfg: IndexConfig, options: dict[str, Any]) -> str:
@@ -285,7 +299,9 @@ def journal_source(
     resumed = len(entries) - len(pending)
     if resumed:
         log.info("ingest %s: resuming, %d of %d items already done", spec, resumed, len(entries))
-    runner = _Runner(paths, cfg)
+    writer = _shard_writer(paths, cfg, journal.folder.name, done_rows, fresh)
+    runner = _Runner(paths, cfg, writer)
+    finished = False
     try:
         # a bar in a terminal, log lines under an orchestrator (no terminal)
         with track(total=len(entries), initial=resumed, desc=f"ingest {spec}", unit="img",
@@ -295,14 +311,18 @@ def journal_source(
             for i, chunk in enumerate(chunks):
                 # the next chunk downloads while this one is decoded
                 upcoming = runner.prefetch(chunks[i + 1]) if i + 1 < len(chunks) else {}
-                parts = journal.append(runner.run(chunk, downloads))
+                rows = runner.run(chunk, downloads)
+                writer.commit()  # the shard bytes first, then the journal that points at them
+                parts = journal.append(rows)
                 downloads = upcoming
                 bar.update(len(chunk))
                 if on_chunk is not None:
                     on_chunk(parts)
                 maybe_fault("ingest", parts)
+        finished = True
     finally:
         runner.close()
+        writer.close() if finished else writer.abort()
     return JournaledSource(
         spec=spec,
         source=getattr(source, "name", spec),
@@ -312,6 +332,27 @@ def journal_source(
         errors=tuple(getattr(source, "errors", ())),
         notes=tuple(getattr(source, "notes", ())),
     )
+
+
+def _shard_writer(
+    paths: DataPaths, cfg: IndexConfig, job: str, done_rows: pd.DataFrame, fresh: bool
+) -> ShardWriter:
+    """The job's shard writer, knowing what the job stored before (its journal and its rows in
+    the manifest): equal content is not stored again, and bytes no record points at are cut."""
+    known = members_of(done_rows)
+    if paths.processed_manifest.is_file():
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        names = set(pq.read_schema(paths.processed_manifest).names)
+        if "shard" in names:
+            table = pq.read_table(paths.processed_manifest, columns=["shard", "member", "offset",
+                                                                     "length"])  # fmt: skip
+            shard = pc.fill_null(table["shard"], "")
+            table = table.filter(pc.starts_with(shard, f"{job}-"))
+            known += members_of(table.to_pandas())
+    folder = paths.processed / SHARDS_DIR
+    return ShardWriter(folder, job, cfg.shard_size_mb << 20, known, drop_lost=fresh)
 
 
 def ingest(
@@ -359,11 +400,16 @@ def normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     some row has a value.
     """
     attributes = [c for c in ATTRIBUTE_COLUMNS if c in df and df[c].notna().any()]
+    df = df.assign(**{c: None for c in ("shard", "member", "offset", "length") if c not in df})
     out = df[MANIFEST_COLUMNS + attributes].copy()
     for col in attributes:
         out[col] = out[col].astype(attribute_dtype(col))
     for col in ("image_id", "path", "sha256", "source", "source_ref"):
         out[col] = out[col].astype("str")
+    for col in ("shard", "member"):  # null for images stored one file each (older manifests)
+        out[col] = out[col].astype("object").where(out[col].notna(), None)
+    for col in ("offset", "length"):
+        out[col] = out[col].fillna(-1).astype("int64")
     for col in ("lat", "lon"):
         out[col] = out[col].astype("float64")
     for col in ("width", "height"):
@@ -444,6 +490,10 @@ def finalize(
                 "height": row["height"],
                 "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
                 "sequence_id": _value(row, "sequence_id"),
+                "shard": _value(row, "shard"),
+                "member": _value(row, "member"),
+                "offset": row.get("offset", -1),
+                "length": row.get("length", -1),
             }
             | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
         )

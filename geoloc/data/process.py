@@ -1,25 +1,22 @@
 """Decode and clean one image: the work done in parallel processes during ingestion.
 
 Each file is decoded by `geoloc.data.decode` (oriented by EXIF, 8-bit RGB from CMYK, palette,
-alpha, 16-bit or float, bombs refused), shrunk to `max_side`, re-encoded as JPEG without
-metadata and stored under its content address `data/processed/<aa>/<sha256>.jpg`. Identical
-content lands on the same path, which makes deduplication a set lookup and redoing a lost chunk
-harmless.
+alpha, 16-bit or float, bombs refused), shrunk to `max_side` and re-encoded as JPEG without
+metadata. The worker returns the JPEG and its sha256; the ingest process appends it to the job's
+image shard (`geoloc.data.imagestore`) as member `<sha256>.jpg`, so identical content is stored
+once, deduplication is a set lookup and redoing a lost chunk harmless.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from PIL import ExifTags, Image
 
-from geoloc.atomic import temp_path
 from geoloc.data import rejects as R
 from geoloc.data.decode import Rejected, decode_image_exif
 from geoloc.data.sources.archive import read_bytes
@@ -35,7 +32,6 @@ class ProcessTask:
     path: str
     lat: float | None
     lon: float | None
-    processed_root: str
     max_side: int
     max_pixels: int
     member: str | None = None  # a member of the zip at `path`, read in place
@@ -98,20 +94,11 @@ def clean_image(data: bytes, max_side: int, max_pixels: int) -> tuple[bytes, int
     return buf.getvalue(), im.width, im.height, exif
 
 
-def store(processed_root: Path, data: bytes) -> tuple[str, str]:
-    """(sha256, path relative to the data root) of bytes stored content-addressed."""
-    sha = hashlib.sha256(data).hexdigest()
-    target = processed_root / sha[:2] / f"{sha}.jpg"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(target)  # recognisable, so one left by a kill is swept later
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # no fsync per image: a lost file is re-made on the next ingest
-    return sha, f"{processed_root.name}/{sha[:2]}/{sha}.jpg"
-
-
 def process_one(task: ProcessTask) -> dict[str, Any]:
-    """Worker entry point: a journal row, `status` accepted or rejected (never raises)."""
+    """Worker entry point: a journal row, `status` accepted or rejected (never raises).
+
+    An accepted row carries the cleaned JPEG under `jpeg` (bytes) for the shard writer, which
+    replaces it with the image's place in its shard before the row is journaled."""
     row: dict[str, Any] = {"key": task.key}
     try:
         try:
@@ -128,14 +115,13 @@ def process_one(task: ProcessTask) -> dict[str, Any]:
         problem = R.coords_problem(lat, lon)
         if problem:
             raise Rejected(*problem)
-        sha, rel = store(Path(task.processed_root), jpeg)
     except Rejected as rej:
         row.update(status="rejected", reason=rej.reason, detail=rej.detail[:500], stage="process")
         return row
     row.update(
         status="accepted",
-        sha256=sha,
-        path=rel,
+        sha256=hashlib.sha256(jpeg).hexdigest(),
+        jpeg=jpeg,
         lat=float(lat),
         lon=float(lon),
         width=int(width),

@@ -210,6 +210,21 @@ def get_bytes(client: Any, bucket: str, key: str) -> bytes:
         raise translate_error(exc, client, bucket, key) from None
 
 
+def get_range(client: Any, bucket: str, key: str, start: int, length: int) -> bytes:
+    """`length` bytes of the object from `start` (one ranged GET; fewer where the object ends
+    first, none when it ends before `start`): how image shards are read from object storage."""
+    if length <= 0:
+        return b""
+    try:
+        span = f"bytes={start}-{start + length - 1}"
+        body = client.get_object(Bucket=bucket, Key=key, Range=span)
+        return bytes(body["Body"].read())
+    except Exception as exc:
+        if _error_code(exc) == "InvalidRange":  # the object ends before `start`
+            return b""
+        raise translate_error(exc, client, bucket, key) from None
+
+
 def put_bytes(client: Any, bucket: str, key: str, data: bytes) -> None:
     """Store `data` at `key` with its sha256 in the metadata."""
     digest = hashlib.sha256(data).hexdigest()
@@ -276,10 +291,12 @@ def push(
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
     workers: int = DEFAULT_WORKERS,
     progress: bool = False,
+    keep: Callable[[str], bool] | None = None,
 ) -> TransferReport:
     """Copy `local_dir` to `s3_url`, uploading only files whose content differs remotely.
 
-    Nothing is deleted on either side: objects without a local counterpart stay.
+    Nothing is deleted on either side: objects without a local counterpart stay. `keep`
+    (a file's posix path relative to `local_dir` -> bool) pushes only some of the files.
     """
     root = Path(local_dir)
     if not root.is_dir():
@@ -314,6 +331,8 @@ def push(
         return "uploaded"
 
     files = _local_files(root)
+    if keep is not None:
+        files = [p for p in files if keep(p.relative_to(root).as_posix())]
     for path, outcome in _map_files(upload, files, workers, "push", progress):
         if isinstance(outcome, Exception):
             report.failed.append(f"{path}: {outcome}")
@@ -369,8 +388,11 @@ def pull(
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
     workers: int = DEFAULT_WORKERS,
     progress: bool = False,
+    keep: Callable[[str], bool] | None = None,
 ) -> TransferReport:
     """Mirror `s3_url` into `local_dir`, downloading only what differs and verifying each file.
+
+    `keep` (an object's key relative to the prefix -> bool) pulls only some of the objects.
 
     A download whose bytes do not match the recorded checksum is discarded (the local file, if
     any, is left as it was) and the pull ends with a `CorruptObjectError` naming the keys.
@@ -384,6 +406,8 @@ def pull(
     if not objects:
         raise StorageError(f"{source}: no objects under this prefix")
     plan = [(obj, root / _relative_key(obj.key, source.prefix)) for obj in objects]
+    if keep is not None:
+        plan = [(obj, path) for obj, path in plan if keep(path.relative_to(root).as_posix())]
     report = TransferReport()
 
     def download(item: tuple[ObjectInfo, Path]) -> str:

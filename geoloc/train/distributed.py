@@ -33,7 +33,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from geoloc.errors import TrainingError
-from geoloc.train.steps import EpochResult
+from geoloc.train.steps import EpochResult, EpochTally
 
 if TYPE_CHECKING:
     from geoloc.config import RunConfig
@@ -116,6 +116,15 @@ class DistContext:
             images=images,
             pred_labels=preds.cpu().numpy(),
         )
+
+    def reduce_tally(self, tally: EpochTally) -> EpochTally:
+        """The epoch's running totals over all ranks (what a mid-epoch checkpoint records)."""
+        totals = torch.tensor([tally.loss_sum, float(tally.seen)], dtype=torch.float64,
+                              device=self.device)  # fmt: skip
+        tdist.all_reduce(totals)
+        preds = torch.from_numpy(tally.preds).to(self.device)
+        tdist.all_reduce(preds, op=tdist.ReduceOp.MAX)
+        return EpochTally(float(totals[0].item()), int(totals[1].item()), preds.cpu().numpy())
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (early stopping must end all ranks together)."""

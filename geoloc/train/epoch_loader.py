@@ -1,87 +1,83 @@
-"""One training DataLoader for the whole run, given a new order every epoch.
+"""One training DataLoader for the whole run, given a new plan every epoch.
 
-The order of an epoch is computed in the main process (`epoch_order`: a seeded permutation with
-hard negatives); a DataLoader built per epoch would start its worker processes again every
-epoch. `EpochLoader` keeps one loader, so its workers persist, and a sampler that the main
-process points at each epoch's rows.
+The loader is a `geoloc.data.streaming.StreamingSplit`: the main process decides each epoch's
+plan and its worker processes, started once, read it from shared memory at every pass (a
+DataLoader built per epoch would start its workers again every epoch). Two kinds of plan:
 
-Augmentation randomness stays a function of `(seed, epoch)`: without workers, samples draw from
-torch's global RNG, which `fit` reseeds at every epoch start (exactly as before this loader
-existed); in a worker, torch is reseeded per sample from (epoch seed, row), so an image's
-augmentation does not depend on which worker loads it, how many there are, or whether the run
-was resumed.
+- a split in memory (cached pixels, stored features) trains on the order the loop chose
+  (`epoch_order`: a seeded permutation with hard negatives, sharded per DDP rank by
+  `shard_order`), cut into batches;
+- a streamed split trains on `stream_plan`: shuffled shard blocks read sequentially, one
+  contiguous part per rank and worker, through a seeded shuffle buffer (hard negatives need
+  random access and are refused for it before the run starts).
+
+`epoch(..., start_step=k)` starts a pass at step k, with the batches an uninterrupted pass would
+have yielded from there (a run resumed mid-epoch). Augmentation randomness stays a function of
+`(seed, epoch)`: without workers, samples draw from torch's global RNG, which `fit` reseeds at
+every epoch start (and a mid-epoch checkpoint restores); in a worker, torch is reseeded per
+sample from (epoch seed, row), so an image's augmentation does not depend on which worker loads
+it, how many there are, or whether the run was resumed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader
 
-from geoloc.data.dataset import make_loader
+from geoloc.data.streaming import (
+    StreamingSplit,
+    is_streamed,
+    memory_plan,
+    sample_seed,
+    shard_codes,
+    split_loader,
+    stream_plan,
+)
 
-__all__ = ["EpochLoader", "EpochSampler", "sample_seed"]
-
-
-def sample_seed(epoch_seed: int, row: int) -> int:
-    """The torch seed of one sample's augmentation in a worker (a pure function)."""
-    return (int(epoch_seed) * 1_000_003 + int(row) * 7919 + 17) % 2**63
-
-
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields `(row, epoch seed)` for the rows of the current epoch (set by `set_epoch`)."""
-
-    def __init__(self) -> None:
-        self.rows: list[int] = []
-        self.seed = 0
-
-    def set_epoch(self, rows: Sequence[int], seed: int) -> None:
-        self.rows, self.seed = [int(r) for r in rows], int(seed)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        seed = self.seed
-        return ((row, seed) for row in self.rows)
-
-
-class _SeededRows(Dataset[Any]):
-    """`dataset[row]` for `(row, epoch seed)` keys; reseeds torch per sample inside workers."""
-
-    def __init__(self, dataset: Dataset[Any]) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        row, seed = key
-        if get_worker_info() is not None:
-            torch.manual_seed(sample_seed(seed, row))
-        return self.dataset[row]
+__all__ = ["EpochLoader", "sample_seed"]
 
 
 class EpochLoader:
     """The training loader of a run: `loader = epoch_loader.epoch(rows, seed)` per epoch.
 
-    Workers (`num_workers > 0`) persist between epochs; `pin_memory` pins batches for
-    asynchronous copies to a GPU.
+    `batch_size` is this process's batch (the global batch over the DDP ranks); `rank`/`world`
+    place a streamed split's part. Workers (`num_workers > 0`) persist between epochs;
+    `pin_memory` pins batches for asynchronous copies to a GPU.
     """
 
     def __init__(
-        self, dataset: Dataset[Any], batch_size: int, num_workers: int = 0,
-        pin_memory: bool = False,
+        self, dataset: Any, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+        *, rank: int = 0, world: int = 1, shuffle_buffer: int = 4096,
     ) -> None:  # fmt: skip
-        self.sampler = EpochSampler()
-        self.loader: DataLoader[Any] = make_loader(
-            _SeededRows(dataset), batch_size, shuffle=False, seed=0, num_workers=num_workers,
-            sampler=self.sampler, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        )  # fmt: skip
+        self.batch_size = batch_size
+        self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
+        self.producers = max(1, num_workers)
+        n = len(dataset)
+        # hard negatives keep N rows; DDP's last batch may lend a row to each rank
+        self.split = StreamingSplit(dataset, capacity=n + batch_size + world + 1,
+                                    max_producers=self.producers)  # fmt: skip
+        self.streamed = is_streamed(dataset)
+        self._storage = dataset.locations.storage_order() if self.streamed else None
+        self._codes = shard_codes(dataset) if self.streamed else None
+        self.loader: DataLoader[Any] = split_loader(self.split, num_workers, pin_memory,
+                                                    persistent=num_workers > 0)  # fmt: skip
 
-    def epoch(self, rows: Sequence[int], seed: int) -> DataLoader[Any]:
-        """The loader, now yielding `rows` in order (augmentation seeded from `seed`)."""
-        self.sampler.set_epoch(rows, seed)
+    def epoch(
+        self, rows: Sequence[int] | None, seed: int, start_step: int = 0
+    ) -> DataLoader[Any]:
+        """The loader, now yielding this epoch's batches from step `start_step` on.
+
+        `rows`: this rank's rows in order (a split in memory); ignored for a streamed split,
+        whose order is `stream_plan`'s for `seed`.
+        """
+        if self.streamed:
+            plan = stream_plan(
+                self._storage, self._codes, seed=seed, batch=self.batch_size, rank=self.rank,
+                world=self.world, producers=self.producers, buffer=self.shuffle_buffer,
+            )  # fmt: skip
+        else:
+            plan = memory_plan(list(rows or []), self.batch_size)
+        self.split.set_plan(plan, seed, start_step)
         return self.loader

@@ -6,6 +6,11 @@ draw, augmentation, dropout) from `(seed, epoch)`, so a run resumed from `last.p
 continues exactly like the uninterrupted run; the RNG states stored in checkpoints are restored too
 for anything outside that per-epoch reseeding.
 
+Inside an epoch, `checkpoints/last.pt` is also written every `train.checkpoint_every_steps`
+steps with the epoch's position (step, running loss, predictions so far) and the RNG state there;
+a resume from it skips the steps already taken (`EpochLoader.epoch(start_step=...)`) and ends the
+epoch as the uninterrupted run would have.
+
 Epoch numbers in metrics, callbacks and checkpoints are 1-based (`epoch` = epochs completed);
 `HardNegConfig.start_epoch` is a 0-based epoch index, as documented in the config.
 """
@@ -26,7 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
-from geoloc.data.dataset import GeoDataset, make_loader
+from geoloc.data.dataset import GeoDataset
+from geoloc.data.state import maybe_fault
+from geoloc.data.streaming import eval_loader
 from geoloc.geo import LabelSpace, build_hardneg_pool
 from geoloc.progress import format_duration, progress_log
 from geoloc.runs.formatting import fmt_km, fmt_share
@@ -36,6 +43,7 @@ from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from geoloc.train.steps import (
     Compute,
     EpochResult,
+    EpochTally,
     epoch_seed,
     evaluate,
     resolve_compute,
@@ -109,6 +117,7 @@ class FitState:
     epochs_since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     pool_pred_labels: np.ndarray | None = None  # previous epoch's predictions on pool_split
+    position: tuple[int, EpochTally] | None = None  # (steps done, tally) inside epoch `epoch`
 
     def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
         best = {"value": self.best_value, "epoch": self.best_epoch}
@@ -119,6 +128,10 @@ class FitState:
                 if self.pool_pred_labels is not None
                 else None
             ),
+            "position": (
+                None if self.position is None
+                else {"step": self.position[0], **self.position[1].to_dict()}
+            ),  # fmt: skip
         }
         return best, extra
 
@@ -139,7 +152,9 @@ class FitState:
     def from_checkpoint(cls, ckpt: dict[str, Any]) -> FitState:
         extra = ckpt.get("extra") or {}
         pool = extra.get("pool_pred_labels")
+        pos = extra.get("position")
         return cls(
+            position=(int(pos["step"]), EpochTally.from_dict(pos)) if pos else None,
             epoch=int(ckpt["epoch"]),
             best_value=ckpt["best"].get("value"),
             best_epoch=ckpt["best"].get("epoch"),
@@ -217,10 +232,13 @@ def fit(
     train_model = _training_model(model, cfg, dist)
     is_main = dist is None or dist.is_main
     cuda = device.type == "cuda"
-    val_loader = make_loader(val_set, tc.batch_size, shuffle=False, seed=cfg.seed,
-                             num_workers=tc.num_workers, pin_memory=cuda)  # fmt: skip
+    val_loader = eval_loader(val_set, tc.batch_size, tc.num_workers, pin_memory=cuda)
     batch_size = tc.batch_size if dist is None else dist.local_batch(tc.batch_size)
-    train_loader = EpochLoader(train_set, batch_size, tc.num_workers, pin_memory=cuda)
+    train_loader = EpochLoader(
+        train_set, batch_size, tc.num_workers, pin_memory=cuda, shuffle_buffer=tc.shuffle_buffer,
+        rank=0 if dist is None else dist.rank, world=1 if dist is None else dist.world_size,
+    )  # fmt: skip
+    saver = _StepCheckpoints(checkpoint_dir, model, opt, cfg, label_space, state, dist)
     pool_true = None
     if cfg.hardneg.enabled:
         pool_true = train_set.labels if cfg.hardneg.pool_split == "train" else val_set.labels
@@ -229,11 +247,14 @@ def fit(
     session_start = (state.epoch, time.perf_counter())  # (epochs done, when) for the ETA
     for epoch_index in epochs_bar:
         start = time.perf_counter()
-        order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
-                            pool_true, cfg.hardneg)  # fmt: skip
+        order = None
+        if not train_loader.streamed:  # a streamed split's order is the loader's stream plan
+            order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
+                                pool_true, cfg.hardneg)  # fmt: skip
         trained = _train_epoch(train_model, model, train_loader, order, len(train_set), criterion,
-                               opt, cfg, device, epoch_index, compute, progress,
-                               dist)  # fmt: skip
+                               opt, cfg, device, epoch_index, compute, progress, dist,
+                               saver)  # fmt: skip
+        state.position = None
         evaluated = evaluate(
             model, val_loader, criterion, label_space, device, prefix="val",
             parent_loss_weight=tc.parent_loss_weight, hier_topk_parents=tc.hier_topk_parents,
@@ -277,7 +298,7 @@ def _train_epoch(
     train_model: nn.Module,
     model: nn.Module,
     train_loader: EpochLoader,
-    order: np.ndarray,
+    order: np.ndarray | None,
     num_rows: int,
     criterion: nn.Module,
     opt: _Optimisation,
@@ -287,19 +308,79 @@ def _train_epoch(
     compute: Compute,
     progress: bool,
     dist: DistContext | None,
+    saver: _StepCheckpoints,
 ) -> EpochResult:
-    """One pass over `order` (this rank's shard of it under DDP), reseeded from the epoch."""
+    """One pass over `order` (this rank's shard of it under DDP; a streamed split's own plan),
+    reseeded from the epoch, or continued from a mid-epoch checkpoint's position."""
     tc = cfg.train
     seed = epoch_seed(cfg.seed, epoch_index)
-    # augmentation (without workers) and dropout draw from torch's global RNG: reseed per epoch
-    seed_everything(seed, 0 if dist is None else dist.rank, tc.deterministic)
-    rows = order.tolist() if dist is None else dist.shard(order, tc.batch_size)
+    start_step, tally = saver.resume_point(epoch_index)
+    if start_step == 0:
+        # augmentation (without workers) and dropout draw from torch's global RNG: reseed per
+        # epoch (a mid-epoch resume has restored the RNG state of its step instead)
+        seed_everything(seed, 0 if dist is None else dist.rank, tc.deterministic)
+    rows = None
+    if order is not None:
+        rows = order.tolist() if dist is None else dist.shard(order, tc.batch_size)
     trained = train_one_epoch(
-        train_model, train_loader.epoch(rows, seed), criterion, opt.optimizer, opt.scheduler,
-        opt.scaler, device, epoch=epoch_index + 1, parent_loss_weight=tc.parent_loss_weight,
-        compute=compute, max_steps=tc.max_steps_per_epoch, num_rows=num_rows, progress=progress,
+        train_model, train_loader.epoch(rows, seed, start_step), criterion, opt.optimizer,
+        opt.scheduler, opt.scaler, device, epoch=epoch_index + 1,
+        parent_loss_weight=tc.parent_loss_weight, compute=compute,
+        max_steps=tc.max_steps_per_epoch, num_rows=num_rows, progress=progress,
+        start_step=start_step, tally=tally, on_step=saver.hook(epoch_index),
     )  # fmt: skip
     return trained if dist is None else dist.after_epoch(model, trained)
+
+
+class _StepCheckpoints:
+    """Mid-epoch `last.pt` every `train.checkpoint_every_steps` steps, and where to resume.
+
+    The checkpoint records the epoch's position (steps done, running loss and predictions,
+    reduced over DDP ranks) and the RNG state after that step; rank 0 writes it.
+    `GEOLOC_FAULT_AFTER=train:<n>` kills the process after its n-th step (resume tests).
+    """
+
+    def __init__(self, checkpoint_dir: Path, model: nn.Module, opt: _Optimisation,
+                 cfg: RunConfig, label_space: LabelSpace, state: FitState,
+                 dist: DistContext | None) -> None:  # fmt: skip
+        self.checkpoint_dir, self.model, self.opt = checkpoint_dir, model, opt
+        self.cfg, self.label_space, self.state, self.dist = cfg, label_space, state, dist
+        self.steps_run = 0  # steps this process has taken (the fault hook counts them)
+
+    def resume_point(self, epoch_index: int) -> tuple[int, EpochTally | None]:
+        """(first step, tally) of this epoch: (0, None) unless resuming inside it."""
+        if self.state.position is None or epoch_index != self.state.epoch:
+            return 0, None
+        step, tally = self.state.position
+        if self.dist is not None and not self.dist.is_main:  # rank 0 carries the ranks' totals
+            tally = EpochTally(0.0, 0, tally.preds.copy())
+        log.info("resuming epoch %d at step %d", epoch_index + 1, step)
+        return step, tally
+
+    def hook(self, epoch_index: int) -> Callable[[int, Callable[[], EpochTally]], None]:
+        every = self.cfg.train.checkpoint_every_steps
+
+        def after_step(steps_done: int, tally: Callable[[], EpochTally]) -> None:
+            self.steps_run += 1
+            if every and steps_done % every == 0:
+                self.save(steps_done, tally())
+            maybe_fault("train", self.steps_run)
+
+        return after_step
+
+    def save(self, steps_done: int, tally: EpochTally) -> None:
+        if self.dist is not None:
+            tally = self.dist.reduce_tally(tally)
+        if self.dist is not None and not self.dist.is_main:
+            return
+        state = FitState(**{**self.state.__dict__, "position": (steps_done, tally)})
+        best, extra = state.to_checkpoint()
+        save_checkpoint(
+            self.checkpoint_dir / "last.pt", model=self.model, optimizer=self.opt.optimizer,
+            scheduler=self.opt.scheduler, scaler=self.opt.scaler, epoch=state.epoch,
+            config=self.cfg.model_dump(mode="json"), label_space=self.label_space, best=best,
+            history=state.history, extra=extra,
+        )  # fmt: skip
 
 
 def _save_checkpoints(

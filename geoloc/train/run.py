@@ -26,8 +26,8 @@ from geoloc.data.dataset import (
     build_transforms,
     check_index,
     index_files,
-    make_loader,
 )
+from geoloc.data.streaming import eval_loader, is_streamed
 from geoloc.errors import ConfigError, DataError, TrainingError, TrialPruned
 from geoloc.geo import LabelSpace
 from geoloc.paths import DataPaths, runs_dir
@@ -151,10 +151,18 @@ def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None)
     train_tf = build_transforms(cfg.train, train=True)
     eval_tf = build_transforms(cfg.train, train=False)
     # with stored embeddings, pixels are decoded only while a split is embedded
-    kw: dict[str, Any] = {"progress": progress}
+    kw: dict[str, Any] = {"progress": progress, "cache_bytes": cfg.train.cache_mb << 20,
+                          "shards_url": cfg.train.shards_url, "unreadable": "skip"}  # fmt: skip
     if cfg.train.embeddings == "cache":
         kw["cache"] = False
     train = GeoDataset(index_dir, "train", train_tf, **kw)
+    if cfg.hardneg.enabled and cfg.train.embeddings != "cache" and is_streamed(train):
+        raise ConfigError(
+            f"hardneg.enabled needs random access to the train images, but split 'train' of "
+            f"'{index_dir}' ({len(train):,} images, {train.decoded_bytes() / 2**20:,.0f} MiB "
+            f"decoded) is streamed from its shards because it exceeds train.cache_mb="
+            f"{cfg.train.cache_mb}: raise train.cache_mb above that or set hardneg.enabled=false"
+        )
     val = GeoDataset(index_dir, "val", eval_tf, **kw)
     try:
         test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf, **kw)
@@ -388,9 +396,8 @@ def _evaluate_split(
     prefix: str,
     progress: bool,
 ) -> EvalResult:
-    loader = make_loader(dataset, cfg.train.batch_size, shuffle=False, seed=cfg.seed,
-                         num_workers=cfg.train.num_workers,
-                         pin_memory=device.type == "cuda")  # fmt: skip
+    loader = eval_loader(dataset, cfg.train.batch_size, cfg.train.num_workers,
+                         pin_memory=device.type == "cuda")
     return evaluate(
         model, loader, criterion, label_space, device, prefix=prefix,
         parent_loss_weight=cfg.train.parent_loss_weight,

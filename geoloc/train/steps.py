@@ -9,8 +9,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from types import SimpleNamespace
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -193,6 +195,31 @@ class EpochResult:
     pred_labels: np.ndarray  # (N_train,) argmax per train row seen this epoch, -1 if unseen
 
 
+@dataclass
+class EpochTally:
+    """Running totals of a training epoch: what a mid-epoch checkpoint carries to a resume."""
+
+    loss_sum: float
+    seen: int
+    preds: np.ndarray  # (N_train,) last prediction per row, -1 if unseen
+
+    @classmethod
+    def empty(cls, n_rows: int) -> EpochTally:
+        return cls(0.0, 0, np.full(n_rows, -1, dtype=np.int64))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "seen": self.seen,
+                "preds": torch.from_numpy(self.preds.copy())}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> EpochTally:
+        return cls(float(doc["loss_sum"]), int(doc["seen"]), doc["preds"].numpy().copy())
+
+
+StepHook = Callable[[int, Callable[[], EpochTally]], None]
+"""Called after each step with (steps done this epoch, a function giving the tally so far)."""
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -208,24 +235,38 @@ def train_one_epoch(
     max_steps: int = 0,
     num_rows: int | None = None,
     progress: bool = True,
+    start_step: int = 0,
+    tally: EpochTally | None = None,
+    on_step: StepHook | None = None,
 ) -> EpochResult:
     """One pass over `loader`; a non-finite loss stops with a `TrainingError` naming the step.
 
     Returns the mean loss per image and each row's last training-time prediction (the
     hard-negative pool can be built from train confusion without another pass). Each step
     synchronises with the device once (the loss check); predictions stay on the device until
-    the epoch ends.
+    the epoch ends or `on_step` asks for the tally. A pass resumed mid-epoch starts at
+    `start_step` with the `tally` its checkpoint carried (`loader` then starts there too).
     """
     model.train()
-    n_rows = num_rows if num_rows is not None else len(loader.dataset)  # type: ignore[arg-type]
-    preds = np.full(n_rows, -1, dtype=np.int64)
+    if tally is None:
+        n_rows = num_rows if num_rows is not None else len(loader.dataset.labels)  # type: ignore[attr-defined]
+        tally = EpochTally.empty(n_rows)
+    preds = tally.preds
     step_preds: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, argmax on the device)
-    loss_sum, seen, start = 0.0, 0, time.perf_counter()
-    total = min(len(loader), max_steps) if max_steps else len(loader)
+    loss_sum, seen, start = tally.loss_sum, tally.seen, time.perf_counter()
+
+    def current() -> EpochTally:
+        for rows_, pred_ in step_preds:  # in step order: a row seen twice keeps its last one
+            preds[rows_.numpy()] = pred_.cpu().numpy()
+        step_preds.clear()
+        return EpochTally(loss_sum, seen, preds)
+
+    remaining = len(loader)
+    total = min(remaining, max(max_steps - start_step, 0)) if max_steps else remaining
     # a bar in a terminal; as log lines only a slow epoch says where it is (its line follows)
     bar = track(loader, total=total, desc=f"epoch {epoch}", unit="batch", bars=progress,
                 summary=False)  # fmt: skip
-    for step, (images, labels, parent_labels, rows) in enumerate(bar):
+    for step, (images, labels, parent_labels, rows) in enumerate(bar, start=start_step):
         if max_steps and step >= max_steps:
             break
         images = compute.images(images, device)  # (B, 3, S, S) or (B, F) stored features
@@ -252,8 +293,9 @@ def train_one_epoch(
         seen += batch
         step_preds.append((rows, predicted_classes(outputs).detach()))
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
-    for rows, pred in step_preds:  # in step order: a row seen twice keeps its last prediction
-        preds[rows.numpy()] = pred.cpu().numpy()
+        if on_step is not None:
+            on_step(step + 1, current)
+    current()
     return EpochResult(
         loss=loss_sum / max(seen, 1),
         images=seen,
@@ -301,7 +343,8 @@ def evaluate(
         raise TypeError("evaluate needs a loader over a GeoDataset (or its stored features)")
     model.eval()
     parent_of = torch.as_tensor(label_space.parent_of, dtype=torch.long)
-    n = len(dataset)
+    n = len(dataset.labels)
+    seen = np.zeros(n, dtype=bool)
     k = min(PREDICTION_TOPK, label_space.num_classes)
     top_labels = np.zeros((n, k), dtype=np.int64)
     top_probs = np.zeros((n, k), dtype=np.float32)
@@ -325,20 +368,29 @@ def evaluate(
         p, i = scores.topk(k, dim=1)
         top_labels[rows.numpy()] = i.numpy()
         top_probs[rows.numpy()] = p.numpy()
+        seen[rows.numpy()] = True
+    all_pred = np.where(seen, top_labels[:, 0], -1)  # (N,) -1: not scored
+    if not seen.all():  # unreadable images were left out (one warning line each)
+        log.warning("%s: %d of %d images could not be read and are not scored", prefix,
+                    int((~seen).sum()), n)  # fmt: skip
+        dataset = SimpleNamespace(table=dataset.table[seen].reset_index(drop=True),
+                                  labels=dataset.labels[seen],
+                                  parent_labels=dataset.parent_labels[seen])  # fmt: skip
+        top_labels, top_probs, n = top_labels[seen], top_probs[seen], int(seen.sum())
     predictions = predictions_frame(dataset, label_space, top_labels, top_probs)
     errors = predictions["error_km"].to_numpy()
     pred = top_labels[:, 0]
     metrics = {
-        "loss": loss_sum / n,
+        "loss": loss_sum / max(n, 1),
         "top1": float(np.mean(pred == dataset.labels)),
-        "top5": top5_hits / n,
+        "top5": top5_hits / max(n, 1),
         "parent_acc": float(np.mean(label_space.parent_of[pred] == dataset.parent_labels)),
         **geo_metrics_from_errors(errors),
     }
     return EvalResult(
         metrics={f"{prefix}_{key}": float(v) for key, v in metrics.items()},
         predictions=predictions,
-        pred_labels=pred,
+        pred_labels=all_pred,
     )
 
 

@@ -1,0 +1,453 @@
+"""Processed images in tar shards: how ingest stores them and how every reader gets them back.
+
+A shard is a plain, WebDataset-style tar (`data/processed/shards/<job>-<seq>.tar`, about
+`IndexConfig.shard_size_mb` each) whose members are the cleaned JPEGs named by their content,
+`<sha256>.jpg`. Why tar and not Parquet with an image column (`benchmarks/bench_shard_format.py`,
+docs/data.md): a tar can be appended to and cut back, so an interrupted ingest resumes by
+truncating the shard to what its journal committed; a random read is one `pread` at the offset
+the manifest records; a sequential pass is a few large range reads, locally or from S3; and any
+`tar` tool can list or extract it.
+
+Each image's place is recorded in the manifest (and so in `images.parquet`): `shard` (file name),
+`member`, `offset` (of the member's data in the file) and `length`; `path` is the shard file
+relative to the data root. Rows without a shard (indexes built from one file per image) name
+their file in `path`; readers handle both.
+
+Writers never rewrite committed bytes: a shard only grows, and is cut back only to what a journal
+or manifest already recorded. Readers check each member's bytes against its name (the sha256),
+so a shard cut short or damaged is an error naming the shard and the member, and the other
+shards read on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from geoloc.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+"""Shards live in `data/processed/shards/` and, in a pushed index, under `<prefix>/shards/`."""
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)
+SPAN_BYTES = 16 << 20
+"""A sequential read fetches at most this many bytes at once (one pread or one S3 range GET)."""
+GAP_BYTES = 1 << 20
+"""Members closer than this in a shard are fetched by the same read (skipped bytes are cheaper
+than another request)."""
+LOCATION_COLUMNS = ("shard", "member", "offset", "length")
+_SHA_NAME = re.compile(r"^([0-9a-f]{64})\.jpg$")
+
+
+class ShardError(DataError):
+    """A shard is missing, cut short, or holds bytes that are not what was stored."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One stored image: member `member` of shard file `shard`, `length` bytes at `offset`."""
+
+    shard: str
+    member: str
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """Where the member's padded data ends: the shard is complete up to here."""
+        return self.offset + padded(self.length)
+
+
+def padded(n: int) -> int:
+    return n + (-n % BLOCK)
+
+
+def member_name(sha256: str) -> str:
+    return f"{sha256}.jpg"
+
+
+def shard_relpath(name: str) -> str:
+    """A shard's `path` in the manifest: relative to the data root."""
+    return f"processed/{SHARDS_DIR}/{name}"
+
+
+def tar_header(name: str, length: int) -> bytes:
+    """The 512-byte ustar header of a member (no time, owner or mode noise: same bytes, same
+    shard)."""
+    info = tarfile.TarInfo(name)
+    info.size = length
+    info.mode = 0o644
+    info.mtime = 0
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def check_member(data: bytes, member: str, where: str) -> bytes:
+    """`data` if it is what member `member` stored (its sha256 is its name); else ShardError."""
+    match = _SHA_NAME.match(member)
+    if match and hashlib.sha256(data).hexdigest() != match.group(1):
+        raise ShardError(f"{where}: bytes do not match the member's sha256 (corrupt shard)")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (ingest)
+# --------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Appends JPEGs to one job's shards `<prefix>-<seq>.tar` in `folder`, one at a time.
+
+    `known` are the members this job already stored (its journal and the manifest): equal
+    content is not stored twice, and on start every shard of the job is cut back to what they
+    account for (bytes a killed ingest wrote after its last journal commit), so a resumed ingest
+    writes the very bytes an uninterrupted one would. `commit` makes what was added durable
+    (call it before journaling the rows); `close` ends the current shard's archive.
+    A known member past the end of its shard (a shard cut after it was written) is a
+    `ShardError`, unless `drop_lost`: then that content is simply stored again.
+    """
+
+    def __init__(self, folder: Path, prefix: str, max_bytes: int,
+                 known: Iterable[Member] = (), *, drop_lost: bool = False) -> None:  # fmt: skip
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.max_bytes = int(max_bytes)
+        self.by_sha: dict[str, Member] = {}
+        self._fh: Any = None
+        self._name = ""
+        self._size = 0
+        self._seq = -1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._recover(list(known), drop_lost)
+
+    def _shards(self) -> dict[int, Path]:
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(\d+)\.tar$")
+        found = {}
+        for path in self.folder.glob(f"{self.prefix}-*.tar"):
+            match = pattern.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+        return found
+
+    def _recover(self, known: list[Member], drop_lost: bool) -> None:
+        shards = self._shards()
+        sizes = {path.name: path.stat().st_size for path in shards.values()}
+        ends: dict[str, int] = {}
+        for m in known:
+            if not m.shard.startswith(f"{self.prefix}-"):
+                continue
+            if m.end > sizes.get(m.shard, 0):
+                if drop_lost:
+                    continue
+                raise ShardError(
+                    f"shard '{self.folder / m.shard}' has {sizes.get(m.shard, 0)} bytes but its "
+                    f"member {m.member} needs {m.end}: it was cut after it was written; "
+                    "ingest again with --fresh to store the lost images anew"
+                )
+            ends[m.shard] = max(ends.get(m.shard, 0), m.end)
+            sha = m.member.removesuffix(".jpg")
+            self.by_sha.setdefault(sha, m)
+        live = [seq for seq, path in shards.items() if ends.get(path.name, 0) > 0]
+        self._seq = max(live, default=-1)
+        for seq, path in sorted(shards.items()):
+            end = ends.get(path.name, 0)
+            if end == 0:  # never committed: written after the last journal part
+                path.unlink()
+                continue
+            if sizes[path.name] != end:
+                os.truncate(path, end)
+            if seq != self._seq:  # a finished shard ends its archive again
+                with open(path, "ab") as fh:
+                    fh.write(END_OF_ARCHIVE)
+        if self._seq >= 0:
+            self._name = f"{self.prefix}-{self._seq:05d}.tar"
+            self._fh = open(self.folder / self._name, "r+b")  # noqa: SIM115 - closed in close()
+            self._fh.seek(0, os.SEEK_END)
+            self._size = self._fh.tell()
+
+    def _roll(self) -> None:
+        self._finish()
+        self._seq += 1
+        self._name = f"{self.prefix}-{self._seq:05d}.tar"
+        self._fh = open(self.folder / self._name, "wb")  # noqa: SIM115 - closed in close()
+        self._size = 0
+
+    def _finish(self) -> None:
+        if self._fh is not None:
+            self._fh.write(END_OF_ARCHIVE)
+            self.commit()
+            self._fh.close()
+            self._fh = None
+
+    def add(self, sha256: str, data: bytes) -> Member:
+        """Store `data` (whose sha256 is `sha256`) unless this job holds it already."""
+        if sha256 in self.by_sha:
+            return self.by_sha[sha256]
+        need = BLOCK + padded(len(data))
+        if self._fh is None or (self._size and self._size + need > self.max_bytes):
+            self._roll()
+        name = member_name(sha256)
+        self._fh.write(tar_header(name, len(data)) + data + bytes(-len(data) % BLOCK))
+        member = Member(self._name, name, self._size + BLOCK, len(data))
+        self._size += need
+        self.by_sha[sha256] = member
+        return member
+
+    def commit(self) -> None:
+        """Make every added member durable (before the journal says they exist)."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        """End the current shard's archive (a later resume cuts the end marker off again)."""
+        self._finish()
+
+    def abort(self) -> None:
+        """Close without ending the archive (after a failure; the next start cleans up)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def members_of(frame: pd.DataFrame) -> list[Member]:
+    """The stored members a journal or manifest frame records (rows with a shard)."""
+    if frame.empty or not set(LOCATION_COLUMNS) <= set(frame.columns):
+        return []
+    part = frame.dropna(subset=["shard"])
+    return [
+        Member(str(s), str(m), int(o), int(n))
+        for s, m, o, n in zip(part["shard"], part["member"], part["offset"], part["length"],
+                              strict=True)  # fmt: skip
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class _Files:
+    """Open shard files of this process (reopened after a fork: workers own their handles)."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._fds: dict[str, int] = {}
+
+    def pread(self, path: Path, start: int, length: int) -> bytes:
+        if self._pid != os.getpid():
+            self._pid, self._fds = os.getpid(), {}
+        key = os.fspath(path)
+        fd = self._fds.get(key)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise ShardError(f"shard '{path}' is missing") from None
+            except OSError as exc:
+                raise ShardError(f"shard '{path}' cannot be opened: {exc}") from None
+            if len(self._fds) >= 64:  # bounded: one pass reads shards one after another
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[key] = fd
+        return os.pread(fd, length, start)
+
+
+class _S3Shards:
+    """Range reads of shards under a pushed index (`s3://bucket/prefix/shards/<name>`)."""
+
+    def __init__(self, url: str) -> None:
+        from geoloc.integrations import s3
+
+        self.url = s3.parse_s3_url(url)
+        self._pid = -1
+        self._client: Any = None
+
+    def where(self, shard: str) -> str:
+        return f"s3://{self.url.bucket}/{self.url.key(f'{SHARDS_DIR}/{shard}')}"
+
+    def read(self, shard: str, start: int, length: int) -> bytes:
+        from geoloc.integrations import s3
+
+        if self._pid != os.getpid():  # one client per process: boto3 clients do not fork
+            self._pid, self._client = os.getpid(), s3.create_client()
+        key = self.url.key(f"{SHARDS_DIR}/{shard}")
+        try:
+            return s3.get_range(self._client, self.url.bucket, key, start, length)
+        except s3.ObjectMissingError:
+            raise ShardError(f"shard '{self.where(shard)}' is missing") from None
+        except s3.StorageError as exc:
+            raise ShardError(f"shard '{self.where(shard)}' could not be read: {exc}") from None
+
+
+class ImageLocations:
+    """Where the image of each row of an index table is, and how to read it.
+
+    `shards_url` (an `s3://bucket/prefix` that `geoloc s3 push --index` wrote) reads shards from
+    object storage instead of `data_root/processed/shards/`. Loose files (rows without a shard)
+    are always read below `data_root`.
+    """
+
+    def __init__(self, table: pd.DataFrame, data_root: Path, shards_url: str | None = None):
+        self.data_root = Path(data_root)
+        n = len(table)
+        self.paths = table["path"].astype(str).to_numpy(dtype=object)
+        if "shard" in table.columns:
+            shard = table["shard"]
+            self.shards = np.where(shard.isna(), None, shard.astype(object)).astype(object)
+            self.members = table["member"].to_numpy(dtype=object)
+            self.offsets = table["offset"].fillna(-1).to_numpy(dtype=np.int64)
+            self.lengths = table["length"].fillna(-1).to_numpy(dtype=np.int64)
+        else:
+            self.shards = np.full(n, None, dtype=object)
+            self.members = np.full(n, None, dtype=object)
+            self.offsets = np.full(n, -1, dtype=np.int64)
+            self.lengths = np.full(n, -1, dtype=np.int64)
+        self.s3 = _S3Shards(shards_url) if shards_url else None
+        self._files = _Files()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def sharded(self, i: int) -> bool:
+        return self.shards[i] is not None
+
+    def shard_where(self, i: int) -> str:
+        """The shard of row `i` as a user finds it (a local path or an s3:// URL)."""
+        if self.s3 is not None:
+            return self.s3.where(str(self.shards[i]))
+        return os.fspath(self.data_root / self.paths[i])
+
+    def describe(self, i: int) -> str:
+        """`member M of shard S` or `image 'file'`: what an error about row `i` names."""
+        if self.sharded(i):
+            return f"member {self.members[i]} of shard '{self.shard_where(i)}'"
+        return f"image '{self.data_root / self.paths[i]}'"
+
+    def file(self, i: int) -> Path | None:
+        """The file of a row stored on its own (None for shard members)."""
+        return None if self.sharded(i) else self.data_root / self.paths[i]
+
+    def _read(self, i: int, start: int, length: int) -> bytes:
+        if self.s3 is not None:
+            return self.s3.read(str(self.shards[i]), start, length)
+        return self._files.pread(self.data_root / self.paths[i], start, length)
+
+    def read(self, i: int) -> bytes:
+        """The stored bytes of row `i`; `ShardError` naming the shard and member if unusable."""
+        if not self.sharded(i):
+            return (self.data_root / self.paths[i]).read_bytes()
+        data = self._read(i, int(self.offsets[i]), int(self.lengths[i]))
+        return self._checked(i, data)
+
+    def _checked(self, i: int, data: bytes) -> bytes:
+        if len(data) < self.lengths[i]:
+            raise ShardError(
+                f"{self.describe(i)}: the shard is cut short (the member needs bytes "
+                f"{self.offsets[i]}-{self.offsets[i] + self.lengths[i]}, got {len(data)} of "
+                f"{self.lengths[i]})"
+            )
+        return check_member(data, str(self.members[i]), self.describe(i))
+
+    def storage_order(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        """`rows` (default: all) sorted as they lie in storage: by shard file, then offset."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        order = np.lexsort((self.offsets[rows], self.paths[rows].astype(str)))
+        return rows[order]
+
+    def iter_bytes(self, rows: Sequence[int]) -> Iterator[tuple[int, bytes | ShardError]]:
+        """`(row, bytes)` for `rows` in the order given, read sequentially: runs of members that
+        lie close together in one shard come from one read of up to `SPAN_BYTES`. An unusable
+        member yields its `ShardError` instead of bytes (the rows after it still come)."""
+        rows = [int(r) for r in rows]
+        i = 0
+        while i < len(rows):
+            j = self._run_end(rows, i)
+            yield from self._read_run(rows[i:j])
+            i = j
+
+    def _run_end(self, rows: list[int], i: int) -> int:
+        first = rows[i]
+        if not self.sharded(first):
+            return i + 1
+        j, end = i + 1, self.offsets[first] + self.lengths[first]
+        while j < len(rows):
+            r = rows[j]
+            off = self.offsets[r]
+            if (self.paths[r] != self.paths[first] or not self.sharded(r) or off < end
+                    or off - end > GAP_BYTES
+                    or off + self.lengths[r] - self.offsets[first] > SPAN_BYTES):  # fmt: skip
+                break
+            end = off + self.lengths[r]
+            j += 1
+        return j
+
+    def _read_run(self, run: list[int]) -> Iterator[tuple[int, bytes | ShardError]]:
+        first = run[0]
+        try:
+            if len(run) == 1:
+                yield first, self.read(first)
+                return
+            start = int(self.offsets[first])
+            last = run[-1]
+            blob = self._read(first, start, int(self.offsets[last] + self.lengths[last]) - start)
+        except (ShardError, OSError) as exc:  # the shard is gone or unreadable: every member
+            for r in run:
+                yield r, ShardError(f"{self.describe(r)}: {exc}")
+            return
+        for r in run:
+            lo = int(self.offsets[r]) - start
+            try:
+                yield r, self._checked(r, blob[lo : lo + int(self.lengths[r])])
+            except ShardError as exc:
+                yield r, exc
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def shard_problems(table: pd.DataFrame, data_root: Path) -> list[str]:
+    """One line per shard a table's rows need that is missing or shorter than its members
+    need (a cheap `stat` per shard; member bytes are checked when they are read)."""
+    if "shard" not in table.columns:
+        return []
+    part = table.dropna(subset=["shard"])
+    if part.empty:
+        return []
+    need = (part["offset"] + part["length"]).groupby(part["path"]).agg(["max", "size"])
+    problems = []
+    for rel, (end, count) in need.iterrows():
+        path = Path(data_root) / str(rel)
+        size = path.stat().st_size if path.is_file() else None
+        if size is None:
+            problems.append(f"shard '{path}' is missing ({count} images)")
+        elif size < end:
+            problems.append(
+                f"shard '{path}' is cut short: {size} bytes, its {count} images need {end}"
+            )
+    return problems
+
+
+def index_shards(images_parquet: Path) -> list[str]:
+    """The shard files an index's images.parquet reads from (none for one-file-per-image data)."""
+    import pyarrow.parquet as pq
+
+    try:
+        if "shard" not in pq.read_schema(images_parquet).names:
+            return []
+        column = pq.read_table(images_parquet, columns=["shard"])["shard"]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"index file '{images_parquet}' cannot be read: {exc}") from exc
+    return sorted({str(v) for v in column.unique().to_pylist() if v})
