@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from fixtures.labels import make_label_doc
 
+from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.radius import (
     ErrorRadius,
@@ -16,6 +17,7 @@ from geoloc.infer.radius import (
     fit_radius_scale,
     typical_cell_radius_km,
 )
+from geoloc.infer.rerank import Neighbours
 
 GRID = [(lat, lon) for lat in range(-50, 61, 15) for lon in range(-170, 171, 30)]
 
@@ -106,3 +108,47 @@ def test_error_radius_round_trips_and_a_constant_radius_ignores_the_distribution
     assert ErrorRadius.from_dict(const.to_dict()) == const
     adaptive = ErrorRadius(coverage=0.8, quantile=2.0, floor_km=10.0, candidates=8)
     assert ErrorRadius.from_dict(adaptive.to_dict()) == adaptive
+
+
+def _offset(lat: np.ndarray, lon: np.ndarray, km: np.ndarray, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """Points `km` away from (lat, lon) in a random direction (flat-earth, fine below ~1,000 km)."""
+    theta = rng.uniform(0, 2 * np.pi, km.shape)
+    dlat = km * np.cos(theta) / 111.2
+    dlon = km * np.sin(theta) / (111.2 * np.cos(np.radians(lat)))
+    return lat + dlat, lon + dlon
+
+
+def _neighbour_rows(world: LabelSpace, n: int, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """Answers at cell centres, truths an uncertain distance away, a flat (useless) distribution,
+    and 5 gallery neighbours scattered around the truth as widely as the image is uncertain."""
+    cls = rng.integers(0, world.num_classes, n)
+    lat, lon = world.lat[cls], world.lon[cls]
+    sigma = rng.lognormal(4.0, 0.8, n)  # km: how uncertain each image is
+    true_lat, true_lon = _offset(lat, lon, sigma * rng.exponential(1.0, n), rng)
+    k = 5
+    nlat, nlon = _offset(np.repeat(true_lat, k), np.repeat(true_lon, k),
+                         np.repeat(sigma, k) * rng.exponential(1.0, n * k), rng)  # fmt: skip
+    nbrs = Neighbours(
+        sims=np.full((n, k), 0.9, np.float32), labels=np.repeat(cls, k).reshape(n, k),
+        lat=nlat.reshape(n, k), lon=nlon.reshape(n, k),
+    )  # fmt: skip
+    probs = np.full((n, world.num_classes), 1.0 / world.num_classes)
+    return probs, lat, lon, true_lat, true_lon, nbrs, sigma
+
+
+def test_neighbour_spread_is_chosen_when_neighbours_know_the_uncertainty(world: LabelSpace) -> None:
+    rng = np.random.default_rng(2)
+    val, test = _neighbour_rows(world, 3000, rng), _neighbour_rows(world, 20000, rng)
+    radius = fit_error_radius(*val[:5], world, coverage=0.9, nbrs=val[5])
+    assert radius.neighbours_k > 0
+    result = radius.evaluate(*test[:5], world, nbrs=test[5])
+    assert 0.88 <= result["radius_coverage"] <= 0.92
+    flat = fit_error_radius(*val[:5], world, coverage=0.9)  # no neighbours: spread of the probs
+    assert result["radius_median_km"] < 0.8 * flat.evaluate(*test[:5], world)["radius_median_km"]
+    r = radius.radius_km(test[0], test[1], test[2], world, test[5])
+    sure = test[6] < np.quantile(test[6], 0.25)
+    unsure = test[6] > np.quantile(test[6], 0.75)
+    assert np.median(r[unsure]) > 2 * np.median(r[sure])
+    with pytest.raises(GeolocError, match="neighbours"):
+        radius.radius_km(test[0], test[1], test[2], world)
+    assert ErrorRadius.from_dict(radius.to_dict()) == radius

@@ -54,6 +54,7 @@ __all__ = [
     "fit_scaling",
     "fit_temperature",
     "nll",
+    "softmax_rows",
     "log_probs",
     "top1_ece",
 ]
@@ -70,6 +71,13 @@ def _as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().double()
     return torch.from_numpy(np.array(x, dtype=np.float64))
+
+
+def softmax_rows(x: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, k) softmax(x / temperature) per row, float64 (e.g. neighbour weights from similarity)."""
+    z = x.astype(np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def log_probs(probs: np.ndarray) -> np.ndarray:

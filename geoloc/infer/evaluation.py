@@ -146,7 +146,7 @@ def answer_table(
     radius, sets = params.radius.get(name), params.conformal.get(name)
     n = len(v.pred)
     error = haversine_km(true.lat, true.lon, v.lat, v.lon)
-    r = radius.radius_km(probs, v.lat, v.lon, label_space) if radius else np.full(n, np.nan)
+    r = radius.radius_km(probs, v.lat, v.lon, label_space, v.nbrs) if radius else np.full(n, np.nan)
     return pd.DataFrame({
         "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
         "pred_lat": v.lat, "pred_lon": v.lon, "pred_label": v.pred, "error_km": error,

@@ -232,7 +232,7 @@ class Predictor:
             radius = self.params.radius.get(self.variant)
         member = sets.sets(probs) if sets is not None else None
         radii = (
-            radius.radius_km(probs, answer.lat, answer.lon, self.label_space)
+            radius.radius_km(probs, answer.lat, answer.lon, self.label_space, answer.nbrs)
             if radius is not None
             else None
         )

@@ -2,17 +2,20 @@
 
 Split conformal on distance, normalised by the image's own uncertainty (Papadopoulos et al.'s
 normalised nonconformity, Lei et al. 2018 for regression): the score of a val image is
-`error_km / scale(x)`, with `scale(x) = spread(x) + floor_km` and `spread(x)` the expected
-great-circle distance from the decoded point to the truth under the calibrated distribution
-(over its `candidates` most likely cells, renormalised). The radius of a new image is
+`error_km / scale(x)`, with `scale(x) = spread(x) + floor_km`. The radius of a new image is
 `quantile * scale(x)`, where `quantile` is the conformal quantile of the val scores at the
 asked coverage. Under exchangeability of val and test the truth lies inside with probability
->= coverage; a diffuse distribution gets a wide radius, a sharp one a narrow radius.
+>= coverage; an uncertain image gets a wide radius, a sure one a narrow radius.
 
-`floor_km` keeps confident rows from getting a zero radius (the decoded point is a cell centre
-or a neighbour estimate, never exact): it is chosen on val among multiples of the typical cell
-radius, plus a constant radius (no adaptation), by the smallest median radius, cross-fitted over
-two halves of val like `geoloc.infer.calibration.choose_conformal`.
+Two spreads are tried: the expected great-circle distance from the answer to the cell centres
+under the calibrated distribution (its `candidates` most likely cells), and, for variants built
+from gallery neighbours, the similarity-weighted distance from the answer to the `neighbours_k`
+nearest train photos (softmax of similarity / `neighbours_temperature`): where the closest
+photos agree on a place the answer is usually near it. `floor_km` keeps sure rows from a zero
+radius (the answer is a cell centre or a neighbour estimate, never exact). Spread, neighbours
+and floor (multiples of the typical cell radius, or a constant radius for everyone) are chosen
+on val by the smallest median radius, cross-fitted over two halves of val like
+`geoloc.infer.calibration.choose_conformal`.
 """
 
 from __future__ import annotations
@@ -20,20 +23,26 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace, haversine_km
-from geoloc.infer.calibration import conformal_quantile
+from geoloc.infer.calibration import conformal_quantile, softmax_rows
+
+if TYPE_CHECKING:
+    from geoloc.infer.rerank import Neighbours
 
 __all__ = [
     "FLOOR_FACTORS",
+    "NEIGHBOUR_SPREADS",
     "RADIUS_CANDIDATES",
     "ErrorRadius",
     "expected_distance_km",
     "fit_error_radius",
     "fit_radius_scale",
+    "neighbour_spread_km",
     "typical_cell_radius_km",
 ]
 
@@ -41,8 +50,10 @@ log = logging.getLogger(__name__)
 
 RADIUS_CANDIDATES = 64
 """Most likely cells the spread is computed over (their mass renormalised)."""
-FLOOR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+FLOOR_FACTORS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Floors tried on val, in units of the typical cell radius."""
+NEIGHBOUR_SPREADS = ((5, 0.02), (10, 0.02), (20, 0.02), (5, 0.1), (20, 0.1))
+"""(k, temperature) of the neighbour spreads tried on val."""
 
 
 def expected_distance_km(
@@ -71,6 +82,19 @@ def expected_distance_km(
     return np.einsum("nm,nm->n", d, w)
 
 
+def neighbour_spread_km(
+    nbrs: Neighbours, lat: np.ndarray, lon: np.ndarray, k: int, temperature: float
+) -> np.ndarray:
+    """(N,) similarity-weighted distance from (lat, lon) to the `k` nearest gallery photos."""
+    k = min(k, nbrs.k)
+    w = softmax_rows(nbrs.sims[:, :k], temperature)  # (N, k)
+    d = haversine_km(
+        np.asarray(lat, dtype=np.float64)[:, None], np.asarray(lon, dtype=np.float64)[:, None],
+        nbrs.lat[:, :k], nbrs.lon[:, :k],
+    )  # fmt: skip
+    return np.einsum("nk,nk->n", w, d)
+
+
 def typical_cell_radius_km(label_space: LabelSpace) -> float:
     """Half the median distance from a class centre to the nearest other one (km)."""
     from geoloc.geo.distance import nearest_points
@@ -80,6 +104,30 @@ def typical_cell_radius_km(label_space: LabelSpace) -> float:
     nbr = nearest_points(label_space.lat, label_space.lon, 2)[:, 1]
     d = haversine_km(label_space.lat, label_space.lon, label_space.lat[nbr], label_space.lon[nbr])
     return max(float(np.median(d)) / 2.0, 1e-3)
+
+
+def _scale(spread: np.ndarray, floor: float) -> np.ndarray:
+    return np.ones(spread.size) if math.isinf(floor) else spread + floor
+
+
+def _best_floor(
+    spread: np.ndarray, errors: np.ndarray, coverage: float, floors: tuple[float, ...], seed: int
+) -> tuple[float, float]:
+    """(floor, cross-fitted median radius) of the floor with the smallest median radius."""
+    n = errors.size
+    if n < 40 or len(floors) == 1:
+        return floors[0], math.nan
+    perm = np.random.default_rng(seed).permutation(n)
+    halves = (perm[: n // 2], perm[n // 2 :])
+    best, best_median = floors[0], math.inf
+    for floor in floors:
+        median = 0.0
+        for a, b in (halves, halves[::-1]):
+            q = conformal_quantile(errors[a] / _scale(spread[a], floor), coverage)
+            median += float(np.median(q * _scale(spread[b], floor))) / 2
+        if median < best_median - 1e-9:
+            best, best_median = floor, median
+    return best, best_median
 
 
 def fit_radius_scale(
@@ -96,25 +144,8 @@ def fit_radius_scale(
     """
     spread = np.asarray(spread, dtype=np.float64)
     errors = np.asarray(errors, dtype=np.float64)
-    n = errors.size
-
-    def scale(rows: np.ndarray | slice, floor: float) -> np.ndarray:
-        return np.ones(errors[rows].size) if math.isinf(floor) else spread[rows] + floor
-
-    best = floors[0]
-    if n >= 40 and len(floors) > 1:
-        perm = np.random.default_rng(seed).permutation(n)
-        halves = (perm[: n // 2], perm[n // 2 :])
-        best_median = math.inf
-        for floor in floors:
-            median = 0.0
-            for a, b in (halves, halves[::-1]):
-                q = conformal_quantile(errors[a] / scale(a, floor), coverage)
-                median += float(np.median(q * scale(b, floor))) / 2
-            if median < best_median - 1e-9:
-                best, best_median = floor, median
-    q = conformal_quantile(errors / scale(slice(None), best), coverage)
-    return float(best), q
+    floor, _ = _best_floor(spread, errors, coverage, floors, seed)
+    return float(floor), conformal_quantile(errors / _scale(spread, floor), coverage)
 
 
 @dataclass(frozen=True)
@@ -126,21 +157,38 @@ class ErrorRadius:
     floor_km: float  # added to the spread (inf: a constant radius of `quantile` km)
     candidates: int = RADIUS_CANDIDATES
     n_calibration: int = 0
+    neighbours_k: int = 0  # > 0: the spread is over this many gallery neighbours
+    neighbours_temperature: float = 0.02
 
     def scale(
-        self, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray, label_space: LabelSpace
+        self,
+        probs: np.ndarray,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        label_space: LabelSpace,
+        nbrs: Neighbours | None = None,
     ) -> np.ndarray:
         """(N,) the uncertainty the radius is proportional to (km; 1 for a constant radius)."""
         if math.isinf(self.floor_km):
             return np.ones(np.asarray(lat).shape[0])
+        if self.neighbours_k:
+            if nbrs is None:
+                raise GeolocError("this error radius scales with gallery neighbours: pass them")
+            k, t = self.neighbours_k, self.neighbours_temperature
+            return neighbour_spread_km(nbrs, lat, lon, k, t) + self.floor_km
         spread = expected_distance_km(probs, lat, lon, label_space, self.candidates)
         return spread + self.floor_km
 
     def radius_km(
-        self, probs: np.ndarray, lat: np.ndarray, lon: np.ndarray, label_space: LabelSpace
+        self,
+        probs: np.ndarray,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        label_space: LabelSpace,
+        nbrs: Neighbours | None = None,
     ) -> np.ndarray:
         """(N,) radius around (lat, lon) holding the truth with probability `coverage`."""
-        return self.quantile * self.scale(probs, lat, lon, label_space)
+        return self.quantile * self.scale(probs, lat, lon, label_space, nbrs)
 
     def evaluate(
         self,
@@ -150,11 +198,12 @@ class ErrorRadius:
         true_lat: np.ndarray,
         true_lon: np.ndarray,
         label_space: LabelSpace,
+        nbrs: Neighbours | None = None,
     ) -> dict[str, float]:
         """`radius_coverage` (share of truths inside) and `radius_median_km` on held-out images."""
         if np.asarray(lat).size == 0:
             return {"radius_coverage": float("nan"), "radius_median_km": float("nan")}
-        r = self.radius_km(probs, lat, lon, label_space)
+        r = self.radius_km(probs, lat, lon, label_space, nbrs)
         err = haversine_km(true_lat, true_lon, lat, lon)
         return {
             "radius_coverage": float(np.mean(err <= r)),
@@ -178,6 +227,8 @@ class ErrorRadius:
             floor_km=num(d.get("floor_km")),
             candidates=int(d.get("candidates", RADIUS_CANDIDATES)),
             n_calibration=int(d.get("n_calibration", 0)),
+            neighbours_k=int(d.get("neighbours_k", 0)),
+            neighbours_temperature=float(d.get("neighbours_temperature", 0.02)),
         )
 
 
@@ -190,12 +241,26 @@ def fit_error_radius(
     label_space: LabelSpace,
     coverage: float,
     candidates: int = RADIUS_CANDIDATES,
+    nbrs: Neighbours | None = None,
 ) -> ErrorRadius:
-    """Calibrate the radius on val: calibrated probabilities, decoded points and the truth."""
-    spread = expected_distance_km(probs, lat, lon, label_space, candidates)
+    """Calibrate the radius on val: calibrated probabilities, answers, the truth and (for
+    variants built from votes) the gallery neighbours, whose spread is then tried too."""
     errors = haversine_km(true_lat, true_lon, lat, lon)
     cell = typical_cell_radius_km(label_space)
     floors = (*(f * cell for f in FLOOR_FACTORS), math.inf)
-    floor, q = fit_radius_scale(spread, errors, coverage, floors)
-    log.info("error radius: floor %s km, quantile %.3g (coverage %.2f, on val)", floor, q, coverage)
-    return ErrorRadius(coverage, q, floor, candidates, int(errors.size))
+    spreads: dict[tuple[int, float], np.ndarray] = {
+        (0, 0.02): expected_distance_km(probs, lat, lon, label_space, candidates)
+    }
+    if nbrs is not None:
+        for k, t in NEIGHBOUR_SPREADS:
+            spreads[(k, t)] = neighbour_spread_km(nbrs, lat, lon, k, t)
+    best_key, best_floor, best_median = (0, 0.02), floors[0], math.inf
+    for key, spread in spreads.items():
+        floor, median = _best_floor(spread, errors, coverage, floors, seed=0)
+        if median < best_median - 1e-9:
+            best_key, best_floor, best_median = key, floor, median
+    q = conformal_quantile(errors / _scale(spreads[best_key], best_floor), coverage)
+    (k, t), n = best_key, int(errors.size)
+    log.info("error radius on val: neighbours %d (t %g), floor %s km, quantile %.3g", k, t,
+             best_floor, q)  # fmt: skip
+    return ErrorRadius(coverage, q, float(best_floor), candidates, n, k, t)

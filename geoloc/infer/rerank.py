@@ -39,7 +39,7 @@ import pandas as pd
 from geoloc.atomic import write_json
 from geoloc.errors import DataError, GeolocError
 from geoloc.geo import LabelSpace, haversine_km, unit_vectors
-from geoloc.infer.calibration import Calibration, ConformalSets
+from geoloc.infer.calibration import Calibration, ConformalSets, softmax_rows
 from geoloc.infer.gallery import Gallery, IndexKind
 from geoloc.infer.radius import ErrorRadius
 
@@ -139,12 +139,6 @@ class Neighbours:
         return Neighbours(self.sims[rows], self.labels[rows], self.lat[rows], self.lon[rows])
 
 
-def _softmax_rows(x: np.ndarray, temperature: float) -> np.ndarray:
-    z = x.astype(np.float64) / temperature
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def neighbour_votes(nbrs: Neighbours, num_classes: int, k: int, temperature: float) -> np.ndarray:
     """(N, K) cell votes of the `k` nearest neighbours, weights softmax(sim / temperature).
 
@@ -152,7 +146,7 @@ def neighbour_votes(nbrs: Neighbours, num_classes: int, k: int, temperature: flo
     """
     k = min(k, nbrs.k)
     n = len(nbrs)
-    w = _softmax_rows(nbrs.sims[:, :k], temperature)  # (N, k)
+    w = softmax_rows(nbrs.sims[:, :k], temperature)  # (N, k)
     flat = (np.arange(n)[:, None] * num_classes + nbrs.labels[:, :k]).reshape(-1)
     votes = np.bincount(flat, weights=w.reshape(-1), minlength=n * num_classes)
     return votes.reshape(n, num_classes)
@@ -208,6 +202,7 @@ class VariantOutput:
     gate: np.ndarray  # (N,) bool: the rerank changed this row's inputs
     refined: np.ndarray | None = None  # (N,) bool: coordinate from in-cell neighbours
     model: np.ndarray | None = None  # (N, K) the model's distribution the votes were blended into
+    nbrs: Neighbours | None = None  # the gallery neighbours the votes came from
 
 
 def gated_rerank(
@@ -264,7 +259,7 @@ def refine_coordinates(
         return lat, lon, np.zeros(len(pred), dtype=bool)
     k = min(params.k, nbrs.k)
     inside = nbrs.labels[:, :k] == pred[:, None]  # (N, k)
-    w = _softmax_rows(nbrs.sims[:, :k], params.temperature) * inside
+    w = softmax_rows(nbrs.sims[:, :k], params.temperature) * inside
     refined = inside.any(axis=1)
     rows = np.flatnonzero(refined)
     if rows.size == 0:
@@ -397,11 +392,11 @@ def run_variants(
     scores, pred, gate = gated_rerank(source.scores, votes, g, label_space)
     model = source.scores
     ls = label_space
-    out["gated"] = VariantOutput(scores, pred, ls.lat[pred], ls.lon[pred], gate, model=model)
+    out["gated"] = VariantOutput(scores, pred, ls.lat[pred], ls.lon[pred], gate, None, model, nbrs)
     lat, lon, refined = refine_coordinates(pred, nbrs, label_space, params.refine)
-    out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined, model)
+    out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined, model, nbrs)
     calibrated = params.calibrated("gated", out["gated"])
     risk_pred = min_risk_cells(calibrated, label_space, params.min_risk_candidates)
     lat, lon, refined = refine_coordinates(risk_pred, nbrs, label_space, params.refine)
-    out["min_risk"] = VariantOutput(scores, risk_pred, lat, lon, gate, refined, model)
+    out["min_risk"] = VariantOutput(scores, risk_pred, lat, lon, gate, refined, model, nbrs)
     return out

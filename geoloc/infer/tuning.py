@@ -292,7 +292,7 @@ def fit_calibration(
         probs = cals[name].apply(v.scores, v.model)
         sets[name] = choose_conformal(probs, val_true.labels, cfg.coverage, methods)
         radii[name] = fit_error_radius(probs, v.lat, v.lon, val_true.lat, val_true.lon,
-                                       label_space, cfg.radius_coverage)  # fmt: skip
+                                       label_space, cfg.radius_coverage, nbrs=v.nbrs)  # fmt: skip
     return CalibrationFit(cals, sets, radii)
 
 
@@ -310,7 +310,9 @@ def calibration_columns(
     if sets is not None:
         cols.update(sets.evaluate(calibrated, true.labels))
     if radius is not None:
-        cols.update(radius.evaluate(calibrated, v.lat, v.lon, true.lat, true.lon, label_space))
+        cols.update(
+            radius.evaluate(calibrated, v.lat, v.lon, true.lat, true.lon, label_space, v.nbrs)
+        )
     return cols
 
 
