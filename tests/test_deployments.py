@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import pandas as pd
 import pytest
 from fixtures.prefect_server import STACK, LocalStack, api_get, api_post, local_stack
 
@@ -86,14 +89,42 @@ def test_every_deployment_is_registered_with_the_nightly_cron(stack) -> None:
     assert step["directory"] == "{{ $GEOLOC_HOME }}"
 
 
+def _flow_run_logs(s: LocalStack, flow_run_id: str, until: str) -> list[str]:
+    """The flow run's log messages as the UI shows them (tasks included); the worker's flow
+    process sends them in batches, so wait until one contains `until` (or 60 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+        messages = [log["message"] for log in api_post(s.api_url, "logs/filter", body)]
+        if any(until in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(1)
+
+
 def test_train_geosoft_deployment_trains_on_the_worker(stack) -> None:
     s, runs = stack
-    out, flow_run = _run_deployment(s, "train/geosoft", TINY)
+    params = [p for p in TINY if not p.startswith("epochs=")] + ["epochs=2"]
+    out, flow_run = _run_deployment(s, "train/geosoft", params)
     assert flow_run["state"]["type"] == "COMPLETED", f"{out}\n{s.logs()}"
     (run_dir,) = [p for p in runs.iterdir() if not p.name.startswith("_")]
     summary = read_summary(run_dir)  # validates against schema v1
     assert summary["status"] == "completed"
-    assert summary["epochs_completed"] == 1
+    assert summary["epochs_completed"] == 2
+    # the flow run's logs in the API hold one line per epoch (not only Prefect's own lines)
+    logs = _flow_run_logs(s, flow_run["id"], until="epoch 2/2")
+    epochs = [m.group(1) for m in map(re.compile(r"^epoch (\d+)/2: loss .* km").match, logs) if m]
+    assert epochs == ["1", "2"], "\n".join(logs)
+    # its dashboard opens from the UI: the artifact links the stack's `geoloc serve`
+    arts = api_post(s.api_url, "artifacts/filter",
+                    {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})  # fmt: skip
+    (link,) = [a["data"] for a in arts if a["key"] == "geoloc-run-dashboard"]
+    url = re.search(r"\((http://[^)]+)\)", link).group(1)
+    assert url.endswith(f"/{run_dir.name}/dashboard.html")
+    page = httpx.get(url, timeout=30)
+    assert page.status_code == 200 and run_dir.name in page.text
+    # and the run is on the leaderboard
+    board = pd.read_csv(runs / "_aggregate" / "runs_summary.csv")
+    assert run_dir.name in set(board["run_id"])
     assert RunPaths(run_dir).dashboard.is_file()
     # the deployment's preset, with the CLI's parameters on top
     cfg = json.loads(RunPaths(run_dir).config.read_text())
