@@ -9,6 +9,7 @@ Unknown keys are errors. The resolved model is saved whole as a run's `config.js
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -16,9 +17,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from geoloc.errors import ConfigError
+from geoloc.errors import ConfigError, split_password
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+TRACKING_USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+TRACKING_PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+"""MLflow's own HTTP basic-auth variables: where a tracking password lives (never in a file)."""
 
 
 class _Strict(BaseModel):
@@ -278,10 +282,24 @@ class TrackingConfig(_Strict):
     experiment: str = Field("geoloc", description="MLflow experiment name.")
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).",
+        description="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db); "
+        "a password in it is never saved: it goes to MLFLOW_TRACKING_PASSWORD for this process.",
     )
     register_model: bool = Field(True, description="Register the model as `geoloc`.")
     parent_run_id: str | None = Field(None, description="MLflow parent run (sweeps).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _password_stays_in_the_environment(cls, v: str | None) -> str | None:
+        # the config is saved (config.json, checkpoints, MLflow params, reports): keep the URI
+        # without its password and hand the credentials to MLflow the way it reads them itself
+        if v is None:
+            return v
+        uri, user, password = split_password(v)
+        if password is not None:
+            os.environ[TRACKING_USERNAME_ENV] = user or ""
+            os.environ[TRACKING_PASSWORD_ENV] = password
+        return uri
 
 
 class RunConfig(_Strict):

@@ -1,6 +1,10 @@
-"""Errors that the CLI turns into a one-line reason and a non-zero exit."""
+"""Errors that the CLI turns into a one-line reason and a non-zero exit, and the redaction that
+keeps credentials out of those lines (and of logs and files)."""
 
 from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 
 class GeolocError(Exception):
@@ -25,3 +29,38 @@ class TrialPruned(GeolocError):  # noqa: N818 - mirrors optuna's name on purpose
 
 class TrainingError(GeolocError):
     """Training cannot go on (NaN loss, incompatible checkpoint...); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets in URIs: what may reach a message, a log or a file
+# --------------------------------------------------------------------------------------------
+
+_USERINFO_PASSWORD = re.compile(
+    # scheme://user:password@host -- the password runs to the authority's last '@'
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#@:]*:)(?P<password>[^\s/?#]*)@"
+)
+_SECRET_QUERY = re.compile(r"(?i)(?P<head>[?&](?:access_token|token|password|api_key)=)[^&\s#]+")
+MASK = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@host` URI (and token query
+    values) replaced by `***`: apply it to anything that may reach a message, a log or a file."""
+    text = _USERINFO_PASSWORD.sub(lambda m: f"{m['head']}{MASK}@", str(text))
+    return _SECRET_QUERY.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def split_password(uri: str) -> tuple[str, str | None, str | None]:
+    """(`uri` without its password, user name, password), both credentials percent-decoded;
+    the password is None when the URI has none. The first may be saved; the others may not."""
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:  # unparseable (a bad IPv6 literal...): mask it, keep it usable as text
+        return redact(uri), None, None
+    if password is None:
+        return uri, parts.username, None
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    user = unquote(parts.username or "")
+    return urlunsplit(parts._replace(netloc=netloc)), user, unquote(password)

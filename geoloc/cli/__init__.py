@@ -11,10 +11,11 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 import typer
 
-from geoloc.errors import GeolocError
+from geoloc.errors import GeolocError, redact
 
 app = typer.Typer(
     name="geoloc",
@@ -72,12 +73,39 @@ def _progress_lines() -> Iterator[None]:
         progress_log.propagate = before
 
 
+class _RedactSecrets(logging.Filter):
+    """Masks URI passwords in every log line and traceback (MLflow's errors name the request
+    URL, credentials included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if (clean := redact(message)) != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+_REDACT = _RedactSecrets()
+
+
+def _redacted_excepthook(
+    kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """An unexpected error's traceback, with URI passwords masked."""
+    import traceback
+
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, exc, tb))))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line reasons, non-zero exits, no tracebacks for user errors."""
     logging.basicConfig(
         level=os.environ.get("GEOLOC_LOG_LEVEL", "WARNING"),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_REDACT)
     with _progress_lines():
         return _main(argv)
 
@@ -88,7 +116,7 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(rv, int):  # click returns the code of a typer.Exit here
             return rv
     except GeolocError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {redact(str(exc))}", err=True)
         return 1
     except typer.Exit as exc:
         return exc.exit_code
@@ -110,4 +138,5 @@ def _main(argv: list[str] | None) -> int:
 
 def run() -> None:
     """The `geoloc` console script."""
+    sys.excepthook = _redacted_excepthook
     sys.exit(main())

@@ -35,6 +35,7 @@ def sync(
     ] = True,
 ) -> None:
     """Mirror existing runs into MLflow (idempotent: found by run id, updated, never duplicated)."""
+    from geoloc.errors import redact
     from geoloc.integrations.mlflow import resolve_tracking_uri, sync_runs
 
     results = sync_runs(
@@ -51,7 +52,7 @@ def sync(
     order = ("created", "updated", "unchanged", "failed")
     typer.echo(
         ", ".join(f"{counts.get(a, 0)} {a}" for a in order)
-        + f" -> {resolve_tracking_uri(tracking_uri)}"
+        + f" -> {redact(resolve_tracking_uri(tracking_uri))}"
     )
     if counts.get("failed"):
         raise typer.Exit(1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geoloc.errors import GeolocError
+from geoloc.errors import GeolocError, redact
 from geoloc.integrations.mlflow.contents import (
     final_points,
     history_points,
@@ -63,20 +63,27 @@ class SyncResult:
     error: str | None = None
 
     def line(self) -> str:
-        """One line for the CLI."""
+        """One line for the CLI (a password in a URI of the error is masked)."""
         what = f" ({', '.join(self.changes)})" if self.changes else ""
         where = f" mlflow={self.mlflow_run_id}" if self.mlflow_run_id else ""
         err = f": {self.error}" if self.error else ""
-        return f"{self.action:9s} {self.run_id}{where}{what}{err}"
+        return redact(f"{self.action:9s} {self.run_id}{where}{what}{err}")
 
 
 def record_tracking(
     run_dir: Path, mirrored: bool, mlflow_run_id: str | None, error: str | None
 ) -> None:
-    """Write `summary.tracking` when it changes (an unchanged summary keeps re-syncs no-ops)."""
-    new = {"mirrored": mirrored, "mlflow_run_id": mlflow_run_id, "error": error}
+    """Write `summary.tracking` when it changes (an unchanged summary keeps re-syncs no-ops).
+
+    A failure that never reached the MLflow run (`mlflow_run_id` None) keeps the id already
+    recorded, so the next sync still knows which run to resume; the error text is redacted.
+    """
+    new = {"mirrored": mirrored, "mlflow_run_id": mlflow_run_id,
+           "error": None if error is None else redact(error)}  # fmt: skip
     try:
         current = read_summary(Path(run_dir)).get("tracking")
+        if new["mlflow_run_id"] is None and not mirrored and isinstance(current, dict):
+            new["mlflow_run_id"] = current.get("mlflow_run_id")
         if current != new:
             update_summary(Path(run_dir), tracking=new)
     except GeolocError as exc:

@@ -3,19 +3,24 @@ tag names every mirrored run carries.
 
 MLflow's active run is thread-local and its fluent API is process-global, so the package talks
 through `MlflowClient` with explicit run ids; `global_tracking_uri` covers the one fluent call.
+A SQLite store's first use in a process is serialised across processes (`prepare_store`): MLflow
+creates and migrates its schema then, and concurrent migrations leave the file broken. Every
+message that may carry a URI goes through `geoloc.errors.redact` (`TrackingError`, `error_text`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from geoloc.errors import GeolocError
+from geoloc.data.state import file_lock
+from geoloc.errors import GeolocError, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,16 +57,23 @@ PROBE_TIMEOUT_S = 5.0
 client would otherwise retry for minutes before the first epoch."""
 
 _GLOBAL_URI_LOCK = threading.RLock()
+_PREPARED: set[str] = set()  # SQLite stores this process has opened (schema checked) once
+_PREPARE_LOCK = threading.Lock()
 
 
 class TrackingError(GeolocError):
-    """The tracking server is unreachable or refused a request; the message says which."""
+    """The tracking server is unreachable or refused a request; the message says which (with
+    any password in a URI masked)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(redact(str(message)))
 
 
 def error_text(exc: BaseException) -> str:
-    """One short line for logs and `summary.tracking.error` (server errors can be pages long)."""
+    """One short line for logs and `summary.tracking.error` (server errors can be pages long;
+    MLflow's messages name the request URL, password included: it is masked)."""
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return text.splitlines()[0][:500] if text else type(exc).__name__
+    return redact(text.splitlines()[0])[:500] if text else type(exc).__name__
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -99,7 +111,65 @@ def client_for(uri: str) -> MlflowClient:
     """An `MlflowClient` bound to `uri` (tracking and registry), independent of global state."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    for store_uri in dict.fromkeys((uri, registry_uri)):
+        prepare_store(store_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` URI (None for other stores and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def prepare_store(uri: str) -> None:
+    """Open a SQLite store once per process under an exclusive `<db>.lock`, so that concurrent
+    first users (parallel trainings, syncs) take turns creating and migrating its schema.
+
+    A store left half-migrated (by MLflow's own concurrent first use, before this lock) raises
+    `TrackingError` with the fix instead of a migration traceback at every later sync.
+    """
+    path = sqlite_path(uri)
+    if path is None or uri in _PREPARED:
+        return
+    from mlflow import MlflowClient
+
+    with _PREPARE_LOCK, file_lock(path.with_name(path.name + ".lock")):
+        if uri in _PREPARED:
+            return
+        _refuse_half_migrated(path, uri)
+        try:
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)  # creates/migrates the tracking tables
+            client.search_registered_models(max_results=1)  # and the registry's
+        except Exception as exc:
+            _refuse_half_migrated(path, uri)
+            raise TrackingError(
+                f"MLflow store '{path}' cannot be opened: {error_text(exc)}"
+            ) from exc
+        _PREPARED.add(uri)
+
+
+def _refuse_half_migrated(path: Path, uri: str) -> None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as db:
+            rows = db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ? ESCAPE '!'",
+                ("!_alembic!_tmp!_%",),
+            ).fetchall()
+    except sqlite3.Error:
+        return  # not a database MLflow made: MLflow's own error says so
+    if rows:
+        raise TrackingError(
+            f"MLflow store '{path}' is half-migrated (table {rows[0][0]} left by an interrupted "
+            f"schema upgrade): delete the file if it holds no runs yet, else drop its "
+            f"_alembic_tmp_* tables and run `mlflow db upgrade {uri}`"
+        )
 
 
 @contextmanager

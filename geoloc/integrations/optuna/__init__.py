@@ -7,6 +7,7 @@ several processes or machines share (`study`), trials that are full runs scored 
 Inside this package `import optuna` is the real Optuna (absolute imports).
 """
 
+from geoloc.errors import redact
 from geoloc.integrations.optuna.settings import (
     PRUNE_METRICS,
     ParamSpec,
@@ -22,7 +23,6 @@ from geoloc.integrations.optuna.study import (
     create_study,
     default_storage,
     open_storage,
-    redact,
     trial_sampler,
 )
 from geoloc.integrations.optuna.summary import (

@@ -1,14 +1,18 @@
 """Where a study lives and how it samples: the shared storage, the per-trial seeded TPE sampler,
-the pruner, and creating or resuming the study (several processes or machines may share it)."""
+the pruner, and creating or resuming the study (several processes or machines may share it).
+A SQLite storage is opened under an exclusive `<db>.lock`: Optuna creates its tables on first
+use, and concurrent first users would otherwise collide in that."""
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from geoloc.data.state import file_lock
+from geoloc.errors import redact
 from geoloc.integrations.optuna.settings import SweepConfig, SweepError, prunes
 from geoloc.paths import sweeps_dir
 
@@ -25,29 +29,29 @@ def default_storage() -> str:
     return os.environ.get(OPTUNA_STORAGE_ENV) or f"sqlite:///{sweeps_dir() / 'optuna.db'}"
 
 
-def redact(url: str) -> str:
-    """Hide a password in a storage URL before it reaches a message or a log."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-
-
 def open_storage(url: str) -> Any:
     """Connect to the storage now, so an unreachable URL fails before any trial."""
     import optuna
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    lock: AbstractContextManager[Any] = nullcontext()
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+        db.parent.mkdir(parents=True, exist_ok=True)
         # several workers on one file: wait for the write lock instead of failing after 5 s
         engine_kwargs["connect_args"] = {"timeout": 60}
+        lock = file_lock(db.with_name(db.name + ".lock"))
     try:
-        with warnings.catch_warnings():
+        with lock, warnings.catch_warnings():
             # heartbeats (experimental in Optuna) let a live worker fail the trials of a dead one
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180
             )
     except Exception as exc:  # sqlalchemy errors, missing drivers, bad URLs
-        raise SweepError(f"optuna storage '{redact(url)}' is unreachable: {exc}") from exc
+        raise SweepError(
+            f"optuna storage '{redact(url)}' is unreachable: {redact(str(exc))}"
+        ) from exc
 
 
 def trial_sampler(seed: int) -> optuna.samplers.BaseSampler:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geoloc.atomic import write_json, write_parquet, write_text
+from geoloc.errors import redact
 from geoloc.integrations.optuna.settings import SweepConfig
-from geoloc.integrations.optuna.study import default_storage, redact
+from geoloc.integrations.optuna.study import default_storage
 from geoloc.paths import sweeps_dir
 from geoloc.runs.layout import RunPaths
 
