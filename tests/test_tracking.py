@@ -145,7 +145,8 @@ def test_sync_updates_a_run_that_changed_instead_of_duplicating_it(make_run):
     (created,) = tracking.sync_runs([run_dir], log_model=False)
     # the run goes on: one more epoch in metrics.csv, a report appears
     rows = csv_rows(run_dir)
-    extra = {**rows[-1], "epoch": "3", "val_p90_km": "123.5"}
+    next_epoch = int(rows[-1]["epoch"]) + 1
+    extra = {**rows[-1], "epoch": str(next_epoch), "val_p90_km": "123.5"}
     with RunPaths(run_dir).metrics_csv.open("a", newline="") as fh:
         csv.DictWriter(fh, fieldnames=list(rows[0])).writerow(extra)
     RunPaths(run_dir).report.write_text("# report\n")
@@ -157,8 +158,8 @@ def test_sync_updates_a_run_that_changed_instead_of_duplicating_it(make_run):
     c = client()
     assert len(mirrored_runs(c)) == 1
     history = c.get_metric_history(created.mlflow_run_id, "val_p90_km")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3]
-    assert {m.value for m in history if m.step == 3} == {123.5}
+    assert sorted(m.step for m in history) == [int(r["epoch"]) for r in rows] + [next_epoch]
+    assert {m.value for m in history if m.step == next_epoch} == {123.5}
     assert "REPORT.md" in {a.path for a in c.list_artifacts(created.mlflow_run_id)}
 
 
@@ -175,17 +176,19 @@ def test_live_mirror_logs_each_epoch_and_the_final_sync_adds_no_duplicates(make_
     run_dir = make_run("live", epochs=3)
     cfg = load_config(RunPaths(run_dir).config)
     mirror = tracking.LiveMirror(cfg)
-    mirror.begin(run_dir)
-    assert mirror.error is None
+    mirror.begin(run_dir)  # the MLflow run is opened on the mirror thread
+    assert mirror.flush() and mirror.error is None
     state = read_summary(run_dir)["tracking"]
     assert state["mirrored"] is False and state["mlflow_run_id"] == mirror.mlflow_run_id
 
     c = client()
     for row in csv_rows(run_dir):  # what the training loop hands the callback
         mirror(int(row["epoch"]), {k: float(v) for k, v in row.items()})
+        assert mirror.flush()
         seen = c.get_metric_history(mirror.mlflow_run_id, "val_top1")
         assert max(m.step for m in seen) == int(row["epoch"])  # visible while training
 
+    mirror.close()
     tracking.sync_run(run_dir)  # what the composer does once the run is done
     assert read_summary(run_dir)["tracking"] == {
         "mirrored": True, "mlflow_run_id": mirror.mlflow_run_id, "error": None
@@ -251,6 +254,7 @@ def test_trial_runs_nest_under_a_sweep_parent(make_run):
     cfg = load_config(RunPaths(run_dir).config, {"tracking.parent_run_id": parent})
     mirror = tracking.LiveMirror(cfg)
     mirror.begin(run_dir)
+    mirror.close()
     tracking.sync_run(run_dir, parent_run_id=parent)
 
     c = client()
@@ -267,6 +271,7 @@ def test_a_parent_unknown_to_the_server_does_not_stop_the_mirror(make_run):
     (result,) = tracking.sync_runs([run_dir], log_model=False)  # config.json has no parent
     mirror = tracking.LiveMirror(cfg)
     mirror.begin(run_dir)
+    mirror.close()
     assert mirror.error is None and mirror.mlflow_run_id == result.mlflow_run_id
     (result,) = tracking.sync_runs([run_dir], log_model=False, parent_run_id="f" * 32)
     assert result.action == "unchanged"
@@ -333,6 +338,7 @@ def test_server_down_during_training_then_sync_catches_up(
     mirror.begin(run_dir)
     for row in csv_rows(run_dir):
         mirror(int(row["epoch"]), {k: float(v) for k, v in row.items()})
+    mirror.close()
     with pytest.raises(tracking.TrackingError):  # the composer logs it; the run is done anyway
         tracking.sync_run(run_dir, tracking_uri=dead)
     assert time.monotonic() - t0 < 30  # training is not held up by retries

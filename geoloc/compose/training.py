@@ -77,6 +77,8 @@ def run_training(
         if cfg.rerank.enabled and is_main_process():
             step("evaluate-rerank", rerank, target, cfg.rerank, progress=progress)
     finally:
+        if mirror is not None:
+            mirror.close()  # waits a few seconds at most; the sync below catches up on the rest
         if began and is_main_process():
             publish(target, mirror=cfg.tracking.enabled, step=step)
     return target

@@ -2,9 +2,12 @@
 
 The run directory is the source of truth; MLflow is a mirror where people compare runs. So:
 
-- Mirroring never stops training. `LiveMirror` (an epoch callback the composer builds) swallows
-  every tracking failure, records it in `summary.tracking` (`mirrored: false`, `error`) and goes
-  quiet; `sync_run` after the run, or `geoloc mlflow sync` (`sync_runs`) later, catches up.
+- Mirroring never stops or slows training. `LiveMirror` (an epoch callback the composer builds)
+  hands each epoch to a background thread through a bounded queue, swallows every tracking
+  failure, records it in `summary.tracking` (`mirrored: false`, `error`, the run id kept) and
+  goes quiet; `sync_run` after the run, or `geoloc mlflow sync` (`sync_runs`) later, catches up.
+- Secrets stay out: a password in `tracking.tracking_uri` is moved to MLflow's own
+  `MLFLOW_TRACKING_PASSWORD` by the config, and every message passes `geoloc.errors.redact`.
 - Mirroring is idempotent. A run is found by its `geoloc.run_id` tag and updated, never duplicated
   (`writers`); artifacts and the model are uploaded again only when their digest changed.
 - MLflow's fluent API is process-global, so everything here uses `MlflowClient` with explicit run
