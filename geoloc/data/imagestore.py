@@ -424,11 +424,31 @@ def shard_problems(table: pd.DataFrame, data_root: Path) -> list[str]:
     if "shard" not in table.columns:
         return []
     part = table.dropna(subset=["shard"])
-    if part.empty:
-        return []
     need = (part["offset"] + part["length"]).groupby(part["path"]).agg(["max", "size"])
+    return _problems({str(k): (int(e), int(c)) for k, (e, c) in need.iterrows()}, data_root)
+
+
+def manifest_shard_problems(parquet: Path, data_root: Path) -> list[str]:
+    """`shard_problems` of a manifest or images.parquet, read a row group at a time (memory
+    flat in N: one entry per shard)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(parquet)
+    if "shard" not in pf.schema_arrow.names:
+        return []
+    need: dict[str, tuple[int, int]] = {}
+    for batch in pf.iter_batches(columns=["path", "shard", "offset", "length"]):
+        frame = batch.to_pandas().dropna(subset=["shard"])
+        ends = (frame["offset"] + frame["length"]).groupby(frame["path"]).agg(["max", "size"])
+        for rel, (end, count) in ends.iterrows():
+            old_end, old_count = need.get(str(rel), (0, 0))
+            need[str(rel)] = (max(old_end, int(end)), old_count + int(count))
+    return _problems(need, data_root)
+
+
+def _problems(need: dict[str, tuple[int, int]], data_root: Path) -> list[str]:
     problems = []
-    for rel, (end, count) in need.iterrows():
+    for rel, (end, count) in sorted(need.items()):
         path = Path(data_root) / str(rel)
         size = path.stat().st_size if path.is_file() else None
         if size is None:

@@ -43,6 +43,7 @@ from geoloc.data.cells import (
     parent_int,
     to_strings,
 )
+from geoloc.data.imagestore import manifest_shard_problems
 from geoloc.data.ingest import read_processed_manifest
 from geoloc.data.splits import (
     SPLITS,
@@ -308,6 +309,8 @@ def build_index(
             f"no processed images in {paths.processed_manifest}: run `geoloc data demo` and "
             f"`geoloc data ingest demo` (or ingest your own source) first"
         )
+    for problem in manifest_shard_problems(paths.processed_manifest, paths.root):
+        log.warning("%s: its images are in the index but cannot be read", problem)
     state = StageState(paths.state / "index.json")
     doc = state.load()
     key = _inputs_key(paths, cfg)

@@ -15,8 +15,8 @@ a new plan costs no new processes. Where the rows come from depends on the split
   buffer at a uniformly random point of the next `shuffle_buffer` reads.
 
 Every row belongs to exactly one (rank, worker), so the parts have no duplicate and no gap; every
-rank takes the same number of steps (the last one or two batches of a rank may be a few rows
-shorter), as DDP's gradient all-reduce needs. Step j of a rank comes from producer j mod P, so
+rank takes the same number of steps (its last batches may be one row short), as DDP's gradient
+all-reduce needs. Step j of a rank comes from producer j mod P, so
 the DataLoader's round-robin over workers yields steps in plan order.
 
 Resuming mid-epoch: the plan is a pure function of (index, seed, epoch, ranks, workers); starting
@@ -26,7 +26,8 @@ from (epoch seed, row) (`sample_seed`), so an image's augmentation does not depe
 worker loads it, nor on a resume.
 
 An unreadable member of a streamed shard is left out of its batch with one warning line naming
-the shard and the member; the other rows, and the other shards, load on.
+the shard and the member (a `GeoDataset` opened with `unreadable="skip"`, as training opens its
+splits; otherwise it is the error); the other rows, and the other shards, load on.
 """
 
 from __future__ import annotations
@@ -87,17 +88,16 @@ def memory_plan(rows: Sequence[int] | np.ndarray, batch: int) -> RankPlan:
 
 
 def batch_sizes(n_rows: int, steps: int, batch: int) -> np.ndarray:
-    """`steps` sizes of at most `batch` summing to `n_rows`: full batches, the shortfall taken
-    from the last ones (each keeps at least one row)."""
+    """`steps` sizes of at most `batch` summing to `n_rows`: full batches, the shortfall spread
+    one row at a time over the last ones (no batch of one where it can be helped: BatchNorm
+    cannot train on a single image)."""
     sizes = np.full(steps, batch, dtype=np.int64)
     deficit = steps * batch - n_rows
-    i = steps - 1
-    while deficit > 0 and i >= 0:
-        take = min(deficit, int(sizes[i]) - 1)
-        sizes[i] -= take
-        deficit -= take
-        i -= 1
-    return sizes
+    rounds, rest = divmod(deficit, steps)
+    sizes -= rounds
+    if rest:
+        sizes[steps - rest :] -= 1
+    return np.maximum(sizes, 1)
 
 
 def shuffled_blocks(storage: np.ndarray, shard_of: np.ndarray, seed: int,
@@ -291,6 +291,7 @@ class StreamingSplit(IterableDataset):
             for p, rows in wanted.items()
         }
         held: dict[int, bytes | ShardError] = {}
+        strict = getattr(self.dataset, "unreadable", "skip") != "skip"
         for j in steps:
             reader, samples, bad = readers[j % producers], [], []
             for row in plan.step(j).tolist():
@@ -298,13 +299,13 @@ class StreamingSplit(IterableDataset):
                     got, data = next(reader)
                     held[got] = data
                 data = held.pop(row)
-                if isinstance(data, ShardError):
-                    log.warning("skipping an unreadable image: %s", data)
-                    bad.append(data)
-                    continue
                 try:
+                    if isinstance(data, ShardError):
+                        raise data
                     samples.append(self._sample(row, seed, reseed, data))
                 except DataError as exc:
+                    if strict:  # readers that must see every image (rerank outputs)
+                        raise
                     log.warning("skipping an unreadable image: %s", exc)
                     bad.append(exc)
             if not samples:

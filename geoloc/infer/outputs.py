@@ -126,16 +126,18 @@ def compute_outputs(
     progress: bool = True,
 ) -> SplitOutputs:
     """One eval-mode pass over a `GeoDataset` (built with the eval transform) or its stored
-    backbone features (`geoloc.train.embeddings.FeatureDataset`)."""
-    from geoloc.data.dataset import make_loader
+    backbone features (`geoloc.train.embeddings.FeatureDataset`), read as evaluation reads it
+    (sequentially from shards when the split is not in memory); arrays come back in row order."""
+    from geoloc.data.streaming import eval_loader
 
     model.eval()
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
+    loader = eval_loader(dataset, batch_size, num_workers)
     heads: dict[str, list[torch.Tensor]] = {}
-    embs = []
-    for images, _, _, _ in track(
+    embs, order = [], []
+    for images, _, _, rows in track(
         loader, desc=f"embed {dataset.split}", unit="batch", bars=progress
     ):
+        order.append(rows)
         out = model(images.to(device))
         embs.append(out["embedding"].float().cpu())
         for name in _HEAD_ARRAYS:
@@ -145,9 +147,10 @@ def compute_outputs(
                     (value.float() if value.is_floating_point() else value).cpu()
                 )
     table = dataset.table
+    rank = torch.argsort(torch.cat(order))  # loader order -> row order
     return SplitOutputs(
-        **{n: torch.cat(heads[n]).numpy() if n in heads else None for n in _HEAD_ARRAYS},
-        embeddings=l2_normalize(torch.cat(embs)),
+        **{n: torch.cat(heads[n])[rank].numpy() if n in heads else None for n in _HEAD_ARRAYS},
+        embeddings=l2_normalize(torch.cat(embs)[rank]),
         labels=np.asarray(dataset.labels, dtype=np.int64),
         lat=table["lat"].to_numpy(dtype=np.float64),
         lon=table["lon"].to_numpy(dtype=np.float64),
