@@ -23,8 +23,12 @@ venv: $(STAMP)
 ## make demo: the whole pipeline on the offline demo data, as the Prefect `pipeline` flow:
 ## demo images -> ingest -> index -> train (demo preset) -> rerank -> report -> leaderboard,
 ## mirrored to MLflow; it ends by printing where to look.
+## The temporary Prefect server creates its database on the first run: on a busy machine that
+## takes longer than Prefect's 20 s default, hence the longer wait.
 demo: venv
-	PREFECT_LOGGING_EXTRA_LOGGERS=geoloc $(BIN)/python -m flows.pipeline
+	PREFECT_LOGGING_EXTRA_LOGGERS=geoloc \
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180} \
+	$(BIN)/python -m flows.pipeline
 
 ## make test: everything but the long `slow` tests (Prefect/MLflow/S3 servers, browser, PostgreSQL included)
 test: venv system-deps
