@@ -64,9 +64,9 @@ def test_each_trial_is_a_train_subflow_and_the_summary_is_published(
     for row in table:
         assert read_summary(runs_dir() / row["run_id"])["status"] == "completed"
         assert RunPaths(runs_dir() / row["run_id"]).dashboard.is_file()
-    # each trial published its own run artifacts on its train flow run
+    # each trial published its own run page on its train flow run
     for _, child in children:
-        assert "geoloc-run-dashboard" in _artifacts(child.id)
+        assert "geoloc-run-summary" in _artifacts(child.id)
 
     arts = _artifacts(state.state_details.flow_run_id)
     assert out["best"]["run_id"] in arts["geoloc-sweep-best"].data
