@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geoloc.runs.formatting import EMPTY, NO_FAVICON, NUM_CELL_CSS, STATUS_CSS, fmt_km
+from geoloc.runs.formatting import EMPTY, NO_FAVICON, NUM_CELL_CSS, STATUS_CSS, fmt_km, fmt_share
 from geoloc.runs.formatting import escape_html as _e
 from geoloc.runs.leaderboard_table import (
     CSV_NAME,
@@ -107,6 +107,8 @@ def _cell(col: str, value: Any, row: Mapping[str, Any]) -> str:
         v = float(value)
         if col.endswith("_km"):
             text = fmt_km(v)
+        elif col in ("test_top1", "best_val_acc"):
+            text = fmt_share(v)
         elif col in ("rank", "epochs_completed"):
             text = f"{v:.0f}"
         else:
