@@ -118,7 +118,7 @@ def test_cached_and_streamed_splits_give_identical_samples(sharded_index: Path) 
 def test_an_unreadable_member_is_one_line_naming_it_and_the_rest_loads(sharded_index, caplog):
     ds = GeoDataset(sharded_index, "train", cache=False, unreadable="skip")  # as training does
     victim = 7
-    shard = ds.data_root / ds.locations.paths[victim]
+    shard = ds.data_root / ds.locations.path(victim)
     with open(shard, "r+b") as fh:
         fh.seek(int(ds.locations.offsets[victim]) + 20)
         fh.write(b"\x00" * 40)
@@ -127,13 +127,13 @@ def test_an_unreadable_member_is_one_line_naming_it_and_the_rest_loads(sharded_i
     assert sorted(rows) == [r for r in range(len(ds)) if r != victim]
     lines = [r.getMessage() for r in caplog.records if r.name == "geoloc.data.streaming"]
     assert len(lines) == 1
-    assert ds.locations.members[victim] in lines[0] and str(shard) in lines[0]
-    with pytest.raises(DataError, match=ds.locations.members[victim]):  # readers that need all
+    assert ds.locations.member(victim) in lines[0] and str(shard) in lines[0]
+    with pytest.raises(DataError, match=ds.locations.member(victim)):  # readers that need all
         list(EpochLoader(GeoDataset(sharded_index, "train", cache=False), 8).epoch(None, 0))
     # a split decoded into memory leaves it out the same way when asked to skip
     skipping = GeoDataset(sharded_index, "train", cache=True, unreadable="skip")
     assert len(skipping) == len(ds) - 1
-    with pytest.raises(DataError, match=ds.locations.members[victim]):
+    with pytest.raises(DataError, match=ds.locations.member(victim)):
         GeoDataset(sharded_index, "train", cache=True)
 
 

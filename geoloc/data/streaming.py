@@ -174,16 +174,40 @@ def stream_plan(
 _META = ("seed", "steps", "start", "n_rows", "producers", "n_reads", "version")
 
 
-class _SharedPlan:
-    """A `RankPlan` in shared-memory tensors: persistent workers see each new one."""
+@dataclass(frozen=True)
+class PlanSize:
+    """The largest plan a loader will be given: rows over all steps, steps, rows to read."""
 
-    def __init__(self, capacity: int, max_producers: int) -> None:
-        self.capacity = capacity
-        self.meta = torch.zeros(len(_META), dtype=torch.int64).share_memory_()
-        self.rows = torch.zeros(capacity, dtype=torch.int64).share_memory_()
-        self.bounds = torch.zeros(capacity + 1, dtype=torch.int64).share_memory_()
-        self.reads = torch.zeros(capacity, dtype=torch.int64).share_memory_()
-        self.read_bounds = torch.zeros(max_producers + 1, dtype=torch.int64).share_memory_()
+    rows: int
+    steps: int
+    reads: int = 0
+    producers: int = 1
+
+    @classmethod
+    def for_split(cls, n_rows: int, batch: int, *, streamed: bool, world: int = 1,
+                  workers: int = 0, extra: int = 0) -> PlanSize:  # fmt: skip
+        """A memory plan holds up to `n_rows + extra` rows (hard negatives keep N; DDP's last
+        batch may lend a row per rank); a streamed one this rank's part of the split."""
+        rows = (-(-n_rows // world) + world if streamed else n_rows) + extra
+        return cls(rows, -(-rows // max(1, batch)) + 2, rows if streamed else 0, max(1, workers))
+
+
+class _SharedPlan:
+    """A `RankPlan` in int32 tensors, in shared memory when workers read it (they then see
+    each new plan); about 8 bytes per row of a streamed split, 4 in memory."""
+
+    def __init__(self, size: PlanSize, shared: bool) -> None:
+        self.size = size
+
+        def zeros(n: int) -> torch.Tensor:
+            t = torch.zeros(max(n, 1), dtype=torch.int32)
+            return t.share_memory_() if shared else t
+
+        self.meta = torch.zeros(len(_META), dtype=torch.int64)
+        if shared:
+            self.meta.share_memory_()
+        self.rows, self.bounds = zeros(size.rows), zeros(size.steps + 1)
+        self.reads, self.read_bounds = zeros(size.reads), zeros(size.producers + 1)
 
     def _m(self, name: str) -> int:
         return int(self.meta[_META.index(name)])
@@ -191,13 +215,16 @@ class _SharedPlan:
     def store(self, plan: RankPlan, seed: int, start: int) -> None:
         n, steps = len(plan.rows), plan.steps
         reads = plan.reads or []
-        if n > self.capacity or len(reads) >= len(self.read_bounds):
-            raise DataError(f"an epoch plan of {n} rows exceeds the loader's {self.capacity}")
-        self.rows[:n] = torch.from_numpy(plan.rows)
-        self.bounds[: steps + 1] = torch.from_numpy(plan.bounds)
+        n_reads = sum(len(r) for r in reads)
+        if (n > len(self.rows) or steps >= len(self.bounds) or n_reads > len(self.reads)
+                or len(reads) >= len(self.read_bounds)):  # fmt: skip
+            raise DataError(f"an epoch plan of {n} rows in {steps} steps exceeds its loader's "
+                            f"{self.size}")  # fmt: skip
+        self.rows[:n] = torch.from_numpy(plan.rows.astype(np.int32))
+        self.bounds[: steps + 1] = torch.from_numpy(plan.bounds.astype(np.int32))
         offset = 0
         for p, part in enumerate(reads):
-            self.reads[offset : offset + len(part)] = torch.from_numpy(part.astype(np.int64))
+            self.reads[offset : offset + len(part)] = torch.from_numpy(part.astype(np.int32))
             self.read_bounds[p] = offset
             offset += len(part)
         self.read_bounds[len(reads)] = offset
@@ -208,13 +235,13 @@ class _SharedPlan:
     def load(self) -> tuple[RankPlan, int, int]:
         """(plan, epoch seed, start step) as last stored."""
         n, steps, producers = self._m("n_rows"), self._m("steps"), self._m("producers")
-        rows = self.rows[:n].numpy().copy()
-        bounds = self.bounds[: steps + 1].numpy().copy()
+        rows = self.rows[:n].numpy().astype(np.int64)
+        bounds = self.bounds[: steps + 1].numpy().astype(np.int64)
         reads = None
         if producers:
-            rb = self.read_bounds[: producers + 1].numpy()
+            rb = self.read_bounds[: producers + 1].numpy().astype(np.int64)
             flat = self.reads[: rb[-1]].numpy()
-            reads = [flat[rb[p] : rb[p + 1]].copy() for p in range(producers)]
+            reads = [flat[rb[p] : rb[p + 1]].astype(np.int64) for p in range(producers)]
         return RankPlan(rows, bounds, reads), self._m("seed"), self._m("start")
 
     def remaining(self) -> int:
@@ -234,9 +261,9 @@ class StreamingSplit(IterableDataset):
     split's `split`, `table`, `labels` and `parent_labels` for evaluation.
     """
 
-    def __init__(self, dataset: Any, capacity: int, max_producers: int = 1) -> None:
+    def __init__(self, dataset: Any, size: PlanSize, shared: bool = True) -> None:
         self.dataset = dataset
-        self.plan = _SharedPlan(capacity, max(1, max_producers))
+        self.plan = _SharedPlan(size, shared)
 
     # what evaluation and the hard-negative pool read from a split
     def __getattr__(self, name: str) -> Any:
@@ -282,13 +309,14 @@ class StreamingSplit(IterableDataset):
         """Read each needed producer's part front to back; hand out each step's rows."""
         assert plan.reads is not None
         producers = len(plan.reads)
-        wanted: dict[int, set[int]] = {}
-        for j in steps:
-            wanted.setdefault(j % producers, set()).update(plan.step(j).tolist())
+        needed = np.zeros(len(self.dataset.labels), dtype=bool)  # rows of this worker's steps
+        mine = np.asarray(steps, dtype=np.int64)
+        if len(mine):
+            needed[np.concatenate([plan.step(j) for j in mine])] = True
         locations = self.dataset.locations
         readers = {
-            p: locations.iter_bytes([r for r in plan.reads[p].tolist() if r in rows])
-            for p, rows in wanted.items()
+            int(p): locations.iter_bytes(plan.reads[p][needed[plan.reads[p]]])
+            for p in np.unique(mine % producers)
         }
         held: dict[int, bytes | ShardError] = {}
         strict = getattr(self.dataset, "unreadable", "skip") != "skip"
@@ -320,8 +348,7 @@ def is_streamed(dataset: Any) -> bool:
 
 def shard_codes(dataset: Any) -> np.ndarray:
     """An integer per row naming the file its bytes are in (rows of one shard share it)."""
-    _, codes = np.unique(dataset.locations.paths.astype(str), return_inverse=True)
-    return codes.reshape(-1)
+    return dataset.locations.codes
 
 
 def split_loader(
@@ -340,7 +367,8 @@ def eval_loader(
     """One pass over a split for evaluation: from memory in row order, or sequentially from its
     shards (rows in storage order, no shuffle); every row exactly once."""
     n = len(dataset.labels)
-    split = StreamingSplit(dataset, capacity=n + 1, max_producers=max(1, num_workers))
+    size = PlanSize.for_split(n, batch_size, streamed=is_streamed(dataset), workers=num_workers)
+    split = StreamingSplit(dataset, size, shared=num_workers > 0)
     if is_streamed(dataset):
         plan = stream_plan(dataset.locations.storage_order(), shard_codes(dataset), seed=0,
                            batch=batch_size, producers=max(1, num_workers),

@@ -27,6 +27,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from geoloc.data.streaming import (
+    PlanSize,
     StreamingSplit,
     is_streamed,
     memory_plan,
@@ -54,11 +55,10 @@ class EpochLoader:
         self.batch_size = batch_size
         self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
         self.producers = max(1, num_workers)
-        n = len(dataset)
-        # hard negatives keep N rows; DDP's last batch may lend a row to each rank
-        self.split = StreamingSplit(dataset, capacity=n + batch_size + world + 1,
-                                    max_producers=self.producers)  # fmt: skip
         self.streamed = is_streamed(dataset)
+        size = PlanSize.for_split(len(dataset), batch_size, streamed=self.streamed, world=world,
+                                  workers=num_workers, extra=batch_size + world)  # fmt: skip
+        self.split = StreamingSplit(dataset, size, shared=num_workers > 0)
         self._storage = dataset.locations.storage_order() if self.streamed else None
         self._codes = shard_codes(dataset) if self.streamed else None
         self.loader: DataLoader[Any] = split_loader(self.split, num_workers, pin_memory,
