@@ -98,7 +98,9 @@ class _Rows:
             self.sequence_ids.append(pa.array(frame["sequence_id"].array, type=pa.string()))
 
     def cells(self) -> np.ndarray:
-        return np.concatenate(self.finest) if self.finest else np.zeros(0, np.uint64)
+        if len(self.finest) != 1:  # one array from here on, not the batches and a copy
+            self.finest = [np.concatenate(self.finest) if self.finest else np.zeros(0, np.uint64)]
+        return self.finest[0]
 
     def column(self, name: str) -> pa.ChunkedArray | None:
         chunks = getattr(self, name)

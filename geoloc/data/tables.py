@@ -22,6 +22,12 @@ from geoloc.atomic import atomic_path
 BATCH_ROWS = 262_144  # rows per batch and per written row group (~10-30 MB of index columns)
 
 
+def _open(path: Path) -> pq.ParquetFile:
+    # pre_buffer (pyarrow's default) caches every row group read so far until the file is
+    # closed: memory grew by ~150 bytes per manifest row; without it, one row group at a time
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def _to_frame(table: pa.Table) -> pd.DataFrame:
     # Table.to_pandas applies the pandas metadata stored with the file, as read_parquet does
     return table.to_pandas()
@@ -32,7 +38,7 @@ def iter_frames(
 ) -> Iterator[pd.DataFrame]:
     """The file's rows in order, `batch_rows` at a time (at least one frame, maybe empty)."""
     batch_rows = batch_rows or BATCH_ROWS
-    pf = pq.ParquetFile(path)
+    pf = _open(path)
     schema = pf.schema_arrow
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
@@ -47,7 +53,7 @@ def iter_frames(
 def is_sorted(path: Path, column: str) -> bool:
     """Whether `column` never decreases down the file (checked batch by batch)."""
     last = None
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=[column]):
+    for batch in _open(path).iter_batches(batch_size=BATCH_ROWS, columns=[column]):
         values = batch.column(0)
         if values.null_count:
             return False
@@ -82,6 +88,7 @@ def write_frames(path: Path, frames: Iterable[pd.DataFrame]) -> int:
                 writer.close()
         if writer is None:
             raise ValueError(f"no frames to write to {path}")
+    release_memory()
     return rows
 
 
@@ -115,4 +122,11 @@ def table_digest(path: Path, batch_rows: int | None = None) -> bytes:
     digest = FrameDigest()
     for frame in iter_frames(path, batch_rows=batch_rows):
         digest.update(frame)
+    release_memory()
     return digest.digest()
+
+
+def release_memory() -> None:
+    """Hand Arrow's freed batch buffers back to the system after a pass (its allocator keeps
+    them otherwise, and the next stage's numpy arrays would come on top)."""
+    pa.default_memory_pool().release_unused()
