@@ -7,13 +7,16 @@ Every test talks to a real store: the per-test SQLite file that `conftest.py` po
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
 from mlflow import MlflowClient
+from PIL import Image
 
 from geoloc.atomic import write_json
 from geoloc.cli import main
@@ -214,13 +217,14 @@ def test_model_is_registered_and_champion_is_the_lowest_p90_run(make_run, tiny_l
     champion = c.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION_ALIAS)
     assert champion.run_id == results[good.name].mlflow_run_id
 
-    # the champion serves probabilities over the run's classes
-    model = mlflow.pytorch.load_model(f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION_ALIAS}")
-    import torch
-
-    probs = model(torch.zeros(2, 3, 32, 32))
-    assert probs.shape == (2, tiny_label_space.num_classes)
-    assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
+    # the champion is the good run's `geoloc predict`: a photo in, one of its cells out
+    model = mlflow.pyfunc.load_model(f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION_ALIAS}")
+    assert model.metadata.run_id == results[good.name].mlflow_run_id
+    photo = io.BytesIO()
+    Image.new("RGB", (48, 40), (90, 140, 60)).save(photo, format="JPEG")
+    (answer,) = model.predict(pd.DataFrame({"image": [photo.getvalue()]})).to_dict("records")
+    assert answer["error"] is None and answer["cell"] in tiny_label_space.cells
+    assert 0 < answer["prob"] <= 1 and len(answer["topk_cells"]) == 5
 
     again = tracking.sync_runs([weak, good])
     assert [r.action for r in again] == ["unchanged", "unchanged"]

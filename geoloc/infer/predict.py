@@ -100,8 +100,15 @@ def prepare_image(path: Path, max_side: int, max_pixels: int) -> torch.Tensor:
         raise DataError("file does not exist")
     if not path.is_file():
         raise DataError("not a regular file")
+    return prepare_image_bytes(path.read_bytes(), max_side, max_pixels)
+
+
+def prepare_image_bytes(data: bytes, max_side: int, max_pixels: int) -> torch.Tensor:
+    """`prepare_image` of a photo's encoded bytes (a file's content, an upload)."""
+    if not data:
+        raise DataError("empty image (0 bytes)")
     try:
-        jpeg, *_ = clean_image(path.read_bytes(), max_side, max_pixels)
+        jpeg, *_ = clean_image(bytes(data), max_side, max_pixels)
     except OSError as exc:
         raise DataError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
     except Rejected as exc:
@@ -117,7 +124,7 @@ def _reason(rej: Rejected) -> str:
 
 @dataclass
 class Batch:
-    paths: list[Path]
+    paths: list[Path | bytes]
     images: torch.Tensor | None  # (B, 3, S, S) for the readable ones
     ok: list[int]  # positions in `paths` that decoded
     errors: dict[int, str]
@@ -174,9 +181,12 @@ class Predictor:
             return None
         return RerankParams.load(path)
 
-    def model_input(self, path: Path) -> torch.Tensor:
-        """(3, S, S) model input of one photo: ingest's decode and shrink, then eval transform."""
-        return self.transform(prepare_image(Path(path), self.max_side, self.max_pixels))
+    def model_input(self, image: Path | bytes) -> torch.Tensor:
+        """(3, S, S) model input of one photo (a file or its bytes): ingest's decode and shrink,
+        then eval transform."""
+        if isinstance(image, bytes | bytearray | memoryview):
+            return self.transform(prepare_image_bytes(bytes(image), self.max_side, self.max_pixels))
+        return self.transform(prepare_image(Path(image), self.max_side, self.max_pixels))
 
     @property
     def hier_topk_parents(self) -> int:
@@ -185,8 +195,9 @@ class Predictor:
             return self.params.hier_topk_parents
         return self.trained.config.train.hier_topk_parents
 
-    def batches(self, files: Sequence[Path]) -> Iterator[Batch]:
-        """`batch_size` files at a time: model inputs of those that decode, reasons for others."""
+    def batches(self, files: Sequence[Path | bytes]) -> Iterator[Batch]:
+        """`batch_size` images (files or bytes) at a time: model inputs of those that decode,
+        reasons for the others."""
         for start in range(0, len(files), self.batch_size):
             chunk = list(files[start : start + self.batch_size])
             tensors, ok, errors = [], [], {}
@@ -222,7 +233,7 @@ class Predictor:
         )  # type: ignore[arg-type]
         return run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
 
-    def _rows(self, answer: VariantOutput) -> list[dict[str, Any]]:
+    def _rows(self, answer: VariantOutput, top_k: int | None = None) -> list[dict[str, Any]]:
         sets: ConformalSets | None = None
         radius: ErrorRadius | None = None
         probs = answer.scores
@@ -237,7 +248,8 @@ class Predictor:
             else None
         )
         cells = np.asarray(self.label_space.cells, dtype=object)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
+        k = self.top_k if top_k is None else max(1, min(top_k, self.label_space.num_classes))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         rows = []
         for i, pred in enumerate(answer.pred):
             in_set = [] if member is None else np.flatnonzero(member[i])
@@ -263,17 +275,43 @@ class Predictor:
     def predict(self, paths: Iterable[str | Path], progress: bool = True) -> pd.DataFrame:
         """One row per image file under `paths` (see the module docstring for the columns)."""
         files = collect_images(paths)
+        return self._table(files, [str(f) for f in files], progress=progress)
+
+    def predict_images(
+        self,
+        images: Sequence[bytes | Path],
+        names: Sequence[str] | None = None,
+        *,
+        top_k: int | None = None,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """`predict` of photos given as encoded bytes (uploads, a served model's input) or
+        single files, in their order; `path` holds `names` (default `image-<i>`). The same
+        decode and scoring as files, so an upload gets the answer its file would."""
+        names = [f"image-{i}" for i in range(len(images))] if names is None else list(names)
+        if len(names) != len(images):
+            raise GeolocError(f"{len(images)} images but {len(names)} names")
+        return self._table(list(images), names, top_k=top_k, progress=progress)
+
+    def _table(
+        self, items: Sequence[Path | bytes], names: Sequence[str], *, top_k: int | None = None,
+        progress: bool = True,
+    ) -> pd.DataFrame:  # fmt: skip
         rows: list[dict[str, Any]] = []
-        n_batches = (len(files) + self.batch_size - 1) // self.batch_size
+        n_batches = (len(items) + self.batch_size - 1) // self.batch_size
+        start = 0
         for batch in tqdm(
-            self.batches(files), total=n_batches, desc="predict", unit="batch",
+            self.batches(items), total=n_batches, desc="predict", unit="batch",
             disable=not progress, leave=False,
         ):  # fmt: skip
-            answers = self._rows(self._answer(batch.images)) if batch.images is not None else []
+            answers = (
+                self._rows(self._answer(batch.images), top_k) if batch.images is not None else []
+            )
             by_pos = dict(zip(batch.ok, answers, strict=True))
-            for i, path in enumerate(batch.paths):
+            for i in range(len(batch.paths)):
                 row = by_pos.get(i) or _error_row(batch.errors[i], self.variant)
-                rows.append({"path": str(path), **row})
+                rows.append({"path": names[start + i], **row})
+            start += len(batch.paths)
         table = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
         n_err = int(table["error"].notna().sum()) if len(table) else 0
         if n_err:

@@ -11,10 +11,11 @@ The run directory is the source of truth; MLflow is a mirror where people compar
 - Mirroring is idempotent. A run is found by its `geoloc.run_id` tag and updated, never duplicated
   (`writers`); artifacts and the model are uploaded again only when their digest changed.
 - MLflow's fluent API is process-global, so everything here uses `MlflowClient` with explicit run
-  ids (`store`); `mlflow.pytorch.log_model` runs under a lock that points it at our URI.
+  ids (`store`); the model's `Model.log` runs under a lock that points it at our URI.
 
 Modules: `store` (where: URI, probe, client, experiments, tags), `contents` (what a run
 directory says), `writers` (idempotent writes to one run), `registry` (model, champion),
+`pyfunc_model` (the registered model: `geoloc predict` as a pyfunc),
 `mirror` (`sync_run`/`sync_runs`), `live` (`LiveMirror`), `sweeps` (parent runs),
 `leaderboard`. Only this package imports mlflow, lazily: importing it does not load MLflow.
 """
@@ -31,7 +32,6 @@ from geoloc.integrations.mlflow.mirror import (
 from geoloc.integrations.mlflow.registry import (
     CHAMPION_ALIAS,
     MODEL_NAME,
-    GeolocScorer,
     update_champion,
 )
 from geoloc.integrations.mlflow.store import (
@@ -58,7 +58,6 @@ __all__ = [
     "TAG_PREFECT_FLOW_RUN",
     "TAG_RUN_ID",
     "TAG_SWEEP",
-    "GeolocScorer",
     "LiveMirror",
     "SyncResult",
     "TrackingError",

@@ -1,5 +1,5 @@
-"""The `geoloc` registered model: what it serves, logging it once per checkpoint, and the
-`champion` alias that points at the best registered run."""
+"""The `geoloc` registered model: logging it (the `pyfunc_model` pyfunc) once per packed
+content, and the `champion` alias that points at the best registered run."""
 
 from __future__ import annotations
 
@@ -7,17 +7,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from geoloc.atomic import file_sha256
 from geoloc.integrations.mlflow.store import (
     TAG_MODEL_SHA,
     TAG_MODEL_VERSION,
+    TAG_RUN_ID,
     TAG_STATUS,
     global_tracking_uri,
 )
-from geoloc.runs.layout import RunPaths
 from geoloc.runs.summary import finite_or_none
 
 if TYPE_CHECKING:
@@ -31,28 +27,16 @@ CHAMPION_ALIAS = "champion"
 MODEL_ARTIFACT = "model"
 
 
-class GeolocScorer(nn.Module):
-    """What the registry serves: (B, 3, S, S) eval-transformed images -> (B, K) class
-    probabilities, hierarchy-aware exactly as in evaluation (the raw model returns a dict)."""
-
-    def __init__(self, model: nn.Module, parent_of: Any, hier_topk_parents: int) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("parent_of", torch.as_tensor(parent_of, dtype=torch.long))
-        self.hier_topk_parents = int(hier_topk_parents)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from geoloc.model.scores import class_scores
-
-        return class_scores(self.model(x), self.parent_of, self.hier_topk_parents)
+_REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "h3", "pydantic")
 
 
 def _model_requirements() -> list[str]:
-    """Pinned from this environment: inferring them would load the model in a subprocess."""
+    """geoloc's runtime libraries, pinned from this environment (inferring them would load the
+    model in a subprocess). geoloc itself is not on PyPI: serve from its venv."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for name in ("torch", "numpy"):
+    for name in _REQUIREMENTS:
         try:
             reqs.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -60,55 +44,29 @@ def _model_requirements() -> list[str]:
     return reqs
 
 
-def _model_checkpoint(run_dir: Path) -> Path | None:
-    rp = RunPaths(Path(run_dir))
-    for path in (rp.best_checkpoint, rp.last_checkpoint):
-        if path.is_file():
-            return path
-    return None
-
-
 def sync_model(
     client: MlflowClient, uri: str, run: Run, run_dir: Path, register: bool
 ) -> str | None:
-    """Log the run's best model with `mlflow.pytorch.log_model` and register it as `geoloc`, once
-    per checkpoint content.
+    """Log the run as the `geoloc` pyfunc (`geoloc predict` packed with its checkpoint, rerank
+    params and gallery: `pyfunc_model`) and register it as `geoloc`, once per packed content.
 
-    MLflow 3 saves it as a `torch.export` program (pt2): self-contained, so serving it needs
-    torch but not geoloc. The input example has a batch of 2 because export specialises a
-    batch dimension of 1 into a constant. `log_model` resolves MLflow's global tracking URI, so
-    it runs under `global_tracking_uri`.
-
+    The model is logged as a LoggedModel of the run (the runs table's Models column links it).
     Returns the new registered version, or None when nothing was logged.
     """
-    import mlflow.pytorch
-    import numpy as np
+    from geoloc.integrations.mlflow.pyfunc_model import log_pyfunc, packed_digest
 
-    from geoloc.infer.trained import load_trained
-
-    ckpt = _model_checkpoint(run_dir)
-    if ckpt is None:
+    digest = packed_digest(run_dir)
+    if digest is None:
         return None
-    digest = file_sha256(ckpt)
     tags = run.data.tags
     if tags.get(TAG_MODEL_SHA) == digest and (not register or TAG_MODEL_VERSION in tags):
         return None
-    trained = load_trained(run_dir, "best" if ckpt.stem == "best" else "last", device="cpu")
-    scorer = GeolocScorer(
-        trained.model, trained.label_space.parent_of, trained.config.train.hier_topk_parents
-    ).eval()
-    size = trained.config.train.image_size
-    example = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     with global_tracking_uri(uri):
-        info = mlflow.pytorch.log_model(
-            scorer,
-            name=MODEL_ARTIFACT,
-            input_example=example,
-            run_id=run.info.run_id,
+        info = log_pyfunc(
+            run.info.run_id, run_dir, name=MODEL_ARTIFACT,
             registered_model_name=MODEL_NAME if register else None,
-            pip_requirements=_model_requirements(),
-            await_registration_for=60,
-        )
+            pip_requirements=_model_requirements(), metadata=_model_metadata(run),
+        )  # fmt: skip
     version = getattr(info, "registered_model_version", None)
     tags = {TAG_MODEL_SHA: digest}
     if version is not None:
@@ -119,6 +77,14 @@ def sync_model(
         "model of %s logged (%s)", run_dir, f"version {version}" if version else "unregistered"
     )
     return str(version) if version is not None else None
+
+
+def _model_metadata(run: Run) -> dict[str, str]:
+    """Where the model came from: serving it needs this geoloc code (version, commit)."""
+    tags = run.data.tags
+    keys = {"geoloc_run_id": TAG_RUN_ID, "geoloc_version": "geoloc.version",
+            "git_commit": "geoloc.git_commit"}  # fmt: skip
+    return {k: tags[t] for k, t in keys.items() if tags.get(t)}
 
 
 def update_champion(client: MlflowClient) -> str | None:
