@@ -9,7 +9,10 @@ them with the point coordinates to parquet. `loop` is the plain reference: for e
 `loop_latlng` calls `h3.latlng_to_cell` once per row and resolution (containment cells, not
 parents, so its output differs slightly; shown for scale). `vectorised` is `h3_columns`: one
 integer-API call per point at the finest resolution, numpy bit arithmetic for the parents and
-one string per distinct cell. Times are wall-clock medians of `reps` runs in this process.
+one string per distinct cell. `h3ronpy` (shown only when the optional `h3ronpy` package is
+installed; geoloc does not depend on it) is the same with its columnar Arrow
+`coordinates_to_cells` in place of the per-point call. Times are wall-clock medians of `reps`
+runs in this process.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import h3
 import numpy as np
 import pandas as pd
 
-from geoloc.data.cells import h3_columns
+from geoloc.data.cells import columns_from_finest, h3_columns
 
 
 def points(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +57,16 @@ def loop_latlng(lat: np.ndarray, lon: np.ndarray, res: list[int]) -> dict[str, l
     return out
 
 
+def h3ronpy_columns(lat: np.ndarray, lon: np.ndarray, res: list[int]) -> dict:
+    """`h3_columns` with h3ronpy's columnar call for the finest cells (optional package)."""
+    import pyarrow as pa
+    from h3ronpy import vector
+
+    finest = pa.array(vector.coordinates_to_cells(lat, lon, max(res)))
+    cells = finest.to_numpy(zero_copy_only=False).astype(np.uint64)
+    return columns_from_finest(cells, max(res), res)
+
+
 def run(label: Callable, lat, lon, res, folder: Path) -> tuple[float, float, dict]:
     t0 = time.perf_counter()
     cols = label(lat, lon, res)
@@ -72,6 +85,12 @@ def main() -> None:
     args = ap.parse_args()
     lat, lon = points(args.n)
     paths = {"loop": loop_parents, "loop_latlng": loop_latlng, "vectorised": h3_columns}
+    try:
+        import h3ronpy  # noqa: F401
+
+        paths["h3ronpy"] = h3ronpy_columns
+    except ImportError:
+        pass
     results: dict[str, tuple[float, float]] = {}
     outputs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +107,12 @@ def main() -> None:
     for name, (t_label, t_write) in results.items():
         total = t_label + t_write
         print(f"{name:<12} {t_label:>9.2f} {t_write:>9.2f} {total:>9.2f} {args.n / total:>12,.0f}")
+    if "h3ronpy" in outputs:
+        same_r = all(
+            list(outputs["h3ronpy"][c]) == list(outputs["vectorised"][c]) for c in outputs["loop"]
+        )
+        gain = results["vectorised"][0] / results["h3ronpy"][0]
+        print(f"h3ronpy vs vectorised labelling: {gain:.1f}x; identical: {same_r}")
     ref, vec = sum(results["loop"]), sum(results["vectorised"])
     print(
         f"vectorised vs loop: {ref / vec:.1f}x faster (labelling alone "
