@@ -67,7 +67,8 @@ def child(path: str, root: str, min_images: int) -> None:
             stages[stage] = time.perf_counter()
 
         report = build_index(paths, cfg, on_stage=stamp)
-        out = {"n_classes": report.n_classes, "n_parents": report.n_parents}
+        out = {"n_classes": report.n_classes, "n_parents": report.n_parents,
+               "remapped": report.n_remapped / report.n_images}  # fmt: skip
         last = t0
         for name in list(stages):
             stages[name], last = stages[name] - last, stages[name]
@@ -128,7 +129,8 @@ def main() -> None:
                       f"  {stages}")  # fmt: skip
             cur = results["current"]
             print(f"{'':>11} (manifest of {n:,} rows written in {made:.0f}s, not timed; "
-                  f"{n / cur['seconds']:,.0f} rows/s)")  # fmt: skip
+                  f"{n / cur['seconds']:,.0f} rows/s; {cur['remapped']:.0%} of the images "
+                  f"remapped to their nearest class)")  # fmt: skip
             if "reference" in results:
                 ref = results["reference"]
                 print(f"{'':>11} current vs reference: {ref['seconds'] / cur['seconds']:.1f}x "
