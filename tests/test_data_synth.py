@@ -93,9 +93,7 @@ def test_places_follow_towns_by_population_and_stay_on_land() -> None:
     t = towns()
     km = np.hypot(
         (places.lat - t["lat"].to_numpy()[places.town]) * 111.2,
-        (places.lon - t["lon"].to_numpy()[places.town])
-        * 111.2
-        * np.cos(np.radians(places.lat)),
+        (places.lon - t["lon"].to_numpy()[places.town]) * 111.2 * np.cos(np.radians(places.lat)),
     )
     assert np.median(km) < 10 and np.quantile(km, 0.95) > 20  # dense centres, a long tail
     big = t["population"].to_numpy()[places.town] >= 1_000_000
@@ -150,3 +148,23 @@ def test_repeating_is_instant_and_foreign_folders_are_refused(tmp_path: Path) ->
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(DataError, match="layout 'zip'"):
         make_synth(tmp_path / "z", 10, "zip")
+
+
+def test_the_osv5m_layout_ingests_as_osv5m_with_its_attributes(tmp_path: Path) -> None:
+    out = tmp_path / "osv5m"
+    make_synth(out, 60, "osv5m", seed=5, test_frac=0.5, workers=1)
+    paths = DataPaths.default()
+    report = ingest(str(out), paths, IndexConfig(workers=1))  # --format auto finds OSV-5M
+    assert (report.read, report.accepted) == (60, 60)
+    manifest = pd.read_parquet(paths.processed_manifest).set_index("image_id")
+    train, test = pd.read_csv(out / "train.csv"), pd.read_csv(out / "test.csv")
+    assert len(train) and len(test)
+    table = pd.concat([train, test])
+    table = table.set_index(table["id"].astype(str))
+    assert set(manifest["source"]) == {"osv5m"} and set(manifest.index) == set(table.index)
+    rows = manifest.loc[table.index]
+    assert np.allclose(rows["lat"], table["latitude"]) and np.allclose(
+        rows["lon"], table["longitude"]
+    )
+    assert (rows["country"] == table["country"]).all()
+    assert (rows["sequence_id"] == table["sequence"]).all()
