@@ -146,6 +146,9 @@ def test_repeating_is_instant_and_foreign_folders_are_refused(tmp_path: Path) ->
     with pytest.raises(DataError, match="not empty and holds no synth dataset"):
         make_synth(tmp_path / "mine", 10, "folder")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        make_synth(tmp_path / "afile", 10, "folder")
     with pytest.raises(DataError, match="layout 'zip'"):
         make_synth(tmp_path / "z", 10, "zip")
 

@@ -312,6 +312,8 @@ def _prepare(out: Path, params: dict, force: bool) -> bool:
 
     A folder with files but no stamp is refused: synth never deletes what it did not write.
     """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"synth output '{out}' is a file, not a folder")
     stamp = out / STAMP_NAME
     if stamp.is_file():
         try:
