@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import requests
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
 from mlflow import MlflowClient
 from PIL import Image
@@ -24,6 +26,7 @@ from geoloc.config import RunConfig, TrainConfig, load_config
 from geoloc.geo import LabelSpace
 from geoloc.integrations import mlflow as tracking
 from geoloc.model import TINY_MODEL_CONFIG, create_model
+from geoloc.paths import DataPaths
 from geoloc.runs.layout import RunPaths
 from geoloc.runs.summary import read_summary
 from geoloc.train.checkpoint import save_checkpoint
@@ -247,8 +250,11 @@ def test_leaderboard_is_one_run_per_aggregation(make_run):
     files = {a.path for a in c.list_artifacts(run_id, "leaderboard")}
     assert "leaderboard/runs_summary.csv" in files
     assert "leaderboard.json" in {a.path for a in c.list_artifacts(run_id)}
-    kinds = [r.data.tags.get(tracking.TAG_KIND) for r in mirrored_runs(c)]
-    assert kinds.count("leaderboard") == 1
+    # in its own experiment, apart from the training runs it ranks
+    assert c.get_experiment(run.info.experiment_id).name == "geoloc-leaderboard"
+    kinds = [r.data.tags.get(tracking.TAG_KIND) for r in mirrored_runs(c, "geoloc-leaderboard")]
+    assert kinds == ["leaderboard"]
+    assert mirrored_runs(c) == []
 
 
 def test_trial_runs_nest_under_a_sweep_parent(make_run):
@@ -319,8 +325,33 @@ def test_training_mirrors_live_and_registers_its_model(demo_data):
     assert "REPORT.md" in {a.path for a in c.list_artifacts(run.info.run_id)}
     champion = c.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION_ALIAS)
     assert champion.run_id == run.info.run_id
+    assert_runs_table_columns(c, run.info.run_id, run_dir, champion)
     (again,) = tracking.sync_runs([run_dir])
     assert again.action == "unchanged"
+    assert len(c.get_run(run.info.run_id).inputs.dataset_inputs) == 1
+
+
+def assert_runs_table_columns(c: MlflowClient, mlflow_run_id: str, run_dir: Path, version) -> None:
+    """What MLflow's runs table shows: a readable name, the dataset, the source, the model."""
+    run = c.get_run(mlflow_run_id)
+    summary = read_summary(run_dir)
+    assert run.info.run_name == f"live-train-{run_dir.name.rsplit('-', 1)[-1]}"
+    assert run.data.tags["mlflow.source.name"] == "geoloc train"
+    (dataset,) = run.inputs.dataset_inputs
+    fingerprint = summary["dataset"]["fingerprint"]
+    assert fingerprint.startswith(dataset.dataset.digest) and len(dataset.dataset.digest) >= 12
+    profile = json.loads(dataset.dataset.profile)
+    assert profile["fingerprint"] == fingerprint
+    labels = json.loads(DataPaths.default().labels.read_text())  # the demo index trained on
+    counts = labels["split"]["counts"]
+    assert profile["train_images"] == counts["train"] and profile["num_rows"] == sum(
+        counts.values()
+    )
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "train"
+    # the Models column: the registered version's LoggedModel is an output of this run
+    (output,) = run.outputs.model_outputs
+    assert output.model_id in version.source  # models:/m-<id>: the registered version is it
+    assert c.get_logged_model(output.model_id).source_run_id == mlflow_run_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +447,8 @@ def test_mlflow_server_with_s3_artifacts_receives_run_and_model(
     assert any(k.endswith("/artifacts/tables/metrics.csv") for k in keys)
     model_files = [k for k in keys if "/models/" in k or "/model/" in k]
     assert any(k.endswith("MLmodel") for k in model_files)
-    assert any(k.endswith(".pth") or "/data/" in k for k in model_files)
+    # the pyfunc's packed run: the checkpoint it serves travels with the model
+    assert any(k.endswith("/artifacts/run/checkpoints/best.pt") for k in model_files)
     c = client(server.url)
     champion = c.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION_ALIAS)
     assert champion.run_id == result.mlflow_run_id
@@ -424,21 +456,42 @@ def test_mlflow_server_with_s3_artifacts_receives_run_and_model(
 
 @pytest.mark.server
 @pytest.mark.browser
-def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(make_run, page, mlflow_server):
+def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(
+    make_run, page, mlflow_server, tiny_label_space
+):
     runs = [make_run("alpha", seed=0), make_run("beta", seed=1, quality=0.5)]
-    kw = {"experiment": "ui-check", "tracking_uri": mlflow_server.url, "log_model": False}
+    add_tiny_model(runs[0], tiny_label_space)
+    kw = {"experiment": "ui-check", "tracking_uri": mlflow_server.url, "register": False}
     tracking.sync_runs(runs, **kw)
-    exp_id = client(mlflow_server.url).get_experiment_by_name("ui-check").experiment_id
+    c = client(mlflow_server.url)
+    exp_id = c.get_experiment_by_name("ui-check").experiment_id
     experiment_page = f"{mlflow_server.url}/#/experiments/{exp_id}/runs"
+    names = [
+        f"{n}-{r.name.rsplit('-', 1)[-1]}" for n, r in zip(("alpha", "beta"), runs, strict=True)
+    ]
+    (dataset,) = c.search_runs([exp_id], f"tags.`geoloc.run_id` = '{runs[0].name}'")[
+        0
+    ].inputs.dataset_inputs
 
     page.goto(experiment_page)
-    text = wait_for_text(page, [r.name for r in runs])
+    text = wait_for_text(page, [*names, dataset.dataset.name, "geoloc train"])
     assert "2 matching runs" in text
     assert page.screenshot("mlflow-experiment-runs").stat().st_size > 10_000
+    # the Models column's data, through the REST API the UI reads: alpha's run outputs name its
+    # LoggedModel (this UI build did not render it in the table headlessly; see docs/tracking.md)
+    api = f"{mlflow_server.url}/api/2.0/mlflow"
+    found = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp_id]}, timeout=30)
+    by_name = {r["info"]["run_name"]: r for r in found.json()["runs"]}
+    assert set(by_name) == set(names)
+    (output,) = by_name[names[0]]["outputs"]["model_outputs"]
+    model = requests.get(f"{api}/logged-models/{output['model_id']}", timeout=30).json()["model"]
+    assert model["info"]["name"] == "model" and model["info"]["source_run_id"]
+    (ds,) = by_name[names[0]]["inputs"]["dataset_inputs"]
+    assert ds["dataset"]["digest"] == dataset.dataset.digest
 
     # the same page's chart view: one chart per metric, the leaderboard ingredients first
     page.goto(f"{experiment_page}?compareRunsMode=CHART")
-    wait_for_text(page, ["best_p90_km", "best_val_acc", "last_geo_median_km", runs[0].name])
+    wait_for_text(page, ["best_p90_km", "best_val_acc", "last_geo_median_km", names[0]])
     assert page.screenshot("mlflow-experiment-charts").stat().st_size > 10_000
 
 

@@ -64,7 +64,7 @@ def leaderboard(
         Path | None,
         typer.Argument(help="The _aggregate folder (default: $GEOLOC_RUNS_DIR/_aggregate)."),
     ] = None,
-    experiment: Annotated[str, typer.Option("--experiment", "-e")] = "geoloc",
+    experiment: Annotated[str, typer.Option("--experiment", "-e")] = "geoloc-leaderboard",
     tracking_uri: TrackingUriOption = None,
 ) -> None:
     """Log the leaderboard written by `geoloc aggregate` on a `leaderboard` MLflow run."""

@@ -24,6 +24,7 @@ from geoloc.integrations.mlflow.store import (
     TAG_STATUS,
     prefect_flow_run_id,
 )
+from geoloc.paths import DataPaths
 from geoloc.runs.layout import RunPaths
 from geoloc.runs.summary import finite_or_none
 
@@ -74,7 +75,7 @@ def run_tags(
         TAG_RUN_DIR: str(Path(run_dir).resolve()),
         TAG_RUN_NAME: summary.get("run_name"),
         TAG_STATUS: summary.get("status"),
-        "mlflow.runName": summary["run_id"],
+        "mlflow.runName": display_name(summary),
         "geoloc.git_commit": code.get("git_commit"),
         "mlflow.source.git.commit": code.get("git_commit"),
         "geoloc.version": code.get("version"),
@@ -86,6 +87,71 @@ def run_tags(
     if summary.get("failure_reason"):
         tags["geoloc.failure_reason"] = str(summary["failure_reason"])[:5000]
     return {k: str(v) for k, v in tags.items() if v is not None and v != ""}
+
+
+def display_name(summary: Mapping[str, Any]) -> str:
+    """The run's name in MLflow's runs table: run name + the run id's random suffix
+    (`demo-3f2a1c`), readable and still unique; the full id is the `geoloc.run_id` tag."""
+    run_id = str(summary["run_id"])
+    name = str(summary.get("run_name") or "").strip()
+    suffix = run_id.rsplit("-", 1)[-1] if "-" in run_id else ""
+    if not name or not suffix or name == run_id:
+        return run_id
+    return f"{name}-{suffix}"
+
+
+def source_tags(config: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow's Source column: what started the run (set once, when the MLflow run is created):
+    a Prefect flow run (`JOB`), a sweep trial, or `geoloc train`."""
+    flow_run = prefect_flow_run_id()
+    if flow_run:
+        return {"mlflow.source.name": f"prefect flow run {flow_run}", "mlflow.source.type": "JOB"}
+    tracking = config.get("tracking") or {}
+    name = "geoloc sweep" if tracking.get("parent_run_id") else "geoloc train"
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
+
+
+DATASET_CONTEXT = "train"
+DATASET_DIGEST_CHARS = 16
+"""MLflow stores a dataset digest in 36 characters; the full fingerprint is in its profile."""
+
+
+def dataset_input(summary: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The index the run trained on, as an MLflow dataset (name, digest, source, profile), or
+    None without a fingerprint. Split counts come from the index's labels.json when it still
+    has the run's fingerprint (an index rebuilt since is not described by it)."""
+    info = summary.get("dataset") or {}
+    fingerprint = info.get("fingerprint")
+    if not fingerprint:
+        return None
+    # as `geoloc.train.run.resolve_index_dir` found it (config, else $GEOLOC_DATA_DIR/index)
+    index_dir = Path(config.get("index_dir") or DataPaths.default().index).resolve()
+    profile: dict[str, Any] = {"fingerprint": fingerprint}
+    keys = ("num_classes", "num_parents", "resolution", "parent_resolution")
+    profile.update({k: info[k] for k in keys if info.get(k) is not None})
+    counts = _split_counts(index_dir / "labels.json", fingerprint)
+    if counts:
+        profile.update({f"{split}_images": int(n) for split, n in counts.items()})
+        profile["num_rows"] = int(sum(counts.values()))
+    return {
+        "name": f"geoloc-index-r{info.get('resolution', '?')}",
+        "digest": str(fingerprint)[:DATASET_DIGEST_CHARS],
+        "source_type": "local",
+        "source": json.dumps({"uri": str(index_dir)}),
+        "profile": json.dumps(profile),
+        "context": DATASET_CONTEXT,
+    }
+
+
+def _split_counts(labels_json: Path, fingerprint: str) -> dict[str, int] | None:
+    try:
+        labels = json.loads(labels_json.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(labels, dict) or labels.get("fingerprint") != fingerprint:
+        return None
+    counts = (labels.get("split") or {}).get("counts")
+    return dict(counts) if isinstance(counts, dict) else None
 
 
 def epoch_points(metrics: Mapping[str, Any], epoch: int) -> list[tuple[str, float, int]]:

@@ -26,6 +26,9 @@ from geoloc.runs.summary import finite_or_none, now_iso
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+LEADERBOARD_EXPERIMENT = "geoloc-leaderboard"
+"""Leaderboard runs live apart from the training runs they rank."""
+
 
 def _leaderboard_files(result_or_dir: Any) -> tuple[Path, list[Path]]:
     """(runs_summary.csv, every output file) of an `AggregateResult` or an `_aggregate` folder."""
@@ -49,7 +52,7 @@ def _leaderboard_files(result_or_dir: Any) -> tuple[Path, list[Path]]:
 def log_leaderboard(
     result_or_dir: Any = None,
     *,
-    experiment: str = "geoloc",
+    experiment: str = LEADERBOARD_EXPERIMENT,
     tracking_uri: str | None = None,
 ) -> str:
     """Log an aggregation's leaderboard on a `leaderboard` run: the CSV/Parquet/dashboard files

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from geoloc.config import RunConfig
 from geoloc.errors import redact
-from geoloc.integrations.mlflow.contents import epoch_points, run_params, run_tags
+from geoloc.integrations.mlflow.contents import (
+    dataset_input,
+    epoch_points,
+    run_params,
+    run_tags,
+)
 from geoloc.integrations.mlflow.mirror import record_tracking
 from geoloc.integrations.mlflow.store import (
     client_for,
@@ -32,7 +37,7 @@ from geoloc.integrations.mlflow.store import (
     probe,
     resolve_tracking_uri,
 )
-from geoloc.integrations.mlflow.writers import open_run, sync_params, sync_tags
+from geoloc.integrations.mlflow.writers import open_run, sync_inputs, sync_params, sync_tags
 from geoloc.runs.summary import read_summary
 
 if TYPE_CHECKING:
@@ -189,6 +194,7 @@ class LiveMirror:
         config = self.cfg.model_dump(mode="json")
         sync_params(client, run, run_params(config))
         sync_tags(client, run, run_tags(self.run_dir, summary, config))
+        sync_inputs(client, run, dataset_input(summary, config))
         self.client = client
         log.info("mirroring %s into MLflow run %s (%s)", self.run_dir.name, self.mlflow_run_id,
                  redact(uri))  # fmt: skip

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from geoloc.errors import GeolocError, redact
 from geoloc.integrations.mlflow.contents import (
+    dataset_input,
     final_points,
     history_points,
     read_config,
@@ -34,6 +35,7 @@ from geoloc.integrations.mlflow.store import (
 from geoloc.integrations.mlflow.writers import (
     open_run,
     sync_artifacts,
+    sync_inputs,
     sync_metrics,
     sync_params,
     sync_status,
@@ -153,6 +155,8 @@ def _mirror_contents(
         result.changes.append(f"{n} params")
     if n := sync_tags(client, run, run_tags(run_dir, summary, config)):
         result.changes.append(f"{n} tags")
+    if sync_inputs(client, run, dataset_input(summary, config)):
+        result.changes.append("dataset")
     if n := sync_metrics(client, run, history_points(run_dir) + final_points(summary)):
         result.changes.append(f"{n} metric points")
     if log_model and summary.get("status") == "completed":

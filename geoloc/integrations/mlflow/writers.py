@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 from geoloc.integrations.mlflow.contents import (
     artifact_files,
     artifacts_digest,
+    display_name,
     iso_to_ms,
     read_config,
     run_tags,
+    source_tags,
 )
 from geoloc.integrations.mlflow.store import TAG_ARTIFACTS_SHA, TAG_PARENT, find_run
 
@@ -50,14 +52,15 @@ def open_run(
     run = find_run(client, experiment_id, summary["run_id"])
     if run is not None:
         return run, False
-    tags = run_tags(run_dir, summary, read_config(run_dir))
+    config = read_config(run_dir)
+    tags = {**source_tags(config), **run_tags(run_dir, summary, config)}
     if parent_run_id:
         tags[TAG_PARENT] = parent_run_id
     run = client.create_run(
         experiment_id,
         start_time=iso_to_ms(summary.get("created_at")),
         tags=tags,
-        run_name=summary["run_id"],
+        run_name=display_name(summary),
     )
     log.info("MLflow run %s created for %s", run.info.run_id, summary["run_id"])
     return run, True
@@ -99,6 +102,23 @@ def _already_logged(history: Sequence[Any], value: float, step: int) -> bool:
         m.step == step and math.isclose(m.value, value, rel_tol=1e-9, abs_tol=1e-12)
         for m in history
     )
+
+
+def sync_inputs(client: MlflowClient, run: Run, spec: Mapping[str, Any] | None) -> bool:
+    """Log the run's dataset (`contents.dataset_input`) as an MLflow input unless the run
+    already has it (same name and digest); True if logged."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    if spec is None:
+        return False
+    have = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    if (spec["name"], spec["digest"]) in have:
+        return False
+    dataset = Dataset(spec["name"], spec["digest"], spec["source_type"], spec["source"],
+                      profile=spec["profile"])  # fmt: skip
+    context = InputTag("mlflow.data.context", spec["context"])
+    client.log_inputs(run.info.run_id, datasets=[DatasetInput(dataset, tags=[context])])
+    return True
 
 
 def sync_metrics(client: MlflowClient, run: Run, points: Sequence[tuple[str, float, int]]) -> int:
