@@ -321,3 +321,30 @@ def test_storage_defaults_to_the_stack_env_var(monkeypatch, tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     monkeypatch.setenv("GEOLOC_OPTUNA_STORAGE", url)
     assert default_storage() == url
+
+
+def test_default_space_searches_only_knobs_the_base_config_uses(tmp_path) -> None:
+    """demo has hard negatives off: its default space has no `share` (a knob that changes
+    nothing would top the importance plot); turned on, `share` is searched."""
+    demo = {s.key for s in _cfg(base_config="demo").space}
+    assert "share" not in demo and {"lr", "tau_km", "width"} <= demo
+    on = _cfg(base_config="demo", base_overrides={"hardneg.enabled": True})
+    assert "share" in {s.key for s in on.space}
+    ce = {s.key for s in _cfg(base_config="demo", base_overrides={"loss": "ce"}).space}
+    assert "tau_km" not in ce
+    explicit = _cfg(base_config="demo", space=[{"key": "share", "type": "float", "low": 0,
+                                                "high": 0.5}])  # fmt: skip
+    assert [s.key for s in explicit.space] == ["share"]  # a given space is kept as given
+
+
+@pytest.mark.parametrize(
+    ("objective", "names"),
+    [("p90", ["best_val_p90_km"]), ("multi", ["best_val_top1", "best_val_p90_km"])],
+)
+def test_studies_name_their_objectives(tmp_path, objective, names) -> None:
+    storage = f"sqlite:///{tmp_path / 'names.db'}"
+    study = create_study(_cfg(storage=storage, objective=objective, space=TAU_SPACE))
+    assert study.metric_names == names
+    import optuna
+
+    assert optuna.load_study(study_name=study.study_name, storage=storage).metric_names == names

@@ -79,6 +79,21 @@ def default_space() -> list[ParamSpec]:
     ]
 
 
+def space_for(base: RunConfig) -> list[ParamSpec]:
+    """The default space without the knobs `base` does not use: a searched knob that changes
+    nothing wastes trials and tops optuna-dashboard's importance plot with noise. Hard-negative
+    `share` only when `hardneg.enabled`, `tau_km` only for the GeoSoft losses, `width` only for
+    the multiscale CNN backbones."""
+    unused = set()
+    if not base.hardneg.enabled:
+        unused.add("share")
+    if not base.train.loss.startswith("geosoft"):
+        unused.add("tau_km")
+    if not base.model.arch.startswith("multiscale_cnn"):
+        unused.add("width")
+    return [spec for spec in default_space() if spec.key not in unused]
+
+
 PRUNE_METRICS = (
     "val_p90_km", "val_p95_km", "val_median_km", "val_loss", "train_loss",
 )  # fmt: skip
@@ -121,7 +136,11 @@ class SweepConfig(_Strict):
     base_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Fixed for every trial, e.g. {'epochs': 3}."
     )
-    space: list[ParamSpec] = Field(default_factory=default_space, description="Search space.")
+    space: list[ParamSpec] = Field(
+        default_factory=default_space,
+        description="Search space (default: `default_space` less the knobs the base config "
+        "does not use, `space_for`).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -134,6 +153,12 @@ class SweepConfig(_Strict):
             )
         if self.pruner == "threshold" and self.prune_threshold is None:
             raise ValueError("the threshold pruner needs prune_threshold")
+        if "space" not in self.model_fields_set:
+            try:
+                base = load_config(self.base_config, self.base_overrides)
+            except ConfigError:
+                return self  # validate_sweep reports the broken base config in one line
+            self.space = space_for(base)
         return self
 
 

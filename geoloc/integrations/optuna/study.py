@@ -95,7 +95,7 @@ def create_study(cfg: SweepConfig) -> optuna.Study:
         else {"direction": "minimize"}
     )
     try:
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=cfg.study,
             storage=storage,
             sampler=trial_sampler(cfg.sampler_seed),
@@ -105,3 +105,12 @@ def create_study(cfg: SweepConfig) -> optuna.Study:
         )
     except ValueError as exc:  # e.g. the stored study has other directions
         raise SweepError(f"study '{cfg.study}' cannot be resumed: {exc}") from exc
+    names = metric_names(cfg)
+    if study.metric_names != names:  # optuna-dashboard's axis labels instead of "Objective 0"
+        study.set_metric_names(names)
+    return study
+
+
+def metric_names(cfg: SweepConfig) -> list[str]:
+    """The objective(s) by name, in the order `objective_values` returns them."""
+    return ["best_val_top1", "best_val_p90_km"] if cfg.objective == "multi" else ["best_val_p90_km"]
