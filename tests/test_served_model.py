@@ -129,6 +129,10 @@ def test_mlflow_models_serve_of_the_champion_answers_like_geoloc_predict(
         served = pd.DataFrame(answer.json()["predictions"])
         assert_same_answers(served, cli)
 
+        body["params"] = {"top_k": 2}
+        short = requests.post(f"{url}/invocations", json=body, timeout=120).json()["predictions"]
+        assert [len(r["topk_cells"]) for r in short] == [2] * len(photos)
+
         bad = requests.post(f"{url}/invocations", json={"dataframe_split": {
             "columns": ["photo"], "data": [["x"]]}}, timeout=60)  # fmt: skip
         assert bad.status_code >= 400
