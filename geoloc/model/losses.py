@@ -26,7 +26,12 @@ from geoloc.config import TrainConfig
 from geoloc.errors import ConfigError, DataError, GeolocError
 from geoloc.geo import LabelSpace, pairwise_haversine_km
 from geoloc.model.registry import Registry
-from geoloc.model.soft_targets import TAU_PER_EDGE, at_least_float32, default_tau_km
+from geoloc.model.soft_targets import (
+    TAU_PER_EDGE,
+    at_least_float32,
+    check_geosoft_inputs,
+    default_tau_km,
+)
 
 __all__ = [
     "LOSSES",
@@ -73,12 +78,7 @@ class GeoSoftTargetLoss(nn.Module):
         class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if centroids.ndim != 2 or centroids.shape[1] != 2:
-            raise GeolocError(
-                f"GeoSoft centroids must be (K, 2) lat/lon, got {tuple(centroids.shape)}"
-            )
-        if not tau_km > 0:
-            raise ConfigError(f"GeoSoft tau_km must be > 0, got {tau_km}")
+        check_geosoft_inputs(centroids, tau_km)
         self.tau_km = float(tau_km)
         self.register_buffer("centroids", centroids.detach().float().clone(), persistent=False)
         weights = None if class_weights is None else class_weights.detach().float().clone()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import h3
 import torch
 
-from geoloc.errors import ConfigError
+from geoloc.errors import ConfigError, GeolocError
 
 __all__ = ["TAU_PER_EDGE", "at_least_float32", "default_tau_km", "sample_weights"]
 
@@ -37,3 +37,11 @@ def sample_weights(class_weights: torch.Tensor | None, targets: torch.Tensor) ->
         return torch.full(targets.shape, 1.0 / targets.numel(), device=targets.device)
     w = class_weights[targets]
     return w / w.sum()
+
+
+def check_geosoft_inputs(centroids: torch.Tensor, tau_km: float) -> None:
+    """GeoSoft needs (K, 2) lat/lon centroids and a positive temperature (dense and sparse)."""
+    if centroids.ndim != 2 or centroids.shape[1] != 2:
+        raise GeolocError(f"GeoSoft centroids must be (K, 2) lat/lon, got {tuple(centroids.shape)}")
+    if not tau_km > 0:
+        raise ConfigError(f"GeoSoft tau_km must be > 0, got {tau_km}")

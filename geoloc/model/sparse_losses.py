@@ -24,10 +24,15 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from geoloc.config import TrainConfig
-from geoloc.errors import ConfigError, GeolocError
+from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace, chord_arc_km, nearest_points, pairwise_haversine_km, unit_vectors
 from geoloc.model.heads import child_table
-from geoloc.model.soft_targets import at_least_float32, default_tau_km, sample_weights
+from geoloc.model.soft_targets import (
+    at_least_float32,
+    check_geosoft_inputs,
+    default_tau_km,
+    sample_weights,
+)
 
 __all__ = [
     "FactorisedLoss",
@@ -46,12 +51,7 @@ class GeoSoftNeighbours(nn.Module):
     ) -> None:
         """`nbr` (K, >= r) precomputed `nearest_points` (e.g. cached); else built here."""
         super().__init__()
-        if centroids.ndim != 2 or centroids.shape[1] != 2:
-            raise GeolocError(
-                f"GeoSoft centroids must be (K, 2) lat/lon, got {tuple(centroids.shape)}"
-            )
-        if not tau_km > 0:
-            raise ConfigError(f"GeoSoft tau_km must be > 0, got {tau_km}")
+        check_geosoft_inputs(centroids, tau_km)
         self.tau_km = float(tau_km)
         c = centroids.detach().float().cpu()
         if nbr is None:
