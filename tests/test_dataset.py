@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures.toy_labels import toy_labels
 from PIL import Image
 
 from geoloc.config import TrainConfig
@@ -40,15 +41,7 @@ def write_tiny_index(root: Path, num_classes: int = 3, size: int = 40) -> Path:
             )  # fmt: skip
     pd.DataFrame(images).to_parquet(root / "index" / "images.parquet", index=False)
     pd.DataFrame(splits).to_parquet(root / "index" / "splits.parquet", index=False)
-    labels = {
-        "version": 1, "resolution": 2, "parent_resolution": 1, "fingerprint": "tiny",
-        "classes": [
-            {"index": k, "cell": f"cell{k}", "parent": f"p{k % 2}", "parent_index": k % 2,
-             "train_count": 4, "lat": 10.0 * k, "lon": 0.0}
-            for k in range(num_classes)
-        ],
-        "parents": [{"index": p, "cell": f"p{p}", "lat": 0.0, "lon": 0.0} for p in range(2)],
-    }  # fmt: skip
+    labels = toy_labels(num_classes, "tiny", 4)
     (root / "index" / "labels.json").write_text(json.dumps(labels))
     return root / "index"
 
