@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from geoloc.config import RunConfig, _format_validation, _Strict, load_config, resolve_key
+from geoloc.config import RunConfig, StrictModel, format_validation_error, load_config, resolve_key
 from geoloc.errors import ConfigError, GeolocError
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ class SweepError(GeolocError):
     """A sweep that cannot start: empty/inconsistent space, unreachable storage."""
 
 
-class ParamSpec(_Strict):
+class ParamSpec(StrictModel):
     """One searched config key."""
 
     key: str = Field(description="RunConfig key, short (`lr`) or dotted (`train.lr`).")
@@ -100,7 +100,7 @@ PRUNE_METRICS = (
 """Per-epoch metrics a pruner may watch: studies minimise, so lower must be better."""
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     """What to search, how to score it, and where the study lives."""
 
     study: str = Field("geoloc-sweep", min_length=1, description="Study name.")
@@ -167,7 +167,7 @@ def sweep_config(fields: Mapping[str, Any]) -> SweepConfig:
     try:
         return SweepConfig.model_validate(dict(fields))
     except ValidationError as exc:
-        raise SweepError(_format_validation(SweepConfig, exc, "the sweep settings")) from exc
+        raise SweepError(format_validation_error(SweepConfig, exc, "the sweep settings")) from exc
 
 
 def prunes(cfg: SweepConfig) -> bool:

@@ -1,31 +1,24 @@
-"""Typed configuration, one model per concern, and one way to load it.
+"""The typed sections of a run's configuration: one pydantic model per concern.
 
-`load_config(path, overrides)` merges a YAML (or JSON) file over the defaults, then `key=value`
-overrides from the CLI (`--set`) or Prefect flow parameters. Keys may be dotted
-(`train.epochs`) or flat and short (`epochs`) when the leaf name is unique across sections.
-Unknown keys are errors. The resolved model is saved whole as a run's `config.json`.
+Unknown keys are errors and assignments are validated (`StrictModel`), so a typo in a YAML file or a
+`--set` fails before any work starts.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from geoloc.errors import ConfigError, split_password
+from geoloc.errors import split_password
 
-PRESETS_DIR = Path(__file__).parent / "presets"
 TRACKING_USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 TRACKING_PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 """MLflow's own HTTP basic-auth variables: where a tracking password lives (never in a file)."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     """Base: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -36,7 +29,7 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-class IndexConfig(_Strict):
+class IndexConfig(StrictModel):
     """How raw images become the canonical index under `data/index/`."""
 
     resolution: int = Field(7, ge=0, le=15, description="H3 resolution of the classes.")
@@ -106,7 +99,7 @@ class IndexConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which network maps an image to cell logits."""
 
     arch: str = Field(
@@ -149,7 +142,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class HardNegConfig(_Strict):
+class HardNegConfig(StrictModel):
     """Hard-negative oversampling: a share of each epoch drawn from confused cells."""
 
     enabled: bool = Field(False, description="Turn hard-negative oversampling on.")
@@ -160,9 +153,34 @@ class HardNegConfig(_Strict):
         description="Which split's confusion builds the pool (val leaks val into training).",
     )
     start_epoch: int = Field(1, ge=0, description="First epoch (0-based) that draws from the pool.")
+    mode: Literal["oversample", "margin"] = Field(
+        "oversample",
+        description="oversample: re-draw images of confused cells; margin: a distance-weighted "
+        "margin between each image's embedding and the prototypes of far cells its true cell "
+        "is confused with (mined from the train split each epoch).",
+    )
+    margin: float = Field(0.2, ge=0.0, le=2.0, description="margin: cosine margin to keep.")
+    margin_weight: float = Field(0.5, ge=0.0, description="margin: weight of the margin term.")
+    negatives_per_cell: int = Field(
+        4, ge=1, description="margin: far confused cells kept per true cell (the most confused)."
+    )
+    min_km: float | None = Field(
+        None,
+        gt=0,
+        description="margin: only cells at least this far from the truth are negatives "
+        "(None: 4x the class cells' mean edge length, so neighbours are never pushed away).",
+    )
+
+    @model_validator(mode="after")
+    def _margin_mines_train(self) -> HardNegConfig:
+        if self.mode == "margin" and self.pool_split != "train":
+            raise ValueError(
+                "hardneg.mode=margin mines from the train split only: set hardneg.pool_split=train"
+            )
+        return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """The optimisation loop."""
 
     epochs: int = Field(10, ge=1, description="Training epochs.")
@@ -235,6 +253,19 @@ class TrainConfig(_Strict):
         None, gt=0, description="GeoSoft temperature in km; None scales it with the resolution."
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="CE label smoothing.")
+    sampling: Literal["uniform", "inverse_density", "class_balanced"] = Field(
+        "uniform",
+        description="How an epoch draws its N train images: uniform (a permutation), "
+        "inverse_density (with replacement, p ~ density ** -density_power, density = train "
+        "images in the image's H3 cell at density_resolution, as OSV-5M) or class_balanced "
+        "(with replacement, every class equally likely).",
+    )
+    density_power: float = Field(
+        0.75, ge=0.0, le=1.0, description="inverse_density: exponent of the density."
+    )
+    density_resolution: int | None = Field(
+        None, ge=0, le=15, description="inverse_density: H3 resolution (None: the classes' + 1)."
+    )
     class_weighting: Literal["none", "inverse", "effective"] = Field(
         "none", description="Per-class loss weights from train frequencies."
     )
@@ -256,7 +287,7 @@ class TrainConfig(_Strict):
     nproc: int = Field(1, ge=1, description="Processes for DistributedDataParallel.")
 
 
-class RerankConfig(_Strict):
+class RerankConfig(StrictModel):
     """Post-hoc reranking, refinement and calibration."""
 
     enabled: bool = Field(True, description="Run rerank evaluation after training.")
@@ -275,7 +306,7 @@ class RerankConfig(_Strict):
     index: Literal["auto", "faiss", "brute"] = Field("auto", description="Neighbour search.")
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     """MLflow mirroring."""
 
     enabled: bool = Field(True, description="Mirror the run into MLflow.")
@@ -302,7 +333,7 @@ class TrackingConfig(_Strict):
         return uri
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """Everything one training run needs; saved whole as `runs/<run_id>/config.json`."""
 
     name: str = Field("run", min_length=1, max_length=64, description="Human name of the run.")
@@ -339,161 +370,3 @@ class RunConfig(_Strict):
                     "train.augment=false"
                 )
         return self
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and overrides
-# --------------------------------------------------------------------------------------------
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.update(_leaf_paths(ann, (*prefix, name)))
-        else:
-            out[(*prefix, name)] = field
-    return out
-
-
-def flat_keys(model: type[BaseModel]) -> dict[str, str]:
-    """Short key -> dotted key, for every leaf whose name is unique across sections."""
-    by_leaf: dict[str, list[str]] = {}
-    for path in _leaf_paths(model):
-        by_leaf.setdefault(path[-1], []).append(".".join(path))
-    return {leaf: paths[0] for leaf, paths in by_leaf.items() if len(paths) == 1}
-
-
-def resolve_key(model: type[BaseModel], key: str) -> str:
-    """Map a short or dotted key to its dotted path; unknown or ambiguous keys are errors."""
-    leaves = {".".join(p) for p in _leaf_paths(model)}
-    if key in leaves:
-        return key
-    by_leaf: dict[str, list[str]] = {}
-    for path in _leaf_paths(model):
-        by_leaf.setdefault(path[-1], []).append(".".join(path))
-    if key in by_leaf:
-        if len(by_leaf[key]) == 1:
-            return by_leaf[key][0]
-        raise ConfigError(f"config key '{key}' is ambiguous: use one of {sorted(by_leaf[key])}")
-    raise ConfigError(
-        f"unknown config key '{key}' for {model.__name__}; valid keys: {', '.join(sorted(by_leaf))}"
-    )
-
-
-def _parse_value(raw: Any) -> Any:
-    """`--set` values are YAML scalars/lists: `2`, `1e-3`, `true`, `null`, `[1, 2]`, `geosoft`."""
-    if not isinstance(raw, str):
-        return raw
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Parse `key=value` strings from the command line."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
-
-
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def presets(model: type[BaseModel]) -> list[str]:
-    """Names of the presets shipped for a config model (`geoloc/presets/<kind>/<name>.yaml`)."""
-    folder = PRESETS_DIR / _preset_kind(model)
-    return sorted(p.stem for p in folder.glob("*.yaml"))
-
-
-def _preset_kind(model: type[BaseModel]) -> str:
-    return model.__name__.removesuffix("Config").lower()
-
-
-def _read_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        # a bare name is a preset: `--config geosoft` -> geoloc/presets/run/geosoft.yaml
-        preset = PRESETS_DIR / _preset_kind(model) / f"{p.name}.yaml"
-        if p.suffix == "" and preset.is_file():
-            p = preset
-        else:
-            known = ", ".join(presets(model)) or "none"
-            raise ConfigError(
-                f"config file '{path}' does not exist (presets for {model.__name__}: {known})"
-            )
-    try:
-        text = p.read_text()
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file '{path}' could not be parsed: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping, not {type(data).__name__}")
-    return data
-
-
-def _format_validation(model: type[BaseModel], exc: ValidationError, source: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return f"invalid {model.__name__} from {source}: " + "; ".join(parts)
-
-
-def load_config(
-    path: str | Path | None = None,
-    overrides: Mapping[str, Any] | Iterable[str] | None = None,
-    model: type[M] = RunConfig,  # type: ignore[assignment]
-) -> M:
-    """Defaults <- file (YAML/JSON, or a preset name) <- overrides; validated, strict.
-
-    `overrides` is a mapping of short/dotted keys to values, or `key=value` strings.
-    """
-    tree: dict[str, Any] = _read_file(path, model) if path else {}
-    if overrides is not None:
-        ov = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
-        for key, value in ov.items():
-            _set_path(tree, resolve_key(model, key), _parse_value(value))
-    source = f"'{path}'" if path else "overrides"
-    try:
-        return model.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation(model, exc, source)) from exc
-
-
-def save_config(cfg: BaseModel, path: str | Path) -> None:
-    """Save the resolved config whole (atomically)."""
-    from geoloc.atomic import write_json
-
-    write_json(path, cfg.model_dump(mode="json"))
-
-
-def flatten(cfg: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted-key view of a config, e.g. for MLflow params."""
-    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, prefix=f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
