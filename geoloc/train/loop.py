@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
 from geoloc.data.dataset import GeoDataset
+from geoloc.data.sampling import sampling_probabilities
 from geoloc.data.state import maybe_fault
 from geoloc.data.streaming import eval_loader
 from geoloc.geo import LabelSpace, build_hardneg_pool
@@ -71,16 +72,22 @@ def epoch_order(
     pool_pred_labels: np.ndarray | None,
     pool_true_labels: np.ndarray | None,
     hardneg: HardNegConfig,
+    probabilities: np.ndarray | None = None,
 ) -> np.ndarray:
     """Train row indices of one epoch: a seeded permutation, part replaced by hard negatives.
 
-    From `hardneg.start_epoch` on (and once a pool exists), `share` of the epoch's N samples are
-    drawn from the cells confused in the previous epoch, the rest from a fresh permutation; the
-    epoch keeps N samples so the schedule and the budget do not change.
+    With `probabilities` (`train.sampling` other than uniform, `geoloc.data.sampling`) the N rows
+    are drawn with replacement from them instead of permuted. From `hardneg.start_epoch` on (and
+    once a pool exists), `share` of the epoch's N samples are drawn from the cells confused in
+    the previous epoch, the rest from the permutation (or draw); the epoch keeps N samples so the
+    schedule and the budget do not change.
     """
     rng = np.random.default_rng(epoch_seed(seed, epoch_index))
     n = len(train_labels)
-    order = rng.permutation(n)
+    if probabilities is None:
+        order = rng.permutation(n)
+    else:
+        order = rng.choice(n, size=n, replace=True, p=probabilities)
     use_pool = (
         hardneg.enabled
         and epoch_index >= hardneg.start_epoch
@@ -242,6 +249,9 @@ def fit(
     pool_true = None
     if cfg.hardneg.enabled:
         pool_true = train_set.labels if cfg.hardneg.pool_split == "train" else val_set.labels
+    # train.sampling's row probabilities (run.py refuses a non-uniform one on a streamed split)
+    probabilities = None if train_loader.streamed else sampling_probabilities(
+        train_set, tc, label_space.resolution)  # fmt: skip
     epochs_bar = tqdm(range(state.epoch, tc.epochs), initial=state.epoch, total=tc.epochs,
                       desc="train", unit="epoch", disable=not progress)  # fmt: skip
     session_start = (state.epoch, time.perf_counter())  # (epochs done, when) for the ETA
@@ -250,7 +260,7 @@ def fit(
         order = None
         if not train_loader.streamed:  # a streamed split's order is the loader's stream plan
             order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
-                                pool_true, cfg.hardneg)  # fmt: skip
+                                pool_true, cfg.hardneg, probabilities)  # fmt: skip
         trained = _train_epoch(train_model, model, train_loader, order, len(train_set), criterion,
                                opt, cfg, device, epoch_index, compute, progress, dist,
                                saver)  # fmt: skip

@@ -67,6 +67,7 @@ def config_subset(cfg: RunConfig) -> dict[str, Any]:
         "tau_km": cfg.train.tau_km,
         "hier_topk_parents": cfg.train.hier_topk_parents,
         "class_weighting": cfg.train.class_weighting,
+        "sampling": cfg.train.sampling,
         "seed": cfg.seed,
     }
 

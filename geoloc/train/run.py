@@ -156,13 +156,12 @@ def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None)
     if cfg.train.embeddings == "cache":
         kw["cache"] = False
     train = GeoDataset(index_dir, "train", train_tf, **kw)
-    if cfg.hardneg.enabled and cfg.train.embeddings != "cache" and is_streamed(train):
-        raise ConfigError(
-            f"hardneg.enabled needs random access to the train images, but split 'train' of "
-            f"'{index_dir}' ({len(train):,} images, {train.decoded_bytes() / 2**20:,.0f} MiB "
-            f"decoded) is streamed from its shards because it exceeds train.cache_mb="
-            f"{cfg.train.cache_mb}: raise train.cache_mb above that or set hardneg.enabled=false"
-        )
+    if cfg.train.embeddings != "cache" and is_streamed(train):  # rows come in shard order
+        if cfg.hardneg.enabled:
+            raise _needs_random_access("hardneg.enabled", "hardneg.enabled=false", cfg, train)
+        if cfg.train.sampling != "uniform":
+            key = f"train.sampling={cfg.train.sampling}"
+            raise _needs_random_access(key, "train.sampling=uniform", cfg, train)
     val = GeoDataset(index_dir, "val", eval_tf, **kw)
     try:
         test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf, **kw)
@@ -179,6 +178,16 @@ def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None)
                 f"{label_space.num_classes - 1}: splits.parquet and labels.json disagree"
             )
     return RunData(index_dir, label_space, train, val, test)
+
+
+def _needs_random_access(key: str, fix: str, cfg: RunConfig, train: GeoDataset) -> ConfigError:
+    """The one-line refusal of a setting that draws train rows at random on a streamed split."""
+    return ConfigError(
+        f"{key} needs random access to the train images, but split 'train' of "
+        f"'{train.index_dir}' ({len(train):,} images, {train.decoded_bytes() / 2**20:,.0f} MiB "
+        f"decoded) is streamed from its shards because it exceeds train.cache_mb="
+        f"{cfg.train.cache_mb}: raise train.cache_mb above that or set {fix}"
+    )
 
 
 def _with_defaults(model_section: dict[str, Any]) -> dict[str, Any]:
