@@ -246,6 +246,25 @@ def test_sparse_geosoft_class_weights_weigh_samples(grid: LabelSpace) -> None:
     assert torch.allclose(weighted(z, y), (3 * per_sample[0] + per_sample[1]) / 4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["ce", "geosoft_sparse"])
+def test_factorised_class_weights_weigh_samples(grid: LabelSpace, loss: str) -> None:
+    """`train.class_weighting` reaches the factorised loss: a weighted mean of per-sample losses."""
+    torch.manual_seed(5)
+    head = FactorisedHead(16, grid.parent_of, grid.num_parents).train()
+    weights = torch.ones(grid.num_classes)
+    weights[0] = 3.0
+    cfg = TrainConfig(loss=loss, geosoft_neighbours=8)
+    weighted = create_loss(cfg, grid, weights, head="factorised")
+    plain = create_loss(cfg, grid, head="factorised")
+    h, y = torch.randn(2, 16), torch.tensor([0, 40])
+    per_sample = torch.stack(
+        [plain(head(h[i : i + 1], **forward_inputs(plain, y[i : i + 1])), y[i : i + 1])
+         for i in range(2)]
+    )  # fmt: skip
+    got = weighted(head(h, **forward_inputs(weighted, y)), y)
+    assert torch.allclose(got, (3 * per_sample[0] + per_sample[1]) / 4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # bad input and compatibility
 # ------------------------------------------------------------------------------------------
