@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import h3
 import numpy as np
 import torch
 
@@ -13,6 +14,11 @@ log = logging.getLogger(__name__)
 EARTH_RADIUS_KM = 6371.0088
 """Mean Earth radius (IUGG R1). Against the WGS84 geodesic the sphere is typically within ~0.2%;
 the worst case, 0.56%, is a short north-south arc near the equator (meridional radius 6335 km)."""
+
+
+def hexagon_edge_km(resolution: int) -> float:
+    """Mean edge length in km of H3 hexagons at `resolution` (the scale of a class cell)."""
+    return float(h3.average_hexagon_edge_length(int(resolution), unit="km"))
 
 
 def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> np.ndarray | torch.Tensor:

@@ -3,10 +3,10 @@ the precision they compute in."""
 
 from __future__ import annotations
 
-import h3
 import torch
 
 from geoloc.errors import ConfigError, GeolocError
+from geoloc.geo.distance import hexagon_edge_km
 
 __all__ = ["TAU_PER_EDGE", "at_least_float32", "default_tau_km", "sample_weights"]
 
@@ -23,7 +23,7 @@ def default_tau_km(resolution: int) -> float:
     """GeoSoft temperature for classes at H3 `resolution`: `TAU_PER_EDGE` x mean edge length."""
     if not 0 <= resolution <= 15:
         raise ConfigError(f"H3 resolution must be in 0..15, got {resolution}")
-    return TAU_PER_EDGE * float(h3.average_hexagon_edge_length(resolution, unit="km"))
+    return TAU_PER_EDGE * hexagon_edge_km(resolution)
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
