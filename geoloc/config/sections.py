@@ -143,9 +143,10 @@ class ModelConfig(StrictModel):
 
 
 class HardNegConfig(StrictModel):
-    """Hard-negative oversampling: a share of each epoch drawn from confused cells."""
+    """Hard negatives from the cells the model confuses: oversampled images (`mode=oversample`)
+    or a distance-weighted margin against far cells' prototypes (`mode=margin`)."""
 
-    enabled: bool = Field(False, description="Turn hard-negative oversampling on.")
+    enabled: bool = Field(False, description="Turn hard negatives on (`mode` says how).")
     share: float = Field(0.25, ge=0.0, le=0.9, description="Share of each epoch from the pool.")
     top_pairs: int = Field(50, ge=1, description="Most-confused (true, predicted) cell pairs kept.")
     pool_split: Literal["train", "val"] = Field(

@@ -33,6 +33,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from geoloc.errors import TrainingError
+from geoloc.train.margin import PrototypeTally
 from geoloc.train.steps import EpochResult, EpochTally
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ class DistContext:
             loss=float(totals[0].item()) / max(images, 1),
             images=images,
             pred_labels=preds.cpu().numpy(),
+            margin=self._reduce_prototypes(result.margin),
         )
 
     def reduce_tally(self, tally: EpochTally) -> EpochTally:
@@ -124,7 +126,26 @@ class DistContext:
         tdist.all_reduce(totals)
         preds = torch.from_numpy(tally.preds).to(self.device)
         tdist.all_reduce(preds, op=tdist.ReduceOp.MAX)
-        return EpochTally(float(totals[0].item()), int(totals[1].item()), preds.cpu().numpy())
+        return EpochTally(float(totals[0].item()), int(totals[1].item()), preds.cpu().numpy(),
+                          self._reduce_prototypes(tally.margin))  # fmt: skip
+
+    def _reduce_prototypes(self, tally: PrototypeTally | None) -> PrototypeTally | None:
+        """Prototype sums, counts and the margin term's total over all ranks (margin mode).
+
+        A rank that has not stepped yet holds (C, 0) sums: it joins with zeros of the width the
+        others agree on (the all-reduced maximum), so every rank calls the same collectives.
+        """
+        if tally is None:
+            return None
+        width = torch.tensor([tally.sums.shape[1]], device=self.device)
+        tdist.all_reduce(width, op=tdist.ReduceOp.MAX)
+        sums = tally.sums if tally.sums.shape[1] else np.zeros((len(tally.counts), int(width)))
+        parts = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(self.device)
+                 for a in (sums, tally.counts, [tally.term_sum])]  # fmt: skip
+        for part in parts:
+            tdist.all_reduce(part)
+        sums_t, counts_t, term_t = (p.cpu().numpy() for p in parts)
+        return PrototypeTally(sums_t, counts_t.astype(np.int64), float(term_t[0]))
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (early stopping must end all ranks together)."""

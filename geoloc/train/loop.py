@@ -40,6 +40,7 @@ from geoloc.progress import format_duration, progress_log
 from geoloc.runs.formatting import fmt_km, fmt_share
 from geoloc.train.checkpoint import save_checkpoint, set_rng_state
 from geoloc.train.epoch_loader import EpochLoader
+from geoloc.train.margin import MarginTerm, Prototypes, epoch_margin_term
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from geoloc.train.steps import (
     Compute,
@@ -124,6 +125,7 @@ class FitState:
     epochs_since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     pool_pred_labels: np.ndarray | None = None  # previous epoch's predictions on pool_split
+    prototypes: Prototypes | None = None  # hardneg.mode=margin: previous epoch's class means
     position: tuple[int, EpochTally] | None = None  # (steps done, tally) inside epoch `epoch`
 
     def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -135,6 +137,7 @@ class FitState:
                 if self.pool_pred_labels is not None
                 else None
             ),
+            "prototypes": None if self.prototypes is None else self.prototypes.to_dict(),
             "position": (
                 None if self.position is None
                 else {"step": self.position[0], **self.position[1].to_dict()}
@@ -160,6 +163,7 @@ class FitState:
         extra = ckpt.get("extra") or {}
         pool = extra.get("pool_pred_labels")
         pos = extra.get("position")
+        protos = extra.get("prototypes")
         return cls(
             position=(int(pos["step"]), EpochTally.from_dict(pos)) if pos else None,
             epoch=int(ckpt["epoch"]),
@@ -168,6 +172,7 @@ class FitState:
             epochs_since_best=int(extra.get("epochs_since_best", 0)),
             history=list(ckpt.get("history", [])),
             pool_pred_labels=pool.numpy() if pool is not None else None,
+            prototypes=Prototypes.from_dict(protos) if protos else None,
         )
 
 
@@ -246,8 +251,8 @@ def fit(
         rank=0 if dist is None else dist.rank, world=1 if dist is None else dist.world_size,
     )  # fmt: skip
     saver = _StepCheckpoints(checkpoint_dir, model, opt, cfg, label_space, state, dist)
-    pool_true = None
-    if cfg.hardneg.enabled:
+    pool_true = None  # oversampling's pool; margin mode mines in `epoch_margin_term`
+    if cfg.hardneg.enabled and cfg.hardneg.mode == "oversample":
         pool_true = train_set.labels if cfg.hardneg.pool_split == "train" else val_set.labels
     # train.sampling's row probabilities (run.py refuses a non-uniform one on a streamed split)
     probabilities = None if train_loader.streamed else sampling_probabilities(
@@ -261,9 +266,12 @@ def fit(
         if not train_loader.streamed:  # a streamed split's order is the loader's stream plan
             order = epoch_order(train_set.labels, epoch_index, cfg.seed, state.pool_pred_labels,
                                 pool_true, cfg.hardneg, probabilities)  # fmt: skip
+        margin = epoch_margin_term(cfg.hardneg, epoch_index, train_set.labels,
+                                   state.pool_pred_labels, state.prototypes, label_space,
+                                   device)  # fmt: skip
         trained = _train_epoch(train_model, model, train_loader, order, len(train_set), criterion,
                                opt, cfg, device, epoch_index, compute, progress, dist,
-                               saver)  # fmt: skip
+                               saver, margin)  # fmt: skip
         state.position = None
         evaluated = evaluate(
             model, val_loader, criterion, label_space, device, prefix="val",
@@ -276,6 +284,9 @@ def fit(
         metrics = {"epoch": epoch_index + 1, "train_loss": trained.loss, **evaluated.metrics,
                    "lr": opt.optimizer.param_groups[0]["lr"],
                    "epoch_time_s": time.perf_counter() - start}  # fmt: skip
+        if trained.margin is not None:  # the term's mean per image (part of train_loss)
+            state.prototypes = Prototypes.updated(state.prototypes, trained.margin)
+            metrics["train_margin_loss"] = trained.margin.term_sum / max(trained.images, 1)
         improved, stop = state.record(metrics, tc)
         stop = stop if dist is None else dist.agree(stop)
         if is_main:
@@ -319,6 +330,7 @@ def _train_epoch(
     progress: bool,
     dist: DistContext | None,
     saver: _StepCheckpoints,
+    margin: MarginTerm | None = None,
 ) -> EpochResult:
     """One pass over `order` (this rank's shard of it under DDP; a streamed split's own plan),
     reseeded from the epoch, or continued from a mid-epoch checkpoint's position."""
@@ -337,7 +349,7 @@ def _train_epoch(
         opt.scheduler, opt.scaler, device, epoch=epoch_index + 1,
         parent_loss_weight=tc.parent_loss_weight, compute=compute,
         max_steps=tc.max_steps_per_epoch, num_rows=num_rows, progress=progress,
-        start_step=start_step, tally=tally, on_step=saver.hook(epoch_index),
+        start_step=start_step, tally=tally, on_step=saver.hook(epoch_index), margin=margin,
     )  # fmt: skip
     return trained if dist is None else dist.after_epoch(model, trained)
 
@@ -363,7 +375,9 @@ class _StepCheckpoints:
             return 0, None
         step, tally = self.state.position
         if self.dist is not None and not self.dist.is_main:  # rank 0 carries the ranks' totals
-            tally = EpochTally(0.0, 0, tally.preds.copy())
+            tally = EpochTally(
+                0.0, 0, tally.preds.copy(), None if tally.margin is None else tally.margin.zeros()
+            )
         log.info("resuming epoch %d at step %d", epoch_index + 1, step)
         return step, tally
 

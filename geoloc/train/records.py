@@ -30,11 +30,12 @@ from geoloc.train.loop import FitState, is_better
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = (
-    "epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_parent_acc", "val_median_km",
-    "val_p90_km", "val_p95_km", "val_acc_1km", "val_acc_25km", "val_acc_200km", "val_acc_750km",
-    "val_acc_2500km", "val_geoscore", "lr", "epoch_time_s",
+    "epoch", "train_loss", "train_margin_loss", "val_loss", "val_top1", "val_top5",
+    "val_parent_acc", "val_median_km", "val_p90_km", "val_p95_km", "val_acc_1km", "val_acc_25km",
+    "val_acc_200km", "val_acc_750km", "val_acc_2500km", "val_geoscore", "lr", "epoch_time_s",
 )  # fmt: skip
-"""metrics.csv columns, in order (docs/ARCHITECTURE.md, "Metric names")."""
+"""metrics.csv columns, in order (docs/ARCHITECTURE.md, "Metric names"). `train_margin_loss`
+(the part of `train_loss` that `hardneg.mode=margin` adds) is empty for other runs."""
 
 
 def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

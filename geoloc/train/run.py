@@ -157,7 +157,7 @@ def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None)
         kw["cache"] = False
     train = GeoDataset(index_dir, "train", train_tf, **kw)
     if cfg.train.embeddings != "cache" and is_streamed(train):  # rows come in shard order
-        if cfg.hardneg.enabled:
+        if cfg.hardneg.enabled and cfg.hardneg.mode == "oversample":  # margin mode draws none
             raise _needs_random_access("hardneg.enabled", "hardneg.enabled=false", cfg, train)
         if cfg.train.sampling != "uniform":
             key = f"train.sampling={cfg.train.sampling}"

@@ -29,6 +29,7 @@ from geoloc.geo.metrics import geo_metrics_from_errors, topk_accuracy
 from geoloc.model.losses import forward_inputs
 from geoloc.model.scores import class_scores, predicted_classes
 from geoloc.progress import track
+from geoloc.train.margin import MarginTerm, PrototypeTally
 
 
 @runtime_checkable
@@ -193,6 +194,7 @@ class EpochResult:
     images: int
     seconds: float
     pred_labels: np.ndarray  # (N_train,) argmax per train row seen this epoch, -1 if unseen
+    margin: PrototypeTally | None = None  # hardneg.mode=margin: prototype sums, term total
 
 
 @dataclass
@@ -202,18 +204,23 @@ class EpochTally:
     loss_sum: float
     seen: int
     preds: np.ndarray  # (N_train,) last prediction per row, -1 if unseen
+    margin: PrototypeTally | None = None  # hardneg.mode=margin only
 
     @classmethod
     def empty(cls, n_rows: int) -> EpochTally:
         return cls(0.0, 0, np.full(n_rows, -1, dtype=np.int64))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum, "seen": self.seen,
-                "preds": torch.from_numpy(self.preds.copy())}  # fmt: skip
+        doc = {"loss_sum": self.loss_sum, "seen": self.seen,
+               "preds": torch.from_numpy(self.preds.copy())}  # fmt: skip
+        if self.margin is not None:
+            doc["margin"] = self.margin.to_dict()
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> EpochTally:
-        return cls(float(doc["loss_sum"]), int(doc["seen"]), doc["preds"].numpy().copy())
+        margin = PrototypeTally.from_dict(doc["margin"]) if doc.get("margin") else None
+        return cls(float(doc["loss_sum"]), int(doc["seen"]), doc["preds"].numpy().copy(), margin)
 
 
 StepHook = Callable[[int, Callable[[], EpochTally]], None]
@@ -238,6 +245,7 @@ def train_one_epoch(
     start_step: int = 0,
     tally: EpochTally | None = None,
     on_step: StepHook | None = None,
+    margin: MarginTerm | None = None,
 ) -> EpochResult:
     """One pass over `loader`; a non-finite loss stops with a `TrainingError` naming the step.
 
@@ -246,12 +254,15 @@ def train_one_epoch(
     synchronises with the device once (the loss check); predictions stay on the device until
     the epoch ends or `on_step` asks for the tally. A pass resumed mid-epoch starts at
     `start_step` with the `tally` its checkpoint carried (`loader` then starts there too).
+    `margin` (`hardneg.mode=margin`) adds its term to each step's loss and sums the prototypes.
     """
     model.train()
     if tally is None:
         n_rows = num_rows if num_rows is not None else len(loader.dataset.labels)  # type: ignore[attr-defined]
         tally = EpochTally.empty(n_rows)
     preds = tally.preds
+    if margin is not None:
+        margin.begin(tally.margin)
     step_preds: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, argmax on the device)
     loss_sum, seen, start = tally.loss_sum, tally.seen, time.perf_counter()
 
@@ -259,7 +270,7 @@ def train_one_epoch(
         for rows_, pred_ in step_preds:  # in step order: a row seen twice keeps its last one
             preds[rows_.numpy()] = pred_.cpu().numpy()
         step_preds.clear()
-        return EpochTally(loss_sum, seen, preds)
+        return EpochTally(loss_sum, seen, preds, None if margin is None else margin.tally)
 
     remaining = len(loader)
     total = min(remaining, max(max_steps - start_step, 0)) if max_steps else remaining
@@ -275,6 +286,9 @@ def train_one_epoch(
         with compute.autocast():
             outputs = model(images, **forward_inputs(criterion, labels))
         loss = total_loss(outputs, labels, parent_labels, criterion, parent_loss_weight)
+        term = None if margin is None else margin(outputs, labels)
+        if term is not None:
+            loss = loss + term
         value = float(loss.detach())  # the step's one host-device synchronisation
         if not math.isfinite(value):
             lr = optimizer.param_groups[0]["lr"]
@@ -301,6 +315,7 @@ def train_one_epoch(
         images=seen,
         seconds=time.perf_counter() - start,
         pred_labels=preds,
+        margin=None if margin is None else margin.tally,
     )
 
 
