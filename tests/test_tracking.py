@@ -15,7 +15,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import requests
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
 from mlflow import MlflowClient
 from PIL import Image
@@ -348,10 +347,15 @@ def assert_runs_table_columns(c: MlflowClient, mlflow_run_id: str, run_dir: Path
         counts.values()
     )
     assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "train"
-    # the Models column: the registered version's LoggedModel is an output of this run
+    # the Models column: the registered version's LoggedModel is an output of this run, filed in
+    # the run's experiment (the runs table searches there; MLflow's default put it in "0")
     (output,) = run.outputs.model_outputs
     assert output.model_id in version.source  # models:/m-<id>: the registered version is it
-    assert c.get_logged_model(output.model_id).source_run_id == mlflow_run_id
+    model = c.get_logged_model(output.model_id)
+    assert model.source_run_id == mlflow_run_id
+    assert model.experiment_id == run.info.experiment_id
+    assert model.tags["mlflow.source.name"] == "geoloc train"
+    assert model.params["train.epochs"] == run.data.params["train.epochs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,30 +473,68 @@ def test_mlflow_ui_lists_mirrored_runs_and_key_metrics(
     names = [
         f"{n}-{r.name.rsplit('-', 1)[-1]}" for n, r in zip(("alpha", "beta"), runs, strict=True)
     ]
-    (dataset,) = c.search_runs([exp_id], f"tags.`geoloc.run_id` = '{runs[0].name}'")[
-        0
-    ].inputs.dataset_inputs
+    mirrored = runs_by_name(c, exp_id, names)
+    datasets = [r.inputs.dataset_inputs[0].dataset.name for r in mirrored]
 
     page.goto(experiment_page)
-    text = wait_for_text(page, [*names, dataset.dataset.name, "geoloc train"])
+    text = wait_for_text(page, [*names, *datasets, "geoloc train"])
     assert "2 matching runs" in text
+    # the runs table's row of each run: its dataset, its source and its own LoggedModel `model`,
+    # linked to that model's page
+    for name, dataset, found in zip(names, datasets, mirrored, strict=True):
+        cells = wait_for_cells(page, name, {"Models": "model", "Source": "geoloc train"})
+        assert cells["Dataset"].startswith(dataset)
+        (output,) = found.outputs.model_outputs
+        cell = page.page.locator(f"[role=row][row-index='{cells['row-index']}'] {MODELS_CELL}")
+        href = cell.locator("a").get_attribute("href") or ""
+        assert href.endswith(f"/experiments/{exp_id}/models/{output.model_id}"), href
     assert page.screenshot("mlflow-experiment-runs").stat().st_size > 10_000
-    # the Models column's data, through the REST API the UI reads: alpha's run outputs name its
-    # LoggedModel (this UI build did not render it in the table headlessly; see docs/tracking.md)
-    api = f"{mlflow_server.url}/api/2.0/mlflow"
-    found = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp_id]}, timeout=30)
-    by_name = {r["info"]["run_name"]: r for r in found.json()["runs"]}
-    assert set(by_name) == set(names)
-    (output,) = by_name[names[0]]["outputs"]["model_outputs"]
-    model = requests.get(f"{api}/logged-models/{output['model_id']}", timeout=30).json()["model"]
-    assert model["info"]["name"] == "model" and model["info"]["source_run_id"]
-    (ds,) = by_name[names[0]]["inputs"]["dataset_inputs"]
-    assert ds["dataset"]["digest"] == dataset.dataset.digest
 
     # the same page's chart view: one chart per metric, the leaderboard ingredients first
     page.goto(f"{experiment_page}?compareRunsMode=CHART")
     wait_for_text(page, ["best_p90_km", "best_val_acc", "last_geo_median_km", names[0]])
     assert page.screenshot("mlflow-experiment-charts").stat().st_size > 10_000
+
+
+def runs_by_name(c: MlflowClient, experiment_id: str, names: list[str]) -> list:
+    """The MLflow runs of `names`, in that order."""
+    found = {r.info.run_name: r for r in c.search_runs([experiment_id])}
+    assert set(found) == set(names)
+    return [found[n] for n in names]
+
+
+MODELS_CELL = '[col-id="attributes.`Models`"]'
+_ROW_CELLS_JS = """([name, columns]) => {
+  const nameCell = [...document.querySelectorAll('[role=row] [col-id="attributes.`Run Name`"]')]
+    .find((cell) => cell.innerText.includes(name));
+  if (!nameCell) return null;
+  const index = nameCell.closest('[role=row]').getAttribute('row-index');
+  const out = {'row-index': index};
+  for (const column of columns) {
+    const selector = '[role=row][row-index="' + index + '"] [col-id="attributes.`' + column + '`"]';
+    const cell = document.querySelector(selector);
+    out[column] = cell ? cell.innerText.trim() : null;
+  }
+  return out;
+}"""
+
+
+def wait_for_cells(
+    page, run_name: str, expected: dict[str, str], timeout: float = 60.0
+) -> dict[str, str]:
+    """The runs table's cells (Dataset, Source, Models) of the row whose name holds `run_name`,
+    once they show `expected` (the Models column fills after its own request); ag-grid splits a
+    row across containers, joined here by `row-index`."""
+    columns = ["Dataset", "Source", "Models"]
+    deadline = time.monotonic() + timeout
+    cells = None
+    while time.monotonic() < deadline:
+        cells = page.page.evaluate(_ROW_CELLS_JS, [run_name, columns])
+        if cells and all(cells.get(k) == v for k, v in expected.items()):
+            return cells
+        time.sleep(1)
+    page.screenshot("mlflow-timeout")
+    raise AssertionError(f"runs table row {run_name!r} never showed {expected}; it showed {cells}")
 
 
 def wait_for_text(page, needles: list[str], timeout: float = 120.0) -> str:

@@ -25,18 +25,24 @@ import hashlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
 
 from geoloc.errors import GeolocError
 from geoloc.runs.layout import RunPaths
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
 RUN_ARTIFACT = "run"
 """Key of the packed run folder in the model's artifacts."""
 IMAGE_COLUMN = "image"
 PATH_COLUMN = "path"
 DEFAULT_TOP_K = 5
+_MODEL_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "geoloc.run_id")
+"""Run tags the LoggedModel repeats, so its page says where it came from (geoloc train...)."""
 
 
 def _data_files(run_dir: Path) -> list[str]:
@@ -166,22 +172,34 @@ class GeolocModel(mlflow.pyfunc.PythonModel):
 
 
 def log_pyfunc(
-    run_id: str, run_dir: Path, *, name: str, registered_model_name: str | None,
-    pip_requirements: Sequence[str], metadata: dict[str, Any],
+    client: MlflowClient, run: Run, run_dir: Path, *, name: str,
+    registered_model_name: str | None, pip_requirements: Sequence[str], metadata: dict[str, Any],
 ) -> Any:  # fmt: skip
-    """Log (and register) the pyfunc on MLflow run `run_id` as LoggedModel `name`; its
-    `ModelInfo`. Call under `store.global_tracking_uri`: MLflow resolves the store globally."""
+    """Log (and register) the pyfunc on MLflow run `run` as LoggedModel `name`; its `ModelInfo`.
+    Call under `store.global_tracking_uri`: MLflow resolves the store globally.
+
+    The LoggedModel is created here, in the run's experiment: `Model.log` alone files it under
+    the process's active experiment (the default one, "0"), where the experiment page's runs
+    table, which searches its own experiment's LoggedModels, never finds it (Models column "-").
+    """
     import tempfile
 
     from mlflow.models import Model
 
     with tempfile.TemporaryDirectory(prefix="geoloc-model-") as tmp:
         packed = pack_run(Path(run_dir), Path(tmp) / RUN_ARTIFACT)
+        tags = run.data.tags
+        model = client.create_logged_model(
+            experiment_id=run.info.experiment_id, name=name, source_run_id=run.info.run_id,
+            params=dict(run.data.params),
+            tags={k: tags[k] for k in _MODEL_TAGS if tags.get(k)},
+        )  # fmt: skip
         return Model.log(
             None,  # artifact_path: deprecated for `name`, still positional
             name=name,
             flavor=mlflow.pyfunc,
-            run_id=run_id,
+            run_id=run.info.run_id,
+            model_id=model.model_id,
             python_model=GeolocModel(),
             artifacts={RUN_ARTIFACT: str(packed)},
             signature=model_signature(),

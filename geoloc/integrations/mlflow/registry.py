@@ -50,7 +50,8 @@ def sync_model(
     """Log the run as the `geoloc` pyfunc (`geoloc predict` packed with its checkpoint, rerank
     params and gallery: `pyfunc_model`) and register it as `geoloc`, once per packed content.
 
-    The model is logged as a LoggedModel of the run (the runs table's Models column links it).
+    The model is a LoggedModel of the run in the run's experiment, with the run's params (the
+    runs table's Models column links it). `run` is read again: its params were just synced.
     Returns the new registered version, or None when nothing was logged.
     """
     from geoloc.integrations.mlflow.pyfunc_model import log_pyfunc, packed_digest
@@ -63,7 +64,7 @@ def sync_model(
         return None
     with global_tracking_uri(uri):
         info = log_pyfunc(
-            run.info.run_id, run_dir, name=MODEL_ARTIFACT,
+            client, client.get_run(run.info.run_id), run_dir, name=MODEL_ARTIFACT,
             registered_model_name=MODEL_NAME if register else None,
             pip_requirements=_model_requirements(), metadata=_model_metadata(run),
         )  # fmt: skip
