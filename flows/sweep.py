@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 import geoloc.integrations.optuna
-from flows._artifacts import publish_table
+from flows._artifacts import publish_link, publish_table
 from flows.train import train_fn
 from geoloc.integrations.optuna import SweepConfig, SweepResult
-from geoloc.runs.digest import table_records
+from geoloc.paths import runs_url
+from geoloc.runs.digest import served_link_line, table_records
 
 
 @task(name="validate-sweep", cache_policy=NO_CACHE)
@@ -26,24 +27,27 @@ def validate_sweep(settings: dict[str, Any]) -> SweepConfig:
 
 
 def publish_sweep(result: SweepResult) -> None:
-    """The trials table, the best params and a link to `runs/_sweeps/<study>/`."""
+    """The trials table, the best params and the sweep folder `runs/_sweeps/<study>/`: linked
+    where `geoloc serve` publishes it (`GEOLOC_DASHBOARD_URL`; browsers refuse `file://` links
+    from a web page), else named by its path."""
     columns = tuple(str(c) for c in result.trials.columns)
     publish_table(
         "geoloc-sweep-trials",
         table_records(result.trials, columns) if len(result.trials) else [],
         f"Trials of study {result.study_name}",
     )
+    url = runs_url(result.out_dir)
+    url = f"{url}/" if url else None  # the folder's listing: trials.csv, summary.md, plots...
+    where = served_link_line("sweep folder", result.out_dir, f"_sweeps/{result.out_dir.name}/", url)
     create_markdown_artifact(
         key="geoloc-sweep-best",
-        markdown=geoloc.integrations.optuna.best_markdown(result.best),
+        markdown=geoloc.integrations.optuna.best_markdown(result.best) + "\n" + where + "\n",
         description=f"Best of study {result.study_name}",
     )
-    create_link_artifact(
-        key="geoloc-sweep-summary",
-        link=result.out_dir.as_uri(),
-        link_text=f"sweep summary of {result.study_name}",
-        description="trials.csv, best.json, summary.md and plots (on the machine that ran it).",
-    )
+    publish_link(
+        "geoloc-sweep-summary", url, f"sweep summary of {result.study_name}",
+        "trials.csv, best.json, summary.md and plots, served by `geoloc serve`.",
+    )  # fmt: skip
 
 
 @flow(name="sweep", log_prints=True)

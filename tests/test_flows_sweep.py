@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 from prefect.client.orchestration import get_client
@@ -19,6 +21,7 @@ from prefect.client.schemas.filters import (
 from flows.sweep import sweep
 from geoloc.paths import DataPaths, runs_dir, sweeps_dir
 from geoloc.runs.layout import RunPaths
+from geoloc.runs.serve import make_server, server_url
 from geoloc.runs.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
@@ -46,8 +49,12 @@ def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
 
 
 def test_each_trial_is_a_train_subflow_and_the_summary_is_published(
-    demo_data: DataPaths,
+    demo_data: DataPaths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    runs_dir().mkdir(parents=True, exist_ok=True)
+    server = make_server(runs_dir(), port=0)  # what `geoloc serve` runs
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GEOLOC_DASHBOARD_URL", server_url(server))
     state = sweep(
         n_trials=2, study="flow", pruner="none", space=TAU_SPACE, overrides=TINY_BASE,
         return_state=True,
@@ -70,11 +77,23 @@ def test_each_trial_is_a_train_subflow_and_the_summary_is_published(
 
     arts = _artifacts(state.state_details.flow_run_id)
     assert out["best"]["run_id"] in arts["geoloc-sweep-best"].data
-    assert (sweeps_dir() / "flow").as_uri() in arts["geoloc-sweep-summary"].data
-    assert (sweeps_dir() / "flow" / "trials.csv").is_file()
+    # the summary folder linked over HTTP (browsers refuse file:// links from the Prefect UI)
+    url = f"{server_url(server)}/_sweeps/flow/"
+    assert f"({url})" in arts["geoloc-sweep-summary"].data
+    assert f"]({url})" in arts["geoloc-sweep-best"].data
+    try:
+        listing = httpx.get(url, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert listing.status_code == 200
+    assert all(name in listing.text for name in ("trials.csv", "best.json", "summary.md"))
 
 
-def test_a_pruned_trial_is_a_pruned_run_and_the_sweep_completes(demo_data: DataPaths) -> None:
+def test_a_pruned_trial_is_a_pruned_run_and_the_sweep_completes(
+    demo_data: DataPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GEOLOC_DASHBOARD_URL", raising=False)
     state = sweep(
         n_trials=1, study="flow-pruned", pruner="threshold", prune_threshold=1.0,
         space=TAU_SPACE, overrides=TINY_BASE, return_state=True,
@@ -84,6 +103,10 @@ def test_a_pruned_trial_is_a_pruned_run_and_the_sweep_completes(demo_data: DataP
     (run_dir,) = (p for p in runs_dir().iterdir() if not p.name.startswith("_"))
     assert read_summary(run_dir)["status"] == "pruned"
     assert RunPaths(run_dir).dashboard.is_file()
+    # no served runs folder: the summary folder's path, and no link a browser would refuse
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "geoloc-sweep-summary" not in arts
+    assert f"`{sweeps_dir() / 'flow-pruned'}`" in arts["geoloc-sweep-best"].data
 
 
 @pytest.mark.parametrize(

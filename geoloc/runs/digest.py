@@ -105,14 +105,20 @@ def _result_markdown(s: dict[str, Any]) -> list[str]:
 
 
 def _dashboard_line(rp: RunPaths, url: str | None) -> str:
-    if url:
-        return f"- dashboard: [{rp.run_id}/dashboard.html]({url})"
-    if rp.dashboard.is_file():
-        return (
-            f"- dashboard: `{rp.dashboard}` (browsers do not open files from a web page: run "
-            f"`geoloc serve` and set `{DASHBOARD_URL_ENV}` where flows run to get a link here)"
-        )
+    if url or rp.dashboard.is_file():
+        return served_link_line("dashboard", rp.dashboard, f"{rp.run_id}/dashboard.html", url)
     return "- dashboard: not written"
+
+
+def served_link_line(label: str, path: Path, text: str, url: str | None) -> str:
+    """A markdown line linking `path` at `url` (where `geoloc serve` publishes it); without a
+    URL, the path and how to get one: browsers do not open `file://` links from a web page."""
+    if url:
+        return f"- {label}: [{text}]({url})"
+    return (
+        f"- {label}: `{path}` (browsers do not open files from a web page: run "
+        f"`geoloc serve` and set `{DASHBOARD_URL_ENV}` where flows run to get a link here)"
+    )
 
 
 LEADERBOARD_COLUMNS = (
