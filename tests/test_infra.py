@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -30,11 +31,14 @@ def compose_config() -> dict:
     cmd = _compose_cmd()
     if cmd is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    # the defaults, not a developer's own dashboard address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_DASHBOARD_")}
     out = subprocess.run(
         [*cmd, "-f", str(INFRA / "docker-compose.yml"), "config"],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     return yaml.safe_load(out.stdout)
@@ -61,6 +65,37 @@ def test_workers_reach_every_service_by_its_compose_name(compose_config: dict) -
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert env["GEOLOC_OPTUNA_STORAGE"].endswith("@postgres:5432/optuna")
+
+
+def _volume(spec: str | dict) -> tuple[str, str, bool]:
+    """(source, target, read-only) of a service volume, short (`a:b:ro`) or long form."""
+    if isinstance(spec, dict):
+        return spec["source"], spec["target"], bool(spec.get("read_only"))
+    source, target, *mode = spec.split(":")
+    return source, target, mode == ["ro"]
+
+
+def test_dashboards_serve_what_the_workers_write_at_the_url_their_artifacts_link(
+    compose_config: dict,
+) -> None:
+    services = compose_config["services"]
+    dashboards, worker = services["dashboards"], services["worker"]
+    assert dashboards["image"] == worker["image"]
+    runs_dir = worker["environment"]["GEOLOC_RUNS_DIR"]
+    (source, target, read_only), *_ = [_volume(v) for v in dashboards["volumes"]]
+    assert read_only and (source, target) in [_volume(v)[:2] for v in worker["volumes"]]
+    assert runs_dir.startswith(target + "/")
+    command = " ".join([*dashboards["entrypoint"], *dashboards["command"]])
+    serve = re.search(r"geoloc serve --host (\S+) --port (\d+) --dir (\S+)", command)
+    assert serve and serve[1] == "0.0.0.0" and serve[3] == runs_dir
+    (port,) = dashboards["ports"]
+    published, container = (
+        (int(port["published"]), int(port["target"]))
+        if isinstance(port, dict)
+        else map(int, port.rsplit(":", 2)[-2:])
+    )
+    assert container == int(serve[2])
+    assert worker["environment"]["GEOLOC_DASHBOARD_URL"] == f"http://localhost:{published}"
 
 
 def test_every_database_the_stack_uses_is_created() -> None:
