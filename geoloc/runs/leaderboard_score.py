@@ -10,8 +10,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from geoloc.config import StrictModel
 from geoloc.errors import ConfigError
 
 # the three score parts: summary key, column of the normalised value, higher-is-better
@@ -20,10 +21,6 @@ SCORE_PARTS: tuple[tuple[str, str, str, bool], ...] = (
     ("p90", "best_p90_km", "norm_p90", False),
     ("median", "last_geo_median_km", "norm_median", False),
 )
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _parse_pairs(text: str, what: str) -> dict[str, float]:
@@ -42,7 +39,7 @@ def _parse_pairs(text: str, what: str) -> dict[str, float]:
     return out
 
 
-class ScoreWeights(_Strict):
+class ScoreWeights(StrictModel):
     """Weights of the normalised score parts (they need not sum to 1: the score divides)."""
 
     acc: float = Field(0.4, ge=0, description="Weight of best_val_acc (higher is better).")
@@ -82,7 +79,7 @@ def _default_missing() -> dict[str, float]:
     }
 
 
-class Penalties(_Strict):
+class Penalties(StrictModel):
     """Subtracted from the score: per missing artifact flag, and per run status."""
 
     missing: dict[str, float] = Field(
