@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from fixtures.toy_labels import toy_labels
+from test_run import TINY
 
 import geoloc.train.loop as loop_module
 import geoloc.train.margin as margin_module
@@ -27,14 +28,9 @@ from geoloc.runs.summary import read_summary
 from geoloc.train.run import train_run
 
 MARGIN_TINY = {
+    **TINY,
     "name": "margin",
     "epochs": 3,
-    "batch_size": 64,
-    "image_size": 24,
-    "arch": "multiscale_cnn_tiny",
-    "embed_dim": 32,
-    "lr": 3e-3,
-    "tracking.enabled": False,
     "checkpoint_every_steps": 3,  # 8 steps per epoch on the demo fixture
     "hardneg.enabled": True,
     "hardneg.mode": "margin",

@@ -9,6 +9,7 @@ from pathlib import Path
 import h3
 import numpy as np
 import pytest
+from test_run import TINY as RUN_TINY
 
 from geoloc.config import HardNegConfig, TrainConfig, load_config
 from geoloc.data.sampling import (
@@ -113,9 +114,7 @@ def test_sampling_on_a_streamed_split_is_refused_in_one_line(
     assert not runs_dir().exists() or not any(runs_dir().iterdir())
 
 
-TINY = {"epochs": 2, "batch_size": 64, "image_size": 24, "arch": "multiscale_cnn_tiny",
-        "embed_dim": 32, "lr": 3e-3, "tracking.enabled": False,
-        "rerank.enabled": False}  # fmt: skip
+TINY = {**RUN_TINY, "rerank.enabled": False}
 
 
 @pytest.mark.parametrize(
