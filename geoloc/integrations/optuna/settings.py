@@ -82,11 +82,14 @@ def default_space() -> list[ParamSpec]:
 def space_for(base: RunConfig) -> list[ParamSpec]:
     """The default space without the knobs `base` does not use: a searched knob that changes
     nothing wastes trials and tops optuna-dashboard's importance plot with noise. Hard-negative
-    `share` only when `hardneg.enabled`, `tau_km` only for the GeoSoft losses, `width` only for
-    the multiscale CNN backbones."""
+    `share` only when hard negatives oversample, `tau_km` only for the GeoSoft losses, `width`
+    only for the multiscale CNN backbones, `hierarchy` only for the flat head (the factorised
+    head always predicts the parent: hierarchy=false is an invalid trial)."""
     unused = set()
-    if not base.hardneg.enabled:
+    if not (base.hardneg.enabled and base.hardneg.mode == "oversample"):
         unused.add("share")
+    if base.model.head != "flat":
+        unused.add("hierarchy")
     if not base.train.loss.startswith("geosoft"):
         unused.add("tau_km")
     if not base.model.arch.startswith("multiscale_cnn"):
