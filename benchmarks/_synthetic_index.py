@@ -27,14 +27,20 @@ _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
 def write_synthetic_index(
-    root: Path, n_train: int, num_classes: int, n_val: int = 0, size: int = 64
+    root: Path,
+    n_train: int,
+    num_classes: int,
+    n_val: int = 0,
+    size: int = 64,
+    num_parents: int | None = None,
 ) -> Path:
-    """Write processed JPEGs and images/splits/labels under `root`; return the index folder."""
+    """Write processed JPEGs and images/splits/labels under `root`; return the index folder.
+    Classes go round-robin to `num_parents` parents (default: a quarter of the classes)."""
     rng = np.random.default_rng(0)
     (root / "processed").mkdir(parents=True, exist_ok=True)
     index = root / "index"
     index.mkdir(parents=True, exist_ok=True)
-    num_parents = max(1, num_classes // 4)
+    num_parents = num_parents or max(1, num_classes // 4)
     lat = np.linspace(-60, 60, num_classes)
     lon = np.linspace(-170, 170, num_classes)
     images, splits = [], []

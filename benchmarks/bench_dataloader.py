@@ -72,7 +72,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config("demo", {"batch_size": args.batch_size, "tracking.enabled": False})
+    # flat head: the model side is timed on random labels, with no label space
+    cfg = load_config("demo", {"batch_size": args.batch_size, "head": "flat",
+                               "tracking.enabled": False})  # fmt: skip
     rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         index = write_synthetic_index(Path(tmp) / "data", args.images, 100)

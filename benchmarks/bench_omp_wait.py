@@ -31,7 +31,7 @@ from _synthetic_index import write_synthetic_index
 from geoloc.config import load_config
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader
 from geoloc.geo import LabelSpace
-from geoloc.model import create_loss, create_model
+from geoloc.train.run import build_model_and_loss
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from geoloc.train.steps import seed_everything, train_one_epoch
 
@@ -44,12 +44,12 @@ with tempfile.TemporaryDirectory() as tmp:
     data = GeoDataset(index, "train", build_transforms(cfg.train, True), cache=True,
                       progress=False)
     seed_everything(0)
-    model = create_model(cfg.model, labels.num_classes, labels.num_parents)
+    model, criterion = build_model_and_loss(cfg, labels, index / "splits.parquet")
     opt = build_optimizer(model, cfg.train)
     sched = build_scheduler(opt, cfg.train, steps_per_epoch(len(data), cfg.train))
     wall, cpu = time.perf_counter(), time.process_time()
     train_one_epoch(model, make_loader(data, cfg.train.batch_size, shuffle=True, seed=0),
-                    create_loss(cfg.train, labels, None), opt, sched,
+                    criterion, opt, sched,
                     torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), epoch=1,
                     parent_loss_weight=cfg.train.parent_loss_weight, num_rows=len(data),
                     progress=False)

@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    cfg = load_config("demo", {"tracking.enabled": False})
+    cfg = load_config("demo", {"head": "flat", "tracking.enabled": False})  # random labels, no tree
     jpegs = make_jpegs(args.images, 64)
     rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

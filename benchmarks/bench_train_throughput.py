@@ -30,10 +30,11 @@ from _synthetic_index import write_synthetic_index  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader  # noqa: E402
 from geoloc.geo import LabelSpace  # noqa: E402
-from geoloc.model import create_loss, create_model  # noqa: E402
+from geoloc.model import create_model  # noqa: E402
 from geoloc.train.checkpoint import save_checkpoint
 from geoloc.train.loop import FitState, epoch_order
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
+from geoloc.train.run import build_model_and_loss
 from geoloc.train.steps import seed_everything, train_one_epoch
 
 
@@ -87,13 +88,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = {"batch_size": args.batch_size, "hardneg.enabled": True, "hardneg.pool_split": "train",
+    base = {"batch_size": args.batch_size, "hardneg.enabled": True, "hardneg.mode": "oversample",
+            "hardneg.pool_split": "train",
             "hardneg.start_epoch": 1, "tracking.enabled": False}  # fmt: skip
     variants = {
         "geoloc loop, same CE model": load_config(
-            "demo", {**base, "loss": "ce", "hierarchy": False}
+            "demo", {**base, "loss": "ce", "head": "flat", "hierarchy": False}
         ),
-        "geoloc loop, GeoSoft + parent head": load_config("demo", base),
+        "geoloc loop, demo preset (factorised)": load_config("demo", base),
     }
     with tempfile.TemporaryDirectory() as tmp:
         index = write_synthetic_index(Path(tmp) / "data", args.images, args.classes)
@@ -108,10 +110,10 @@ def main() -> None:
         runners = {}
         for name, cfg in variants.items():
             seed_everything(0)
-            model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
+            model, crit = build_model_and_loss(cfg, label_space, index / "splits.parquet")
             opt = build_optimizer(model, cfg.train)
             sched = build_scheduler(opt, cfg.train, steps_per_epoch(len(train_set), cfg.train))
-            runners[name] = [cfg, model, create_loss(cfg.train, label_space, None), opt, sched]
+            runners[name] = [cfg, model, crit, opt, sched]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
 
         plain_epoch(plain, plain_loader, opt_plain)  # warm-up (allocator, kernels)
