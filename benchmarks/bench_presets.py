@@ -4,8 +4,8 @@ The presets (`geoloc/presets/run/*.yaml`) are timed on the demo index's shape: 6
 471 classes under 238 parents, 9,481 train and 1,186 val images per epoch (`make demo`'s index).
 Each preset trains `--images` synthetic images (head, loss and parent head as the preset says)
 and evaluates `--val` images; the per-image CPU times are scaled to a demo epoch. The margin
-hard-negative term is not in this timing (it needs the previous epoch's prototypes): on the
-demo it adds ~12% to an epoch (docs/training.md). The reference
+hard-negative term (off in every preset) is not in this timing: it needs the previous epoch's
+prototypes, and on the demo it adds ~12% to an epoch (docs/training.md). The reference
 is the configuration the `geosoft` preset had before it was sized for CPUs (MultiScaleCNN width
 32, embedding 256, batch 128: `--param width=32 --param batch_size=128
 --param 'overrides={"embed_dim": 256}'` on the deployment).

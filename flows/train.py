@@ -45,7 +45,7 @@ def train(
     batch_size: int | None = None,
     lr: float | None = None,
     weight_decay: float | None = None,
-    loss: Literal["ce", "geosoft"] | None = None,
+    loss: Literal["ce", "geosoft", "geosoft_sparse"] | None = None,
     tau_km: float | None = None,
     arch: str | None = None,
     width: int | None = None,
@@ -71,12 +71,12 @@ def train(
         batch_size: Global batch size.
         lr: Peak learning rate.
         weight_decay: AdamW weight decay.
-        loss: Loss on the child head.
+        loss: Loss on the classes (the factorised head needs ce or geosoft_sparse).
         tau_km: GeoSoft temperature in km.
         arch: Backbone from the model registry.
         width: MultiScaleCNN channels of the first stage.
-        hierarchy: Train a parent head jointly with the child head.
-        hardneg: Hard-negative oversampling on/off.
+        hierarchy: Predict the parent cell too (required by the factorised head).
+        hardneg: Hard negatives on/off (hardneg.mode says which: margin or oversample).
         image_size: Model input side in pixels.
         max_steps_per_epoch: Cap on steps per epoch (0: no cap).
         device: auto, cpu, cuda or cuda:N.

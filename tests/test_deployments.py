@@ -128,8 +128,8 @@ def test_train_geosoft_deployment_trains_on_the_worker(stack) -> None:
     assert RunPaths(run_dir).dashboard.is_file()
     # the deployment's preset, with the CLI's parameters on top
     cfg = json.loads(RunPaths(run_dir).config.read_text())
-    assert cfg["train"]["loss"] == "geosoft"
-    assert cfg["hardneg"]["enabled"] is True
+    assert (cfg["train"]["loss"], cfg["model"]["head"]) == ("geosoft_sparse", "factorised")
+    assert cfg["hardneg"]["enabled"] is False
 
 
 def test_bad_parameter_fails_the_flow_run_with_the_reason(stack) -> None:

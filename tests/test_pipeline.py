@@ -26,7 +26,7 @@ def test_flat_params_land_on_their_config_keys() -> None:
     assert cfg.tracking.enabled is False
     # None keeps the preset's value
     assert cfg.model.arch == load_config("geosoft").model.arch
-    assert cfg.train.loss == "geosoft"
+    assert cfg.train.loss == load_config("geosoft").train.loss == "geosoft_sparse"
 
 
 def test_overrides_reach_any_key_and_conflicts_are_errors() -> None:

@@ -324,15 +324,16 @@ def test_storage_defaults_to_the_stack_env_var(monkeypatch, tmp_path) -> None:
 
 
 def test_default_space_searches_only_knobs_the_base_config_uses(tmp_path) -> None:
-    """demo's hard negatives are margins, not oversampling, and its head is factorised: its
-    default space has no `share` and no `hierarchy` (a knob that changes nothing would top the
-    importance plot; hierarchy=false is invalid with that head); oversampling on a flat head
-    searches both."""
+    """demo has hard negatives off and a factorised head: its default space has no `share` and
+    no `hierarchy` (a knob that changes nothing would top the importance plot; hierarchy=false is
+    invalid with that head); oversampling on a flat head searches both, margins no `share`."""
     demo = {s.key for s in _cfg(base_config="demo").space}
     assert not {"share", "hierarchy"} & demo and {"lr", "tau_km", "width"} <= demo
-    flat = {"hardneg.mode": "oversample", "head": "flat", "loss": "geosoft"}
+    flat = {"hardneg.enabled": True, "head": "flat", "loss": "geosoft"}
     on = _cfg(base_config="demo", base_overrides=flat)
     assert {"share", "hierarchy"} <= {s.key for s in on.space}
+    margin = _cfg(base_config="demo", base_overrides={**flat, "hardneg.mode": "margin"})
+    assert "share" not in {s.key for s in margin.space}
     ce = {s.key for s in _cfg(base_config="demo", base_overrides={"loss": "ce"}).space}
     assert "tau_km" not in ce
     explicit = _cfg(base_config="demo", space=[{"key": "share", "type": "float", "low": 0,
