@@ -8,14 +8,16 @@ STAMP   := $(VENV)/.installed
 export GEOLOC_DATA_DIR ?= $(CURDIR)/data
 export GEOLOC_RUNS_DIR ?= $(CURDIR)/runs
 
-.PHONY: venv demo test test-quick test-all lint bench system-deps up down status mlflow-ui clean-demo
+.PHONY: venv demo test test-quick test-all test-latest latest-venv lock lint bench system-deps up down status mlflow-ui clean-demo
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the tested version (make lock regenerates it), so a
+# fresh clone installs exactly what the suite last passed with.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt --upgrade pip
 	# torch and torchvision are pinned as a pair (see DEVELOPERS.md)
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,6 +41,27 @@ test-quick: venv
 
 test-all: venv system-deps
 	$(BIN)/python -m pytest -q
+
+## make test-latest: the suite on the newest versions pyproject.toml allows (.venv-latest), to see
+## dependency drift on purpose; make lock then writes those versions into constraints.txt.
+## Always re-resolved (nothing is stamped): the point is to see what is newest today.
+LATEST := .venv-latest
+latest-venv:
+	@test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+
+test-latest: latest-venv system-deps
+	GEOLOC_UNPINNED=1 $(LATEST)/bin/python -m pytest -q -m "not slow"
+
+lock: latest-venv
+	@{ echo "# Exact versions of every package make venv installs (the tested set). Regenerate with: make lock"; \
+	  echo "# (torch's own CUDA/triton dependencies follow its exact pins and are left out)."; \
+	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable \
+	  | grep -vE '^(nvidia-|cuda-|triton)' | sed -E 's/^(torch|torchvision)==([0-9.]+)\+.*/\1==\2/'; \
+	} > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	@echo "constraints.txt now pins $(LATEST)'s versions: run make test before committing it"
 
 system-deps:
 	@bash infra/setup-system.sh
