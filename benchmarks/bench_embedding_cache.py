@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic_index import write_synthetic_index  # noqa: E402
 
 from geoloc.config import load_config  # noqa: E402
-from geoloc.runs.layout import RunPaths  # noqa: E402
+from geoloc.runfolder.layout import RunPaths  # noqa: E402
 from geoloc.train.run import train_run  # noqa: E402
 
 

@@ -180,8 +180,8 @@ def measure(cfg: Any, index: Path, steps: int, device: torch.device) -> dict[str
 
 def demo_end_to_end(cfg: Any, root: Path) -> str:
     """The demo preset through `train_run` once: train, evaluate, checkpoints on CUDA."""
-    from geoloc.runs.layout import RunPaths
-    from geoloc.runs.summary import read_summary
+    from geoloc.runfolder.layout import RunPaths
+    from geoloc.runfolder.summary import read_summary
     from geoloc.train.run import train_run
 
     start = time.perf_counter()

@@ -1,27 +1,18 @@
-"""How numbers and text look in what `runs/` writes: REPORT.md, a run's dashboard, the leaderboard.
+"""How numbers look for people: km, shares and plain numbers, a dash when missing.
 
-Both HTML pages share the escaping, the status colours and the number-cell style, so a run's
-status reads the same on its dashboard and on the leaderboard.
+Foundation, not presentation: training's epoch lines print `fmt_km`/`fmt_share` too, and
+training must not import the presentation layer. HTML styling lives in `presentation/html.py`.
 """
 
 from __future__ import annotations
 
-import html
 import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 EMPTY = "—"
 """Shown for a missing number."""
-
-STATUS_CSS = (
-    ".status-completed{color:#176f2c}.status-failed{color:#b00020}.status-pruned{color:#a05a00}"
-)
-NUM_CELL_CSS = "td.num{text-align:right;font-variant-numeric:tabular-nums}"
-# a page without it makes the browser request /favicon.ico (a 404 on web servers)
-NO_FAVICON = '<link rel="icon" href="data:,">'
 
 
 def fmt(value: Any) -> str:
@@ -65,7 +56,3 @@ def fmt_share(value: Any) -> str:
         return EMPTY
     return f"{100 * v:.1f}%" if math.isfinite(v) else EMPTY
 
-
-def escape_html(value: Any) -> str:
-    """Text safe in HTML content and quoted attributes; None and pandas NA become empty."""
-    return html.escape("" if value is None or value is pd.NA else str(value), quote=True)

@@ -16,10 +16,10 @@ from fixtures.fake_runs import fake_summary, write_summary_fast
 from geoloc.cli import main
 from geoloc.errors import ConfigError, GeolocError
 from geoloc.paths import aggregate_dir, runs_dir
-from geoloc.runs.leaderboard import aggregate_runs
-from geoloc.runs.leaderboard_score import Penalties, ScoreWeights
-from geoloc.runs.leaderboard_table import COLUMNS
-from geoloc.runs.summary import validate_summary
+from geoloc.presentation.leaderboard import aggregate_runs
+from geoloc.presentation.leaderboard_score import Penalties, ScoreWeights
+from geoloc.presentation.leaderboard_table import COLUMNS
+from geoloc.runfolder.summary import validate_summary
 
 ALL_ARTIFACTS = {
     k: True
@@ -263,7 +263,7 @@ def test_concurrent_aggregations_never_leave_a_torn_file() -> None:
 def test_leaderboard_sorts_and_links_to_run_dashboards(
     make_run: Callable[..., Path], page: Any, static_server: Any
 ) -> None:
-    from geoloc.runs.report import write_report
+    from geoloc.presentation.report import write_report
 
     for name, quality in (("strong", 1.0), ("weak", 0.3)):
         write_report(make_run(name, quality=quality, with_predictions=False))

@@ -20,8 +20,8 @@ import pytest
 from fixtures.prefect_server import STACK, LocalStack, api_get, api_post, local_stack
 
 from geoloc.paths import DataPaths
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 
 pytestmark = pytest.mark.server
 

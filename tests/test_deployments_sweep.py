@@ -12,8 +12,8 @@ from fixtures.prefect_server import api_get, api_post, local_stack
 from fixtures.sweep_settings import TAU_SPACE, TINY_SWEEP_BASE
 
 from geoloc.paths import DataPaths
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 
 pytestmark = pytest.mark.server
 

@@ -15,8 +15,8 @@ from geoloc.config import HardNegConfig, RunConfig, load_config
 from geoloc.errors import ConfigError
 from geoloc.infer.trained import load_trained
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 from geoloc.train.distributed import shard_order
 from geoloc.train.loop import epoch_order
 from geoloc.train.run import train_run

@@ -21,7 +21,7 @@ from geoloc.infer.outputs import compute_outputs, split_outputs
 from geoloc.infer.trained import load_trained
 from geoloc.model import MultiScaleCNN, register_model
 from geoloc.model.backbones import MODELS
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 from geoloc.train.checkpoint import load_checkpoint
 from geoloc.train.embeddings import embed_split, embeddings_dir
 from geoloc.train.run import train_run

@@ -30,11 +30,11 @@ from flows.aggregate import aggregate
 from flows.index import index
 from flows.pipeline import pipeline
 from flows.train import train
+from geoloc.formatting import fmt_km
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.runs.formatting import fmt_km
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.serve import make_server, server_url
-from geoloc.runs.summary import read_summary
+from geoloc.presentation.serve import make_server, server_url
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
 

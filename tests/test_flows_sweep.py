@@ -20,9 +20,9 @@ from prefect.client.schemas.filters import (
 
 from flows.sweep import sweep
 from geoloc.paths import DataPaths, runs_dir, sweeps_dir
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.serve import make_server, server_url
-from geoloc.runs.summary import read_summary
+from geoloc.presentation.serve import make_server, server_url
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
 

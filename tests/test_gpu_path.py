@@ -20,7 +20,7 @@ from geoloc.config import TrainConfig, load_config
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader
 from geoloc.geo import LabelSpace
 from geoloc.model import TINY_MODEL_CONFIG, create_loss, create_model
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.run import train_run
 from geoloc.train.steps import FP32, Compute, evaluate, resolve_compute, train_one_epoch

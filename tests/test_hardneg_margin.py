@@ -23,8 +23,8 @@ from geoloc.geo import LabelSpace, haversine_km, mine_far_negatives
 from geoloc.geo.hardneg import distance_weight
 from geoloc.model.margin_loss import prototype_margin_loss
 from geoloc.paths import DATA_DIR_ENV, DataPaths, runs_dir
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 from geoloc.train.run import train_run
 
 MARGIN_TINY = {

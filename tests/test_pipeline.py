@@ -13,7 +13,7 @@ from geoloc.compose import stage_cache
 from geoloc.config import IndexConfig, flatten, load_config
 from geoloc.errors import ConfigError
 from geoloc.paths import DataPaths
-from geoloc.runs.digest import run_digest
+from geoloc.presentation.digest import run_digest
 
 
 def test_flat_params_land_on_their_config_keys() -> None:

@@ -22,8 +22,8 @@ from geoloc.infer.evaluation import rerank_run
 from geoloc.infer.trained import load_trained
 from geoloc.model import FactorisedHead
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 from geoloc.train.run import train_run
 
 TINY_R7 = {

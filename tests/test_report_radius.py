@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from geoloc.geo import haversine_km
-from geoloc.runs.inputs import load_run_inputs
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.plots import RADIUS_CIRCLES, draw_error_map, pyplot
-from geoloc.runs.report import write_report
-from geoloc.runs.summary import read_summary, update_summary
+from geoloc.presentation.inputs import load_run_inputs
+from geoloc.presentation.plots import RADIUS_CIRCLES, draw_error_map, pyplot
+from geoloc.presentation.report import write_report
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary, update_summary
 
 
 def _answers(n: int = 50) -> pd.DataFrame:

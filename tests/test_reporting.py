@@ -14,11 +14,11 @@ import pytest
 from fixtures.fake_runs import fake_classes
 
 from geoloc.cli import main
-from geoloc.runs.formatting import fmt_km, fmt_share
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.plots import PLOTS, confusion_groups, shore_polygons
-from geoloc.runs.report import write_report
-from geoloc.runs.summary import read_summary, update_summary
+from geoloc.formatting import fmt_km, fmt_share
+from geoloc.presentation.plots import PLOTS, confusion_groups, shore_polygons
+from geoloc.presentation.report import write_report
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary, update_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned=2">'
@@ -120,8 +120,8 @@ def test_exact_hits_and_one_epoch_still_plot(make_run: Callable[..., Path]) -> N
 
 def test_one_or_two_epochs_plot_as_whole_epochs_with_big_markers(tmp_path: Path) -> None:
     """A 1-epoch run used to draw one dot on an axis from 0.945 to 1.05."""
-    from geoloc.runs.inputs import RunInputs
-    from geoloc.runs.plots import draw_loss, pyplot
+    from geoloc.presentation.inputs import RunInputs
+    from geoloc.presentation.plots import draw_loss, pyplot
 
     for epochs in (1, 2):
         metrics = pd.DataFrame({"epoch": range(1, epochs + 1), "train_loss": [5.7, 5.1][:epochs],

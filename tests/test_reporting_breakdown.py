@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geoloc.formatting import fmt_km
 from geoloc.geo.countries import continent_of, country_name
 from geoloc.paths import DataPaths
-from geoloc.runs.formatting import fmt_km
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.report import write_report
+from geoloc.presentation.report import write_report
+from geoloc.runfolder.layout import RunPaths
 
 # test predictions of a fake run are img000000.. ; countries cycle, every fifth image has none
 CODES = ["FR", "DE", "JP", "BR", None]

@@ -216,8 +216,8 @@ def test_params_round_trip_through_json(evaluated, tmp_path: Path) -> None:  # t
 
 
 def test_geoloc_rerank_writes_the_table_params_gallery_and_summary(reranked_run: Path) -> None:
-    from geoloc.runs.layout import RunPaths
-    from geoloc.runs.summary import read_summary
+    from geoloc.runfolder.layout import RunPaths
+    from geoloc.runfolder.summary import read_summary
 
     paths = RunPaths(reranked_run)
     table = pd.read_csv(paths.rerank_eval)
@@ -255,8 +255,8 @@ def test_rerank_params_written_before_radii_still_load(evaluated, tmp_path: Path
 
 
 def test_base_row_matches_the_test_metrics_training_recorded(reranked_run: Path) -> None:
-    from geoloc.runs.layout import RunPaths
-    from geoloc.runs.summary import read_summary
+    from geoloc.runfolder.layout import RunPaths
+    from geoloc.runfolder.summary import read_summary
 
     base = pd.read_csv(RunPaths(reranked_run).rerank_eval).set_index("variant").loc["base"]
     test = read_summary(reranked_run)["test"]

@@ -20,8 +20,8 @@ from geoloc.config import RunConfig, load_config
 from geoloc.errors import GeolocError, TrainingError, TrialPruned
 from geoloc.infer.trained import load_trained
 from geoloc.paths import DataPaths, runs_dir
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 from geoloc.train.run import METRIC_COLUMNS, train_run
 
 PREDICTION_COLUMNS = [

@@ -19,7 +19,7 @@ from geoloc.data.sampling import (
 )
 from geoloc.errors import ConfigError
 from geoloc.paths import DATA_DIR_ENV, DataPaths, runs_dir
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.summary import read_summary
 from geoloc.train.distributed import shard_order
 from geoloc.train.loop import epoch_order
 from geoloc.train.run import train_run

@@ -12,9 +12,9 @@ import pytest
 from geoloc.cli import main
 from geoloc.errors import GeolocError
 from geoloc.paths import runs_dir, runs_url
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.report import write_report
-from geoloc.runs.serve import make_server, server_url
+from geoloc.presentation.report import write_report
+from geoloc.presentation.serve import make_server, server_url
+from geoloc.runfolder.layout import RunPaths
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`geoloc.integrations.s3` and `geoloc s3 push/pull` against moto's real HTTP S3 server."""
+"""`geoloc.storage.s3` and `geoloc s3 push/pull` against moto's real HTTP S3 server."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from geoloc.cli import main
-from geoloc.integrations import s3 as storage
 from geoloc.paths import DataPaths, runs_dir
+from geoloc.storage import s3 as storage
 
 pytestmark = pytest.mark.server
 

@@ -21,7 +21,7 @@ from geoloc.data.imagestore import index_shards
 from geoloc.data.streaming import eval_loader, stream_plan
 from geoloc.errors import ConfigError, DataError
 from geoloc.paths import DATA_DIR_ENV, runs_dir
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.run import train_run
 

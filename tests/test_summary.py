@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import (
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import (
     SCHEMA_VERSION,
     SummaryError,
     load_schema,
@@ -122,7 +122,7 @@ def _mutations(base: dict) -> list[dict]:
 def test_fast_validation_agrees_with_jsonschema() -> None:
     """Reading thousands of summaries uses a compiled check; it must accept exactly what the
     JSON Schema accepts, or a leaderboard would rank a summary that `read_summary` refuses."""
-    from geoloc.runs.summary import _fast_check, _validator
+    from geoloc.runfolder.summary import _fast_check, _validator
 
     fast, reference = _fast_check(1), _validator(1)
     assert fast is not None

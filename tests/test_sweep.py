@@ -27,7 +27,7 @@ from geoloc.integrations.optuna import (
     validate_sweep,
 )
 from geoloc.paths import DataPaths, runs_dir, sweeps_dir
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.summary import read_summary
 
 
 def _cfg(**kw) -> SweepConfig:

@@ -26,8 +26,8 @@ from geoloc.geo import LabelSpace
 from geoloc.integrations import mlflow as tracking
 from geoloc.model import TINY_MODEL_CONFIG, create_model
 from geoloc.paths import DataPaths
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 from geoloc.train.checkpoint import save_checkpoint
 
 TINY_TRAINING = {
@@ -234,7 +234,7 @@ def test_model_is_registered_and_champion_is_the_lowest_p90_run(make_run, tiny_l
 
 
 def test_leaderboard_is_one_run_per_aggregation(make_run):
-    from geoloc.runs.leaderboard import aggregate_runs
+    from geoloc.presentation.leaderboard import aggregate_runs
 
     make_run("a", seed=0)
     make_run("b", seed=1, quality=0.5)

@@ -35,8 +35,8 @@ from geoloc.config import load_config
 from geoloc.errors import redact, split_password
 from geoloc.integrations import mlflow as tracking
 from geoloc.integrations import optuna as sweeps
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 
 SECRET_SET = "pw-from-set-7Qx"
 SECRET_ENV = "pw-from-env-9Kz"

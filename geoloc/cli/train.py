@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         from geoloc.compose.training import is_main_process, run_training
         from geoloc.config import load_config
         from geoloc.errors import GeolocError
-        from geoloc.runs.layout import RunPaths
+        from geoloc.runfolder.layout import RunPaths
 
         if resume is not None and config is None:
             run_config = RunPaths(resume).config

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from geoloc.config import RerankConfig, RunConfig
 from geoloc.errors import GeolocError
 from geoloc.paths import runs_dir
-from geoloc.runs.layout import RunPaths, new_run_id
+from geoloc.runfolder.layout import RunPaths, new_run_id
 from geoloc.train.distributed import under_torchrun
 from geoloc.train.run import train_run
 
@@ -126,8 +126,8 @@ def publish(run_dir: Path, *, mirror: bool, step: StepRunner = call) -> None:
 
 def write_report(run_dir: Path) -> Path:
     """The run's REPORT.md and dashboard.html, and summary.json's artifact flags to match."""
-    from geoloc.runs.report import write_report as _write_report
-    from geoloc.runs.summary import update_summary
+    from geoloc.presentation.report import write_report as _write_report
+    from geoloc.runfolder.summary import update_summary
 
     _write_report(run_dir)
     update_summary(Path(run_dir))

@@ -21,6 +21,7 @@ import pandas as pd
 
 from geoloc.atomic import atomic_path, file_sha256, write_text
 from geoloc.config import RerankConfig
+from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
@@ -42,8 +43,7 @@ from geoloc.infer.tuning import (
     tune,
 )
 from geoloc.progress import progress_log
-from geoloc.runs.formatting import fmt_km
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 __all__ = [
     "RerankResult",
@@ -169,10 +169,10 @@ def rerank_run(
     """Rerank evaluation of a trained run; writes tables, params, gallery and the summary.
 
     `cfg` defaults to the run's own `rerank` section. Every parameter is chosen on val; test is
-    only evaluated. The report is left to the caller (`geoloc.runs.report.write_report`).
+    only evaluated. The report is left to the caller (`geoloc.presentation.report.write_report`).
     """
     from geoloc.infer.trained import load_trained
-    from geoloc.runs.summary import finite_or_none, update_summary
+    from geoloc.runfolder.summary import finite_or_none, update_summary
     from geoloc.train.run import resolve_index_dir
 
     paths = RunPaths(Path(run_dir))

@@ -21,7 +21,7 @@ from geoloc.geo import LabelSpace
 from geoloc.infer.arrays import read_npz, write_npz
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.progress import track
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 __all__ = [
     "SplitOutputs",

@@ -45,7 +45,7 @@ from geoloc.infer.outputs import base_probs
 from geoloc.infer.radius import ErrorRadius
 from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
 from geoloc.model.scores import SCORE_INPUTS
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -1,1 +1,4 @@
-"""Run artifacts: the run folder layout, summary.json, plots, REPORT.md, dashboard, leaderboard."""
+"""Presentation of finished runs: plots, REPORT.md, the dashboard, the leaderboard, digest, serve.
+
+Above inference: it reads the run folder (`geoloc.runfolder`) and never runs a model; training
+and inference never import it (import-linter contract in pyproject.toml)."""

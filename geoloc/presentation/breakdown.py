@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from geoloc.formatting import fmt, fmt_km, fmt_share
 from geoloc.geo.countries import continent_of, country_name
 from geoloc.geo.metrics import geo_metrics_from_errors
 from geoloc.paths import DataPaths
-from geoloc.runs.formatting import fmt, fmt_km, fmt_share
-from geoloc.runs.inputs import RunInputs
+from geoloc.presentation.inputs import RunInputs
 
 TOP_COUNTRIES = 20
 """Countries listed by name (most test images first); the rest share one row."""

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from geoloc.runs.breakdown import error_breakdowns
-from geoloc.runs.formatting import NO_FAVICON, NUM_CELL_CSS, STATUS_CSS, fmt
-from geoloc.runs.formatting import escape_html as _e
-from geoloc.runs.inputs import RunInputs
-from geoloc.runs.plots import PlotOutcome
-from geoloc.runs.report_tables import (
+from geoloc.formatting import fmt
+from geoloc.presentation.breakdown import error_breakdowns
+from geoloc.presentation.html import NO_FAVICON, NUM_CELL_CSS, STATUS_CSS
+from geoloc.presentation.html import escape_html as _e
+from geoloc.presentation.inputs import RunInputs
+from geoloc.presentation.plots import PlotOutcome
+from geoloc.presentation.report_tables import (
     artifact_links,
     config_items,
     confused_cells,

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from geoloc.formatting import fmt, fmt_km, fmt_share
 from geoloc.paths import DASHBOARD_URL_ENV, runs_url
-from geoloc.runs.formatting import fmt, fmt_km, fmt_share
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.report_tables import fmt_metric, rerank_variant, result_rows
-from geoloc.runs.summary import read_summary
+from geoloc.presentation.report_tables import fmt_metric, rerank_variant, result_rows
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary
 
 
 def run_digest(run_dir: Path) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import SummaryError, read_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import SummaryError, read_summary
 
 
 @dataclass

@@ -31,15 +31,15 @@ import pandas as pd
 from geoloc.atomic import write_parquet, write_text
 from geoloc.errors import GeolocError
 from geoloc.paths import aggregate_dir, runs_dir
-from geoloc.runs.leaderboard_page import render_leaderboard
-from geoloc.runs.leaderboard_score import (
+from geoloc.presentation.leaderboard_page import render_leaderboard
+from geoloc.presentation.leaderboard_score import (
     SCORE_PARTS,
     Penalties,
     ScoreWeights,
     missing_and_penalty,
     normalise,
 )
-from geoloc.runs.leaderboard_table import (
+from geoloc.presentation.leaderboard_table import (
     COLUMNS,
     CSV_NAME,
     DASHBOARD_NAME,
@@ -49,7 +49,7 @@ from geoloc.runs.leaderboard_table import (
     skipped_frame,
     typed_frame,
 )
-from geoloc.runs.summary import SummaryError, parse_summary
+from geoloc.runfolder.summary import SummaryError, parse_summary
 
 log = logging.getLogger(__name__)
 

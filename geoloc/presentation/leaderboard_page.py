@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geoloc.runs.formatting import EMPTY, NO_FAVICON, NUM_CELL_CSS, STATUS_CSS, fmt_km, fmt_share
-from geoloc.runs.formatting import escape_html as _e
-from geoloc.runs.leaderboard_table import (
+from geoloc.formatting import EMPTY, fmt_km, fmt_share
+from geoloc.presentation.html import NO_FAVICON, NUM_CELL_CSS, STATUS_CSS
+from geoloc.presentation.html import escape_html as _e
+from geoloc.presentation.leaderboard_table import (
     CSV_NAME,
     FLOAT_COLUMNS,
     INT_COLUMNS,

@@ -1,6 +1,6 @@
 """The leaderboard score's settings and arithmetic: weights, penalties, min-max normalising.
 
-The formula is in `geoloc.runs.leaderboard`'s docstring; weights and penalties come from the CLI
+The formula is in `presentation.leaderboard`'s docstring; weights and penalties come from the CLI
 as `name=number` pairs and are checked here, with an error that names the bad pair.
 """
 

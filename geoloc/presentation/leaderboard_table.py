@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from geoloc.runs.leaderboard_score import Penalties, ScoreWeights
+from geoloc.presentation.leaderboard_score import Penalties, ScoreWeights
 
 CSV_NAME = "runs_summary.csv"
 PARQUET_NAME = "runs_summary.parquet"

@@ -19,7 +19,7 @@ import pandas as pd
 from geoloc.atomic import atomic_path
 from geoloc.geo.metrics import THRESHOLDS_KM
 from geoloc.geo.places import cell_place_labels
-from geoloc.runs.inputs import RunInputs
+from geoloc.presentation.inputs import RunInputs
 
 log = logging.getLogger(__name__)
 

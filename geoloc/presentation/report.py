@@ -15,12 +15,12 @@ from typing import Any
 
 from geoloc.atomic import write_text
 from geoloc.errors import GeolocError
-from geoloc.runs.breakdown import error_breakdowns
-from geoloc.runs.dashboard import render_dashboard
-from geoloc.runs.formatting import EMPTY, fmt
-from geoloc.runs.inputs import RunInputs, load_run_inputs
-from geoloc.runs.plots import PlotOutcome, draw_plots
-from geoloc.runs.report_tables import (
+from geoloc.formatting import EMPTY, fmt
+from geoloc.presentation.breakdown import error_breakdowns
+from geoloc.presentation.dashboard import render_dashboard
+from geoloc.presentation.inputs import RunInputs, load_run_inputs
+from geoloc.presentation.plots import PlotOutcome, draw_plots
+from geoloc.presentation.report_tables import (
     artifact_links,
     config_items,
     confused_cells,
@@ -33,7 +33,7 @@ from geoloc.runs.report_tables import (
     result_rows,
     training_facts,
 )
-from geoloc.runs.summary import SummaryError, read_summary, write_summary
+from geoloc.runfolder.summary import SummaryError, read_summary, write_summary
 
 log = logging.getLogger(__name__)
 

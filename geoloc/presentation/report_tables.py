@@ -11,9 +11,9 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from geoloc.formatting import fmt, fmt_km, fmt_share
 from geoloc.geo.metrics import GEO_METRIC_NAMES
-from geoloc.runs.formatting import fmt, fmt_km, fmt_share
-from geoloc.runs.inputs import RunInputs
+from geoloc.presentation.inputs import RunInputs
 
 # metric suffixes shown in the key metrics table, in this order (see docs/ARCHITECTURE.md)
 METRIC_SUFFIXES: tuple[str, ...] = ("top1", "top5", "parent_acc", *GEO_METRIC_NAMES, "loss")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from geoloc.atomic import atomic_path
-from geoloc.runs.plots import MissingInput, pyplot
+from geoloc.presentation.plots import MissingInput, pyplot
 
 log = logging.getLogger(__name__)
 

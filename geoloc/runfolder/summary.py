@@ -20,7 +20,7 @@ import jsonschema
 import geoloc
 from geoloc.atomic import write_json
 from geoloc.errors import GeolocError
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)

@@ -35,9 +35,9 @@ from geoloc.data.dataset import GeoDataset
 from geoloc.data.sampling import sampling_probabilities
 from geoloc.data.state import maybe_fault
 from geoloc.data.streaming import eval_loader
+from geoloc.formatting import fmt_km, fmt_share
 from geoloc.geo import LabelSpace, build_hardneg_pool
 from geoloc.progress import format_duration, progress_log
-from geoloc.runs.formatting import fmt_km, fmt_share
 from geoloc.train.checkpoint import save_checkpoint, set_rng_state
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.margin import MarginTerm, Prototypes, epoch_margin_term

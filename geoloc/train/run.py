@@ -29,12 +29,12 @@ from geoloc.data.dataset import (
 )
 from geoloc.data.streaming import eval_loader, is_streamed
 from geoloc.errors import ConfigError, DataError, TrainingError, TrialPruned
+from geoloc.formatting import fmt_km, fmt_share
 from geoloc.geo import LabelSpace
 from geoloc.paths import DataPaths, runs_dir
 from geoloc.progress import progress_log
-from geoloc.runs.formatting import fmt_km, fmt_share
-from geoloc.runs.layout import RunPaths, new_run_id
-from geoloc.runs.summary import (
+from geoloc.runfolder.layout import RunPaths, new_run_id
+from geoloc.runfolder.summary import (
     update_summary,
 )
 from geoloc.train.checkpoint import load_checkpoint

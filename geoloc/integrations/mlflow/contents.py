@@ -25,8 +25,8 @@ from geoloc.integrations.mlflow.store import (
     prefect_flow_run_id,
 )
 from geoloc.paths import DataPaths
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import finite_or_none
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import finite_or_none
 
 # summary.json fields that change on every write without changing what the run says
 _VOLATILE_SUMMARY_KEYS = ("updated_at",)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow.pyfunc
 
 from geoloc.errors import GeolocError
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
