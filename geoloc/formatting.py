@@ -55,4 +55,3 @@ def fmt_share(value: Any) -> str:
     except (TypeError, ValueError):
         return EMPTY
     return f"{100 * v:.1f}%" if math.isfinite(v) else EMPTY
-

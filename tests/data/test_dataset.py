@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures.toy_labels import toy_labels
-from PIL import Image
 
 from geoloc.config import TrainConfig
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader
 from geoloc.errors import DataError, IndexMissingError
-
-SPLIT_OF = ["train"] * 4 + ["val"] * 2 + ["test"] * 2  # per class
-
-
-def write_tiny_index(root: Path, num_classes: int = 3, size: int = 40) -> Path:
-    """A hand-made index (3 classes, 2 parents, 8 images each) whose colours encode the class."""
-    rng = np.random.default_rng(0)
-    (root / "processed").mkdir(parents=True, exist_ok=True)
-    (root / "index").mkdir(parents=True, exist_ok=True)
-    images, splits = [], []
-    for k in range(num_classes):
-        for j, split in enumerate(SPLIT_OF):
-            image_id = f"c{k}-{j}"
-            rel = f"processed/{image_id}.png"
-            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / rel)
-            images.append(
-                {"image_id": image_id, "path": rel, "lat": 10.0 * k, "lon": 5.0 * j,
-                 "width": size, "height": size}
-            )  # fmt: skip
-            splits.append(
-                {"image_id": image_id, "split": split, "label": k, "parent_label": k % 2,
-                 "label_cell": f"cell{k}", "remapped": False}
-            )  # fmt: skip
-    pd.DataFrame(images).to_parquet(root / "index" / "images.parquet", index=False)
-    pd.DataFrame(splits).to_parquet(root / "index" / "splits.parquet", index=False)
-    labels = toy_labels(num_classes, "tiny", 4)
-    (root / "index" / "labels.json").write_text(json.dumps(labels))
-    return root / "index"
-
-
-@pytest.fixture
-def tiny_index(tmp_path: Path) -> Path:
-    return write_tiny_index(tmp_path / "data")
 
 
 def test_samples_carry_labels_from_splits_and_their_row(tiny_index: Path) -> None:

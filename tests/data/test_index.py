@@ -12,54 +12,15 @@ import h3
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.synth_index import SYNTH_CFG, clustered_points, write_manifest
 
-from geoloc.atomic import write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data.index import build_index, index_fingerprint
-from geoloc.data.ingest import MANIFEST_COLUMNS, normalise_manifest
+from geoloc.data.ingest import MANIFEST_COLUMNS
 from geoloc.errors import DataError, IndexMissingError
 from geoloc.paths import DataPaths
 
 INDEX_FILES = ("images.parquet", "splits.parquet", "labels.json", "h3_features.parquet")
-SYNTH_CFG = IndexConfig(
-    resolution=3, parent_resolution=2, split_resolution=1, min_images_per_class=5, seed=7
-)
-
-
-def write_manifest(paths: DataPaths, lat, lon, sequence_id=None) -> pd.DataFrame:
-    """A processed manifest for points (no image files: the index build never opens them)."""
-    n = len(lat)
-    ids = [f"img{i:05d}" for i in range(n)]
-    df = pd.DataFrame(
-        {
-            "image_id": ids,
-            "path": [f"processed/{i}.jpg" for i in ids],
-            "lat": lat,
-            "lon": lon,
-            "sha256": [f"{i:064x}" for i in range(n)],
-            "width": 64,
-            "height": 64,
-            "source": "manifest",
-            "source_ref": ids,
-            "captured_at": None,
-            "sequence_id": sequence_id if sequence_id is not None else [None] * n,
-        }
-    ).reindex(columns=MANIFEST_COLUMNS)  # no image files: no shard columns either
-    write_parquet(paths.processed_manifest, normalise_manifest(df))
-    return df
-
-
-def clustered_points(n: int = 1500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Points around 12 cluster centres (dense cells) plus a sparse scatter (remapped cells)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform([-50, -170], [60, 170], size=(12, 2))
-    k = rng.integers(0, 12, size=n)
-    pts = centres[k] + rng.normal(0, 0.6, size=(n, 2))
-    scatter = rng.random(n) < 0.05
-    pts[scatter] = rng.uniform([-60, -180], [70, 180], size=(scatter.sum(), 2))
-    return pts[:, 0], pts[:, 1]
-
-
 @pytest.fixture
 def synth_paths() -> DataPaths:
     paths = DataPaths.default()

@@ -11,8 +11,8 @@ import h3
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.synth_index import SYNTH_CFG, clustered_points, write_manifest
 from h3.api import basic_int as h3i
-from test_data_index import SYNTH_CFG, clustered_points, write_manifest
 
 from geoloc.data import tables
 from geoloc.data.cells import (

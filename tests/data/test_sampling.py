@@ -9,7 +9,7 @@ from pathlib import Path
 import h3
 import numpy as np
 import pytest
-from test_run import TINY as RUN_TINY
+from fixtures.tiny_runs import TINY as RUN_TINY
 
 from geoloc.config import HardNegConfig, TrainConfig, load_config
 from geoloc.data.sampling import (

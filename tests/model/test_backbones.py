@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from test_dataset import write_tiny_index
+from fixtures.tiny_index import write_tiny_index
 
 from geoloc.config import ModelConfig, load_config
 from geoloc.errors import ConfigError, GeolocError

@@ -22,7 +22,7 @@ from geoloc.runfolder.summary import (
     write_summary,
 )
 
-V1_FIXTURE = Path(__file__).parent / "data" / "summary_v1.json"
+V1_FIXTURE = Path(__file__).parents[1] / "fixtures" / "summary_v1.json"
 
 
 def test_v1_fixture_stays_readable(tmp_path: Path) -> None:

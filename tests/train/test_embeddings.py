@@ -11,37 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_dataset import write_tiny_index
-from torch import nn
+from fixtures.counting_model import CALLS
+from fixtures.tiny_index import write_tiny_index
 
 from geoloc.config import TrainConfig, load_config
 from geoloc.data.dataset import GeoDataset, build_transforms
 from geoloc.errors import ConfigError
 from geoloc.infer.outputs import compute_outputs, split_outputs
 from geoloc.infer.trained import load_trained
-from geoloc.model import MultiScaleCNN, register_model
-from geoloc.model.backbones import MODELS
 from geoloc.runfolder.layout import RunPaths
 from geoloc.train.checkpoint import load_checkpoint
 from geoloc.train.embeddings import embed_split, embeddings_dir
 from geoloc.train.run import train_run
-
-CALLS = {"images": 0}
-"""Images the counting backbone has embedded (reset per test)."""
-
-
-class _CountingCNN(MultiScaleCNN):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        CALLS["images"] += x.shape[0]
-        return super().forward(x)
-
-
-if "counting_cnn" not in MODELS:
-
-    @register_model("counting_cnn")
-    def _counting_cnn(cfg: Any) -> tuple[nn.Module, int]:
-        net = _CountingCNN(width=8, depth=3)
-        return net, net.out_dim
 
 
 @pytest.fixture(autouse=True)

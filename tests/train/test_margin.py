@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures.tiny_runs import TINY
 from fixtures.toy_labels import toy_labels
-from test_run import TINY
 
 import geoloc.train.loop as loop_module
 import geoloc.train.margin as margin_module

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from fixtures.tiny_runs import TINY
 
 from geoloc.cli import main
 from geoloc.config import RunConfig, load_config
@@ -28,18 +29,6 @@ PREDICTION_COLUMNS = [
     "image_id", "true_lat", "true_lon", "true_cell", "true_label", "pred_label", "pred_cell",
     "pred_lat", "pred_lon", "error_km", "prob", "topk_labels", "topk_cells", "topk_probs",
 ]  # fmt: skip
-TINY = {
-    "name": "tiny",
-    "epochs": 2,
-    "batch_size": 64,
-    "image_size": 24,
-    "arch": "multiscale_cnn_tiny",
-    "embed_dim": 32,
-    "lr": 3e-3,
-    "tracking.enabled": False,
-}
-
-
 def tiny_cfg(**overrides: Any) -> RunConfig:
     return load_config(None, {**TINY, **overrides})
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_dataset import write_tiny_index
+from fixtures.tiny_index import write_tiny_index
 from torch import nn
 from torch.utils.data import Dataset
 

@@ -16,6 +16,7 @@ import mlflow
 import pandas as pd
 import pytest
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
+from fixtures.tiny_runs import TINY_TRAINING, csv_rows
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -29,17 +30,6 @@ from geoloc.paths import DataPaths
 from geoloc.runfolder.layout import RunPaths
 from geoloc.runfolder.summary import read_summary
 from geoloc.train.checkpoint import save_checkpoint
-
-TINY_TRAINING = {
-    "epochs": 2,
-    "batch_size": 32,
-    "image_size": 32,
-    "arch": "multiscale_cnn_tiny",
-    "embed_dim": 32,
-    "lr": 3e-3,
-    "rerank.enabled": False,
-}
-"""A real, seconds-long training run on the demo index (tests/fixtures/demo_data.py)."""
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_p90_km", "val_median_km", "lr")
 
@@ -58,11 +48,6 @@ def mirrored_runs(c: MlflowClient, experiment: str = "geoloc") -> list:
     if exp is None:
         return []
     return c.search_runs([exp.experiment_id], max_results=1000)
-
-
-def csv_rows(run_dir: Path) -> list[dict[str, str]]:
-    with RunPaths(run_dir).metrics_csv.open(newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def history_lengths(c: MlflowClient, run_id: str) -> dict[str, int]:

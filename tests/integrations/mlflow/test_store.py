@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import torch
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
+from fixtures.tiny_runs import TINY_TRAINING, csv_rows
 from mlflow import MlflowClient
-from test_tracking import TINY_TRAINING, csv_rows
 
 from geoloc.cli import main
 from geoloc.compose.params import run_config_from_params
