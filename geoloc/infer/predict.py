@@ -39,7 +39,6 @@ from geoloc.data.decode import Rejected
 from geoloc.data.process import clean_image
 from geoloc.errors import DataError, GeolocError
 from geoloc.infer.calibration import ConformalSets
-from geoloc.infer.evaluation import gallery_path, params_path
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.infer.outputs import base_probs
 from geoloc.infer.radius import ErrorRadius
@@ -167,7 +166,7 @@ class Predictor:
         if rerank and self.params is not None:
             self.variant = self.params.best_variant
             if self.variant != "base":
-                self.gallery = Gallery.load(gallery_path(self.paths))
+                self.gallery = Gallery.load(self.paths.gallery)
         elif rerank:
             log.warning(
                 "run '%s' has no rerank params (run `geoloc rerank` first): predicting with the "
@@ -176,7 +175,7 @@ class Predictor:
             )
 
     def _load_params(self) -> RerankParams | None:
-        path = params_path(self.paths)
+        path = self.paths.rerank_params
         if not path.is_file():
             return None
         return RerankParams.load(path)

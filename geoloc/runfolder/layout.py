@@ -85,6 +85,25 @@ class RunPaths:
         return self.tables / "rerank_eval.csv"
 
     @property
+    def rerank_eval_val(self) -> Path:
+        """The val evaluation table of rerank (the test one is `rerank_eval`)."""
+        return self.tables / "rerank_eval_val.csv"
+
+    @property
+    def gallery(self) -> Path:
+        """The train gallery that rerank searches and `geoloc predict` reuses."""
+        return self.data / "gallery.npz"
+
+    @property
+    def rerank_params(self) -> Path:
+        """Every parameter rerank chose on val (`RerankParams`)."""
+        return self.data / "rerank_params.json"
+
+    def outputs(self, split: str) -> Path:
+        """The cached model outputs of `split` (logits, embeddings) that rerank reuses."""
+        return self.data / f"outputs_{split}.npz"
+
+    @property
     def val_predictions(self) -> Path:
         return self.data / "val_predictions.parquet"
 
