@@ -10,16 +10,15 @@ the `RETRYABLE_STEPS`); the CLI runs them as plain calls.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from geoloc.compute import torchrun_env, under_torchrun
 from geoloc.config import RerankConfig, RunConfig
 from geoloc.errors import GeolocError
 from geoloc.paths import runs_dir
 from geoloc.runfolder.layout import RunPaths, new_run_id
-from geoloc.train.distributed import under_torchrun
 from geoloc.train.run import train_run
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ def call(name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 def is_main_process() -> bool:
     """False on torchrun's ranks other than 0: they train, and leave the rest to rank 0."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return torchrun_env().rank == 0
 
 
 def run_training(

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from geoloc.compute import resolve_device
 from geoloc.config import RunConfig
 from geoloc.data.dataset import build_transforms
 from geoloc.errors import GeolocError, TrainingError
@@ -16,7 +17,6 @@ from geoloc.geo import LabelSpace
 from geoloc.model.scores import class_scores
 from geoloc.runfolder.layout import RunPaths
 from geoloc.train.checkpoint import load_checkpoint
-from geoloc.train.steps import resolve_device
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from geoloc.atomic import write_parquet
+from geoloc.compute import resolve_compute, resolve_device, seed_everything, under_torchrun
 from geoloc.config import RunConfig, save_config
 from geoloc.data.dataset import (
     EmptySplitError,
@@ -45,7 +46,6 @@ from geoloc.train.distributed import (
     init_process_group,
     joined_group,
     launch,
-    under_torchrun,
 )
 from geoloc.train.loop import FitState, fit
 from geoloc.train.records import (
@@ -56,13 +56,7 @@ from geoloc.train.records import (
     start_summary,
     write_metrics_csv,
 )
-from geoloc.train.steps import (
-    EvalResult,
-    evaluate,
-    resolve_compute,
-    resolve_device,
-    seed_everything,
-)
+from geoloc.train.steps import EvalResult, evaluate
 
 log = logging.getLogger(__name__)
 

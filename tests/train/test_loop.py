@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from geoloc.compute import seed_everything
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
 from geoloc.errors import TrainingError
 from geoloc.geo import LabelSpace
@@ -17,7 +18,7 @@ from geoloc.model.scores import class_scores
 from geoloc.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from geoloc.train.loop import epoch_order
 from geoloc.train.optim import lr_factor
-from geoloc.train.steps import seed_everything, train_one_epoch
+from geoloc.train.steps import train_one_epoch
 
 
 def _draws() -> tuple[float, float, float]:

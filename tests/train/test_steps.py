@@ -16,6 +16,7 @@ from fixtures.tiny_index import write_tiny_index
 from torch import nn
 from torch.utils.data import Dataset
 
+from geoloc.compute import FP32, Compute, resolve_compute
 from geoloc.config import TrainConfig, load_config
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader
 from geoloc.geo import LabelSpace
@@ -23,7 +24,7 @@ from geoloc.model import TINY_MODEL_CONFIG, create_loss, create_model
 from geoloc.runfolder.layout import RunPaths
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.run import train_run
-from geoloc.train.steps import FP32, Compute, evaluate, resolve_compute, train_one_epoch
+from geoloc.train.steps import evaluate, train_one_epoch
 
 CPU = torch.device("cpu")
 BF16 = Compute("cpu", torch.bfloat16)
