@@ -20,8 +20,7 @@ from flows.aggregate import aggregate
 from geoloc.compose.params import TRAIN_PARAMS, run_config_from_params
 from geoloc.compose.training import RETRYABLE_STEPS, run_training
 from geoloc.config import RunConfig, flatten
-
-EpochCallback = Callable[[int, dict[str, Any]], None]
+from geoloc.progress import EpochCallback
 
 
 @task(name="validate-config", cache_policy=NO_CACHE)

@@ -18,13 +18,13 @@ from geoloc.compute import torchrun_env, under_torchrun
 from geoloc.config import RerankConfig, RunConfig
 from geoloc.errors import GeolocError
 from geoloc.paths import runs_dir
+from geoloc.progress import EpochCallback
 from geoloc.runfolder.layout import RunPaths, new_run_id
 from geoloc.train.run import train_run
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-EpochCallback = Callable[[int, dict[str, Any]], None]
 StepRunner = Callable[..., Any]
 """`step(name, fn, *args, **kwargs) -> fn(*args, **kwargs)`, maybe as an orchestrator's unit."""
 

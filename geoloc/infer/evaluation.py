@@ -153,9 +153,9 @@ def rerank_run(
     `cfg` defaults to the run's own `rerank` section. Every parameter is chosen on val; test is
     only evaluated. The report is left to the caller (`geoloc.presentation.report.write_report`).
     """
+    from geoloc.data.run_data import resolve_index_dir
     from geoloc.infer.trained import load_trained
     from geoloc.runfolder.summary import finite_or_none, update_summary
-    from geoloc.train.run import resolve_index_dir
 
     paths = RunPaths(Path(run_dir))
     trained = load_trained(paths.root, "best")

@@ -38,7 +38,7 @@ from geoloc.data.state import maybe_fault
 from geoloc.data.streaming import eval_loader
 from geoloc.formatting import fmt_km, fmt_share
 from geoloc.geo import LabelSpace, build_hardneg_pool
-from geoloc.progress import format_duration, progress_log
+from geoloc.progress import EpochCallback, format_duration, progress_log
 from geoloc.train.checkpoint import save_checkpoint, set_rng_state
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.margin import MarginTerm, Prototypes, epoch_margin_term
@@ -49,9 +49,6 @@ if TYPE_CHECKING:
     from geoloc.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
-
-EpochCallback = Callable[[int, dict[str, Any]], None]
-
 
 # --------------------------------------------------------------------------------------------
 # The loop

@@ -124,7 +124,7 @@ def dataset_input(summary: Mapping[str, Any], config: Mapping[str, Any]) -> dict
     fingerprint = info.get("fingerprint")
     if not fingerprint:
         return None
-    # as `geoloc.train.run.resolve_index_dir` found it (config, else $GEOLOC_DATA_DIR/index)
+    # as `geoloc.data.run_data.resolve_index_dir` found it (config, else $GEOLOC_DATA_DIR/index)
     index_dir = Path(config.get("index_dir") or DataPaths.default().index).resolve()
     profile: dict[str, Any] = {"fingerprint": fingerprint}
     keys = ("num_classes", "num_parents", "resolution", "parent_resolution")
