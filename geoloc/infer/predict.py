@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from geoloc.atomic import atomic_path, write_text
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
-from geoloc.data.dataset import decode_image
+from geoloc.data.dataset import image_tensor
 from geoloc.data.decode import Rejected
 from geoloc.data.process import clean_image
 from geoloc.errors import DataError, GeolocError
@@ -112,7 +112,7 @@ def prepare_image_bytes(data: bytes, max_side: int, max_pixels: int) -> torch.Te
         raise DataError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
     except Rejected as exc:
         raise DataError(_reason(exc)) from exc
-    return decode_image(jpeg)
+    return image_tensor(jpeg)
 
 
 def _reason(rej: Rejected) -> str:

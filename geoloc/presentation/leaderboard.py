@@ -18,7 +18,6 @@ to 0. `penalty` sums the configured weight of each missing artifact and of the r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -212,12 +211,3 @@ def write_outputs(result: AggregateResult, out_dir: Path) -> None:
     write_parquet(result.parquet_path, result.table)
     write_text(result.dashboard_path, render_leaderboard(result))
     result.paths = [result.csv_path, result.parquet_path, result.dashboard_path]
-
-
-def score_settings(result: AggregateResult) -> dict[str, Any]:
-    """Weights and penalties as plain data (to log next to a published leaderboard)."""
-    return json.loads(
-        json.dumps(
-            {"weights": result.weights.model_dump(), "penalties": result.penalties.model_dump()}
-        )
-    )

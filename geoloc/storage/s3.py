@@ -225,15 +225,6 @@ def get_range(client: Any, bucket: str, key: str, start: int, length: int) -> by
         raise translate_error(exc, client, bucket, key) from None
 
 
-def put_bytes(client: Any, bucket: str, key: str, data: bytes) -> None:
-    """Store `data` at `key` with its sha256 in the metadata."""
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_META: digest})
-    except Exception as exc:
-        raise translate_error(exc, client, bucket, key) from None
-
-
 def _md5_file(path: Path) -> str:
     h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as fh:
