@@ -96,9 +96,9 @@ def test_hard_negatives_take_their_share_on_top_of_a_balanced_draw() -> None:
     assert Counter(shards[0] + shards[1]) == Counter(order.tolist())
 
 
-STREAMED = {"epochs": 1, "batch_size": 8, "image_size": 16, "arch": "multiscale_cnn_tiny",
-            "embed_dim": 16, "tracking.enabled": False, "rerank.enabled": False,
-            "device": "cpu", "cache_mb": 0}  # fmt: skip
+STREAMED = {"epochs": 1, "batch_size": 8, "image_size": 16, "arch": "multiscale_cnn",
+            "width": 8, "depth": 3, "embed_dim": 16, "tracking.enabled": False,
+            "rerank.enabled": False, "device": "cpu", "cache_mb": 0}  # fmt: skip
 
 
 def test_sampling_on_a_streamed_split_is_refused_in_one_line(

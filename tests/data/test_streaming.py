@@ -25,9 +25,9 @@ from geoloc.runfolder.layout import RunPaths
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.run import train_run
 
-TINY = {"epochs": 2, "batch_size": 8, "image_size": 16, "arch": "multiscale_cnn_tiny",
-        "embed_dim": 16, "lr": 3e-3, "tracking.enabled": False, "rerank.enabled": False,
-        "device": "cpu", "cache_mb": 0, "shuffle_buffer": 16}  # fmt: skip
+TINY = {"epochs": 2, "batch_size": 8, "image_size": 16, "arch": "multiscale_cnn",
+        "width": 8, "depth": 3, "embed_dim": 16, "lr": 3e-3, "tracking.enabled": False,
+        "rerank.enabled": False, "device": "cpu", "cache_mb": 0, "shuffle_buffer": 16}  # fmt: skip
 
 
 def _train(index: Path, **kw: object) -> GeoDataset:

@@ -29,9 +29,10 @@ TINY = [
     "epochs=1",
     "batch_size=32",
     "image_size=32",
-    "arch=multiscale_cnn_tiny",
+    "arch=multiscale_cnn",
+    "width=8",
     "tracking=false",
-    'overrides={"embed_dim": 32}',
+    'overrides={"embed_dim": 32, "depth": 3}',
 ]
 
 

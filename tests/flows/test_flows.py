@@ -84,7 +84,9 @@ TINY_INDEX = dict(DEMO_FIXTURE_CONFIG)
 TINY_TRAIN = {
     "batch_size": 32,
     "image_size": 32,
-    "arch": "multiscale_cnn_tiny",
+    "arch": "multiscale_cnn",
+    "width": 8,
+    "depth": 3,
     "embed_dim": 32,
     "lr": 3e-3,
 }

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from fixtures.labels import make_label_doc
+from fixtures.tiny_runs import TINY_MODEL_CONFIG
 
 from geoloc.config import IndexConfig, ModelConfig, TrainConfig, load_config
 from geoloc.errors import ConfigError
 from geoloc.geo import LabelSpace, haversine_km, nearest_points
 from geoloc.model import (
-    TINY_MODEL_CONFIG,
     FactorisedHead,
     GeoSoftNeighbours,
     GeoSoftTargetLoss,

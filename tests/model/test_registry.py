@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures.tiny_runs import TINY_MODEL_CONFIG
 
 from geoloc.config import ModelConfig, TrainConfig
 from geoloc.errors import ConfigError, DataError, GeolocError
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.model import (
-    TINY_MODEL_CONFIG,
     GeoModel,
     GeoSoftTargetLoss,
     MultiScaleCNN,

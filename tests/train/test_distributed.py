@@ -26,7 +26,9 @@ DDP_TINY = {
     "epochs": 2,
     "batch_size": 64,
     "image_size": 24,
-    "arch": "multiscale_cnn_tiny",
+    "arch": "multiscale_cnn",
+    "width": 8,
+    "depth": 3,
     "embed_dim": 32,
     "lr": 3e-3,
     "augment": False,  # augmentation draws follow each rank's RNG stream, not the image

@@ -221,9 +221,9 @@ def test_margin_mode_trains_on_a_streamed_train_split(
     """Oversampling needs random access to the train images; the margin term draws no rows, so
     a train split streamed from its shards (larger than train.cache_mb) can use it."""
     monkeypatch.setenv(DATA_DIR_ENV, str(sharded_index.parent))
-    streamed = {"epochs": 2, "batch_size": 8, "image_size": 16, "arch": "multiscale_cnn_tiny",
-                "embed_dim": 16, "lr": 3e-3, "tracking.enabled": False, "device": "cpu",
-                "cache_mb": 0, "shuffle_buffer": 16, "hardneg.enabled": True,
+    streamed = {"epochs": 2, "batch_size": 8, "image_size": 16, "arch": "multiscale_cnn",
+                "width": 8, "depth": 3, "embed_dim": 16, "lr": 3e-3, "tracking.enabled": False,
+                "device": "cpu", "cache_mb": 0, "shuffle_buffer": 16, "hardneg.enabled": True,
                 "hardneg.mode": "margin", "hardneg.start_epoch": 1}  # fmt: skip
     metrics = metrics_table(train_run(load_config(None, streamed), progress=False))
     assert metrics["train_margin_loss"].iloc[0] == 0.0 and np.isfinite(metrics["train_loss"]).all()

@@ -27,7 +27,9 @@ from geoloc.runfolder.summary import read_summary
 from geoloc.train.run import train_run
 
 TINY_R7 = {
-    "arch": "multiscale_cnn_tiny",
+    "arch": "multiscale_cnn",
+    "width": 8,
+    "depth": 3,
     "embed_dim": 32,
     "image_size": 24,
     "batch_size": 32,

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from fixtures.tiny_index import write_tiny_index
+from fixtures.tiny_runs import TINY_MODEL_CONFIG
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -20,7 +21,7 @@ from geoloc.compute import FP32, Compute, resolve_compute
 from geoloc.config import TrainConfig, load_config
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader
 from geoloc.geo import LabelSpace
-from geoloc.model import TINY_MODEL_CONFIG, create_loss, create_model
+from geoloc.model import create_loss, create_model
 from geoloc.runfolder.layout import RunPaths
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.run import train_run
@@ -84,7 +85,7 @@ def test_amp_bf16_on_cpu_is_selectable_from_the_config(tmp_path: Path) -> None:
     run whose first loss differs from the float32 run's at bf16 precision."""
     index = write_tiny_index(tmp_path / "data")
     base = {"name": "amp", "epochs": 1, "batch_size": 6, "image_size": 24, "augment": False,
-            "arch": "multiscale_cnn_tiny", "embed_dim": 16, "device": "cpu",
+            "arch": "multiscale_cnn", "width": 8, "depth": 3, "embed_dim": 16, "device": "cpu",
             "tracking.enabled": False, "index_dir": str(index)}  # fmt: skip
     losses = {}
     for dtype in ("auto", "bf16"):
@@ -173,7 +174,8 @@ def test_compiled_training_matches_eager_training(tmp_path: Path) -> None:
     cores) and ends where the eager run ends."""
     index = write_tiny_index(tmp_path / "data")
     base = {"name": "compile", "epochs": 2, "batch_size": 4, "image_size": 24, "augment": False,
-            "arch": "multiscale_cnn_tiny", "embed_dim": 16, "dropout": 0.0, "device": "cpu",
+            "arch": "multiscale_cnn", "width": 8, "depth": 3, "embed_dim": 16, "dropout": 0.0,
+            "device": "cpu",
             "tracking.enabled": False, "index_dir": str(index)}  # fmt: skip
     tables = []
     for compiled in (False, True):

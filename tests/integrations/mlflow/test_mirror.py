@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 import pytest
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
-from fixtures.tiny_runs import TINY_TRAINING, csv_rows
+from fixtures.tiny_runs import TINY_MODEL_CONFIG, TINY_TRAINING, csv_rows
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -25,7 +25,7 @@ from geoloc.cli import main
 from geoloc.config import RunConfig, TrainConfig, load_config
 from geoloc.geo import LabelSpace
 from geoloc.integrations import mlflow as tracking
-from geoloc.model import TINY_MODEL_CONFIG, create_model
+from geoloc.model import create_model
 from geoloc.paths import DataPaths
 from geoloc.runfolder.layout import RunPaths
 from geoloc.runfolder.summary import read_summary
