@@ -1,4 +1,4 @@
-"""Leaderboard aggregation over many runs: `geoloc.runs.leaderboard.aggregate_runs` vs a naive loop.
+"""Aggregating many runs: `presentation.leaderboard.aggregate_runs` vs a naive loop.
 
     .venv/bin/python benchmarks/bench_aggregate.py [--runs 10000] [--naive-runs 1000]
 
@@ -33,8 +33,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures.fake_runs import fake_summary, write_summary_fast  # noqa: E402
 
-from geoloc.runs.leaderboard import aggregate_runs  # noqa: E402
-from geoloc.runs.summary import load_schema  # noqa: E402
+from geoloc.presentation.leaderboard import aggregate_runs  # noqa: E402
+from geoloc.runfolder.summary import load_schema  # noqa: E402
 
 
 def make_runs(root: Path, n: int, seed: int = 0) -> None:

@@ -26,11 +26,11 @@ import torch.nn.functional as F  # noqa: N812
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic_index import write_synthetic_index  # noqa: E402
 
+from geoloc.compute import seed_everything
 from geoloc.config import load_config  # noqa: E402
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader  # noqa: E402
 from geoloc.model import create_model  # noqa: E402
 from geoloc.train.optim import build_optimizer
-from geoloc.train.steps import seed_everything
 
 
 def loader_speed(dataset: GeoDataset, batch_size: int, workers: int, repeats: int) -> float:

@@ -4,7 +4,7 @@ Same config (a frozen ResNet-18 at 64x64, the same neck and heads, same seed); t
 `train.embeddings=online` (the frozen backbone's forward pass in every step and evaluation), ours
 is `train.embeddings=cache` run twice: cold (embeds every image once, then trains) and warm (a
 later run or sweep trial reusing the stored embeddings). Both give the same metrics (tested in
-tests/test_embeddings.py). Times are process CPU seconds of whole `train_run`s (data decode,
+tests/train/test_embeddings.py). Times are process CPU seconds of whole `train_run`s (data decode,
 training, evaluation, checkpoints) with one intra-op thread: on a shared machine wall-clock time
 mostly measures the neighbours.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic_index import write_synthetic_index  # noqa: E402
 
 from geoloc.config import load_config  # noqa: E402
-from geoloc.runs.layout import RunPaths  # noqa: E402
+from geoloc.runfolder.layout import RunPaths  # noqa: E402
 from geoloc.train.run import train_run  # noqa: E402
 
 

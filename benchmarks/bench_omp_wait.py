@@ -33,7 +33,8 @@ from geoloc.data.dataset import GeoDataset, build_transforms, make_loader
 from geoloc.geo import LabelSpace
 from geoloc.train.run import build_model_and_loss
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
-from geoloc.train.steps import seed_everything, train_one_epoch
+from geoloc.compute import seed_everything
+from geoloc.train.steps import train_one_epoch
 
 images, threads = int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)

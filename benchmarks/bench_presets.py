@@ -30,12 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic_index import write_synthetic_index  # noqa: E402
 
+from geoloc.compute import seed_everything  # noqa: E402
 from geoloc.config import RunConfig, load_config  # noqa: E402
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader  # noqa: E402
 from geoloc.geo import LabelSpace  # noqa: E402
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch  # noqa: E402
 from geoloc.train.run import build_model_and_loss  # noqa: E402
-from geoloc.train.steps import evaluate, seed_everything, train_one_epoch  # noqa: E402
+from geoloc.train.steps import evaluate, train_one_epoch  # noqa: E402
 
 DEMO_TRAIN, DEMO_VAL, DEMO_CLASSES, DEMO_PARENTS = 9_481, 1_186, 471, 238
 REFERENCE = "geosoft, large (before)"

@@ -1,4 +1,4 @@
-"""`geoloc s3 push` of a run directory: `geoloc.integrations.s3.push` vs a plain upload loop.
+"""`geoloc s3 push` of a run directory: `geoloc.storage.s3.push` vs a plain upload loop.
 
     .venv/bin/python benchmarks/bench_s3_push.py [--files 200] [--kb 32] [--big-mb 8]
 
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from geoloc.integrations import s3 as storage  # noqa: E402
+from geoloc.storage import s3 as storage  # noqa: E402
 
 
 def make_run(root: Path, files: int, kb: int, big_mb: int) -> int:

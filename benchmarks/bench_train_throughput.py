@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic_index import write_synthetic_index  # noqa: E402
 
+from geoloc.compute import seed_everything
 from geoloc.config import load_config  # noqa: E402
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader  # noqa: E402
 from geoloc.geo import LabelSpace  # noqa: E402
@@ -35,7 +36,7 @@ from geoloc.train.checkpoint import save_checkpoint
 from geoloc.train.loop import FitState, epoch_order
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from geoloc.train.run import build_model_and_loss
-from geoloc.train.steps import seed_everything, train_one_epoch
+from geoloc.train.steps import train_one_epoch
 
 
 def plain_epoch(model, loader, optimizer) -> tuple[int, float]:

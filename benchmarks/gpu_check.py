@@ -115,13 +115,14 @@ def measure(cfg: Any, index: Path, steps: int, device: torch.device) -> dict[str
 
     `device` is CUDA in the check; another device only serves to try this code without a GPU.
     """
+    from geoloc.compute import resolve_compute, seed_everything
     from geoloc.data.dataset import GeoDataset, build_transforms
     from geoloc.geo import LabelSpace
     from geoloc.model.losses import forward_inputs
     from geoloc.train.epoch_loader import EpochLoader
     from geoloc.train.loop import _Optimisation
     from geoloc.train.run import build_model_and_loss
-    from geoloc.train.steps import resolve_compute, seed_everything, total_loss, train_one_epoch
+    from geoloc.train.steps import total_loss, train_one_epoch
 
     tc = cfg.train
     seed_everything(0, deterministic=tc.deterministic)
@@ -180,8 +181,8 @@ def measure(cfg: Any, index: Path, steps: int, device: torch.device) -> dict[str
 
 def demo_end_to_end(cfg: Any, root: Path) -> str:
     """The demo preset through `train_run` once: train, evaluate, checkpoints on CUDA."""
-    from geoloc.runs.layout import RunPaths
-    from geoloc.runs.summary import read_summary
+    from geoloc.runfolder.layout import RunPaths
+    from geoloc.runfolder.summary import read_summary
     from geoloc.train.run import train_run
 
     start = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from geoloc.runs.digest import run_digest
+from geoloc.presentation.digest import run_digest
 
 
 def _cell(value: Any) -> Any:

@@ -13,16 +13,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import geoloc.integrations.mlflow
-import geoloc.runs.leaderboard
+import geoloc.presentation.leaderboard
 from flows._artifacts import publish_link, publish_table
 from geoloc.paths import runs_url
-from geoloc.runs.digest import leaderboard_records
-from geoloc.runs.leaderboard_table import AggregateResult
+from geoloc.presentation.digest import leaderboard_records
+from geoloc.presentation.leaderboard_table import AggregateResult
 
 
 @task(name="aggregate-runs", cache_policy=NO_CACHE)
 def aggregate_runs(runs_root: Path | None) -> AggregateResult:
-    return geoloc.runs.leaderboard.aggregate_runs(runs_root)
+    return geoloc.presentation.leaderboard.aggregate_runs(runs_root)
 
 
 @task(name="log-leaderboard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

@@ -18,7 +18,7 @@ from flows._artifacts import publish_link, publish_table
 from flows.train import train_fn
 from geoloc.integrations.optuna import SweepConfig, SweepResult
 from geoloc.paths import runs_url
-from geoloc.runs.digest import served_link_line, table_records
+from geoloc.presentation.digest import served_link_line, table_records
 
 
 @task(name="validate-sweep", cache_policy=NO_CACHE)

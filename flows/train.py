@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows._artifacts import publish_run
 from flows.aggregate import aggregate
-from geoloc.compose.params import TRAIN_PARAMS, run_config_from_params
+from geoloc.compose.params import run_config_from_params, with_train_params
 from geoloc.compose.training import RETRYABLE_STEPS, run_training
 from geoloc.config import RunConfig, flatten
-
-EpochCallback = Callable[[int, dict[str, Any]], None]
+from geoloc.progress import EpochCallback
 
 
 @task(name="validate-config", cache_policy=NO_CACHE)
@@ -39,57 +38,25 @@ def as_task(name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> 
 
 
 @flow(name="train", log_prints=True)
+@with_train_params
 def train(
     preset: str | None = "geosoft",
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    loss: Literal["ce", "geosoft", "geosoft_sparse"] | None = None,
-    tau_km: float | None = None,
-    arch: str | None = None,
-    width: int | None = None,
-    hierarchy: bool | None = None,
-    hardneg: bool | None = None,
-    image_size: int | None = None,
-    max_steps_per_epoch: int | None = None,
-    device: str | None = None,
-    seed: int | None = None,
-    name: str | None = None,
-    rerank: bool | None = None,
-    tracking: bool | None = None,
     overrides: dict[str, Any] | None = None,
     run_dir: str | None = None,
     leaderboard: bool = True,
     callbacks: list[Any] | None = None,
+    **params: Any,
 ) -> dict[str, Any]:
     """Train one model on the canonical index and publish its results.
 
     Args:
         preset: Base config: a preset (geosoft, ce, demo) or a YAML/JSON file.
-        epochs: Training epochs.
-        batch_size: Global batch size.
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        loss: Loss on the classes (the factorised head needs ce or geosoft_sparse).
-        tau_km: GeoSoft temperature in km.
-        arch: Backbone from the model registry.
-        width: MultiScaleCNN channels of the first stage.
-        hierarchy: Predict the parent cell too (required by the factorised head).
-        hardneg: Hard negatives on/off (hardneg.mode says which: margin or oversample).
-        image_size: Model input side in pixels.
-        max_steps_per_epoch: Cap on steps per epoch (0: no cap).
-        device: auto, cpu, cuda or cuda:N.
-        seed: Seed of the run.
-        name: Human name of the run.
-        rerank: Evaluate reranking after training.
-        tracking: Mirror the run into MLflow.
+        {train_params}
         overrides: Any other config key, short or dotted, e.g. {"train.warmup_epochs": 1}.
         run_dir: Write the run here instead of $GEOLOC_RUNS_DIR/<new run id>.
         leaderboard: Then refresh the leaderboard (the `aggregate` flow, as a subflow).
         callbacks: In-process only (sweeps): callables (epoch, metrics) after each epoch.
     """
-    params = {k: v for k, v in locals().items() if k in TRAIN_PARAMS}
     cfg = validate_config(preset, params, overrides)
     # train -> rerank -> report -> MLflow sync, each step a task (geoloc.compose)
     out = run_training(cfg, run_dir=Path(run_dir) if run_dir else None,

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ PROGRESS_LOGGER = "geoloc.progress"
 progress_log = logging.getLogger(PROGRESS_LOGGER)
 if progress_log.level == logging.NOTSET:
     progress_log.setLevel(logging.INFO)
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+"""Called after each epoch with its number (1-based) and metrics: live MLflow, Optuna pruning."""
 
 INTERVAL_S = 30.0
 """Seconds between two log lines of one running loop (log-line mode)."""

@@ -57,7 +57,8 @@ def test_cli_train_prints_one_line_per_epoch_at_the_default_log_level(
     monkeypatch.delenv("GEOLOC_LOG_LEVEL", raising=False)
     args = ["train", "--config", "demo"]
     for kv in ("train.epochs=2", "train.batch_size=32", "train.image_size=32",
-               "model.arch=multiscale_cnn_tiny", "model.embed_dim=32", "rerank.enabled=false",
+               "model.arch=multiscale_cnn", "model.width=8", "model.depth=3", "model.embed_dim=32",
+               "rerank.enabled=false",
                "tracking.enabled=false"):  # fmt: skip
         args += ["--set", kv]
     assert main(args) == 0

@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         run: Annotated[str, typer.Argument(help="Run folder, or a run id under the runs folder.")],
     ) -> None:
         """Write plots, REPORT.md and dashboard.html for a run."""
-        from geoloc.runs.layout import RunPaths
-        from geoloc.runs.report import write_report
+        from geoloc.presentation.report import write_report
+        from geoloc.runfolder.layout import RunPaths
 
         run_dir = resolve_run_dir(run)
         write_report(run_dir)
@@ -86,8 +86,8 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option(help="Ranked runs to print.")] = 10,
     ) -> None:
         """Rank all runs into runs/_aggregate/ (CSV, Parquet, sortable dashboard)."""
-        from geoloc.runs.leaderboard import aggregate_runs
-        from geoloc.runs.leaderboard_score import Penalties, ScoreWeights
+        from geoloc.presentation.leaderboard import aggregate_runs
+        from geoloc.presentation.leaderboard_score import Penalties, ScoreWeights
 
         result = aggregate_runs(runs, ScoreWeights.parse(weights), Penalties.parse(penalties))
         typer.echo(f"ranked {len(result.ranked)} runs, skipped {len(result.skipped)}")

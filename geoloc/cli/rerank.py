@@ -100,7 +100,7 @@ def _rerank_config(run_dir: Path, overrides: list[str]) -> Any:
     import json
 
     from geoloc.config import RerankConfig, load_config
-    from geoloc.runs.layout import RunPaths
+    from geoloc.runfolder.layout import RunPaths
 
     config_json = RunPaths(Path(run_dir)).config
     base = json.loads(config_json.read_text()).get("rerank", {}) if config_json.is_file() else {}

@@ -82,7 +82,7 @@ def _transfer(
 ) -> None:  # fmt: skip
     """Run push (src local, dst S3) or pull (src S3, dst local) and print the counts, also
     the partial ones when it fails midway."""
-    from geoloc.integrations import s3 as storage
+    from geoloc.storage import s3 as storage
 
     run = storage.push if verb == "push" else storage.pull
     try:
@@ -153,7 +153,7 @@ def pull(
     Each file is verified against the sha256 recorded at upload; a mismatch leaves the local
     file untouched and fails the command.
     """
-    from geoloc.integrations import s3 as storage
+    from geoloc.storage import s3 as storage
 
     local, url = _split_args(args, index, "pull", "geoloc s3 pull s3://b/prefix RUN_DIR|--index")
     if index:

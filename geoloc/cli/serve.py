@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         links from the Prefect UI open in a browser; set GEOLOC_DASHBOARD_URL to the printed
         address where flows run. Stops on Ctrl-C."""
         from geoloc.paths import runs_dir
-        from geoloc.runs.serve import make_server, server_url
+        from geoloc.presentation.serve import make_server, server_url
 
         root = (directory or runs_dir()).resolve()
         server = make_server(root, host, port)

@@ -37,19 +37,20 @@ def register(app: typer.Typer) -> None:
         """Train a model and write runs/<run_id>/, then rerank, report and mirror it (as the
         `train` flow does); prints the run directory last. Under torchrun every process is a
         rank (`torchrun --nproc_per_node N -m geoloc train ...`)."""
-        import os
 
         from geoloc.compose.training import is_main_process, run_training
+        from geoloc.compute import torchrun_env
         from geoloc.config import load_config
         from geoloc.errors import GeolocError
-        from geoloc.runs.layout import RunPaths
+        from geoloc.runfolder.layout import RunPaths
 
         if resume is not None and config is None:
             run_config = RunPaths(resume).config
             if not run_config.is_file():
                 raise GeolocError(f"--resume '{resume}': no config.json (not a run directory)")
             config = str(run_config)
-        world = os.environ.get("WORLD_SIZE") if nproc is None else None  # torchrun's ranks
+        env = torchrun_env()
+        world = env.world_size if nproc is None and env.launched else None  # torchrun's ranks
         extra = [f"train.nproc={nproc or world}"] if (nproc or world) else []
         cfg = load_config(config, [*(overrides or []), *extra])
         run_dir = run_training(cfg, resume=resume)

@@ -10,22 +10,21 @@ the `RETRYABLE_STEPS`); the CLI runs them as plain calls.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from geoloc.compute import torchrun_env, under_torchrun
 from geoloc.config import RerankConfig, RunConfig
 from geoloc.errors import GeolocError
 from geoloc.paths import runs_dir
-from geoloc.runs.layout import RunPaths, new_run_id
-from geoloc.train.distributed import under_torchrun
+from geoloc.progress import EpochCallback
+from geoloc.runfolder.layout import RunPaths, new_run_id
 from geoloc.train.run import train_run
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-EpochCallback = Callable[[int, dict[str, Any]], None]
 StepRunner = Callable[..., Any]
 """`step(name, fn, *args, **kwargs) -> fn(*args, **kwargs)`, maybe as an orchestrator's unit."""
 
@@ -40,7 +39,7 @@ def call(name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 def is_main_process() -> bool:
     """False on torchrun's ranks other than 0: they train, and leave the rest to rank 0."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return torchrun_env().rank == 0
 
 
 def run_training(
@@ -126,8 +125,8 @@ def publish(run_dir: Path, *, mirror: bool, step: StepRunner = call) -> None:
 
 def write_report(run_dir: Path) -> Path:
     """The run's REPORT.md and dashboard.html, and summary.json's artifact flags to match."""
-    from geoloc.runs.report import write_report as _write_report
-    from geoloc.runs.summary import update_summary
+    from geoloc.presentation.report import write_report as _write_report
+    from geoloc.runfolder.summary import update_summary
 
     _write_report(run_dir)
     update_summary(Path(run_dir))

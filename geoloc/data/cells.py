@@ -114,11 +114,6 @@ def from_strings(cells: Any) -> np.ndarray:
     return (nibbles.astype(np.uint64) << _NIBBLE_SHIFTS).sum(axis=1, dtype=np.uint64)
 
 
-def cell_centers(cells: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(lat, lon) arrays of the centres of H3 cells (class centroids)."""
-    return centers_int(from_strings(cells) if len(cells) else np.zeros(0, np.uint64))
-
-
 def centers_int(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(lat, lon) of the centres of uint64 cells: the same floats as `h3.cell_to_latlng`."""
     flat = itertools.chain.from_iterable(map(basic_int.cell_to_latlng, cells.tolist()))

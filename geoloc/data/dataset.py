@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from geoloc.config import TrainConfig
-from geoloc.data.decode import DEFAULT_MAX_PIXELS, Rejected
-from geoloc.data.decode import decode_image as decode_rgb
+from geoloc.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image
 from geoloc.data.imagestore import LOCATION_COLUMNS, ImageLocations, ShardError
 from geoloc.errors import DataError, IndexMissingError
 from geoloc.progress import track
@@ -120,13 +119,13 @@ def _require_columns(df: pd.DataFrame, path: Path, columns: Sequence[str]) -> No
         raise IndexMissingError(f"index file '{path}' lacks column(s) {', '.join(missing)}")
 
 
-def decode_image(src: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+def image_tensor(src: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                  name: str | None = None) -> torch.Tensor:  # fmt: skip
     """(3, H, W) uint8 RGB tensor of an image file (or its bytes), decoded by the one decode every
     model input goes through (`geoloc.data.decode`); `DataError` naming the file (or `name`, for
     bytes) when unusable."""
     try:
-        rgb = decode_rgb(src, max_pixels)
+        rgb = decode_image(src, max_pixels)
     except Rejected as exc:
         label = name or ("image bytes" if isinstance(src, bytes) else f"image '{src}'")
         raise DataError(f"{label} could not be read: {exc.reason}: {exc.detail}") from exc
@@ -223,7 +222,7 @@ class GeoDataset(Dataset[Sample]):
 
     def image_from_bytes(self, i: int, data: bytes) -> torch.Tensor:
         """(3, H, W) uint8 pixels of row `i` from its stored bytes; errors name shard/member."""
-        return decode_image(data, name=self.locations.describe(i))
+        return image_tensor(data, name=self.locations.describe(i))
 
     def raw_image(self, i: int) -> torch.Tensor:
         """(3, H, W) uint8 pixels of row `i`, from the cache or its shard (or file)."""
@@ -231,7 +230,7 @@ class GeoDataset(Dataset[Sample]):
             return self._cache[i]
         file = self.locations.file(i)
         if file is not None:
-            return decode_image(file)
+            return image_tensor(file)
         return self.image_from_bytes(i, self.locations.read(i))
 
     def sample(self, i: int, image: torch.Tensor) -> Sample:

@@ -259,7 +259,7 @@ class _S3Shards:
     """Range reads of shards under a pushed index (`s3://bucket/prefix/shards/<name>`)."""
 
     def __init__(self, url: str) -> None:
-        from geoloc.integrations import s3
+        from geoloc.storage import s3
 
         self.url = s3.parse_s3_url(url)
         self._pid = -1
@@ -269,7 +269,7 @@ class _S3Shards:
         return f"s3://{self.url.bucket}/{self.url.key(f'{SHARDS_DIR}/{shard}')}"
 
     def read(self, shard: str, start: int, length: int) -> bytes:
-        from geoloc.integrations import s3
+        from geoloc.storage import s3
 
         if self._pid != os.getpid():  # one client per process: boto3 clients do not fork
             self._pid, self._client = os.getpid(), s3.create_client()

@@ -32,8 +32,9 @@ from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
 from geoloc.data.imagestore import SHARDS_DIR, ShardWriter, members_of, shard_relpath
 from geoloc.data.process import ProcessTask, process_one
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
-from geoloc.data.state import Journal, file_lock, maybe_fault, stable_hash
+from geoloc.data.state import Journal, maybe_fault, stable_hash
 from geoloc.errors import DataError
+from geoloc.locks import file_lock
 from geoloc.paths import DataPaths
 from geoloc.progress import track
 

@@ -25,8 +25,9 @@ import pandas as pd
 
 from geoloc.config import IndexConfig
 from geoloc.data.ingest import IngestReport, JournaledSource, finalize, journal_source
-from geoloc.data.state import Journal, file_lock
+from geoloc.data.state import Journal
 from geoloc.errors import DataError
+from geoloc.locks import file_lock
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)

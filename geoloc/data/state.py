@@ -16,8 +16,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,24 +90,3 @@ class StageState:
 
     def save(self, doc: dict[str, Any]) -> None:
         write_json(self.path, doc)
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (POSIX `flock`) around a read-modify-write of shared files.
-
-    Two ingests into one data root (e.g. parallel Prefect tasks) both merge into
-    `manifest.parquet` and `rejects.parquet`; the lock makes those merges take turns.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking available
-            yield
-            return
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

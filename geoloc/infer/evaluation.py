@@ -21,6 +21,7 @@ import pandas as pd
 
 from geoloc.atomic import atomic_path, file_sha256, write_text
 from geoloc.config import RerankConfig
+from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
@@ -42,17 +43,13 @@ from geoloc.infer.tuning import (
     tune,
 )
 from geoloc.progress import progress_log
-from geoloc.runs.formatting import fmt_km
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 __all__ = [
     "RerankResult",
     "answer_table",
     "evaluate_rerank",
-    "gallery_path",
-    "params_path",
     "rerank_run",
-    "val_table_path",
     "variants_for",
 ]
 
@@ -68,21 +65,6 @@ class RerankResult:
     val_table: pd.DataFrame
     params: RerankParams
     best_variant: str
-
-
-def gallery_path(paths: RunPaths) -> Path:
-    """The train gallery that rerank searches and `geoloc predict` reuses."""
-    return paths.data / "gallery.npz"
-
-
-def params_path(paths: RunPaths) -> Path:
-    """Every parameter rerank chose on val (`RerankParams`)."""
-    return paths.data / "rerank_params.json"
-
-
-def val_table_path(paths: RunPaths) -> Path:
-    """The val evaluation table (the test one is `RunPaths.rerank_eval`)."""
-    return paths.tables / "rerank_eval_val.csv"
 
 
 def evaluate_rerank(
@@ -169,11 +151,11 @@ def rerank_run(
     """Rerank evaluation of a trained run; writes tables, params, gallery and the summary.
 
     `cfg` defaults to the run's own `rerank` section. Every parameter is chosen on val; test is
-    only evaluated. The report is left to the caller (`geoloc.runs.report.write_report`).
+    only evaluated. The report is left to the caller (`geoloc.presentation.report.write_report`).
     """
+    from geoloc.data.run_data import resolve_index_dir
     from geoloc.infer.trained import load_trained
-    from geoloc.runs.summary import finite_or_none, update_summary
-    from geoloc.train.run import resolve_index_dir
+    from geoloc.runfolder.summary import finite_or_none, update_summary
 
     paths = RunPaths(Path(run_dir))
     trained = load_trained(paths.root, "best")
@@ -191,7 +173,7 @@ def rerank_run(
         for s in ("train", "val", "test")
     }
     gallery = outs["train"].to_gallery()
-    gallery.save(gallery_path(paths))
+    gallery.save(paths.gallery)
     land = (
         land_fraction_for(label_space, index_dir / "h3_features.parquet")
         if cfg.use_land_prior
@@ -208,9 +190,9 @@ def rerank_run(
         gallery=gallery,
     )
     params.checkpoint_sha256 = key.split(":")[0]
-    params.save(params_path(paths))
+    params.save(paths.rerank_params)
     _write_table(paths.rerank_eval, tables["test"])
-    _write_table(val_table_path(paths), tables["val"])
+    _write_table(paths.rerank_eval_val, tables["val"])
     best = variants_for(outs["test"], gallery, label_space, params)[params.best_variant]
     answers = answer_table(params.best_variant, best, outs["test"], params, label_space)
     with atomic_path(paths.rerank_test_predictions) as tmp:

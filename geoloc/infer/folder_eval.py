@@ -26,7 +26,7 @@ from geoloc.atomic import atomic_path, write_text
 from geoloc.data.process import gps_from_exif
 from geoloc.errors import DataError, GeolocError
 from geoloc.geo import LabelSpace, haversine_km
-from geoloc.infer.evaluation import answer_table, gallery_path, variants_for
+from geoloc.infer.evaluation import answer_table, variants_for
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.predict import Predictor, collect_images
@@ -151,7 +151,7 @@ def evaluate_folder(
         raise DataError(f"no image files under {', '.join(str(p) for p in paths)}")
     out, skipped = _outputs(predictor, files, progress)
     ls = predictor.label_space
-    gallery = Gallery.load(gallery_path(predictor.paths))
+    gallery = Gallery.load(predictor.paths.gallery)
     variants = variants_for(out, gallery, ls, params)
     table = evaluation_table(variants, out, params, ls)
     best = params.best_variant

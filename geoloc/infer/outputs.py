@@ -21,13 +21,12 @@ from geoloc.geo import LabelSpace
 from geoloc.infer.arrays import read_npz, write_npz
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.progress import track
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 __all__ = [
     "SplitOutputs",
     "base_probs",
     "compute_outputs",
-    "outputs_path",
     "split_outputs",
 ]
 
@@ -174,11 +173,6 @@ def base_probs(
     return class_scores(tensors, label_space.parent_of, hier_topk_parents).double().numpy()
 
 
-def outputs_path(paths: RunPaths, split: str) -> Path:
-    """Where the cached outputs of `split` live in a run."""
-    return paths.data / f"outputs_{split}.npz"
-
-
 def split_outputs(
     trained: Any,
     index_dir: Path,
@@ -191,7 +185,7 @@ def split_outputs(
     """Cached model outputs for a split, computed (and cached) when missing or stale."""
     from geoloc.data.dataset import GeoDataset
 
-    cache = outputs_path(paths, split)
+    cache = paths.outputs(split)
     if use_cache:
         cached = SplitOutputs.load(cache, key)
         if cached is not None:

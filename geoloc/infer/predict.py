@@ -34,18 +34,17 @@ from tqdm.auto import tqdm
 from geoloc.atomic import atomic_path, write_text
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
-from geoloc.data.dataset import decode_image
+from geoloc.data.dataset import image_tensor
 from geoloc.data.decode import Rejected
 from geoloc.data.process import clean_image
 from geoloc.errors import DataError, GeolocError
 from geoloc.infer.calibration import ConformalSets
-from geoloc.infer.evaluation import gallery_path, params_path
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.infer.outputs import base_probs
 from geoloc.infer.radius import ErrorRadius
 from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
 from geoloc.model.scores import SCORE_INPUTS
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -113,7 +112,7 @@ def prepare_image_bytes(data: bytes, max_side: int, max_pixels: int) -> torch.Te
         raise DataError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
     except Rejected as exc:
         raise DataError(_reason(exc)) from exc
-    return decode_image(jpeg)
+    return image_tensor(jpeg)
 
 
 def _reason(rej: Rejected) -> str:
@@ -167,7 +166,7 @@ class Predictor:
         if rerank and self.params is not None:
             self.variant = self.params.best_variant
             if self.variant != "base":
-                self.gallery = Gallery.load(gallery_path(self.paths))
+                self.gallery = Gallery.load(self.paths.gallery)
         elif rerank:
             log.warning(
                 "run '%s' has no rerank params (run `geoloc rerank` first): predicting with the "
@@ -176,7 +175,7 @@ class Predictor:
             )
 
     def _load_params(self) -> RerankParams | None:
-        path = params_path(self.paths)
+        path = self.paths.rerank_params
         if not path.is_file():
             return None
         return RerankParams.load(path)

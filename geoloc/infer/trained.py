@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from geoloc.compute import resolve_device
 from geoloc.config import RunConfig
 from geoloc.data.dataset import build_transforms
 from geoloc.errors import GeolocError, TrainingError
 from geoloc.geo import LabelSpace
 from geoloc.model.scores import class_scores
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 from geoloc.train.checkpoint import load_checkpoint
-from geoloc.train.steps import resolve_device
 
 
 @dataclass

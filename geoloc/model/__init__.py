@@ -5,7 +5,6 @@ Importing this package registers every built-in backbone, head and loss, so
 """
 
 from geoloc.model.backbones import (
-    TINY_MODEL_CONFIG,
     MultiScaleCNN,
     model_names,
     register_model,
@@ -34,7 +33,6 @@ from geoloc.model.sparse_losses import FactorisedLoss, GeoSoftNeighbours, Sparse
 
 __all__ = [
     "TAU_PER_EDGE",
-    "TINY_MODEL_CONFIG",
     "FactorisedHead",
     "FactorisedLoss",
     "FlatHead",

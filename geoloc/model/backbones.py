@@ -1,7 +1,7 @@
 """Backbones, chosen by `ModelConfig.arch` through the model registry.
 
 A backbone maps (B, 3, H, W) images to (B, F) features; `GeoModel` adds the neck and heads.
-Registered here: `multiscale_cnn` (and `multiscale_cnn_tiny` for tests) and the torchvision
+Registered here: `multiscale_cnn` (tests use it at width=8, depth=3) and the torchvision
 networks `resnet18`, `resnet50`, `efficientnet_b0`, `convnext_tiny`. A new backbone is one
 function decorated with `@register_model(name)`.
 """
@@ -23,7 +23,6 @@ from geoloc.model.registry import Registry
 
 __all__ = [
     "MODELS",
-    "TINY_MODEL_CONFIG",
     "TORCHVISION_ARCHS",
     "BackboneBuilder",
     "MultiScaleCNN",
@@ -119,20 +118,9 @@ class MultiScaleCNN(nn.Module):
         return torch.cat(pooled, dim=1)  # (B, sum C_i)
 
 
-TINY_MODEL_CONFIG = ModelConfig(arch="multiscale_cnn_tiny", width=8, depth=3, embed_dim=32)
-"""A model for tests: ~20k parameters, a forward pass on 64x64 in milliseconds."""
-
-
 @register_model("multiscale_cnn")
 def _multiscale_cnn(cfg: ModelConfig) -> tuple[nn.Module, int]:
     net = MultiScaleCNN.from_config(cfg)
-    return net, net.out_dim
-
-
-@register_model("multiscale_cnn_tiny")
-def _multiscale_cnn_tiny(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """width=8, depth=3 whatever the config says (embed_dim still comes from the config)."""
-    net = MultiScaleCNN(width=8, depth=3)
     return net, net.out_dim
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from geoloc.compute import share_cores, torchrun_env
 from geoloc.errors import TrainingError
 from geoloc.train.margin import PrototypeTally
 from geoloc.train.steps import EpochResult, EpochTally
@@ -167,16 +168,15 @@ def init_process_group(device_name: str) -> DistContext:
 
     NCCL and `cuda:LOCAL_RANK` when the run trains on GPU, gloo and CPU otherwise.
     """
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    env = torchrun_env()
+    rank, world, local_rank = env.rank, env.world_size, env.local_rank
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:  # N ranks on one host share its cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+        share_cores(world)
     backend = "nccl" if use_cuda else "gloo"
     tdist.init_process_group(backend, rank=rank, world_size=world, timeout=PROCESS_GROUP_TIMEOUT)
     log.info("rank %d/%d on %s (%s)", rank, world, device, backend)
@@ -197,11 +197,6 @@ def free_port() -> int:
 
 RankEntry = Callable[["RunConfig", Path | None, Path | None, bool], Path]
 """What each rank runs: `(cfg, run_dir, resume, progress) -> run_dir` (`run.run_rank`)."""
-
-
-def under_torchrun() -> bool:
-    """Whether this process was started as one rank of several by torchrun (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def joined_group(ctx: DistContext) -> contextlib.AbstractContextManager[DistContext]:

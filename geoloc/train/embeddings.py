@@ -37,13 +37,13 @@ import torch
 from torch.utils.data import Dataset
 
 from geoloc.atomic import atomic_path, write_json
+from geoloc.compute import resolve_compute
 from geoloc.config import RunConfig
 from geoloc.data.dataset import GeoDataset, build_transforms, make_loader
 from geoloc.data.state import stable_hash
 from geoloc.errors import DataError
 from geoloc.model.backbones import pretrained_weights
 from geoloc.progress import track
-from geoloc.train.steps import resolve_compute
 
 __all__ = [
     "EmbeddingStore",

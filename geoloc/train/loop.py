@@ -30,36 +30,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from geoloc.compute import Compute, resolve_compute, seed_everything
 from geoloc.config import HardNegConfig, RunConfig, TrainConfig
 from geoloc.data.dataset import GeoDataset
 from geoloc.data.sampling import sampling_probabilities
 from geoloc.data.state import maybe_fault
 from geoloc.data.streaming import eval_loader
+from geoloc.formatting import fmt_km, fmt_share
 from geoloc.geo import LabelSpace, build_hardneg_pool
-from geoloc.progress import format_duration, progress_log
-from geoloc.runs.formatting import fmt_km, fmt_share
+from geoloc.progress import EpochCallback, format_duration, progress_log
 from geoloc.train.checkpoint import save_checkpoint, set_rng_state
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.margin import MarginTerm, Prototypes, epoch_margin_term
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
-from geoloc.train.steps import (
-    Compute,
-    EpochResult,
-    EpochTally,
-    epoch_seed,
-    evaluate,
-    resolve_compute,
-    seed_everything,
-    train_one_epoch,
-)
+from geoloc.train.steps import EpochResult, EpochTally, epoch_seed, evaluate, train_one_epoch
 
 if TYPE_CHECKING:
     from geoloc.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
-
-EpochCallback = Callable[[int, dict[str, Any]], None]
-
 
 # --------------------------------------------------------------------------------------------
 # The loop

@@ -17,8 +17,8 @@ from geoloc.atomic import write_text
 from geoloc.config import RunConfig
 from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import (
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import (
     finite_or_none,
     new_summary,
     read_summary,

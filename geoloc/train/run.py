@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +19,18 @@ import torch
 from torch import nn
 
 from geoloc.atomic import write_parquet
+from geoloc.compute import resolve_compute, resolve_device, seed_everything, under_torchrun
 from geoloc.config import RunConfig, save_config
-from geoloc.data.dataset import (
-    EmptySplitError,
-    GeoDataset,
-    build_transforms,
-    check_index,
-    index_files,
-)
-from geoloc.data.streaming import eval_loader, is_streamed
-from geoloc.errors import ConfigError, DataError, TrainingError, TrialPruned
+from geoloc.data.dataset import GeoDataset, index_files
+from geoloc.data.run_data import RunData, load_run_data, resolve_index_dir
+from geoloc.data.streaming import eval_loader
+from geoloc.errors import ConfigError, TrainingError, TrialPruned
+from geoloc.formatting import fmt_km, fmt_share
 from geoloc.geo import LabelSpace
-from geoloc.paths import DataPaths, runs_dir
-from geoloc.progress import progress_log
-from geoloc.runs.formatting import fmt_km, fmt_share
-from geoloc.runs.layout import RunPaths, new_run_id
-from geoloc.runs.summary import (
+from geoloc.paths import runs_dir
+from geoloc.progress import EpochCallback, progress_log
+from geoloc.runfolder.layout import RunPaths, new_run_id
+from geoloc.runfolder.summary import (
     update_summary,
 )
 from geoloc.train.checkpoint import load_checkpoint
@@ -45,7 +41,6 @@ from geoloc.train.distributed import (
     init_process_group,
     joined_group,
     launch,
-    under_torchrun,
 )
 from geoloc.train.loop import FitState, fit
 from geoloc.train.records import (
@@ -56,27 +51,13 @@ from geoloc.train.records import (
     start_summary,
     write_metrics_csv,
 )
-from geoloc.train.steps import (
-    EvalResult,
-    evaluate,
-    resolve_compute,
-    resolve_device,
-    seed_everything,
-)
+from geoloc.train.steps import EvalResult, evaluate
 
 log = logging.getLogger(__name__)
-
-EpochCallback = Callable[[int, dict[str, Any]], None]
-
 
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_index_dir(cfg: RunConfig) -> Path:
-    """`cfg.index_dir`, or `$GEOLOC_DATA_DIR/index`."""
-    return Path(cfg.index_dir).resolve() if cfg.index_dir else DataPaths.default().index
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -113,81 +94,6 @@ def check_run_config(cfg: RunConfig) -> None:
     from geoloc.model.backbones import check_pretrained
 
     check_pretrained(cfg.model)  # missing weights fail here, not after the run folder exists
-
-
-def check_label_space(cfg: RunConfig, label_space: LabelSpace, index_dir: Path) -> None:
-    """The index must have what the model config needs: a parent level for the factorised
-    head (parents strictly coarser than the classes)."""
-    if cfg.model.head != "factorised":
-        return
-    res, parent = label_space.resolution, label_space.parent_resolution
-    if parent >= res:
-        raise ConfigError(
-            f"model.head=factorised needs parent cells coarser than the classes, but the index "
-            f"'{index_dir}' has parent_resolution {parent} and resolution {res}: rebuild it "
-            f"with parent_resolution < resolution (e.g. {max(res - 1, 0)}), or set "
-            "model.head=flat"
-        )
-
-
-@dataclass
-class RunData:
-    """The index as a run sees it: label space and the three splits (test may be absent)."""
-
-    index_dir: Path
-    label_space: LabelSpace
-    train: GeoDataset
-    val: GeoDataset
-    test: GeoDataset | None
-
-
-def load_run_data(cfg: RunConfig, index_dir: Path, progress: bool | None = None) -> RunData:
-    """Check the index and open its splits; train and val must have images, test may not.
-
-    `progress` is how their decode reports (`geoloc.progress.track`: bars or log lines)."""
-    check_index(index_dir)
-    label_space = LabelSpace.from_json(index_files(index_dir)["labels"])
-    check_label_space(cfg, label_space, index_dir)  # before decoding any image
-    train_tf = build_transforms(cfg.train, train=True)
-    eval_tf = build_transforms(cfg.train, train=False)
-    # with stored embeddings, pixels are decoded only while a split is embedded
-    kw: dict[str, Any] = {"progress": progress, "cache_bytes": cfg.train.cache_mb << 20,
-                          "shards_url": cfg.train.shards_url, "unreadable": "skip"}  # fmt: skip
-    if cfg.train.embeddings == "cache":
-        kw["cache"] = False
-    train = GeoDataset(index_dir, "train", train_tf, **kw)
-    if cfg.train.embeddings != "cache" and is_streamed(train):  # rows come in shard order
-        if cfg.hardneg.enabled and cfg.hardneg.mode == "oversample":  # margin mode draws none
-            raise _needs_random_access("hardneg.enabled", "hardneg.enabled=false", cfg, train)
-        if cfg.train.sampling != "uniform":
-            key = f"train.sampling={cfg.train.sampling}"
-            raise _needs_random_access(key, "train.sampling=uniform", cfg, train)
-    val = GeoDataset(index_dir, "val", eval_tf, **kw)
-    try:
-        test: GeoDataset | None = GeoDataset(index_dir, "test", eval_tf, **kw)
-    except EmptySplitError as exc:
-        log.warning("%s: no test metrics for this run", exc)
-        test = None
-    for ds in (train, val, test):
-        if ds is None:
-            continue
-        bad = (ds.labels < 0) | (ds.labels >= label_space.num_classes)
-        if bad.any():
-            raise DataError(
-                f"split '{ds.split}' of '{index_dir}' has labels outside 0.."
-                f"{label_space.num_classes - 1}: splits.parquet and labels.json disagree"
-            )
-    return RunData(index_dir, label_space, train, val, test)
-
-
-def _needs_random_access(key: str, fix: str, cfg: RunConfig, train: GeoDataset) -> ConfigError:
-    """The one-line refusal of a setting that draws train rows at random on a streamed split."""
-    return ConfigError(
-        f"{key} needs random access to the train images, but split 'train' of "
-        f"'{train.index_dir}' ({len(train):,} images, {train.decoded_bytes() / 2**20:,.0f} MiB "
-        f"decoded) is streamed from its shards because it exceeds train.cache_mb="
-        f"{cfg.train.cache_mb}: raise train.cache_mb above that or set {fix}"
-    )
 
 
 def _with_defaults(model_section: dict[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,12 @@
 """One epoch of training and one evaluation pass: the steps `fit` repeats.
 
-Also the seeding and device rules every step shares. Epoch numbers are 1-based.
+Devices, seeding and mixed precision are `geoloc.compute`'s. Epoch numbers are 1-based.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils.data import DataLoader
 
-from geoloc.config import TrainConfig
-from geoloc.errors import GeolocError, TrainingError
+from geoloc.compute import FP32, Compute
+from geoloc.errors import TrainingError
 from geoloc.geo import LabelSpace
 from geoloc.geo import haversine_km as _haversine_km
 from geoloc.geo.metrics import geo_metrics_from_errors, topk_accuracy
@@ -49,40 +48,13 @@ PREDICTION_TOPK = 10
 
 
 # --------------------------------------------------------------------------------------------
-# Seeding and devices
+# Seeding
 # --------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int, rank: int = 0, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) from one number; ranks get distinct streams.
-
-    `deterministic` pins cuDNN to reproducible algorithms; without it cuDNN benchmarks and picks
-    the fastest ones (`train.deterministic=false`, GPU runs that value speed over bit-equality).
-    """
-    s = (int(seed) + 1_000_003 * int(rank)) % 2**32
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)  # also seeds every CUDA device
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
 
 
 def epoch_seed(seed: int, epoch_index: int) -> int:
     """The seed of one epoch's randomness; a pure function so resumed runs reproduce it."""
     return (int(seed) * 1_000_003 + 7919 * int(epoch_index) + 1) % 2**31
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; anything else must name an available device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise GeolocError(f"train.device '{name}' is not a device: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GeolocError(f"train.device '{name}' asks for CUDA but no GPU is available")
-    return device
 
 
 def total_loss(
@@ -104,81 +76,6 @@ def total_loss(
     if parent_logits is not None and parent_loss_weight > 0:
         loss = loss + parent_loss_weight * F.cross_entropy(parent_logits.float(), parent_labels)
     return loss
-
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Compute:
-    """How the steps run on their device: autocast dtype (None: float32) and memory format.
-
-    fp16 autocast on CUDA scales the loss (`grad_scaler`); bf16 keeps float32's range and needs
-    no scaling. `channels_last` stores image batches NHWC, which cuDNN's conv kernels (tensor
-    cores) prefer; the model must be converted the same way (`prepare_model`).
-    """
-
-    device_type: str = "cpu"
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    @property
-    def precision(self) -> str:
-        """`bf16`, `fp16` or `fp32`: what the forward pass computes in."""
-        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-        return names.get(self.amp_dtype, "fp32")  # type: ignore[arg-type]
-
-    def autocast(self) -> torch.autocast:
-        dtype = self.amp_dtype or torch.bfloat16  # any supported dtype when disabled
-        return torch.autocast(self.device_type, dtype=dtype, enabled=self.amp_dtype is not None)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """A GradScaler that is on only for fp16 on CUDA (the one case that underflows)."""
-        enabled = self.amp_dtype == torch.float16 and self.device_type == "cuda"
-        return torch.amp.GradScaler(self.device_type, enabled=enabled)
-
-    def images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A batch onto `device` (asynchronously from pinned memory), NHWC when asked."""
-        if self.channels_last and images.dim() == 4:
-            return images.to(device, non_blocking=True, memory_format=torch.channels_last)
-        return images.to(device, non_blocking=True)
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Convert the model's conv weights to channels_last when this mode uses it."""
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-
-FP32 = Compute()
-"""Plain float32, contiguous: what CPU runs use by default."""
-
-
-def has_conv(model: nn.Module) -> bool:
-    """Does the model convolve images (where channels_last pays off)?"""
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def resolve_compute(train_cfg: TrainConfig, device: torch.device, model: nn.Module) -> Compute:
-    """`train.amp`/`amp_dtype`/`channels_last` on `device` -> the `Compute` the steps use.
-
-    CUDA autocasts to bf16 where the GPU supports it (`auto`), else fp16; CPU autocasts only with
-    an explicit `amp_dtype=bf16` (CPUs without bf16 units run it slower than float32, but it is
-    the way to exercise the mixed-precision path without a GPU). channels_last is for conv
-    models on CUDA.
-    """
-    want = train_cfg.amp_dtype
-    dtype: torch.dtype | None = None
-    if train_cfg.amp and device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if want == "bf16" and not bf16_ok:
-            raise GeolocError(
-                f"train.amp_dtype=bf16 but {torch.cuda.get_device_name(device)} has no bf16 "
-                "support; use train.amp_dtype=auto or fp16"
-            )
-        dtype = _AMP_DTYPES[("bf16" if bf16_ok else "fp16") if want == "auto" else want]
-    elif train_cfg.amp and device.type == "cpu" and want == "bf16":
-        dtype = torch.bfloat16
-    channels_last = train_cfg.channels_last and device.type == "cuda" and has_conv(model)
-    return Compute(device.type, dtype, channels_last)
 
 
 # --------------------------------------------------------------------------------------------

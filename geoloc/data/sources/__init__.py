@@ -105,11 +105,6 @@ def _load_builtin() -> None:
     )
 
 
-def source_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
 def detect_format(spec: str) -> str | None:
     """The name of the source `format="auto"` picks for `spec`, None when none matches."""
     _load_builtin()

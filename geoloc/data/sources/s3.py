@@ -7,7 +7,7 @@
   read from EXIF at processing time (as for a local folder).
 
 Bytes are not read here: each item carries a `fetch()` that downloads through
-`geoloc.integrations.s3` when ingestion asks for it, so listing a large prefix stays cheap.
+`geoloc.storage.s3` when ingestion asks for it, so listing a large prefix stays cheap.
 The endpoint comes from the `endpoint_url` option or `AWS_ENDPOINT_URL` (MinIO and other
 S3-compatible stores).
 """
@@ -36,7 +36,7 @@ from geoloc.data.sources.manifest import (
 from geoloc.data.sources.urls import http_fetcher
 from geoloc.data.state import stable_hash
 from geoloc.errors import DataError
-from geoloc.integrations import s3 as storage
+from geoloc.storage import s3 as storage
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from geoloc.integrations.mlflow.store import (
     prefect_flow_run_id,
 )
 from geoloc.paths import DataPaths
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import finite_or_none
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import finite_or_none
 
 # summary.json fields that change on every write without changing what the run says
 _VOLATILE_SUMMARY_KEYS = ("updated_at",)
@@ -124,7 +124,7 @@ def dataset_input(summary: Mapping[str, Any], config: Mapping[str, Any]) -> dict
     fingerprint = info.get("fingerprint")
     if not fingerprint:
         return None
-    # as `geoloc.train.run.resolve_index_dir` found it (config, else $GEOLOC_DATA_DIR/index)
+    # as `geoloc.data.run_data.resolve_index_dir` found it (config, else $GEOLOC_DATA_DIR/index)
     index_dir = Path(config.get("index_dir") or DataPaths.default().index).resolve()
     profile: dict[str, Any] = {"fingerprint": fingerprint}
     keys = ("num_classes", "num_parents", "resolution", "parent_resolution")

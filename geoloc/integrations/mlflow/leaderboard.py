@@ -21,7 +21,7 @@ from geoloc.integrations.mlflow.store import (
     resolve_tracking_uri,
 )
 from geoloc.paths import aggregate_dir
-from geoloc.runs.summary import finite_or_none, now_iso
+from geoloc.runfolder.summary import finite_or_none, now_iso
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

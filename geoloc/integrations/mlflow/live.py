@@ -38,7 +38,7 @@ from geoloc.integrations.mlflow.store import (
     resolve_tracking_uri,
 )
 from geoloc.integrations.mlflow.writers import open_run, sync_inputs, sync_params, sync_tags
-from geoloc.runs.summary import read_summary
+from geoloc.runfolder.summary import read_summary
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

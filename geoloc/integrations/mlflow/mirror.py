@@ -42,8 +42,8 @@ from geoloc.integrations.mlflow.writers import (
     sync_tags,
 )
 from geoloc.paths import runs_dir
-from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary, update_summary
+from geoloc.runfolder.layout import RunPaths
+from geoloc.runfolder.summary import read_summary, update_summary
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow.pyfunc
 
 from geoloc.errors import GeolocError
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -47,10 +47,8 @@ _MODEL_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "geolo
 
 def _data_files(run_dir: Path) -> list[str]:
     """What `Predictor` reads besides the checkpoint, relative to the run folder."""
-    from geoloc.infer.evaluation import gallery_path, params_path
-
     rp = RunPaths(run_dir)
-    files = [params_path(rp), gallery_path(rp), rp.config]
+    files = [rp.rerank_params, rp.gallery, rp.config]
     return [p.relative_to(rp.root).as_posix() for p in files if p.is_file()]
 
 

@@ -14,7 +14,7 @@ from geoloc.integrations.mlflow.store import (
     TAG_STATUS,
     global_tracking_uri,
 )
-from geoloc.runs.summary import finite_or_none
+from geoloc.runfolder.summary import finite_or_none
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

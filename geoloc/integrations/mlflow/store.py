@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from geoloc.data.state import file_lock
 from geoloc.errors import GeolocError, redact
+from geoloc.locks import file_lock
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

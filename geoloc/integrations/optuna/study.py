@@ -11,9 +11,9 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geoloc.data.state import file_lock
 from geoloc.errors import redact
 from geoloc.integrations.optuna.settings import SweepConfig, SweepError, prunes
+from geoloc.locks import file_lock
 from geoloc.paths import sweeps_dir
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from geoloc.errors import redact
 from geoloc.integrations.optuna.settings import SweepConfig
 from geoloc.integrations.optuna.study import default_storage
 from geoloc.paths import sweeps_dir
-from geoloc.runs.layout import RunPaths
+from geoloc.runfolder.layout import RunPaths
 
 if TYPE_CHECKING:
     import optuna
@@ -105,7 +105,7 @@ def write_sweep_summary(study: optuna.Study, cfg: SweepConfig) -> SweepResult:
     write_text(files[0], table.to_csv(index=False))
     write_parquet(files[1], table)
     write_json(files[2], best)
-    from geoloc.runs.sweep_plots import plot_sweep
+    from geoloc.presentation.sweep_plots import plot_sweep
 
     files += plot_sweep(study, out)
     write_text(files[3], sweep_markdown(study.study_name, cfg, table, best, files[4:]))

@@ -20,7 +20,7 @@ from geoloc.integrations.optuna.settings import SweepConfig, prunes, sweep_confi
 from geoloc.integrations.optuna.study import create_study
 from geoloc.integrations.optuna.summary import SweepResult, write_sweep_summary
 from geoloc.paths import runs_dir
-from geoloc.runs.layout import new_run_id
+from geoloc.runfolder.layout import new_run_id
 
 if TYPE_CHECKING:
     import optuna
@@ -70,7 +70,7 @@ def run_trial(
     """Train one suggested config as a full run and return its objective value(s)."""
     import optuna
 
-    from geoloc.runs.summary import read_summary
+    from geoloc.runfolder.summary import read_summary
 
     run_cfg = trial_config(trial, cfg, parent_run_id)
     run_dir = runs_dir() / new_run_id(run_cfg.name)

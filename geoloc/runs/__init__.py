@@ -1,1 +1,0 @@
-"""Run artifacts: the run folder layout, summary.json, plots, REPORT.md, dashboard, leaderboard."""
