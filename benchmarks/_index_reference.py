@@ -20,7 +20,7 @@ from geoloc.atomic import write_json, write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data import features as F
 from geoloc.data.cells import h3_columns
-from geoloc.data.index import LABELS_VERSION, REMAP_POLICY, compute_fingerprint
+from geoloc.data.index import LABELS_VERSION, REMAP_POLICY, STORAGE_COLUMNS, compute_fingerprint
 from geoloc.data.tables import frame_digest
 from geoloc.geo.distance import unit_vectors
 from geoloc.paths import DataPaths
@@ -151,7 +151,8 @@ def reference_build(paths: DataPaths, cfg: IndexConfig) -> dict[str, Any]:
                   "counts": {s: int((split == s).sum()) for s in ("train", "val", "test")}},
         "classes": classes, "parents": parents,
     }  # fmt: skip
-    doc["fingerprint"] = compute_fingerprint(frame_digest(images), frame_digest(splits), doc)
+    content = images.drop(columns=[c for c in STORAGE_COLUMNS if c in images.columns])
+    doc["fingerprint"] = compute_fingerprint(frame_digest(content), frame_digest(splits), doc)
     write_json(paths.labels, doc)
     write_parquet(paths.h3_features, _features([c["cell"] for c in classes], cfg))
     return {"n_classes": len(classes), "n_parents": len(parents), "fingerprint": doc["fingerprint"]}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from geoloc.config import TrainConfig
+from geoloc.config import RunConfig, TrainConfig
 from geoloc.errors import GeolocError
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +71,24 @@ def seed_everything(seed: int, rank: int = 0, deterministic: bool = True) -> Non
     torch.manual_seed(s)  # also seeds every CUDA device
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
+
+
+def determinism_settings(cfg: RunConfig, world_size: int = 1) -> dict[str, Any]:
+    """What a rerun must match, besides code, data and library versions, to reproduce a run's
+    numbers bit for bit (summary.json `determinism`; docs/training.md, "Determinism")."""
+    deterministic = cfg.train.deterministic
+    return {
+        "seed": cfg.seed,
+        "threads": torch.get_num_threads(),  # CPU kernels split their sums by thread count
+        "world_size": world_size,
+        "device": cfg.train.device,
+        "num_workers": cfg.train.num_workers,  # 0 and >= 1 workers draw other augmentations
+        "amp": cfg.train.amp,
+        "amp_dtype": cfg.train.amp_dtype,
+        "deterministic": deterministic,
+        "cudnn_deterministic": deterministic,
+        "cudnn_benchmark": not deterministic,
+    }
 
 
 def resolve_device(name: str) -> torch.device:

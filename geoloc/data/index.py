@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from geoloc.data.cells import (
     parent_int,
     to_strings,
 )
-from geoloc.data.imagestore import manifest_shard_problems
+from geoloc.data.imagestore import LOCATION_COLUMNS, manifest_shard_problems
 from geoloc.data.ingest import read_processed_manifest
 from geoloc.data.splits import (
     SPLITS,
@@ -249,8 +250,19 @@ def _split_counts(split: np.ndarray) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------
 
 
+STORAGE_COLUMNS = ("path", *LOCATION_COLUMNS)
+"""Where an image's bytes lie (file, tar shard, offset), not what they are: left out of the
+fingerprint, so the same images, splits and labels ingested anywhere (shard names carry the
+ingest job's id) have one fingerprint. The `sha256` column stands for the bytes."""
+
+
+def content_digest(images_parquet: Path) -> bytes:
+    """The images table's digest over its content columns (`STORAGE_COLUMNS` left out)."""
+    return table_digest(images_parquet, exclude=STORAGE_COLUMNS)
+
+
 def compute_fingerprint(images: bytes, splits: bytes, doc: dict[str, Any]) -> str:
-    """sha256 of the images and splits contents (`frame_digest`s) and labels.json's body."""
+    """sha256 of the images (`content_digest`) and splits digests and labels.json's body."""
     body = {k: v for k, v in doc.items() if k != "fingerprint"}
     h = hashlib.sha256()
     h.update(images)
@@ -272,7 +284,7 @@ def read_labels(paths: DataPaths) -> dict[str, Any]:
 def index_fingerprint(paths: DataPaths) -> str:
     """The fingerprint of the index on disk (recomputed from its files, not read back)."""
     doc = read_labels(paths)
-    return compute_fingerprint(table_digest(paths.images), table_digest(paths.splits), doc)
+    return compute_fingerprint(content_digest(paths.images), table_digest(paths.splits), doc)
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,7 +362,7 @@ def build_index(
         labels = labels_document(result, cfg)
         split_counts, n_remapped = _split_counts(result.split), int(result.remapped.sum())
         del result
-        images_digest, splits_digest = table_digest(paths.images), table_digest(paths.splits)
+        images_digest, splits_digest = content_digest(paths.images), table_digest(paths.splits)
         labels["fingerprint"] = compute_fingerprint(images_digest, splits_digest, labels)
         write_json(paths.labels, labels)
         commit("splits")

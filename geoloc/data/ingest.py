@@ -281,7 +281,10 @@ def journal_source(
     resolved = _resolve_spec(spec, paths)
     source = create_source(resolved, **source_options)
     entries = list(track(source.items(), desc=f"listing {spec}", unit="item"))
-    journal = Journal(paths.state / "ingest" / job_id(resolved, cfg, source_options))
+    # the demo's images are one and the same wherever the data folder is: its job (and so its
+    # shard names) must not carry the folder's absolute path
+    journal = Journal(paths.state / "ingest" / job_id(spec if spec == "demo" else resolved, cfg,
+                                                       source_options))  # fmt: skip
     if fresh:
         journal.clear()
     # temp files of writers killed mid-write (an earlier, interrupted ingest) go first

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -117,10 +117,14 @@ def frame_digest(frame: pd.DataFrame) -> bytes:
     return digest.digest()
 
 
-def table_digest(path: Path, batch_rows: int | None = None) -> bytes:
-    """`frame_digest(pd.read_parquet(path))`, computed batch by batch."""
+def table_digest(
+    path: Path, batch_rows: int | None = None, exclude: Sequence[str] = ()
+) -> bytes:
+    """`frame_digest(pd.read_parquet(path))` without the `exclude` columns, batch by batch."""
     digest = FrameDigest()
-    for frame in iter_frames(path, batch_rows=batch_rows):
+    names = _open(path).schema_arrow.names
+    columns = [c for c in names if c not in exclude] if exclude else None
+    for frame in iter_frames(path, columns=columns, batch_rows=batch_rows):
         digest.update(frame)
     release_memory()
     return digest.digest()

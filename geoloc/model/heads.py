@@ -202,9 +202,14 @@ class FactorisedHead(nn.Module):
     def child_logits(self, h: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings, (B, R) parent indices -> (B, R, C) child logits, padding -inf."""
         b, r = parents.shape
-        w = self.child_weight[parents]  # (B, R, C, D): only the tables asked for
+        flat = parents.reshape(-1)
+        # index_select, not `child_weight[parents]`: the backward of advanced indexing on CPU
+        # (index_put_ with accumulate) adds rows of a parent shared by several samples from
+        # concurrent threads, in an order that varies run to run (docs/training.md,
+        # "Determinism"); index_select's backward (index_add_) sums them in sample order.
+        w = self.child_weight.index_select(0, flat)  # (B*R, C, D): only the tables asked for
         z = torch.bmm(w.view(b, r * self.max_children, -1), h.unsqueeze(2)).view(b, r, -1)
-        z = z + self.child_bias[parents]
+        z = z + self.child_bias.index_select(0, flat).view(b, r, -1)
         return z.masked_fill(~self.child_mask[parents], float("-inf"))
 
     def _all_child_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from geoloc.presentation.leaderboard_table import (
     skipped_frame,
     typed_frame,
 )
-from geoloc.runfolder.summary import SummaryError, parse_summary
+from geoloc.runfolder.summary import SummaryError, parse_summary, rerun_differences
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def summary_row(run_id: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         "failure_reason": summary.get("failure_reason"),
         "dashboard": f"../{run_id}/dashboard.html" if artifacts.get("dashboard") else None,
         "_artifacts": artifacts,
+        "_settings": {k: summary.get(k) or {} for k in ("code", "determinism")},
         "skipped": False,
         "skip_reason": None,
     }
@@ -178,6 +179,19 @@ def score_runs(
     return typed_frame(df.reset_index(drop=True))
 
 
+def settings_differences(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How the runs' library versions and thread counts differ from the first run's, e.g.
+    `['torch 2.14.1 vs 2.15.0 (run b)']`, each difference once."""
+    if not rows:
+        return []
+    first = rows[0]["_settings"]
+    seen: dict[str, str] = {}
+    for row in rows[1:]:
+        for diff in rerun_differences(first, row["_settings"], sep=" vs "):
+            seen.setdefault(diff, row["run_id"])
+    return [f"{diff} (run {run_id})" for diff, run_id in seen.items()]
+
+
 def aggregate_runs(
     root: Path | None = None,
     weights: ScoreWeights | None = None,
@@ -192,6 +206,9 @@ def aggregate_runs(
     weights = weights or ScoreWeights()
     penalties = penalties or Penalties()
     rows, skipped = read_runs(root)
+    if differ := settings_differences(rows):
+        log.warning("the leaderboard compares runs made under different settings (%s): their "
+                    "numbers differ for that reason too", "; ".join(differ))  # fmt: skip
     ranked = score_runs(rows, weights, penalties)
     table = pd.concat([ranked, skipped_frame(skipped)], ignore_index=True) if skipped else ranked
     result = AggregateResult(ranked, skipped, typed_frame(table), weights, penalties)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -256,9 +258,67 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@cache
+def git_dirty() -> bool | None:
+    """Whether the checkout that ran has uncommitted changes (a commit alone does not name the
+    code then); None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=normal"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+LIBRARIES = {"torch": "torch", "numpy": "numpy", "pillow": "pillow"}
+"""Libraries whose version changes a run's numbers: summary key -> distribution name."""
+
+
+def library_versions() -> dict[str, str | None]:
+    """Python's and `LIBRARIES`' versions, read from package metadata (nothing is imported)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for key, dist in LIBRARIES.items():
+        try:
+            versions[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[key] = None
+    return versions
+
+
 def code_version() -> dict[str, Any]:
-    """Which code produced the run (package version and git commit)."""
-    return {"version": geoloc.__version__, "git_commit": git_commit()}
+    """Which code produced the run: package version, git commit, uncommitted changes and the
+    versions of the libraries that compute its numbers."""
+    return {
+        "version": geoloc.__version__,
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "libraries": library_versions(),
+    }
+
+
+def rerun_differences(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], sep: str = " -> "
+) -> list[str]:
+    """What differs between two summaries' library versions, thread counts and ranks, e.g.
+    `['torch 2.14.1 -> 2.15.0', 'threads 2 -> 1']`; a key one of them lacks is not compared."""
+    diffs = []
+    libs_a = (recorded.get("code") or {}).get("libraries") or {}
+    libs_b = (current.get("code") or {}).get("libraries") or {}
+    for key in sorted(set(libs_a) & set(libs_b)):
+        if libs_a[key] != libs_b[key]:
+            diffs.append(f"{key} {libs_a[key]}{sep}{libs_b[key]}")
+    det_a = recorded.get("determinism") or {}
+    det_b = current.get("determinism") or {}
+    for key, label in (("threads", "threads"), ("world_size", "ranks")):
+        if key in det_a and key in det_b and det_a[key] != det_b[key]:
+            diffs.append(f"{label} {det_a[key]}{sep}{det_b[key]}")
+    return diffs
 
 
 def artifact_flags(run_dir: Path) -> dict[str, bool]:

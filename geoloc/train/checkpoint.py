@@ -48,6 +48,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_rng_state(ckpt: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The RNG state `rank` saved (`rng_ranks`, DDP), else the one of `rng` (rank 0 / 1 process).
+
+    Each DDP rank draws its own augmentation and dropout: restoring rank 0's on every rank
+    would resume a different run from the one that was interrupted."""
+    ranks = ckpt.get("rng_ranks") or []
+    return ranks[rank] if rank < len(ranks) else ckpt["rng"]
+
+
 def save_checkpoint(
     path: Path,
     *,
@@ -61,11 +70,13 @@ def save_checkpoint(
     best: dict[str, Any],
     history: list[dict[str, Any]],
     extra: dict[str, Any] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> None:
     """Everything to rebuild the model and resume: one dict of tensors and plain values.
 
     Written atomically, so a crash mid-save never leaves a broken `last.pt`. Loadable with
     `torch.load(weights_only=True)`: RNG states are tensors/lists, configs are JSON dicts.
+    `rng_ranks`: every DDP rank's RNG state, by rank (`rank_rng_state` picks one back).
     """
     state = {
         "version": CHECKPOINT_VERSION,
@@ -74,7 +85,8 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
+        "rng": rng_state() if not rng_ranks else rng_ranks[0],
+        "rng_ranks": rng_ranks or [],
         "config": config,
         "label_space": label_space.to_dict(),
         "best": best,

@@ -148,6 +148,12 @@ class DistContext:
         sums_t, counts_t, term_t = (p.cpu().numpy() for p in parts)
         return PrototypeTally(sums_t, counts_t.astype(np.int64), float(term_t[0]))
 
+    def gather(self, obj: Any) -> list[Any]:
+        """`obj` of every rank, by rank, on every rank (picklable objects, e.g. RNG states)."""
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def agree(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (early stopping must end all ranks together)."""
         value = torch.tensor([int(flag)], device=self.device)

@@ -39,7 +39,7 @@ from geoloc.data.streaming import eval_loader
 from geoloc.formatting import fmt_km, fmt_share
 from geoloc.geo import LabelSpace, build_hardneg_pool
 from geoloc.progress import EpochCallback, format_duration, progress_log
-from geoloc.train.checkpoint import save_checkpoint, set_rng_state
+from geoloc.train.checkpoint import rank_rng_state, rng_state, save_checkpoint, set_rng_state
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.margin import MarginTerm, Prototypes, epoch_margin_term
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
@@ -188,14 +188,15 @@ class _Optimisation:
         scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(n_rows, cfg.train))
         return cls(optimizer, scheduler, compute.grad_scaler())
 
-    def restore(self, model: nn.Module, ckpt: dict[str, Any]) -> FitState:
-        """Load a checkpoint's model, optimiser, schedule, scaler and RNG; its `FitState`."""
+    def restore(self, model: nn.Module, ckpt: dict[str, Any], rank: int = 0) -> FitState:
+        """Load a checkpoint's model, optimiser, schedule, scaler and this rank's RNG; its
+        `FitState`."""
         model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(rank_rng_state(ckpt, rank))
         return FitState.from_checkpoint(ckpt)
 
 
@@ -228,7 +229,7 @@ def fit(
     opt = _Optimisation.build(model, cfg, len(train_set), compute)
     state = FitState()
     if resume_from is not None:
-        state = opt.restore(model, resume_from)
+        state = opt.restore(model, resume_from, 0 if dist is None else dist.rank)
         log.info("resuming after epoch %d", state.epoch)
     train_model = _training_model(model, cfg, dist)
     is_main = dist is None or dist.is_main
@@ -382,8 +383,10 @@ class _StepCheckpoints:
         return after_step
 
     def save(self, steps_done: int, tally: EpochTally) -> None:
+        rng_ranks = None
         if self.dist is not None:
             tally = self.dist.reduce_tally(tally)
+            rng_ranks = self.dist.gather(rng_state())  # each rank resumes its own draws
         if self.dist is not None and not self.dist.is_main:
             return
         state = FitState(**{**self.state.__dict__, "position": (steps_done, tally)})
@@ -392,7 +395,7 @@ class _StepCheckpoints:
             self.checkpoint_dir / "last.pt", model=self.model, optimizer=self.opt.optimizer,
             scheduler=self.opt.scheduler, scaler=self.opt.scaler, epoch=state.epoch,
             config=self.cfg.model_dump(mode="json"), label_space=self.label_space, best=best,
-            history=state.history, extra=extra,
+            history=state.history, extra=extra, rng_ranks=rng_ranks,
         )  # fmt: skip
 
 

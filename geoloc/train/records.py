@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from geoloc.atomic import write_text
+from geoloc.compute import determinism_settings
 from geoloc.config import RunConfig
 from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace
@@ -22,6 +23,7 @@ from geoloc.runfolder.summary import (
     finite_or_none,
     new_summary,
     read_summary,
+    rerun_differences,
     update_summary,
     write_summary,
 )
@@ -127,12 +129,23 @@ class Recorder:
         update_summary(self.paths.root, **epoch_summary(self.history, self.best_epoch))
 
 
-def start_summary(paths: RunPaths, cfg: RunConfig, label_space: LabelSpace, resumed: bool) -> None:
+def start_summary(
+    paths: RunPaths, cfg: RunConfig, label_space: LabelSpace, resumed: bool, world_size: int = 1
+) -> None:
+    """A fresh `running` summary.json with what a rerun needs (code, libraries, determinism
+    settings); a resumed run keeps its start time and tracking, and one warning line names
+    what differs from the settings it started under (its numbers will differ then)."""
     summary = new_summary(paths.run_id, cfg.name, config_subset(cfg))
+    summary["determinism"] = determinism_settings(cfg, world_size)
     if resumed and paths.summary.is_file():
         try:
             old = read_summary(paths.root)
             summary.update({k: old[k] for k in ("created_at", "tracking") if k in old})
+            if diffs := rerun_differences(old, summary):
+                log.warning(
+                    "resuming %s under other settings than it ran with (%s): its numbers will "
+                    "differ from an uninterrupted run", paths.root, ", ".join(diffs),
+                )  # fmt: skip
         except GeolocError as exc:
             log.warning("previous summary of %s unreadable (%s); starting a fresh one", paths, exc)
     summary["dataset"] = dataset_info(label_space)

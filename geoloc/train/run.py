@@ -201,7 +201,9 @@ def train_run(
         return launch(run_rank, cfg, run_dir=target, resume=resume, progress=progress)
     paths = RunPaths(Path(run_dir) if run_dir else runs_dir() / new_run_id(cfg.name)).make()
     save_config(cfg, paths.config)
-    start_summary(paths, cfg, data.label_space, resumed=resume_ckpt is not None)
+    dist = current_context()
+    start_summary(paths, cfg, data.label_space, resumed=resume_ckpt is not None,
+                  world_size=1 if dist is None else dist.world_size)  # fmt: skip
     progress_log.info("run %s: writing %s", paths.run_id, paths.root)
     if on_start is not None:
         on_start(paths.root)
