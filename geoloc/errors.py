@@ -4,6 +4,10 @@ keeps credentials out of those lines (and of logs and files)."""
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 
@@ -64,3 +68,39 @@ def split_password(uri: str) -> tuple[str, str | None, str | None]:
     netloc = f"{parts.username}@{host}" if parts.username else host
     user = unquote(parts.username or "")
     return urlunsplit(parts._replace(netloc=netloc)), user, unquote(password)
+
+
+class RedactingStream:
+    """A text stream that passes every write through `redact`: third-party libraries print URIs
+    of their own (MLflow's `View run ... at: http://user:password@host/...` goes straight to
+    `sys.stdout`), so the process's streams themselves are masked, not only our messages.
+
+    Each `write` is masked whole; a library that splits one URI over several writes would slip
+    through, which MLflow, tqdm and logging do not do (they write a line at a time)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # click probes with b"": answer as the stream would
+            return self._stream.write(text)
+        self._stream.write(redact(text))
+        return len(text)  # what the caller handed over, as `TextIO.write` promises
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding, fileno...
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def redacted_output() -> Iterator[None]:
+    """`sys.stdout` and `sys.stderr` masked by `RedactingStream` for the duration (a command)."""
+    before = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(before[0]), RedactingStream(before[1])  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = before

@@ -15,7 +15,7 @@ from types import TracebackType
 
 import typer
 
-from geoloc.errors import GeolocError, redact
+from geoloc.errors import GeolocError, redact, redacted_output
 
 app = typer.Typer(
     name="geoloc",
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_REDACT)
-    with _progress_lines():
+    with redacted_output(), _progress_lines():  # libraries print URIs too (MLflow's run links)
         return _main(argv)
 
 
