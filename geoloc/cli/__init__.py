@@ -15,7 +15,7 @@ from types import TracebackType
 
 import typer
 
-from geoloc.errors import GeolocError, redact, redacted_output
+from geoloc.errors import DiskFullError, GeolocError, is_disk_full, redact, redacted_output
 
 app = typer.Typer(
     name="geoloc",
@@ -117,6 +117,13 @@ def _main(argv: list[str] | None) -> int:
             return rv
     except GeolocError as exc:
         typer.echo(f"error: {redact(str(exc))}", err=True)
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # a write outside the atomic layer (shard tars, decoded images): same one line
+        where = exc.filename or os.getcwd()
+        typer.echo(f"error: {redact(str(DiskFullError.writing(where)))}", err=True)
         return 1
     except typer.Exit as exc:
         return exc.exit_code

@@ -281,6 +281,7 @@ def journal_source(
     source = create_source(resolved, **source_options)
     entries = list(track(source.items(), desc=f"listing {spec}", unit="item"))
     journal = Journal(paths.state / "ingest" / job_id(resolved, cfg, source_options))
+    journal.lock()  # the same source ingested twice at once: the second waits, then resumes
     if fresh:
         journal.clear()
     # temp files of writers killed mid-write (an earlier, interrupted ingest) go first
@@ -323,6 +324,7 @@ def journal_source(
     finally:
         runner.close()
         writer.close() if finished else writer.abort()
+        journal.unlock()
     return JournaledSource(
         spec=spec,
         source=getattr(source, "name", spec),
