@@ -35,6 +35,7 @@ from geoloc.progress import progress_log
 from geoloc.runs.formatting import fmt_km, fmt_share
 from geoloc.runs.layout import RunPaths, new_run_id
 from geoloc.runs.summary import (
+    hold_training_lock,
     update_summary,
 )
 from geoloc.train.checkpoint import load_checkpoint
@@ -294,6 +295,7 @@ def train_run(
             return run_rank(cfg, target, resume, progress)
         return launch(run_rank, cfg, run_dir=target, resume=resume, progress=progress)
     paths = RunPaths(Path(run_dir) if run_dir else runs_dir() / new_run_id(cfg.name)).make()
+    lock = hold_training_lock(paths.root)  # held until the end: a killed run is told apart
     save_config(cfg, paths.config)
     start_summary(paths, cfg, data.label_space, resumed=resume_ckpt is not None)
     progress_log.info("run %s: writing %s", paths.run_id, paths.root)
@@ -316,6 +318,7 @@ def train_run(
         raise
     finally:
         _release_space(paths)
+        lock.close()
     return paths.root
 
 

@@ -43,7 +43,7 @@ from geoloc.integrations.mlflow.writers import (
 )
 from geoloc.paths import runs_dir
 from geoloc.runs.layout import RunPaths
-from geoloc.runs.summary import read_summary, update_summary
+from geoloc.runs.summary import read_summary, settle_abandoned, update_summary
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -185,11 +185,14 @@ def discover_runs(root: Path | None = None) -> list[Path]:
     root = Path(root) if root is not None else runs_dir()
     if not root.is_dir():
         return []
-    return sorted(
+    runs = sorted(
         p
         for p in root.iterdir()
         if p.is_dir() and not p.name.startswith((".", "_")) and RunPaths(p).summary.is_file()
     )
+    for run_dir in runs:  # a trainer killed before its end: `failed`, not `running` forever
+        settle_abandoned(run_dir)
+    return runs
 
 
 def sync_runs(run_dirs: Iterable[Path] | None = None, **kwargs: Any) -> list[SyncResult]:
