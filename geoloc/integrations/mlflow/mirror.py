@@ -7,12 +7,14 @@ outcome, so a run whose live mirror failed is caught up by `geoloc mlflow sync` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from geoloc.data.state import file_lock
 from geoloc.errors import GeolocError, redact
 from geoloc.integrations.mlflow.contents import (
     dataset_input,
@@ -50,6 +52,9 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
+
+SYNC_LOCK = ".sync.lock"
+"""Held while a run folder is mirrored (one sync of a run at a time on this host)."""
 
 
 @dataclass
@@ -109,6 +114,20 @@ def sync_run(
     sync mirrors what is there and leaves the file alone.
     """
     run_dir = Path(run_dir).resolve()
+    # concurrent syncs of one run take turns: the second finds the MLflow run and model version
+    # the first recorded instead of creating its own
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(run_dir / SYNC_LOCK))
+        except OSError as exc:  # a read-only run folder: nothing to race with on this side
+            log.debug("no sync lock in %s (%s)", run_dir, exc)
+        return _sync_run(run_dir, experiment, tracking_uri, log_model, register, parent_run_id)
+
+
+def _sync_run(
+    run_dir: Path, experiment: str | None, tracking_uri: str | None, log_model: bool,
+    register: bool | None, parent_run_id: str | None,
+) -> SyncResult:  # fmt: skip
     summary = read_summary(run_dir)
     config = read_config(run_dir)
     tcfg = tracking_config(config)
