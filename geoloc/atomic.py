@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from geoloc.errors import DiskFullError, is_disk_full
+
 STALE_AFTER_S = 3600.0
 """A temp file from another host is taken as abandoned after this long (pids say nothing there)."""
 
@@ -101,14 +103,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
+        written = tmp_path.stat().st_size if tmp_path.exists() else 0
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and is_disk_full(exc, target.parent):
+            raise DiskFullError.writing(target, written=written) from exc
         raise
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except DiskFullError as exc:  # the exact size is known here
+        raise DiskFullError.writing(path, needed=len(data)) from exc.__cause__
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -3,7 +3,15 @@ keeps credentials out of those lines (and of logs and files)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 
@@ -29,6 +37,57 @@ class TrialPruned(GeolocError):  # noqa: N818 - mirrors optuna's name on purpose
 
 class TrainingError(GeolocError):
     """Training cannot go on (NaN loss, incompatible checkpoint...); the message says why."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFullError(GeolocError):
+    """A write found its disk (or quota) full: the message names the folder, what was being
+    written and the bytes it needs, so the user knows what to free. Nothing half-written stays."""
+
+    @classmethod
+    def writing(cls, path: str | os.PathLike[str], needed: int | None = None,
+                written: int | None = None) -> DiskFullError:  # fmt: skip
+        """For a write of `path` that ran out of space: `needed` bytes when known, else at
+        least the `written` bytes it got through before the disk filled."""
+        path = Path(path)
+        folder = path.parent if path.suffix or not path.is_dir() else path
+        try:
+            free = f"{shutil.disk_usage(_existing(folder)).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        if needed is not None:
+            need = f"needs {needed:,} bytes"
+        elif written:
+            need = f"needs more than the {written:,} bytes written before it stopped"
+        else:
+            need = "needs more space"
+        return cls(f"no space left in '{folder}': writing '{path.name}' {need} ({free}); free "
+                   "some space and rerun (nothing half-written was kept)")  # fmt: skip
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def is_disk_full(exc: BaseException, folder: str | os.PathLike[str] | None = None) -> bool:
+    """Whether `exc` (or an error it was raised from) is the disk or quota being full; with
+    `folder`, also a library's own error (torch: "unexpected pos") raised while that folder's
+    disk has less than 1 MiB free."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if folder is None or not isinstance(exc, RuntimeError | OSError):
+        return False
+    try:
+        return shutil.disk_usage(_existing(Path(folder))).free < 1 << 20
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,3 +123,39 @@ def split_password(uri: str) -> tuple[str, str | None, str | None]:
     netloc = f"{parts.username}@{host}" if parts.username else host
     user = unquote(parts.username or "")
     return urlunsplit(parts._replace(netloc=netloc)), user, unquote(password)
+
+
+class RedactingStream:
+    """A text stream that passes every write through `redact`: third-party libraries print URIs
+    of their own (MLflow's `View run ... at: http://user:password@host/...` goes straight to
+    `sys.stdout`), so the process's streams themselves are masked, not only our messages.
+
+    Each `write` is masked whole; a library that splits one URI over several writes would slip
+    through, which MLflow, tqdm and logging do not do (they write a line at a time)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # click probes with b"": answer as the stream would
+            return self._stream.write(text)
+        self._stream.write(redact(text))
+        return len(text)  # what the caller handed over, as `TextIO.write` promises
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding, fileno...
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def redacted_output() -> Iterator[None]:
+    """`sys.stdout` and `sys.stderr` masked by `RedactingStream` for the duration (a command)."""
+    before = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(before[0]), RedactingStream(before[1])  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = before

@@ -15,7 +15,7 @@ from types import TracebackType
 
 import typer
 
-from geoloc.errors import GeolocError, redact
+from geoloc.errors import DiskFullError, GeolocError, is_disk_full, redact, redacted_output
 
 app = typer.Typer(
     name="geoloc",
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_REDACT)
-    with _progress_lines():
+    with redacted_output(), _progress_lines():  # libraries print URIs too (MLflow's run links)
         return _main(argv)
 
 
@@ -117,6 +117,13 @@ def _main(argv: list[str] | None) -> int:
             return rv
     except GeolocError as exc:
         typer.echo(f"error: {redact(str(exc))}", err=True)
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # a write outside the atomic layer (shard tars, decoded images): same one line
+        where = exc.filename or os.getcwd()
+        typer.echo(f"error: {redact(str(DiskFullError.writing(where)))}", err=True)
         return 1
     except typer.Exit as exc:
         return exc.exit_code

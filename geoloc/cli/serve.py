@@ -17,6 +17,9 @@ def register(app: typer.Typer) -> None:
             "--host", help="Address to bind; 0.0.0.0 shares it on the network.")] = "127.0.0.1",
         directory: Annotated[Path | None, typer.Option(
             "--dir", help="Folder to serve (default: $GEOLOC_RUNS_DIR).")] = None,
+        idle_timeout: Annotated[float, typer.Option(
+            "--idle-timeout", min=1.0,
+            help="Seconds a silent connection is kept before it is closed.")] = 30.0,
     ) -> None:  # fmt: skip
         """Serve the runs folder (dashboards, leaderboard, reports) read-only over HTTP, so
         links from the Prefect UI open in a browser; set GEOLOC_DASHBOARD_URL to the printed
@@ -25,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from geoloc.presentation.serve import make_server, server_url
 
         root = (directory or runs_dir()).resolve()
-        server = make_server(root, host, port)
+        server = make_server(root, host, port, idle_timeout=idle_timeout)
         url = server_url(server)
         typer.echo(f"serving {root} read-only at {url}/ (Ctrl-C to stop)")
         typer.echo(f"  leaderboard: {url}/_aggregate/dashboard.html")

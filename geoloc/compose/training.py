@@ -74,13 +74,28 @@ def run_training(
              on_start=on_start if one_process else None, progress=progress)  # fmt: skip
         began.append(target)
         if cfg.rerank.enabled and is_main_process():
-            step("evaluate-rerank", rerank, target, cfg.rerank, progress=progress)
+            try:
+                step("evaluate-rerank", rerank, target, cfg.rerank, progress=progress)
+            except BaseException as exc:  # the run's record must not say `completed`
+                _record_stage_failure(target, "evaluate-rerank", exc)
+                raise
     finally:
         if mirror is not None:
             mirror.close()  # waits a few seconds at most; the sync below catches up on the rest
         if began and is_main_process():
             publish(target, mirror=cfg.tracking.enabled, step=step)
     return target
+
+
+def _record_stage_failure(run_dir: Path, stage: str, exc: BaseException) -> None:
+    """summary.json `status: failed` with the stage and its reason (never raises)."""
+    from geoloc.runfolder.summary import update_summary
+
+    reason = f"{stage}: {type(exc).__name__}: {exc}" if str(exc) else f"{stage}: {exc!r}"
+    try:
+        update_summary(Path(run_dir), status="failed", failure_reason=reason[:2000])
+    except Exception:  # noqa: BLE001 - the stage's own error matters more
+        log.exception("could not record the failure of %s in %s", stage, run_dir)
 
 
 def rerank(run_dir: Path, cfg: RerankConfig | None = None, **kwargs: Any) -> str:

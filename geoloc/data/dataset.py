@@ -73,6 +73,16 @@ def check_index(index_dir: Path) -> None:
             )
         if path.stat().st_size == 0:
             raise IndexMissingError(f"index file '{path}' is empty (rebuild the index)")
+    # the build writes images.parquet first: splits older than it are a build cut short after
+    # its images stage, and would pair the new images with the old splits
+    files = index_files(index_dir)
+    images_at = files["images"].stat().st_mtime_ns
+    for name in ("splits", "labels"):
+        if files[name].stat().st_mtime_ns < images_at:
+            raise IndexMissingError(
+                f"index file '{files[name]}' is older than '{files['images'].name}': an index "
+                "build stopped before its splits stage; run `geoloc index build` again"
+            )
 
 
 def read_split_table(index_dir: Path, split: str) -> pd.DataFrame:

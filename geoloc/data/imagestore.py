@@ -21,6 +21,7 @@ shards read on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geoloc.errors import DataError
+from geoloc.errors import DataError, DiskFullError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,11 @@ class ShardWriter:
         if self._fh is None or (self._size and self._size + need > self.max_bytes):
             self._roll()
         name = member_name(sha256)
-        self._fh.write(tar_header(name, len(data)) + data + bytes(-len(data) % BLOCK))
+        try:
+            self._fh.write(tar_header(name, len(data)) + data + bytes(-len(data) % BLOCK))
+        except OSError as exc:
+            self._raise_if_full(exc, need)
+            raise
         member = Member(self._name, name, self._size + BLOCK, len(data))
         self._size += need
         self.by_sha[sha256] = member
@@ -199,8 +204,18 @@ class ShardWriter:
     def commit(self) -> None:
         """Make every added member durable (before the journal says they exist)."""
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as exc:
+                self._raise_if_full(exc)
+                raise
+
+    def _raise_if_full(self, exc: OSError, needed: int | None = None) -> None:
+        """A full disk as one line naming the shard; other errors go on as they are."""
+        if is_disk_full(exc):
+            where = self.folder / self._name
+            raise DiskFullError.writing(where, needed=needed, written=self._size) from exc
 
     def close(self) -> None:
         """End the current shard's archive (a later resume cuts the end marker off again)."""
@@ -209,7 +224,9 @@ class ShardWriter:
     def abort(self) -> None:
         """Close without ending the archive (after a failure; the next start cleans up)."""
         if self._fh is not None:
-            self._fh.close()
+            # unflushed bytes on a full disk fail to close: the next start cuts them anyway
+            with contextlib.suppress(OSError):
+                self._fh.close()
             self._fh = None
 
 

@@ -285,6 +285,7 @@ def journal_source(
     # shard names) must not carry the folder's absolute path
     journal = Journal(paths.state / "ingest" / job_id(spec if spec == "demo" else resolved, cfg,
                                                        source_options))  # fmt: skip
+    journal.lock()  # the same source ingested twice at once: the second waits, then resumes
     if fresh:
         journal.clear()
     # temp files of writers killed mid-write (an earlier, interrupted ingest) go first
@@ -327,6 +328,7 @@ def journal_source(
     finally:
         runner.close()
         writer.close() if finished else writer.abort()
+        journal.unlock()
     return JournaledSource(
         spec=spec,
         source=getattr(source, "name", spec),

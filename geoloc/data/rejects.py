@@ -31,6 +31,7 @@ NOT_IMAGE = "not_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
 MISSING_FILE = "missing_file"
 MALFORMED_ROW = "malformed_row"
+NOT_REGULAR_FILE = "not_regular_file"  # a pipe, socket, device or folder named like an image
 
 REASONS = (
     CORRUPT,
@@ -47,6 +48,7 @@ REASONS = (
     DECOMPRESSION_BOMB,
     MISSING_FILE,
     MALFORMED_ROW,
+    NOT_REGULAR_FILE,
 )
 
 COLUMNS = ["source", "source_ref", "reason", "detail", "stage"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from geoloc.atomic import write_json, write_parquet
+from geoloc.atomic import temp_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,61 @@ def maybe_fault(stage: str, count: int) -> None:
 
 
 class Journal:
-    """Append-only parquet parts in one folder: `part-000000.parquet`, `part-000001.parquet`..."""
+    """Append-only parquet parts in one folder: `part-000000.parquet`, `part-000001.parquet`...
+
+    Safe under concurrent writers: each part is created exclusively (a hard link of a complete
+    temp file, which fails when the name is taken), so two writers never replace each other's
+    part. `lock` makes a whole job take turns: a second ingest of the same source waits for the
+    first, then finds its work done instead of storing the same images again."""
+
+    LOCK_NAME = ".lock"
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._lock: Any = None
 
     def parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
     def append(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Commit `rows` as the next part; returns the number of parts now committed."""
+        """Commit `rows` as the next free part; returns the number of parts now committed."""
         df = pd.DataFrame(list(rows))
+        self.folder.mkdir(parents=True, exist_ok=True)
         n = len(self.parts())
-        write_parquet(self.folder / f"part-{n:06d}.parquet", df)
+        tmp = temp_path(self.folder / "part.parquet")
+        try:
+            df.to_parquet(tmp, index=False)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            while True:  # a part appears complete or not at all, and never replaces another
+                try:
+                    os.link(tmp, self.folder / f"part-{n:06d}.parquet")
+                    break
+                except FileExistsError:  # another writer took this number first
+                    n += 1
+        finally:
+            tmp.unlink(missing_ok=True)
         return n + 1
+
+    def lock(self) -> None:
+        """Hold this job's lock until `unlock` (or the process ends); waits while another
+        process holds it, saying so once."""
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.folder / self.LOCK_NAME, "a+b")  # noqa: SIM115 - held across calls
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another ingest of the same source holds %s: waiting for it to finish",
+                        self.folder)  # fmt: skip
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        self._lock = fh
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
 
     def read(self) -> pd.DataFrame:
         parts = self.parts()

@@ -51,6 +51,7 @@ __all__ = [
     "OUTPUT_COLUMNS",
     "Predictor",
     "collect_images",
+    "error_row",
     "write_predictions",
 ]
 
@@ -308,7 +309,7 @@ class Predictor:
             )
             by_pos = dict(zip(batch.ok, answers, strict=True))
             for i in range(len(batch.paths)):
-                row = by_pos.get(i) or _error_row(batch.errors[i], self.variant)
+                row = by_pos.get(i) or error_row(batch.errors[i], self.variant)
                 rows.append({"path": names[start + i], **row})
             start += len(batch.paths)
         table = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
@@ -319,7 +320,8 @@ class Predictor:
         return table
 
 
-def _error_row(reason: str, variant: str) -> dict[str, Any]:
+def error_row(reason: str, variant: str) -> dict[str, Any]:
+    """The output row of an input that could not be predicted: no answer, `error` says why."""
     return {
         "lat": None, "lon": None, "cell": None, "prob": None, "topk_cells": [], "topk_probs": [],
         "conformal_set": [], "conformal_coverage": None, "radius_km": None,

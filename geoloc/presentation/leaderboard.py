@@ -48,7 +48,12 @@ from geoloc.presentation.leaderboard_table import (
     skipped_frame,
     typed_frame,
 )
-from geoloc.runfolder.summary import SummaryError, parse_summary, rerun_differences
+from geoloc.runfolder.summary import (
+    SummaryError,
+    parse_summary,
+    rerun_differences,
+    settle_abandoned,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +143,8 @@ def read_run(entry: os.DirEntry[str] | Path) -> dict[str, Any] | SkippedRun:
         summary = parse_summary(text)
     except SummaryError as exc:
         return SkippedRun(run_id, str(exc))
+    if summary.get("status") == "running" and settle_abandoned(path):
+        summary = parse_summary((path / "summary.json").read_bytes())
     if summary.get("status") == "running":
         return SkippedRun(run_id, "run still in progress (status: running)")
     return summary_row(run_id, summary)

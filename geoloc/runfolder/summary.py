@@ -7,6 +7,7 @@ Readers get a `SummaryError` with a reason (corrupt, unknown schema version) ins
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import subprocess
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import jsonschema
 
@@ -23,6 +24,8 @@ import geoloc
 from geoloc.atomic import write_json
 from geoloc.errors import GeolocError
 from geoloc.runfolder.layout import RunPaths
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -397,3 +400,52 @@ def update_summary(run_dir: Path, **changes: Any) -> dict[str, Any]:
     summary = read_summary(Path(run_dir))
     summary.update(changes)
     return write_summary(Path(run_dir), summary)
+
+
+TRAINING_LOCK = ".training.lock"
+"""Held (flock) by the process training a run for as long as it trains."""
+ABANDONED_REASON = (
+    "the training process ended without recording its end (killed, or its machine stopped); "
+    "`geoloc train --resume RUN` continues from its last checkpoint when it has one"
+)
+
+
+def hold_training_lock(run_dir: Path) -> IO[bytes]:
+    """Take `run_dir`'s training lock for this process (closing the file releases it); a run
+    another live process trains is a `GeolocError`."""
+    import fcntl
+
+    fh = open(Path(run_dir) / TRAINING_LOCK, "a+b")  # noqa: SIM115 - the caller closes it
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise GeolocError(f"run '{run_dir}' is being trained by another process") from None
+    return fh
+
+
+def settle_abandoned(run_dir: Path) -> bool:
+    """Mark a `running` run whose trainer is gone (nobody holds its training lock) `failed`,
+    with the reason; True when it did. Every command that lists runs calls it, so a run killed
+    before its first checkpoint does not stay `running` forever."""
+    import fcntl
+
+    lock = Path(run_dir) / TRAINING_LOCK
+    if not lock.is_file():  # trained before the lock existed, or not by `train_run`
+        return False
+    try:
+        if read_summary(run_dir).get("status") != "running":
+            return False
+        with open(lock, "a+b") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # still training
+            if read_summary(run_dir).get("status") != "running":  # ended meanwhile
+                return False
+            update_summary(run_dir, status="failed", failure_reason=ABANDONED_REASON)
+    except (SummaryError, OSError) as exc:
+        log.warning("could not check whether run %s was abandoned: %s", run_dir, exc)
+        return False
+    log.warning("run %s: %s; marked failed", Path(run_dir).name, ABANDONED_REASON)
+    return True

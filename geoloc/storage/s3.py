@@ -247,10 +247,12 @@ def transfer_config(multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD) -> A
 
 
 def _local_files(local_dir: Path) -> list[Path]:
-    """Files to mirror, skipping temp files left by interrupted atomic writes."""
+    """Files to mirror, skipping temp files left by interrupted atomic writes and the lock
+    files of live processes (`.lock`, `.training.lock`, `.sync.lock`, `.space-reserve`)."""
     files = []
+    local = (".tmp", ".lock", ".space-reserve")
     for path in sorted(local_dir.rglob("*")):
-        if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".tmp")):
+        if path.is_file() and not (path.name.startswith(".") and path.name.endswith(local)):
             files.append(path)
     return files
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -19,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from geoloc.data.decode import Rejected
-from geoloc.data.rejects import CORRUPT, DECOMPRESSION_BOMB, MISSING_FILE
+from geoloc.data.rejects import (
+    CORRUPT,
+    DECOMPRESSION_BOMB,
+    MISSING_FILE,
+    NOT_REGULAR_FILE,
+    PATH_ESCAPE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,9 @@ class ImageLookup:
     members: dict[str, ZipMember] = field(default_factory=dict)
     bad_archives: dict[Path, str] = field(default_factory=dict)
     archives: list[Path] = field(default_factory=list)
+    refused: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """name -> (reason, detail) of a file that is a link leading outside `root`
+    (`path_escape`) or not a regular file (`not_regular_file`: a FIFO would block the read)."""
     repeats: int = 0
 
     @classmethod
@@ -61,13 +71,33 @@ class ImageLookup:
                 if name.startswith("."):
                     continue
                 path = Path(dirpath) / name
-                if name.lower().endswith(".zip"):
+                is_zip = name.lower().endswith(".zip")
+                if not is_zip and os.path.splitext(name)[1].lower() not in lookup.suffixes:
+                    continue
+                if (problem := lookup._problem(path)) is not None:
+                    lookup.refused.setdefault(os.path.splitext(name)[0], problem)
+                elif is_zip:
                     zips.append(path)
-                elif os.path.splitext(name)[1].lower() in lookup.suffixes:
+                else:
                     lookup._add_file(path)
         for path in zips:
             lookup._add_archive(path)
         return lookup
+
+    def _problem(self, path: Path) -> tuple[str, str] | None:
+        """Why `path` cannot be read as part of this dataset: its real path (links resolved)
+        lies outside `root`, or it is not a regular file; None when it can."""
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            return PATH_ESCAPE, f"'{path}' links outside the dataset folder {self.root}"
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as exc:
+            return MISSING_FILE, f"'{path}' cannot be read: {exc.strerror}"
+        if not stat.S_ISREG(mode):
+            return NOT_REGULAR_FILE, f"'{path}' is not a regular file (a pipe, socket or device)"
+        return None
 
     def _add_file(self, path: Path) -> None:
         stem = os.path.splitext(path.name)[0]
@@ -98,6 +128,7 @@ class ImageLookup:
                 self.members[stem] = ZipMember(path, info.filename, order)
 
     def find(self, name: str) -> Path | ZipMember | None:
+        """The loose file or zip member named `name` (see `refused` for refused ones)."""
         return self.files.get(name) or self.members.get(name)
 
     def missing_detail(self, name: str) -> str:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from geoloc.data.rejects import MISSING_FILE, NOT_IMAGE, PATH_ESCAPE
+from geoloc.data.rejects import MISSING_FILE, NOT_IMAGE, NOT_REGULAR_FILE, PATH_ESCAPE
 from geoloc.data.sources import RawItem, SourceReject, register_source
 from geoloc.errors import DataError
 
@@ -70,7 +70,7 @@ class FolderSource:
             kind = "a folder" if path.is_dir() else "a file"
             return PATH_ESCAPE, f"links to {kind} outside '{self.root}'"
         if not path.is_file():
-            return NOT_IMAGE, "not a regular file (a pipe, socket or device)"
+            return NOT_REGULAR_FILE, "not a regular file (a pipe, socket or device)"
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             return NOT_IMAGE, f"extension '{path.suffix or '(none)'}' is not an image type"
         return None

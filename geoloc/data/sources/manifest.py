@@ -26,6 +26,7 @@ from geoloc.data.rejects import (
     MALFORMED_ROW,
     MISSING_FILE,
     NAN_COORDS,
+    NOT_REGULAR_FILE,
     PATH_ESCAPE,
     coords_problem,
 )
@@ -331,7 +332,12 @@ class ManifestSource:
         if resolved[0] is None:
             detail = f"'{row.image}' escapes the folder {self.base_dir}"
             return SourceReject(self.name, row.ref, PATH_ESCAPE, detail)
-        return next((p for p in resolved if p is not None and p.is_file()), None)
+        found = next((p for p in resolved if p is not None and p.is_file()), None)
+        if found is None and any(p is not None and p.exists() for p in resolved):
+            # a FIFO named like the image would block the read
+            detail = f"'{row.image}' is not a regular file (a pipe, socket, device or folder)"
+            return SourceReject(self.name, row.ref, NOT_REGULAR_FILE, detail)
+        return found
 
     def _missing(self, row: ManifestRow) -> SourceReject:
         url = row.url or (row.image if is_url(row.image) else None)

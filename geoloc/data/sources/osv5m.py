@@ -161,7 +161,10 @@ class OSV5MSource:
                 continue
             common = dict(source=self.name, source_ref=row.ref, **row.fields)
             found = lookup.find(row.image) if lookup is not None else None
-            if isinstance(found, ZipMember):
+            refused = lookup.refused.get(row.image) if lookup is not None else None
+            if found is None and refused is not None:
+                yield SourceReject(self.name, row.ref, *refused)
+            elif isinstance(found, ZipMember):
                 item = RawItem(**common, local_path=found.archive, member=found.member)
                 zipped.append((found, item))
             elif found is not None:

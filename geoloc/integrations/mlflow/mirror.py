@@ -7,6 +7,7 @@ outcome, so a run whose live mirror failed is caught up by `geoloc mlflow sync` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,15 +42,19 @@ from geoloc.integrations.mlflow.writers import (
     sync_status,
     sync_tags,
 )
+from geoloc.locks import file_lock
 from geoloc.paths import runs_dir
 from geoloc.runfolder.layout import RunPaths
-from geoloc.runfolder.summary import read_summary, update_summary
+from geoloc.runfolder.summary import read_summary, settle_abandoned, update_summary
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
+
+SYNC_LOCK = ".sync.lock"
+"""Held while a run folder is mirrored (one sync of a run at a time on this host)."""
 
 
 @dataclass
@@ -109,6 +114,20 @@ def sync_run(
     sync mirrors what is there and leaves the file alone.
     """
     run_dir = Path(run_dir).resolve()
+    # concurrent syncs of one run take turns: the second finds the MLflow run and model version
+    # the first recorded instead of creating its own
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(run_dir / SYNC_LOCK))
+        except OSError as exc:  # a read-only run folder: nothing to race with on this side
+            log.debug("no sync lock in %s (%s)", run_dir, exc)
+        return _sync_run(run_dir, experiment, tracking_uri, log_model, register, parent_run_id)
+
+
+def _sync_run(
+    run_dir: Path, experiment: str | None, tracking_uri: str | None, log_model: bool,
+    register: bool | None, parent_run_id: str | None,
+) -> SyncResult:  # fmt: skip
     summary = read_summary(run_dir)
     config = read_config(run_dir)
     tcfg = tracking_config(config)
@@ -185,11 +204,14 @@ def discover_runs(root: Path | None = None) -> list[Path]:
     root = Path(root) if root is not None else runs_dir()
     if not root.is_dir():
         return []
-    return sorted(
+    runs = sorted(
         p
         for p in root.iterdir()
         if p.is_dir() and not p.name.startswith((".", "_")) and RunPaths(p).summary.is_file()
     )
+    for run_dir in runs:  # a trainer killed before its end: `failed`, not `running` forever
+        settle_abandoned(run_dir)
+    return runs
 
 
 def sync_runs(run_dirs: Iterable[Path] | None = None, **kwargs: Any) -> list[SyncResult]:

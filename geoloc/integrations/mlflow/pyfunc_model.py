@@ -9,11 +9,16 @@ error radius. Nothing is re-implemented here: the model's one artifact is a mini
 the same code path as the CLI's.
 
 Input: a DataFrame with a column `image` (encoded photo bytes; the scoring server base64-decodes
-JSON strings into bytes because the signature says `binary`) and/or `path` (files readable by the
-serving process); a row with both uses `image`. Output: one row per input, the columns of
-`geoloc.infer.predict.OUTPUT_COLUMNS` (`path` holds the file or `image-<i>`); a photo that does
-not decode gets a row with `error` set, like a broken file in `geoloc predict`. Param `top_k`
-(default 5) sets the length of `topk_cells` / `topk_probs`.
+JSON strings into bytes because the signature says `binary`) and/or `path` (a file, only when the
+operator names a folder in `GEOLOC_MODEL_FILES_DIR`, and only regular files whose real path lies
+inside it); a row with both uses `image`. Every photo is refused over
+`GEOLOC_MODEL_MAX_INPUT_BYTES` (default 32 MiB) before it is read or decoded; a row that cannot be
+read gets an `error` row and the others are answered. A bad request (no usable column, `top_k`
+outside [1, number of cells]) is one line, never a stack trace.
+
+Output: one row per input, the columns of `geoloc.infer.predict.OUTPUT_COLUMNS` (`path` holds
+the file or `image-<i>`); a photo that does not decode gets a row with `error` set, like a broken
+file in `geoloc predict`. Param `top_k` (default 5) sets the length of `topk_cells` / `topk_probs`.
 
 Serving needs geoloc importable (its venv: `mlflow models serve --env-manager local`); the
 model's metadata records the geoloc version and git commit it was logged from.
@@ -21,13 +26,20 @@ model's metadata records the geoloc version and git commit it was logged from.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import logging
+import os
 import shutil
-from collections.abc import Sequence
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
+import numpy as np
 
 from geoloc.errors import GeolocError
 from geoloc.runfolder.layout import RunPaths
@@ -41,6 +53,12 @@ RUN_ARTIFACT = "run"
 IMAGE_COLUMN = "image"
 PATH_COLUMN = "path"
 DEFAULT_TOP_K = 5
+FILES_DIR_ENV = "GEOLOC_MODEL_FILES_DIR"
+"""The one folder whose files a client may name in `path`; unset (the default): no files."""
+MAX_INPUT_BYTES_ENV = "GEOLOC_MODEL_MAX_INPUT_BYTES"
+DEFAULT_MAX_INPUT_BYTES = 32 * 1024 * 1024
+"""Per photo, bytes or file, checked before it is decoded or read."""
+log = logging.getLogger(__name__)
 _MODEL_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "geoloc.run_id")
 """Run tags the LoggedModel repeats, so its page says where it came from (geoloc train...)."""
 
@@ -114,43 +132,138 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def images_from_frame(frame: Any) -> tuple[list[bytes | Path], list[str]]:
-    """(photos, names) from the model input: bytes from `image`, files from `path`."""
+@dataclass(frozen=True)
+class InputLimits:
+    """What a client may make the serving process read: `max_bytes` per photo (checked before
+    it is decoded or read), and files only under `files_dir`, the one folder the operator names
+    (None: the `path` column is refused)."""
+
+    files_dir: Path | None = None
+    max_bytes: int = DEFAULT_MAX_INPUT_BYTES
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> InputLimits:
+        """From `GEOLOC_MODEL_FILES_DIR` and `GEOLOC_MODEL_MAX_INPUT_BYTES`, set by the operator
+        before `mlflow models serve`; a bad value is a one-line error at load time."""
+        env = os.environ if environ is None else environ
+        raw_max = env.get(MAX_INPUT_BYTES_ENV, "").strip()
+        try:
+            max_bytes = int(raw_max) if raw_max else DEFAULT_MAX_INPUT_BYTES
+        except ValueError:
+            max_bytes = 0
+        if max_bytes < 1:
+            raise GeolocError(f"{MAX_INPUT_BYTES_ENV}={raw_max!r}: must be a whole number of "
+                              "bytes >= 1")  # fmt: skip
+        raw_dir = env.get(FILES_DIR_ENV, "").strip()
+        if not raw_dir:
+            return cls(None, max_bytes)
+        files_dir = Path(raw_dir).resolve()
+        if not files_dir.is_dir():
+            raise GeolocError(f"{FILES_DIR_ENV}={raw_dir!r}: not a folder")
+        return cls(files_dir, max_bytes)
+
+
+class _RowError(Exception):
+    """One input row that cannot be read; its answer row carries the reason."""
+
+
+def _decoded(data: Any, limits: InputLimits) -> bytes:
+    """Photo bytes of an `image` value (bytes, or base64 text from a caller that skipped the
+    signature's decoding), refused before decoding when over `limits.max_bytes`."""
+    if isinstance(data, str):
+        if len(data) // 4 * 3 > limits.max_bytes:  # base64: 3 bytes per 4 characters
+            raise _RowError(f"'{IMAGE_COLUMN}' is over the {limits.max_bytes}-byte limit")
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _RowError(f"'{IMAGE_COLUMN}' is not base64") from None
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise _RowError(f"'{IMAGE_COLUMN}' is {type(data).__name__}, not photo bytes")
+    if len(data) > limits.max_bytes:
+        raise _RowError(f"'{IMAGE_COLUMN}' is {len(data)} bytes, over the "
+                        f"{limits.max_bytes}-byte limit")  # fmt: skip
+    return bytes(data)
+
+
+def _read_file(name: str, limits: InputLimits) -> bytes:
+    """The bytes of file `name` (relative to, or absolute under, `limits.files_dir`): its real
+    path must lie inside that folder and be a regular file within the size limit. Messages
+    name what the client sent, never a server path, and do not tell an outside file that
+    exists from one that does not."""
+    if limits.files_dir is None:
+        raise _RowError(f"'{PATH_COLUMN}' is off on this server: send the photo in "
+                        f"'{IMAGE_COLUMN}' (the operator enables files with {FILES_DIR_ENV})")
+    if "\x00" in name:
+        raise _RowError(f"'{PATH_COLUMN}' holds a NUL byte")
+    real = Path(os.path.realpath(limits.files_dir / name))  # links resolved, '..' folded
+    if not real.is_relative_to(limits.files_dir):
+        raise _RowError(f"'{PATH_COLUMN}' {name!r} is outside the folder this server reads")
+    try:  # O_NONBLOCK: a FIFO opens at once and is refused below instead of hanging
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _RowError(f"'{PATH_COLUMN}' {name!r} cannot be opened: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise _RowError(f"'{PATH_COLUMN}' {name!r} is not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        if info.st_size > limits.max_bytes:
+            raise _RowError(f"'{PATH_COLUMN}' {name!r} is {info.st_size} bytes, over the "
+                            f"{limits.max_bytes}-byte limit")  # fmt: skip
+        data = fh.read(limits.max_bytes + 1)  # a file that grew meanwhile is still bounded
+    if len(data) > limits.max_bytes:
+        raise _RowError(f"'{PATH_COLUMN}' {name!r} is over the {limits.max_bytes}-byte limit")
+    return data
+
+
+def images_from_frame(
+    frame: Any, limits: InputLimits | None = None
+) -> tuple[list[bytes | None], list[str], dict[int, str]]:
+    """(photo bytes, names, reasons) from the model input, one entry per row: bytes from
+    `image`, file contents from `path` (see `InputLimits`); a row that cannot be read has
+    `None` and its reason in the dict, so one bad row never fails the others."""
     import pandas as pd
 
+    limits = InputLimits() if limits is None else limits
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     cols = [c for c in (IMAGE_COLUMN, PATH_COLUMN) if c in frame.columns]
     if not cols:
         raise GeolocError(
             f"model input: needs a column '{IMAGE_COLUMN}' (photo bytes, base64 in JSON) or "
-            f"'{PATH_COLUMN}' (a file); got columns {list(frame.columns)}"
+            f"'{PATH_COLUMN}' (a file); got columns {[str(c)[:40] for c in frame.columns][:10]}"
         )
-    images: list[bytes | Path] = []
+    images: list[bytes | None] = []
     names: list[str] = []
+    errors: dict[int, str] = {}
     for i, row in enumerate(frame[cols].itertuples(index=False, name=None)):
         value = dict(zip(cols, row, strict=True))
         data, path = value.get(IMAGE_COLUMN), value.get(PATH_COLUMN)
-        if not _is_missing(data):
-            if isinstance(data, str):  # a caller that skipped the signature's base64 decoding
-                import base64
-                import binascii
+        names.append(str(path)[:300] if not _is_missing(path) else f"image-{i}")
+        try:
+            if not _is_missing(data):
+                images.append(_decoded(data, limits))
+            elif not _is_missing(path):
+                images.append(_read_file(str(path), limits))
+            else:
+                raise _RowError(f"neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}' is set")
+        except _RowError as exc:
+            images.append(None)
+            errors[i] = f"model input row {i}: {exc}"
+    return images, names, errors
 
-                try:
-                    data = base64.b64decode(data, validate=True)
-                except binascii.Error as exc:
-                    raise GeolocError(f"model input row {i}: '{IMAGE_COLUMN}' is not base64: "
-                                      f"{exc}") from exc  # fmt: skip
-            images.append(bytes(data))
-            names.append(str(path) if not _is_missing(path) else f"image-{i}")
-        elif not _is_missing(path):
-            images.append(Path(str(path)))
-            names.append(str(path))
-        else:
-            raise GeolocError(
-                f"model input row {i}: neither '{IMAGE_COLUMN}' nor '{PATH_COLUMN}' is set"
-            )
-    return images, names
+
+def checked_top_k(params: Mapping[str, Any] | None, num_classes: int) -> int:
+    """The `top_k` param as a whole number in [1, num_classes]; anything else is refused."""
+    value = (params or {}).get("top_k")
+    if value is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise GeolocError(f"param top_k={str(value)[:40]!r}: must be a whole number")
+    if not 1 <= int(value) <= num_classes:
+        raise GeolocError(f"param top_k={int(value)}: must be between 1 and {num_classes} "
+                          "(the model's number of cells)")  # fmt: skip
+    return int(value)
 
 
 class GeolocModel(mlflow.pyfunc.PythonModel):
@@ -159,14 +272,42 @@ class GeolocModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from geoloc.infer.predict import Predictor
 
+        self.limits = InputLimits.from_env()
         self.predictor = Predictor(Path(context.artifacts[RUN_ARTIFACT]), rerank=True,
                                    top_k=DEFAULT_TOP_K)  # fmt: skip
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         # no type hints: MLflow would derive a schema from them instead of the signature's
-        images, names = images_from_frame(model_input)
-        top_k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
-        return self.predictor.predict_images(images, names, top_k=top_k)
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+        # MLflow's scoring server answers any other exception with its stack trace (server
+        # paths, code): a bad request gets its one line, anything else a line and the log
+        try:
+            return self._answer(model_input, params)
+        except GeolocError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception:
+            log.exception("geoloc model: prediction failed")
+            raise MlflowException("prediction failed on the server (see its log)",
+                                  error_code=INTERNAL_ERROR) from None  # fmt: skip
+
+    def _answer(self, model_input: Any, params: Mapping[str, Any] | None) -> Any:
+        import pandas as pd
+
+        from geoloc.infer.predict import OUTPUT_COLUMNS, error_row
+
+        top_k = checked_top_k(params, self.predictor.label_space.num_classes)
+        limits = getattr(self, "limits", None) or InputLimits.from_env()
+        images, names, errors = images_from_frame(model_input, limits)
+        ok = [i for i, data in enumerate(images) if data is not None]
+        table = self.predictor.predict_images([images[i] for i in ok], [names[i] for i in ok],
+                                              top_k=top_k)  # fmt: skip
+        answered = dict(zip(ok, table.to_dict("records"), strict=True))
+        rows = [answered.get(i) or {"path": names[i],
+                                    **error_row(errors[i], self.predictor.variant)}
+                for i in range(len(images))]  # fmt: skip
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
 def log_pyfunc(

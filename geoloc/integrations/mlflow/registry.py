@@ -104,7 +104,7 @@ def update_champion(client: MlflowClient) -> str | None:
     for v in versions:
         if v.run_id and (v.run_id not in newest or int(v.version) > int(newest[v.run_id].version)):
             newest[v.run_id] = v
-    best_key, best_version = None, None
+    ranked: list[tuple[tuple[float, float, int], str]] = []
     for run_id, v in newest.items():
         try:
             run = client.get_run(run_id)
@@ -114,15 +114,34 @@ def update_champion(client: MlflowClient) -> str | None:
         if run.data.tags.get(TAG_STATUS) != "completed" or finite_or_none(p90) is None:
             continue
         key = (p90, -(run.data.metrics.get("best_val_acc") or 0.0), -int(v.version))
-        if best_key is None or key < best_key:
-            best_key, best_version = key, str(v.version)
-    if best_version is None:
-        return None
+        ranked.append((key, str(v.version)))
     try:
         current = client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version
     except MlflowException:
         current = None
+    # the best one that loads: a champion users cannot serve is no champion (the current one
+    # loaded when it was promoted)
+    best_version = next(
+        (ver for _, ver in sorted(ranked) if ver == str(current) or _loads(client, ver)), None
+    )
+    if best_version is None:
+        return None
     if str(current) != best_version:
         client.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, best_version)
         log.info("%s@%s -> version %s", MODEL_NAME, CHAMPION_ALIAS, best_version)
     return best_version
+
+
+def _loads(client: MlflowClient, version: str) -> bool:
+    """Whether model version `version` of `geoloc` loads as users load it (`load_model`)."""
+    import mlflow.pyfunc
+
+    try:
+        with global_tracking_uri(client.tracking_uri):
+            mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{version}")
+    except Exception as exc:  # noqa: BLE001 - any failure to load disqualifies it
+        log.warning("%s version %s does not load (%s): not promoted to %s", MODEL_NAME, version,
+                    str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                    CHAMPION_ALIAS)  # fmt: skip
+        return False
+    return True

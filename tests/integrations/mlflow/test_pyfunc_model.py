@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 import requests
 from fixtures.mlflow_server import free_port
+from mlflow.exceptions import MlflowException
 
 from geoloc.cli import main
 from geoloc.data.imagestore import ImageLocations
-from geoloc.errors import GeolocError
 from geoloc.integrations import mlflow as tracking
+from geoloc.integrations.mlflow.pyfunc_model import FILES_DIR_ENV
 from geoloc.paths import DataPaths
 
 CHAMPION = f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION_ALIAS}"
@@ -70,9 +71,10 @@ def assert_same_answers(served: pd.DataFrame, cli: pd.DataFrame) -> None:
 
 
 def test_champion_pyfunc_answers_bytes_and_paths_like_geoloc_predict(
-    registered_run: Path, photos: list[Path], tmp_path: Path
+    registered_run: Path, photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cli = cli_predictions(registered_run, photos, tmp_path)
+    monkeypatch.setenv(FILES_DIR_ENV, str(tmp_path))  # files: opt-in
     model = mlflow.pyfunc.load_model(CHAMPION)
     # the model carries its run: answers stay the same with the run folder gone
     shutil.rmtree(registered_run)
@@ -87,7 +89,7 @@ def test_champion_pyfunc_answers_bytes_and_paths_like_geoloc_predict(
     broken = model.predict(pd.DataFrame({"image": [b"not a photo", photos[0].read_bytes()]}))
     assert "not a readable image" in broken["error"].iloc[0]
     assert broken["cell"].iloc[1] == cli["cell"].iloc[0]
-    with pytest.raises(GeolocError, match="needs a column 'image'"):
+    with pytest.raises(MlflowException, match="needs a column 'image'"):
         model.unwrap_python_model().predict(None, pd.DataFrame({"photo": [b"x"]}))
 
 

@@ -1,0 +1,93 @@
+"""A run's summary.json tells the truth: a stage that fails after training leaves `failed` with
+its reason (never `completed`), a run whose trainer was killed does not stay `running` for
+ever, and training refuses splits older than the images they index."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from geoloc.cli import main
+from geoloc.compose.training import run_training
+from geoloc.config import load_config
+from geoloc.integrations.mlflow import discover_runs
+from geoloc.paths import DataPaths
+from geoloc.presentation.leaderboard import read_runs
+from geoloc.runfolder.summary import (
+    ABANDONED_REASON,
+    TRAINING_LOCK,
+    hold_training_lock,
+    read_summary,
+)
+
+TINY = {"epochs": 1, "batch_size": 32, "image_size": 32, "arch": "multiscale_cnn_tiny",
+        "embed_dim": 32, "tracking.enabled": False}  # fmt: skip
+
+
+def test_a_rerank_that_fails_after_training_leaves_the_run_failed(demo_data: DataPaths) -> None:
+    def step(name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if name == "evaluate-rerank":
+            raise OSError("gallery shard unreadable")  # what a damaged store does mid-stage
+        return fn(*args, **kwargs)
+
+    cfg = load_config(None, {**TINY, "name": "rerank-fails"})
+    with pytest.raises(OSError, match="gallery"):
+        run_training(cfg, progress=False, step=step)
+    (run_dir,) = discover_runs()
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed"
+    assert summary["failure_reason"].startswith("evaluate-rerank: OSError: gallery")
+
+
+def kill_holder_of(run_dir: Path) -> None:
+    """A training process that took the run's lock, then died by SIGKILL before its end."""
+    code = (
+        "import os, signal; from geoloc.runfolder.summary import hold_training_lock; "
+        f"hold_training_lock({str(run_dir)!r}); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ}, timeout=120)
+    assert done.returncode == -9
+
+
+def test_a_run_whose_trainer_was_killed_is_marked_failed_by_the_next_listing(
+    make_run: Callable[..., Path],
+) -> None:
+    dead = make_run("killed-early", status="running", with_checkpoints=False)
+    kill_holder_of(dead)
+    alive = make_run("still-training", status="running", with_checkpoints=False)
+    held = hold_training_lock(alive)  # a live trainer
+    try:
+        old = make_run("pre-lock", status="running", with_checkpoints=False)  # no lock file
+        discover_runs()
+        assert read_summary(dead)["status"] == "failed"
+        assert read_summary(dead)["failure_reason"] == ABANDONED_REASON
+        assert read_summary(alive)["status"] == "running"
+        assert read_summary(old)["status"] == "running"  # cannot tell: left alone
+        with pytest.raises(Exception, match="being trained by another process"):
+            hold_training_lock(alive)
+    finally:
+        held.close()
+    assert (alive / TRAINING_LOCK).is_file()
+    rows, skipped = read_runs(alive.parent)  # the leaderboard sees the trainer gone too
+    assert {r["run_id"] for r in rows} >= {dead.name, alive.name}
+    assert read_summary(alive)["status"] == "failed"
+    assert [s.run_id for s in skipped] == [old.name]
+
+
+def test_training_refuses_splits_older_than_the_images(
+    demo_data_copy: DataPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = demo_data_copy.images
+    later = demo_data_copy.splits.stat().st_mtime + 60  # an index build cut after its images
+    os.utime(images, (later, later))
+    args = [a for k, v in TINY.items() for a in ("--set", f"{k}={str(v).lower()}")]
+    assert main(["train", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: index file") and "older than 'images.parquet'" in err
+    assert not any(Path(os.environ["GEOLOC_RUNS_DIR"]).glob("*/summary.json"))
