@@ -135,6 +135,7 @@ def commands(b: Bench, stage: str) -> list[list[str]]:
                 f"train.image_size={a.size}", f"train.epochs={a.epochs}",
                 "train.batch_size=256", "train.num_workers=0", "train.warmup_epochs=0",
                 "train.lr=0.003", "train.cache_mb=0", "train.device=cpu",
+                "train.checkpoint_every_steps=50",  # a killed benchmark resumes mid-epoch
                 "rerank.enabled=false", "tracking.enabled=false", f"name=scale-n{a.n}"]  # fmt: skip
         return [_geoloc("train", "--config", "r7", *_sets(sets))]
     assert run is not None
@@ -213,6 +214,8 @@ def measure(cmd: list[str], b: Bench, row: Row, log_path: Path) -> str:
 
 def run_stage(b: Bench, stage: str) -> Row:
     row = b.load(stage)
+    if b.args.retry and row.status not in ("ok", "pending", "running"):
+        row.note, row.status = f"retried after {row.status}", "pending"
     if row.status not in ("pending", "running"):
         return row  # finished in an earlier invocation
     need = NEEDS.get(stage)
@@ -387,6 +390,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stage-timeout", type=float, default=3600.0, help="seconds per stage")
     ap.add_argument("--stages", default=",".join(STAGES),
                     help="comma-separated stages to run (default: all, in pipeline order)")
+    ap.add_argument("--retry", action="store_true",
+                    help="run again the stages that failed, timed out or were skipped")
     ap.add_argument("--fresh", action="store_true", help="delete the work folder first")
     ap.add_argument("--doc", type=Path, nargs="?", const=REPO / "docs" / "scale.md",
                     default=None, help="also write the table into this file (docs/scale.md)")
