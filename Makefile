@@ -71,6 +71,8 @@ lint: venv
 	$(BIN)/ruff check geoloc flows tests benchmarks
 	$(BIN)/lint-imports
 
+## make bench: every benchmarks/bench_*.py, among them the whole pipeline at N = 10^5
+## (bench_scale.py, `python -m benchmarks scale`; its table: docs/scale.md)
 bench: venv
 	$(BIN)/python -m benchmarks
 

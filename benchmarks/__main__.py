@@ -3,7 +3,8 @@
 Each `benchmarks/bench_*.py` is a standalone script that times geoloc against a plain
 reference doing the same work and prints the ratio; this runner only lists and starts them.
 `python -m benchmarks gpu [ARGS]` runs the GPU check (`gpu_check.py`, needs CUDA; not part of
-`make bench`).
+`make bench`). `python -m benchmarks scale [--n N] [--epochs E] ...` runs the whole pipeline at N
+images (`bench_scale.py`; `make bench` runs it at its default N = 10^5).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main(argv: list[str]) -> int:
         argv, extra = argv[:cut], argv[cut + 1 :]
     if argv[:1] == ["gpu"]:
         return subprocess.call([sys.executable, str(HERE / "gpu_check.py"), *argv[1:], *extra])
+    if argv[:1] == ["scale"]:
+        return subprocess.call([sys.executable, str(HERE / "bench_scale.py"), *argv[1:], *extra])
     scripts = sorted(HERE.glob("bench_*.py"))
     if argv in (["-l"], ["--list"]):
         print("\n".join(p.stem for p in scripts))

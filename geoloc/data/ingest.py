@@ -29,7 +29,13 @@ from geoloc.atomic import sweep_stale_temps, temp_path, write_parquet
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
 from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
-from geoloc.data.imagestore import SHARDS_DIR, ShardWriter, members_of, shard_relpath
+from geoloc.data.imagestore import (
+    LOCATION_COLUMNS,
+    SHARDS_DIR,
+    ShardWriter,
+    members_of,
+    shard_relpath,
+)
 from geoloc.data.process import ProcessTask, process_one
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, maybe_fault, stable_hash
@@ -115,11 +121,6 @@ def _fetch_one(item: RawItem, target: Path) -> tuple[Path | None, tuple[str, str
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return target, None
-
-
-def _chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(seq), size):
-        yield seq[i : i + size]
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -277,10 +278,13 @@ def journal_source(
     on_chunk: Callable[[int], None] | None = None,
     **source_options: Any,
 ) -> JournaledSource:
-    """List `spec` and fetch + process what its journal does not hold yet (resumable)."""
+    """List `spec` and fetch + process what its journal does not hold yet (resumable).
+
+    The listing is streamed chunk by chunk (only each item's key is kept, for the order the
+    merge deduplicates in), so memory does not grow with the items a source lists.
+    """
     resolved = _resolve_spec(spec, paths)
     source = create_source(resolved, **source_options)
-    entries = list(track(source.items(), desc=f"listing {spec}", unit="item"))
     # the demo's images are one and the same wherever the data folder is: its job (and so its
     # shard names) must not carry the folder's absolute path
     journal = Journal(paths.state / "ingest" / job_id(spec if spec == "demo" else resolved, cfg,
@@ -291,36 +295,50 @@ def journal_source(
     # temp files of writers killed mid-write (an earlier, interrupted ingest) go first
     for folder in (paths.processed, paths.raw / getattr(source, "name", ""), journal.folder):
         sweep_stale_temps(folder, recursive=True)
-    done_rows = journal.read()
+    done_rows = journal.read(columns=["key", "stage", *LOCATION_COLUMNS])
     done = set(done_rows["key"]) if len(done_rows) else set()
     # a source's reject is not final: a file missing last time may be there now
     redo = set(done_rows["key"][done_rows["stage"] == "source"]) if "stage" in done_rows else set()
-    pending = [
-        e
-        for e in entries
-        if (key := _key(e.source, e.source_ref)) not in done
-        or (key in redo and isinstance(e, RawItem))
-    ]
-    resumed = len(entries) - len(pending)
-    if resumed:
-        log.info("ingest %s: resuming, %d of %d items already done", spec, resumed, len(entries))
+    if done:
+        log.info("ingest %s: resuming, %d items already done", spec, len(done) - len(redo))
     writer = _shard_writer(paths, cfg, journal.folder.name, done_rows, fresh)
+    del done_rows
     runner = _Runner(paths, cfg, writer)
+    keys: list[str] = []  # every listed item in source order
+    resumed = 0
+
+    def pending_chunks() -> Iterator[list[RawItem | SourceReject]]:
+        nonlocal resumed
+        chunk: list[RawItem | SourceReject] = []
+        for entry in source.items():
+            key = _key(entry.source, entry.source_ref)
+            keys.append(key)
+            if key in done and not (key in redo and isinstance(entry, RawItem)):
+                resumed += 1
+                continue
+            chunk.append(entry)
+            if len(chunk) == chunk_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
     finished = False
     try:
         # a bar in a terminal, log lines under an orchestrator (no terminal)
-        with track(total=len(entries), initial=resumed, desc=f"ingest {spec}", unit="img",
-                   leave=True) as bar:  # fmt: skip
-            chunks = list(_chunks(pending, chunk_size))
-            downloads = runner.prefetch(chunks[0]) if chunks else {}
-            for i, chunk in enumerate(chunks):
-                # the next chunk downloads while this one is decoded
-                upcoming = runner.prefetch(chunks[i + 1]) if i + 1 < len(chunks) else {}
+        with track(desc=f"ingest {spec}", unit="img", leave=True) as bar:
+            chunks = pending_chunks()
+            chunk = next(chunks, None)
+            downloads = runner.prefetch(chunk) if chunk else {}
+            while chunk is not None:
+                # the next chunk is listed and downloads while this one is decoded
+                upcoming_chunk = next(chunks, None)
+                upcoming = runner.prefetch(upcoming_chunk) if upcoming_chunk else {}
                 rows = runner.run(chunk, downloads)
                 writer.commit()  # the shard bytes first, then the journal that points at them
                 parts = journal.append(rows)
-                downloads = upcoming
                 bar.update(len(chunk))
+                chunk, downloads = upcoming_chunk, upcoming
                 if on_chunk is not None:
                     on_chunk(parts)
                 maybe_fault("ingest", parts)
@@ -332,7 +350,7 @@ def journal_source(
     return JournaledSource(
         spec=spec,
         source=getattr(source, "name", spec),
-        keys=[_key(e.source, e.source_ref) for e in entries],
+        keys=keys,
         journal=journal.folder,
         resumed=resumed,
         errors=tuple(getattr(source, "errors", ())),
@@ -441,6 +459,32 @@ def _attribute_columns(records: list[dict[str, Any]]) -> list[str]:
     return [c for c in ATTRIBUTE_COLUMNS if c in present]
 
 
+def _slices(frame: pd.DataFrame, size: int = 65_536) -> Iterator[list[dict[str, Any]]]:
+    """Rows as plain dicts (~50x faster than iterrows), a slice at a time: all 10^6 at once
+    would hold ~1 GB of dicts."""
+    for start in range(0, len(frame), size):
+        yield frame.iloc[start : start + size].to_dict("records")
+
+
+def _manifest_fields(row: dict[str, Any], image_id: str) -> dict[str, Any]:
+    """An accepted journal row's manifest columns (attribute columns included)."""
+    return {
+        "image_id": image_id,
+        "path": row["path"],
+        "lat": row["lat"],
+        "lon": row["lon"],
+        "sha256": row["sha256"],
+        "width": row["width"],
+        "height": row["height"],
+        "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
+        "sequence_id": _value(row, "sequence_id"),
+        "shard": _value(row, "shard"),
+        "member": _value(row, "member"),
+        "offset": row.get("offset", -1),
+        "length": row.get("length", -1),
+    } | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
+
+
 def finalize(
     rows: pd.DataFrame, order: dict[str, int], paths: DataPaths, *, spec: str, source: str
 ) -> IngestReport:
@@ -461,49 +505,39 @@ def finalize(
         base = base[keep]
     seen_sha = dict(zip(base["sha256"], base["image_id"], strict=True))
     seen_ids = set(base["image_id"])
-    accepted: list[dict[str, Any]] = []
+    accepted: list[pd.DataFrame] = []  # a frame per slice: 10^6 dicts would hold ~1 GB
+    n_accepted = 0
     refused: list[dict[str, Any]] = []
     duplicates = 0
-    for row in rows.to_dict("records"):  # plain dicts: ~50x faster than iterrows
-        ref = {"source": row["source"], "source_ref": row["source_ref"]}
-        if row["status"] != "accepted":
-            refused.append(
-                ref | {"reason": row["reason"], "detail": row["detail"]} | {"stage": row["stage"]}
-            )
-            continue
-        sha = row["sha256"]
-        image_id = _value(row, "image_id") or sha[:16]
-        if sha in seen_sha:
-            duplicates += 1
-            detail = f"same content as image {seen_sha[sha]}"
-            refused.append(ref | {"reason": R.DUPLICATE, "detail": detail, "stage": "dedup"})
-            continue
-        if image_id in seen_ids:
-            detail = f"image_id {image_id} already used by different content"
-            refused.append(ref | {"reason": R.DUPLICATE_ID, "detail": detail, "stage": "dedup"})
-            continue
-        seen_sha[sha] = image_id
-        seen_ids.add(image_id)
-        accepted.append(
-            ref
-            | {
-                "image_id": image_id,
-                "path": row["path"],
-                "lat": row["lat"],
-                "lon": row["lon"],
-                "sha256": sha,
-                "width": row["width"],
-                "height": row["height"],
-                "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
-                "sequence_id": _value(row, "sequence_id"),
-                "shard": _value(row, "shard"),
-                "member": _value(row, "member"),
-                "offset": row.get("offset", -1),
-                "length": row.get("length", -1),
-            }
-            | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
-        )
-    new = pd.DataFrame(accepted, columns=MANIFEST_COLUMNS + _attribute_columns(accepted))
+    for records in _slices(rows):
+        batch: list[dict[str, Any]] = []
+        for row in records:
+            ref = {"source": row["source"], "source_ref": row["source_ref"]}
+            if row["status"] != "accepted":
+                refused.append(ref | {"reason": row["reason"], "detail": row["detail"],
+                                      "stage": row["stage"]})  # fmt: skip
+                continue
+            sha = row["sha256"]
+            image_id = _value(row, "image_id") or sha[:16]
+            if sha in seen_sha:
+                duplicates += 1
+                detail = f"same content as image {seen_sha[sha]}"
+                refused.append(ref | {"reason": R.DUPLICATE, "detail": detail, "stage": "dedup"})
+                continue
+            if image_id in seen_ids:
+                detail = f"image_id {image_id} already used by different content"
+                refused.append(ref | {"reason": R.DUPLICATE_ID, "detail": detail,
+                                      "stage": "dedup"})  # fmt: skip
+                continue
+            seen_sha[sha] = image_id
+            seen_ids.add(image_id)
+            batch.append(ref | _manifest_fields(row, image_id))
+        if batch:
+            columns = MANIFEST_COLUMNS + _attribute_columns(batch)
+            accepted.append(pd.DataFrame(batch, columns=columns))
+            n_accepted += len(batch)
+    new = (pd.concat(accepted, ignore_index=True) if accepted
+           else pd.DataFrame(columns=MANIFEST_COLUMNS))  # fmt: skip
     both = pd.concat([base, new], ignore_index=True) if len(base) else new
     manifest = normalise_manifest(both)
     manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -516,8 +550,8 @@ def finalize(
         spec=spec,
         source=source,
         read=read,
-        accepted=len(accepted),
-        rejected=read - len(accepted) - duplicates,
+        accepted=n_accepted,
+        rejected=read - n_accepted - duplicates,
         duplicates=duplicates,
         reasons=dict(sorted(reasons.items())),
     )
