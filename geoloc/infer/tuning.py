@@ -33,6 +33,7 @@ from geoloc.infer.calibration import (
     fit_scaling,
     top1_ece,
 )
+from geoloc.infer.gate_search import GateGrid, search_gate
 from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.radius import ErrorRadius, fit_error_radius
 from geoloc.infer.rerank import (
@@ -50,7 +51,6 @@ from geoloc.infer.rerank import (
     run_variants,
 )
 from geoloc.model.scores import predicted_classes
-from geoloc.progress import track
 
 __all__ = [
     "MEDIAN_SLACK",
@@ -149,19 +149,6 @@ def choose_topk_parents(
     return int(rows[best]["k"]), table
 
 
-@dataclass(frozen=True)
-class GateGrid:
-    """The val grid search over gate/blend/decoding parameters."""
-
-    k: Sequence[int] = (5, 10, 20, 50)
-    vote_temperature: Sequence[float] = (0.02, 0.1, 1.0)
-    weight: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
-    max_top1: Sequence[float] = (0.2, 0.35, 0.5, 0.7, 1.01)
-    require_disagreement: Sequence[bool] = (False, True)
-    decode: Sequence[str] = ("argmax", "min_risk")
-    candidates: int = 10
-
-
 def choose_gate(
     probs: np.ndarray,
     nbrs: Neighbours,
@@ -177,28 +164,10 @@ def choose_gate(
     objective); it defaults to the metrics of `probs` itself. Only `true` (val) labels are read.
     """
     ref = reference or _quick_metrics(probs.argmax(axis=1), label_space, true)
-    best = GateParams(max_top1=0.0, candidates=grid.candidates)
-    best_obj = tail_objective(_quick_metrics(probs.argmax(axis=1), label_space, true), ref)
-    best_mean = math.inf
-    combos = list(
-        itertools.product(grid.k, grid.vote_temperature, grid.weight, grid.max_top1,
-                          grid.require_disagreement, grid.decode)
+    best, best_obj = search_gate(
+        probs, nbrs, true.lat, true.lon, label_space, grid,
+        lambda m: tail_objective(m, ref), progress,
     )  # fmt: skip
-    votes_cache: dict[tuple[int, float], np.ndarray] = {}
-    for k, temp, w, thr, disagree, decode in track(
-        combos, desc="gate grid (val)", unit="gate", bars=progress
-    ):
-        if k > nbrs.k:
-            continue
-        if (k, temp) not in votes_cache:
-            votes_cache[(k, temp)] = neighbour_votes(nbrs, label_space.num_classes, k, temp)
-        params = GateParams(k, temp, w, thr, disagree, decode, grid.candidates)  # type: ignore[arg-type]
-        _, pred, _ = gated_rerank(probs, votes_cache[(k, temp)], params, label_space)
-        m = _quick_metrics(pred, label_space, true)
-        obj = tail_objective(m, ref)
-        # ties (common on small val sets) go to the lower mean error
-        if obj < best_obj - 1e-12 or (abs(obj - best_obj) <= 1e-12 and m["mean_km"] < best_mean):
-            best, best_obj, best_mean = params, obj, m["mean_km"]
     log.info("gate chosen on val: %s (objective %.4f)", best, best_obj)
     return best, best_obj
 
