@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ from geoloc.infer.calibration import softmax_rows
 from geoloc.infer.rerank import GateParams, Neighbours, min_risk_among
 from geoloc.progress import track
 
-__all__ = ["CHUNK_ROWS", "GateGrid", "search_gate"]
+__all__ = ["CHUNK_ROWS", "GateGrid", "GateInputs", "gate_answers", "search_gate"]
 
 CHUNK_ROWS = 4096
 """Images per block when candidate votes are gathered ((rows, cells, k) comparisons)."""
@@ -69,32 +69,55 @@ def _candidate_votes(cells: np.ndarray, nbrs: Neighbours, k: int, temp: float) -
     return out
 
 
-def _open_errors(
-    blend: np.ndarray,
-    cells: np.ndarray,
-    dup: np.ndarray,
-    true_lat: np.ndarray,
-    true_lon: np.ndarray,
-    label_space: LabelSpace,
-    candidates: int,
+def _open_cells(
+    blend: np.ndarray, cells: np.ndarray, dup: np.ndarray, label_space: LabelSpace, candidates: int
 ) -> dict[str, np.ndarray]:
-    """Per image, the error of an open gate's answer under argmax and min-risk decoding."""
-    rows = np.arange(len(cells))
-    arg = cells[rows, blend.argmax(axis=1)]
+    """Per image, an open gate's answer under argmax and under min-risk decoding."""
+    arg = cells[np.arange(len(cells)), blend.argmax(axis=1)]
     ranked = np.where(dup, -np.inf, blend)
     m = min(candidates, label_space.num_classes, cells.shape[1])
     top = np.argpartition(-ranked, m - 1, axis=1)[:, :m]
     p = np.take_along_axis(ranked, top, axis=1)
     risk = min_risk_among(np.take_along_axis(cells, top, axis=1), p, label_space)
-    ls = label_space
-    return {
-        "argmax": haversine_km(true_lat, true_lon, ls.lat[arg], ls.lon[arg]),
-        "min_risk": haversine_km(true_lat, true_lon, ls.lat[risk], ls.lon[risk]),
-    }
+    return {"argmax": arg, "min_risk": risk}
+
+
+@dataclass(eq=False)
+class GateInputs:
+    """What the search reads of the model's distribution: per image its top cell and
+    probability, and its candidate cells (model top `candidates` + neighbour labels, sorted by
+    class id; `dup` marks repeats) with their probabilities."""
+
+    top1: np.ndarray  # (N,)
+    model_top: np.ndarray  # (N,)
+    cells: np.ndarray  # (N, C) int64
+    p_cells: np.ndarray  # (N, C) float64
+    dup: np.ndarray  # (N, C) bool
+
+    @classmethod
+    def gather(
+        cls, prob_chunks: Iterable[np.ndarray], nbr_labels: np.ndarray, candidates: int
+    ) -> GateInputs:
+        """From (rows, K) probability blocks in row order: no (N, K) array is kept."""
+        parts: list[tuple[np.ndarray, ...]] = []
+        start = 0
+        for probs in prob_chunks:
+            rows = np.arange(len(probs))
+            top = probs.argmax(axis=1)
+            m = min(candidates, probs.shape[1])
+            model_cells = np.argpartition(-probs, m - 1, axis=1)[:, :m]
+            labels = nbr_labels[start : start + len(probs)]
+            cells = np.sort(np.concatenate([model_cells, labels], axis=1), axis=1)
+            parts.append((probs[rows, top], top, cells, np.take_along_axis(probs, cells, axis=1)))
+            start += len(probs)
+        top1, top, cells, p_cells = (np.concatenate(a) for a in zip(*parts, strict=True))
+        dup = np.zeros(cells.shape, dtype=bool)
+        dup[:, 1:] = cells[:, 1:] == cells[:, :-1]
+        return cls(top1, top, cells, p_cells, dup)
 
 
 def search_gate(
-    probs: np.ndarray,
+    inputs: GateInputs,
     nbrs: Neighbours,
     true_lat: np.ndarray,
     true_lon: np.ndarray,
@@ -103,36 +126,31 @@ def search_gate(
     objective: Objective,
     progress: bool = True,
 ) -> tuple[GateParams, float]:
-    """The gate of `grid` with the lowest `objective`; the closed gate when none
-    beats it. Ties go to the lower mean error, the earlier setting after that."""
-    g = grid
-    rows = np.arange(len(probs))
-    model_top = probs.argmax(axis=1)
-    top1 = probs[rows, model_top]
-    ls = label_space
-    err_closed = haversine_km(true_lat, true_lon, ls.lat[model_top], ls.lon[model_top])
-    closed = _metrics(err_closed)
+    """The gate of `grid` with the lowest `objective`; the closed gate when none beats it.
+    Ties go to the lower mean error, the earlier setting after that. `inputs` must have been
+    gathered with `grid.candidates` and at least `max(grid.k)` neighbour labels."""
+    g, x, ls = grid, inputs, label_space
+    rows = np.arange(len(x.top1))
+    err_closed = haversine_km(true_lat, true_lon, ls.lat[x.model_top], ls.lon[x.model_top])
     best = GateParams(max_top1=0.0, candidates=g.candidates)
-    best_obj, best_mean = objective(closed), math.inf
+    best_obj, best_mean = objective(_metrics(err_closed)), math.inf
     ks = [k for k in g.k if k <= nbrs.k]
-    if not ks or len(probs) == 0:
+    if not ks or len(rows) == 0:
         return best, best_obj
-    m = min(g.candidates, probs.shape[1])
-    model_cells = np.argpartition(-probs, m - 1, axis=1)[:, :m]
-    cells = np.sort(np.concatenate([model_cells, nbrs.labels[:, : max(ks)]], axis=1), axis=1)
-    dup = np.zeros(cells.shape, dtype=bool)
-    dup[:, 1:] = cells[:, 1:] == cells[:, :-1]
-    p_cells = np.take_along_axis(probs, cells, axis=1)
     outer = list(itertools.product(ks, g.vote_temperature))
     for k, temp in track(outer, desc="gate grid (val)", unit="votes", bars=progress):
-        votes = _candidate_votes(cells, nbrs, k, temp)
-        disagree = cells[rows, votes.argmax(axis=1)] != model_top
+        votes = _candidate_votes(x.cells, nbrs, k, temp)
+        disagree = x.cells[rows, votes.argmax(axis=1)] != x.model_top
         for w in g.weight:
-            blend = (1.0 - w) * p_cells + w * votes
-            opened = _open_errors(blend, cells, dup, true_lat, true_lon, ls, g.candidates)
-            inner = itertools.product(g.max_top1, g.require_disagreement, g.decode)
-            for thr, need_disagree, decode in inner:
-                gate = top1 < thr
+            blend = (1.0 - w) * x.p_cells + w * votes
+            opened = {
+                decode: haversine_km(true_lat, true_lon, ls.lat[c], ls.lon[c])
+                for decode, c in _open_cells(blend, x.cells, x.dup, ls, g.candidates).items()
+            }
+            for thr, need_disagree, decode in itertools.product(
+                g.max_top1, g.require_disagreement, g.decode
+            ):
+                gate = x.top1 < thr
                 if need_disagree:
                     gate &= disagree
                 met = _metrics(np.where(gate, opened[decode], err_closed))
@@ -140,6 +158,24 @@ def search_gate(
                 if obj < best_obj - 1e-12 or (
                     abs(obj - best_obj) <= 1e-12 and met["mean_km"] < best_mean
                 ):
-                    best = GateParams(k, temp, w, thr, need_disagree, decode, g.candidates)
+                    best = GateParams(k, temp, w, thr, need_disagree, decode, g.candidates)  # type: ignore[arg-type]
                     best_obj, best_mean = obj, met["mean_km"]
     return best, best_obj
+
+
+def gate_answers(
+    inputs: GateInputs, nbrs: Neighbours, params: GateParams, label_space: LabelSpace
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pred, gate open) per image under one gate: what `gated_rerank` answers, from the
+    candidate cells only."""
+    x = inputs
+    rows = np.arange(len(x.top1))
+    gate = x.top1 < params.max_top1
+    if params.is_closed or len(rows) == 0:
+        return x.model_top.copy(), gate
+    votes = _candidate_votes(x.cells, nbrs, params.k, params.vote_temperature)
+    if params.require_disagreement:
+        gate &= x.cells[rows, votes.argmax(axis=1)] != x.model_top
+    blend = (1.0 - params.weight) * x.p_cells + params.weight * votes
+    opened = _open_cells(blend, x.cells, x.dup, label_space, params.candidates)[params.decode]
+    return np.where(gate, opened, x.model_top), gate

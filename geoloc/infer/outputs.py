@@ -72,6 +72,13 @@ class SplitOutputs:
         arrays = {name: getattr(self, name) for name in _HEAD_ARRAYS}
         return {k: v for k, v in arrays.items() if v is not None}
 
+    def subset(self, rows: np.ndarray | slice) -> SplitOutputs:
+        """The same outputs for some rows only (a view for a slice)."""
+        arrays = {k: v[rows] for k, v in self.arrays().items()}
+        arrays.setdefault("logits", None)
+        arrays.setdefault("parent_logits", None)
+        return SplitOutputs(**arrays)
+
     def to_gallery(self) -> Gallery:
         return Gallery(self.embeddings, self.labels, self.lat, self.lon, self.image_ids)
 
