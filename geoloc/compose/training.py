@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from geoloc.config import RerankConfig, RunConfig
 from geoloc.errors import GeolocError
 from geoloc.paths import runs_dir
+from geoloc.progress import progress_log
 from geoloc.runs.layout import RunPaths, new_run_id
 from geoloc.train.distributed import under_torchrun
 from geoloc.train.run import train_run
@@ -71,8 +72,11 @@ def run_training(
     one_process = cfg.train.nproc == 1 and not under_torchrun()
     hooks = [mirror, *callbacks] if mirror is not None else list(callbacks)
     try:
-        step("train-model", train_run, cfg, run_dir=target, resume=resume, callbacks=hooks,
-             on_start=on_start if one_process else None, progress=progress)  # fmt: skip
+        if resume is not None and training_done(target, cfg):
+            progress_log.info("run %s: training already completed; resuming at rerank", target.name)
+        else:
+            step("train-model", train_run, cfg, run_dir=target, resume=resume, callbacks=hooks,
+                 on_start=on_start if one_process else None, progress=progress)  # fmt: skip
         began.append(target)
         if cfg.rerank.enabled and is_main_process():
             step("evaluate-rerank", rerank, target, cfg.rerank, progress=progress)
@@ -82,6 +86,21 @@ def run_training(
         if began and is_main_process():
             publish(target, mirror=cfg.tracking.enabled, step=step)
     return target
+
+
+def training_done(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether `run_dir` finished training all of `cfg`'s epochs (a run killed in rerank, report
+    or mirror): `--resume` then picks up after training instead of evaluating the model again."""
+    from geoloc.runs.summary import SummaryError, read_summary
+
+    try:
+        summary = read_summary(run_dir)
+    except SummaryError:
+        return False
+    paths = RunPaths(run_dir)
+    has_model = paths.best_checkpoint.is_file() or paths.last_checkpoint.is_file()
+    done = int(summary.get("epochs_completed") or 0) >= cfg.train.epochs
+    return summary.get("status") == "completed" and done and has_model
 
 
 def rerank(run_dir: Path, cfg: RerankConfig | None = None, **kwargs: Any) -> str:

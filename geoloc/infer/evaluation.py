@@ -23,7 +23,7 @@ from geoloc.atomic import atomic_path, file_sha256, write_text
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.gallery import Gallery
-from geoloc.infer.gate_search import CHUNK_ROWS
+from geoloc.infer.gate_search import block_rows
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
 from geoloc.infer.rerank import (
     VARIANTS,
@@ -142,12 +142,14 @@ def split_evaluation(
     split: str,
     answers_of: str | None = None,
     progress: bool = True,
-    block: int = CHUNK_ROWS,
+    block: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Every variant on a split in blocks of `block` images (no split x classes array):
+    """Every variant on a split in blocks of `block` images (default `block_rows`; no split x
+    classes array):
     the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`."""
     stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in VARIANTS}
     answers = []
+    block = block or block_rows(label_space.num_classes)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
     for s in track(starts, desc=f"rerank variants ({split})", unit="block", bars=progress):
         part = out.subset(slice(s, s + block))

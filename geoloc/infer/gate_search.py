@@ -32,10 +32,26 @@ from geoloc.infer.calibration import softmax_rows
 from geoloc.infer.rerank import GateParams, Neighbours, min_risk_among
 from geoloc.progress import track
 
-__all__ = ["CHUNK_ROWS", "GateGrid", "GateInputs", "gate_answers", "search_gate"]
+__all__ = [
+    "BLOCK_VALUES",
+    "CHUNK_ROWS",
+    "GateGrid",
+    "GateInputs",
+    "block_rows",
+    "gate_answers",
+    "search_gate",
+]
 
 CHUNK_ROWS = 4096
 """Images per block when candidate votes are gathered ((rows, cells, k) comparisons)."""
+BLOCK_VALUES = 4_000_000
+"""Values per (images, classes) block: 32 MB in float64, so a few copies stay far below 1 GB."""
+
+
+def block_rows(num_classes: int) -> int:
+    """Images per block of (images, classes) probabilities: `BLOCK_VALUES` / classes, in
+    [64, `CHUNK_ROWS`]."""
+    return int(min(CHUNK_ROWS, max(64, BLOCK_VALUES // max(num_classes, 1))))
 
 Objective = Callable[[dict[str, float]], float]
 

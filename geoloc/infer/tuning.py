@@ -32,7 +32,7 @@ from geoloc.infer.calibration import (
     choose_conformal,
     fit_scaling,
 )
-from geoloc.infer.gate_search import CHUNK_ROWS, GateGrid, GateInputs, gate_answers, search_gate
+from geoloc.infer.gate_search import GateGrid, GateInputs, block_rows, gate_answers, search_gate
 from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.radius import ErrorRadius, fit_error_radius
 from geoloc.infer.rerank import (
@@ -371,15 +371,16 @@ def tune(
     min-risk candidates, cell sets and error radii.
 
     `val` is the tuning sample; `probs_of` gives the base (rows, K) probabilities of some of its
-    rows, and is called in blocks of `CHUNK_ROWS` so no (images x classes) array is held for
+    rows, and is called in blocks (`block_rows`) so no (images x classes) array is held for
     the gate. Calibration, sets, radii and min-risk decoding are fitted on a stratified
     `cfg.calibration_images` of it. `params.log_prior` must be set; the rest is filled in.
     """
     ls = label_space
 
     def chunks(prior: bool) -> Iterator[np.ndarray]:
-        for s in range(0, len(val), CHUNK_ROWS):
-            p = probs_of(val.subset(slice(s, s + CHUNK_ROWS)))
+        step = block_rows(ls.num_classes)
+        for s in range(0, len(val), step):
+            p = probs_of(val.subset(slice(s, s + step)))
             yield apply_prior(p, params.log_prior) if prior else p
 
     ref = _quick_metrics(np.concatenate([p.argmax(1) for p in chunks(False)]), ls, val)
