@@ -255,12 +255,16 @@ def fit_calibration(
     methods = ("lac", "aps", "raps") if cfg.conformal == "auto" else (cfg.conformal,)
     cals: dict[str, Calibration] = dict(known or {})
     sets, radii = {}, {}
+    done: dict[tuple[int, Calibration], tuple[np.ndarray, ConformalSets]] = {}
     for name, v in val.items():
         if name not in cals:
             same = next((n for n, o in val.items() if n in cals and o.scores is v.scores), None)
             cals[name] = cals[same] if same else fit_scaling(v.scores, val_true.labels, v.model)
-        probs = cals[name].apply(v.scores, v.model)
-        sets[name] = choose_conformal(probs, val_true.labels, cfg.coverage, methods)
+        key = (id(v.scores), cals[name])  # gated, gated+refined, min_risk: one distribution
+        if key not in done:
+            probs = cals[name].apply(v.scores, v.model)
+            done[key] = probs, choose_conformal(probs, val_true.labels, cfg.coverage, methods)
+        probs, sets[name] = done[key]
         radii[name] = fit_error_radius(probs, v.lat, v.lon, val_true.lat, val_true.lon,
                                        label_space, cfg.radius_coverage, nbrs=v.nbrs)  # fmt: skip
     return CalibrationFit(cals, sets, radii)
