@@ -189,9 +189,12 @@ def min_risk_cells(probs: np.ndarray, label_space: LabelSpace, candidates: int) 
 
 def min_risk_among(cells: np.ndarray, p: np.ndarray, label_space: LabelSpace) -> np.ndarray:
     """(N,) the cell of `cells` (N, m) with the least expected distance under the mass `p`
-    (renormalised per row; -inf marks a padding slot, never chosen)."""
-    pad = ~np.isfinite(p)
-    p = np.where(pad, 0.0, p)
+    (renormalised per row). Only cells with mass compete: a zero-mass cell among the top m is
+    there by an arbitrary tie (e.g. weight-1 votes leave all but the voted cells at 0), so it
+    never wins; -inf marks a padding slot. A row without mass keeps its first cell."""
+    p = np.where(np.isfinite(p), p, 0.0)
+    pad = p <= 0.0
+    pad[pad.all(axis=1)] = False
     p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-300, None)
     lat, lon = label_space.lat[cells], label_space.lon[cells]  # (N, m)
     d = haversine_km(lat[:, :, None], lon[:, :, None], lat[:, None, :], lon[:, None, :])  # (N,m,m)
