@@ -18,7 +18,7 @@ from geoloc.compute import torchrun_env, under_torchrun
 from geoloc.config import RerankConfig, RunConfig
 from geoloc.errors import GeolocError
 from geoloc.paths import runs_dir
-from geoloc.progress import EpochCallback
+from geoloc.progress import EpochCallback, progress_log
 from geoloc.runfolder.layout import RunPaths, new_run_id
 from geoloc.train.run import train_run
 
@@ -70,8 +70,11 @@ def run_training(
     one_process = cfg.train.nproc == 1 and not under_torchrun()
     hooks = [mirror, *callbacks] if mirror is not None else list(callbacks)
     try:
-        step("train-model", train_run, cfg, run_dir=target, resume=resume, callbacks=hooks,
-             on_start=on_start if one_process else None, progress=progress)  # fmt: skip
+        if resume is not None and training_done(target, cfg):
+            progress_log.info("run %s: training already completed; resuming at rerank", target.name)
+        else:
+            step("train-model", train_run, cfg, run_dir=target, resume=resume, callbacks=hooks,
+                 on_start=on_start if one_process else None, progress=progress)  # fmt: skip
         began.append(target)
         if cfg.rerank.enabled and is_main_process():
             try:
@@ -96,6 +99,21 @@ def _record_stage_failure(run_dir: Path, stage: str, exc: BaseException) -> None
         update_summary(Path(run_dir), status="failed", failure_reason=reason[:2000])
     except Exception:  # noqa: BLE001 - the stage's own error matters more
         log.exception("could not record the failure of %s in %s", stage, run_dir)
+
+
+def training_done(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether `run_dir` finished training all of `cfg`'s epochs (a run killed in rerank, report
+    or mirror): `--resume` then picks up after training instead of evaluating the model again."""
+    from geoloc.runfolder.summary import SummaryError, read_summary
+
+    try:
+        summary = read_summary(run_dir)
+    except SummaryError:
+        return False
+    paths = RunPaths(run_dir)
+    has_model = paths.best_checkpoint.is_file() or paths.last_checkpoint.is_file()
+    done = int(summary.get("epochs_completed") or 0) >= cfg.train.epochs
+    return summary.get("status") == "completed" and done and has_model
 
 
 def rerank(run_dir: Path, cfg: RerankConfig | None = None, **kwargs: Any) -> str:

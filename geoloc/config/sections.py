@@ -305,6 +305,16 @@ class RerankConfig(StrictModel):
         0.9, gt=0.0, lt=1.0, description="Share of truths the per-image error radius holds."
     )
     index: Literal["auto", "faiss", "brute"] = Field("auto", description="Neighbour search.")
+    tune_images: int = Field(
+        20_000, ge=100,
+        description="Val images (a class-stratified sample) the gate, prior and refinement are "
+        "chosen on; all of val when it is smaller.",
+    )  # fmt: skip
+    calibration_images: int = Field(
+        2_000, ge=100,
+        description="Of those, the images calibration, conformal sets, the error radius and "
+        "min-risk decoding are fitted on (dense rows x classes arrays: bounds memory).",
+    )  # fmt: skip
 
 
 class TrackingConfig(StrictModel):

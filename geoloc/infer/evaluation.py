@@ -24,8 +24,10 @@ from geoloc.config import RerankConfig
 from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.gallery import Gallery
+from geoloc.infer.gate_search import block_rows
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
 from geoloc.infer.rerank import (
+    VARIANTS,
     Neighbours,
     RerankParams,
     VariantOutput,
@@ -35,14 +37,17 @@ from geoloc.infer.rerank import (
 )
 from geoloc.infer.trained import check_same_classes
 from geoloc.infer.tuning import (
+    TABLE_COLUMNS,
     TOPK_PARENTS,
     GateGrid,
     choose_best_variant,
     choose_topk_parents,
-    evaluation_table,
+    row_stats,
+    stratified_sample,
+    table_row,
     tune,
 )
-from geoloc.progress import progress_log
+from geoloc.progress import progress_log, track
 from geoloc.runfolder.layout import RunPaths
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "answer_table",
     "evaluate_rerank",
     "rerank_run",
+    "split_evaluation",
     "variants_for",
 ]
 
@@ -85,12 +91,11 @@ def evaluate_rerank(
     """
     gallery = gallery or outs["train"].to_gallery()
     k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
-    if outs["val"].scored_parents:  # factorised head: its k is one more choice made on val
-        hier_topk_parents, k_table = choose_topk_parents(outs["val"], label_space)
+    val = outs["val"].subset(stratified_sample(outs["val"].labels, cfg.tune_images))
+    if val.scored_parents:  # factorised head: its k is one more choice made on val
+        hier_topk_parents, k_table = choose_topk_parents(val, label_space)
         log.info("factorised head: children of the top %d parents kept (chosen on val)\n%s",
                  hier_topk_parents, k_table.to_string(index=False))  # fmt: skip
-    val = outs["val"]
-    probs = base_probs(val.head_arrays(), label_space, hier_topk_parents)
     nbrs = Neighbours.search(gallery, val.embeddings, k_search, kind=cfg.index)
     params = RerankParams(
         log_prior=class_log_prior(label_space, cfg.prior_alpha, land_fraction),
@@ -98,15 +103,50 @@ def evaluate_rerank(
         neighbours=k_search,
         index=cfg.index,
     )
-    params = tune(params, probs, nbrs, val, label_space, cfg, grid, progress)
+
+    def probs_of(out: SplitOutputs) -> np.ndarray:
+        return base_probs(out.head_arrays(), label_space, hier_topk_parents)
+
+    params = tune(params, val, nbrs, probs_of, label_space, cfg, grid, progress)
     tables = {
-        s: evaluation_table(
-            variants_for(outs[s], gallery, label_space, params), outs[s], params, label_space
-        )  # fmt: skip
+        s: split_evaluation(outs[s], gallery, label_space, params, s, progress=progress)[0]
         for s in ("val", "test")
     }
     params.best_variant = choose_best_variant(tables["val"])
     return params, tables
+
+
+def split_evaluation(
+    out: SplitOutputs,
+    gallery: Gallery,
+    label_space: LabelSpace,
+    params: RerankParams,
+    split: str,
+    answers_of: str | None = None,
+    progress: bool = True,
+    block: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Every variant on a split in blocks of `block` images (default `block_rows`; no split x
+    classes array):
+    the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`."""
+    stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in VARIANTS}
+    answers = []
+    block = block or block_rows(label_space.num_classes)
+    starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
+    for s in track(starts, desc=f"rerank variants ({split})", unit="block", bars=progress):
+        part = out.subset(slice(s, s + block))
+        variants = variants_for(part, gallery, label_space, params)
+        for name, v in variants.items():
+            stats[name].append(row_stats(name, v, part, params, label_space))
+        if answers_of:
+            answers.append(answer_table(answers_of, variants[answers_of], part, params,
+                                        label_space))  # fmt: skip
+    rows = []
+    for name in VARIANTS:
+        joined = {k: np.concatenate([b[k] for b in stats[name]]) for k in stats[name][0]}
+        rows.append(table_row(name, joined, params))
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    return table, (pd.concat(answers, ignore_index=True) if answers else None)
 
 
 def variants_for(
@@ -193,8 +233,9 @@ def rerank_run(
     params.save(paths.rerank_params)
     _write_table(paths.rerank_eval, tables["test"])
     _write_table(paths.rerank_eval_val, tables["val"])
-    best = variants_for(outs["test"], gallery, label_space, params)[params.best_variant]
-    answers = answer_table(params.best_variant, best, outs["test"], params, label_space)
+    _, answers = split_evaluation(outs["test"], gallery, label_space, params, "test answers",
+                                  answers_of=params.best_variant, progress=progress)  # fmt: skip
+    assert answers is not None
     with atomic_path(paths.rerank_test_predictions) as tmp:
         answers.to_parquet(tmp, index=False)
     best_row = tables["test"].set_index("variant").loc[params.best_variant]

@@ -71,6 +71,13 @@ class SplitOutputs:
         arrays = {name: getattr(self, name) for name in _HEAD_ARRAYS}
         return {k: v for k, v in arrays.items() if v is not None}
 
+    def subset(self, rows: np.ndarray | slice) -> SplitOutputs:
+        """The same outputs for some rows only (a view for a slice)."""
+        arrays = {k: v[rows] for k, v in self.arrays().items()}
+        arrays.setdefault("logits", None)
+        arrays.setdefault("parent_logits", None)
+        return SplitOutputs(**arrays)
+
     def to_gallery(self) -> Gallery:
         return Gallery(self.embeddings, self.labels, self.lat, self.lon, self.image_ids)
 
@@ -91,8 +98,9 @@ class SplitOutputs:
         write_npz(path, OUTPUTS_VERSION, {"key": np.str_(key), **self.arrays()})
 
     @classmethod
-    def load(cls, path: Path, key: str) -> SplitOutputs | None:
-        """The cached outputs, or None when missing, stale (other checkpoint/index) or broken."""
+    def load(cls, path: Path, key: str, heads: bool = True) -> SplitOutputs | None:
+        """The cached outputs, or None when missing, stale (other checkpoint/index) or broken;
+        `heads=False` accepts a gallery-only cache (no class logits)."""
         if not path.is_file():
             return None
         try:
@@ -102,7 +110,7 @@ class SplitOutputs:
             return None
         if str(z["key"]) != key:
             return None
-        if "logits" not in z and "child_logits" not in z:
+        if heads and "logits" not in z and "child_logits" not in z:
             log.warning("ignoring cache %s: it holds no class logits", path)
             return None
         return cls(
@@ -123,10 +131,13 @@ def compute_outputs(
     batch_size: int = 128,
     num_workers: int = 0,
     progress: bool = True,
+    keep_heads: bool = True,
 ) -> SplitOutputs:
     """One eval-mode pass over a `GeoDataset` (built with the eval transform) or its stored
     backbone features (`geoloc.train.embeddings.FeatureDataset`), read as evaluation reads it
-    (sequentially from shards when the split is not in memory); arrays come back in row order."""
+    (sequentially from shards when the split is not in memory); arrays come back in row order.
+    `keep_heads=False` keeps embeddings only (the train gallery: its (images x parents) logits
+    would be the largest array of a run and nothing reads them)."""
     from geoloc.data.streaming import eval_loader
 
     model.eval()
@@ -139,7 +150,7 @@ def compute_outputs(
         order.append(rows)
         out = model(images.to(device))
         embs.append(out["embedding"].float().cpu())
-        for name in _HEAD_ARRAYS:
+        for name in _HEAD_ARRAYS if keep_heads else ():
             if name in out:
                 value = out[name]
                 heads.setdefault(name, []).append(
@@ -186,8 +197,9 @@ def split_outputs(
     from geoloc.data.dataset import GeoDataset
 
     cache = paths.outputs(split)
+    heads = split != "train"  # train is the gallery: embeddings, labels and places only
     if use_cache:
-        cached = SplitOutputs.load(cache, key)
+        cached = SplitOutputs.load(cache, key, heads=heads)
         if cached is not None:
             log.info("using cached %s outputs from %s", split, cache)
             return cached
@@ -200,7 +212,8 @@ def split_outputs(
         dataset = embed_split(trained.model, dataset, trained.config, trained.device, index_dir,
                               progress=progress)  # fmt: skip
     out = compute_outputs(
-        trained.model, dataset, trained.device, cfg.batch_size, cfg.num_workers, progress
-    )
+        trained.model, dataset, trained.device, cfg.batch_size, cfg.num_workers, progress,
+        keep_heads=heads,
+    )  # fmt: skip
     out.save(cache, key)
     return out

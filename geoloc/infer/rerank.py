@@ -54,6 +54,7 @@ __all__ = [
     "class_log_prior",
     "gated_rerank",
     "land_fraction_for",
+    "min_risk_among",
     "min_risk_cells",
     "neighbour_votes",
     "refine_coordinates",
@@ -183,12 +184,23 @@ def min_risk_cells(probs: np.ndarray, label_space: LabelSpace, candidates: int) 
     """
     m = min(candidates, probs.shape[1])
     top = np.argpartition(-probs, m - 1, axis=1)[:, :m]  # (N, m), unordered
-    p = np.take_along_axis(probs, top, axis=1)
+    return min_risk_among(top, np.take_along_axis(probs, top, axis=1), label_space)
+
+
+def min_risk_among(cells: np.ndarray, p: np.ndarray, label_space: LabelSpace) -> np.ndarray:
+    """(N,) the cell of `cells` (N, m) with the least expected distance under the mass `p`
+    (renormalised per row). Only cells with mass compete: a zero-mass cell among the top m is
+    there by an arbitrary tie (e.g. weight-1 votes leave all but the voted cells at 0), so it
+    never wins; -inf marks a padding slot. A row without mass keeps its first cell."""
+    p = np.where(np.isfinite(p), p, 0.0)
+    pad = p <= 0.0
+    pad[pad.all(axis=1)] = False
     p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-300, None)
-    lat, lon = label_space.lat[top], label_space.lon[top]  # (N, m)
+    lat, lon = label_space.lat[cells], label_space.lon[cells]  # (N, m)
     d = haversine_km(lat[:, :, None], lon[:, :, None], lat[:, None, :], lon[:, None, :])  # (N,m,m)
     risk = np.einsum("nij,nj->ni", d, p)
-    return top[np.arange(len(top)), risk.argmin(axis=1)]
+    risk[pad] = np.inf
+    return cells[np.arange(len(cells)), risk.argmin(axis=1)]
 
 
 @dataclass(eq=False)

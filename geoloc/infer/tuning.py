@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,14 +25,14 @@ import torch
 
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace, haversine_km
-from geoloc.geo.metrics import geo_metrics_from_errors
+from geoloc.geo.metrics import expected_calibration_error, geo_metrics_from_errors
 from geoloc.infer.calibration import (
     Calibration,
     ConformalSets,
     choose_conformal,
     fit_scaling,
-    top1_ece,
 )
+from geoloc.infer.gate_search import GateGrid, GateInputs, block_rows, gate_answers, search_gate
 from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.radius import ErrorRadius, fit_error_radius
 from geoloc.infer.rerank import (
@@ -43,14 +43,11 @@ from geoloc.infer.rerank import (
     RerankParams,
     VariantOutput,
     apply_prior,
-    gated_rerank,
     min_risk_cells,
-    neighbour_votes,
     refine_coordinates,
     run_variants,
 )
 from geoloc.model.scores import predicted_classes
-from geoloc.progress import track
 
 __all__ = [
     "MEDIAN_SLACK",
@@ -63,7 +60,10 @@ __all__ = [
     "choose_refinement",
     "choose_topk_parents",
     "evaluation_table",
+    "row_stats",
+    "table_row",
     "fit_calibration",
+    "stratified_sample",
     "tail_objective",
     "tune",
     "variant_metrics",
@@ -149,19 +149,6 @@ def choose_topk_parents(
     return int(rows[best]["k"]), table
 
 
-@dataclass(frozen=True)
-class GateGrid:
-    """The val grid search over gate/blend/decoding parameters."""
-
-    k: Sequence[int] = (5, 10, 20, 50)
-    vote_temperature: Sequence[float] = (0.02, 0.1, 1.0)
-    weight: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
-    max_top1: Sequence[float] = (0.2, 0.35, 0.5, 0.7, 1.01)
-    require_disagreement: Sequence[bool] = (False, True)
-    decode: Sequence[str] = ("argmax", "min_risk")
-    candidates: int = 10
-
-
 def choose_gate(
     probs: np.ndarray,
     nbrs: Neighbours,
@@ -177,28 +164,11 @@ def choose_gate(
     objective); it defaults to the metrics of `probs` itself. Only `true` (val) labels are read.
     """
     ref = reference or _quick_metrics(probs.argmax(axis=1), label_space, true)
-    best = GateParams(max_top1=0.0, candidates=grid.candidates)
-    best_obj = tail_objective(_quick_metrics(probs.argmax(axis=1), label_space, true), ref)
-    best_mean = math.inf
-    combos = list(
-        itertools.product(grid.k, grid.vote_temperature, grid.weight, grid.max_top1,
-                          grid.require_disagreement, grid.decode)
+    inputs = GateInputs.gather([probs], nbrs.labels[:, : max(grid.k)], grid.candidates)
+    best, best_obj = search_gate(
+        inputs, nbrs, true.lat, true.lon, label_space, grid,
+        lambda m: tail_objective(m, ref), progress,
     )  # fmt: skip
-    votes_cache: dict[tuple[int, float], np.ndarray] = {}
-    for k, temp, w, thr, disagree, decode in track(
-        combos, desc="gate grid (val)", unit="gate", bars=progress
-    ):
-        if k > nbrs.k:
-            continue
-        if (k, temp) not in votes_cache:
-            votes_cache[(k, temp)] = neighbour_votes(nbrs, label_space.num_classes, k, temp)
-        params = GateParams(k, temp, w, thr, disagree, decode, grid.candidates)  # type: ignore[arg-type]
-        _, pred, _ = gated_rerank(probs, votes_cache[(k, temp)], params, label_space)
-        m = _quick_metrics(pred, label_space, true)
-        obj = tail_objective(m, ref)
-        # ties (common on small val sets) go to the lower mean error
-        if obj < best_obj - 1e-12 or (abs(obj - best_obj) <= 1e-12 and m["mean_km"] < best_mean):
-            best, best_obj, best_mean = params, obj, m["mean_km"]
     log.info("gate chosen on val: %s (objective %.4f)", best, best_obj)
     return best, best_obj
 
@@ -285,35 +255,65 @@ def fit_calibration(
     methods = ("lac", "aps", "raps") if cfg.conformal == "auto" else (cfg.conformal,)
     cals: dict[str, Calibration] = dict(known or {})
     sets, radii = {}, {}
+    done: dict[tuple[int, Calibration], tuple[np.ndarray, ConformalSets]] = {}
     for name, v in val.items():
         if name not in cals:
             same = next((n for n, o in val.items() if n in cals and o.scores is v.scores), None)
             cals[name] = cals[same] if same else fit_scaling(v.scores, val_true.labels, v.model)
-        probs = cals[name].apply(v.scores, v.model)
-        sets[name] = choose_conformal(probs, val_true.labels, cfg.coverage, methods)
+        key = (id(v.scores), cals[name])  # gated, gated+refined, min_risk: one distribution
+        if key not in done:
+            probs = cals[name].apply(v.scores, v.model)
+            done[key] = probs, choose_conformal(probs, val_true.labels, cfg.coverage, methods)
+        probs, sets[name] = done[key]
         radii[name] = fit_error_radius(probs, v.lat, v.lon, val_true.lat, val_true.lon,
                                        label_space, cfg.radius_coverage, nbrs=v.nbrs)  # fmt: skip
     return CalibrationFit(cals, sets, radii)
 
 
-def calibration_columns(
+def row_stats(
     name: str, v: VariantOutput, true: SplitOutputs, params: RerankParams, label_space: LabelSpace
-) -> dict[str, float]:
-    """ECE before and after calibration, the conformal sets' coverage and size, the radius's."""
-    calibrated = params.calibrated(name, v)
-    cols = {
-        "ece": top1_ece(v.scores, true.labels),
-        "ece_calibrated": top1_ece(calibrated, true.labels),
-        "temperature": params.temperatures.get(name, float("nan")),
-    }
+) -> dict[str, np.ndarray]:
+    """Per image, what the table columns of one variant average: error, hit, gate, top-1
+    confidence and correctness before and after calibration, set coverage and size, radius.
+    Row-wise only, so a split can be evaluated in blocks (`table_row` aggregates)."""
+    y = true.labels
+    cal = params.calibrated(name, v)
+    error = _errors(v.lat, v.lon, true)
+    stats = {
+        "error": error, "hit": v.pred == y, "gate": np.asarray(v.gate, dtype=bool),
+        "raw_conf": v.scores.max(axis=1), "raw_ok": v.scores.argmax(axis=1) == y,
+        "cal_conf": cal.max(axis=1), "cal_ok": cal.argmax(axis=1) == y,
+    }  # fmt: skip
     sets, radius = params.conformal.get(name), params.radius.get(name)
     if sets is not None:
-        cols.update(sets.evaluate(calibrated, true.labels))
+        member = sets.sets(cal)
+        stats["covered"] = member[np.arange(len(y)), y]
+        stats["set_size"] = member.sum(axis=1)
     if radius is not None:
-        cols.update(
-            radius.evaluate(calibrated, v.lat, v.lon, true.lat, true.lon, label_space, v.nbrs)
-        )
-    return cols
+        stats["radius"] = radius.radius_km(cal, v.lat, v.lon, label_space, v.nbrs)
+        stats["within"] = error <= stats["radius"]
+    return stats
+
+
+def table_row(name: str, stats: dict[str, np.ndarray], params: RerankParams) -> dict[str, float]:
+    """One `TABLE_COLUMNS` row from a variant's `row_stats` over a whole split."""
+    row = {
+        "variant": name,
+        **geo_metrics_from_errors(stats["error"]),
+        "top1": float(np.mean(stats["hit"])),
+        "gate_share": float(np.mean(stats["gate"])),
+        "ece": expected_calibration_error(stats["raw_conf"], stats["raw_ok"]),
+        "ece_calibrated": expected_calibration_error(stats["cal_conf"], stats["cal_ok"]),
+        "temperature": params.temperatures.get(name, float("nan")),
+    }
+    empty = stats["error"].size == 0
+    if "covered" in stats:
+        row["coverage"] = math.nan if empty else float(np.mean(stats["covered"]))
+        row["set_size"] = math.nan if empty else float(np.mean(stats["set_size"]))
+    if "radius" in stats:
+        row["radius_coverage"] = math.nan if empty else float(np.mean(stats["within"]))
+        row["radius_median_km"] = math.nan if empty else float(np.median(stats["radius"]))
+    return row
 
 
 def evaluation_table(
@@ -323,16 +323,8 @@ def evaluation_table(
     label_space: LabelSpace,
 ) -> pd.DataFrame:
     """One row per variant (`TABLE_COLUMNS`): geo metrics and calibration against the truth."""
-    rows = []
-    for name in VARIANTS:
-        v = variants[name]
-        rows.append(
-            {
-                "variant": name,
-                **variant_metrics(v, true),
-                **calibration_columns(name, v, true, params, label_space),
-            }
-        )
+    rows = [table_row(n, row_stats(n, variants[n], true, params, label_space), params)
+            for n in VARIANTS]  # fmt: skip
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
@@ -352,11 +344,28 @@ def choose_best_variant(val_table: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of a class-stratified sample of `n` rows (all rows when fewer).
+
+    Systematic sampling along the rows sorted by class (random order within a class): every
+    class gets its share of the sample, up to one row, so rare and frequent cells keep their
+    weight in the tail metrics.
+    """
+    labels = np.asarray(labels)
+    if labels.size <= n:
+        return np.arange(labels.size)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(labels.size)
+    order = perm[np.argsort(labels[perm], kind="stable")]
+    picks = np.floor((np.arange(n) + rng.random()) * labels.size / n).astype(np.int64)
+    return np.sort(order[picks])
+
+
 def tune(
     params: RerankParams,
-    val_probs: np.ndarray,
+    val: SplitOutputs,
     val_nbrs: Neighbours,
-    val_true: SplitOutputs,
+    probs_of: Callable[[SplitOutputs], np.ndarray],
     label_space: LabelSpace,
     cfg: RerankConfig,
     grid: GateGrid = GateGrid(),
@@ -365,32 +374,47 @@ def tune(
     """Every choice rerank makes, from val only: prior use, gate, refinement, calibration,
     min-risk candidates, cell sets and error radii.
 
-    `params.log_prior` must be set; the rest of `params` is filled in and returned.
+    `val` is the tuning sample; `probs_of` gives the base (rows, K) probabilities of some of its
+    rows, and is called in blocks (`block_rows`) so no (images x classes) array is held for
+    the gate. Calibration, sets, radii and min-risk decoding are fitted on a stratified
+    `cfg.calibration_images` of it. `params.log_prior` must be set; the rest is filled in.
     """
-    base_pred = val_probs.argmax(axis=1)
-    ref = _quick_metrics(base_pred, label_space, val_true)
-    prior_probs = apply_prior(val_probs, params.log_prior)
-    prior_obj = tail_objective(_quick_metrics(prior_probs.argmax(1), label_space, val_true), ref)
+    ls = label_space
+
+    def chunks(prior: bool) -> Iterator[np.ndarray]:
+        step = block_rows(ls.num_classes)
+        for s in range(0, len(val), step):
+            p = probs_of(val.subset(slice(s, s + step)))
+            yield apply_prior(p, params.log_prior) if prior else p
+
+    ref = _quick_metrics(np.concatenate([p.argmax(1) for p in chunks(False)]), ls, val)
+    prior_pred = np.concatenate([p.argmax(1) for p in chunks(True)])
+    prior_obj = tail_objective(_quick_metrics(prior_pred, ls, val), ref)
     params.gated_on_prior = bool(prior_obj < tail_objective(ref, ref) - 1e-12)
-    source = prior_probs if params.gated_on_prior else val_probs
     grid = replace(grid, k=tuple(sorted({*grid.k, cfg.k_neighbors})), candidates=cfg.top_k)
-    params.gate, _ = choose_gate(source, val_nbrs, val_true, label_space, grid, ref, progress)
+    kmax = min(max(grid.k), val_nbrs.k)
+    inputs = GateInputs.gather(
+        chunks(params.gated_on_prior), val_nbrs.labels[:, :kmax], grid.candidates
+    )
+    params.gate, obj = search_gate(inputs, val_nbrs, val.lat, val.lon, ls, grid,
+                                   lambda m: tail_objective(m, ref), progress)  # fmt: skip
+    log.info("gate chosen on val: %s (objective %.4f)", params.gate, obj)
     if cfg.refine:
-        votes = neighbour_votes(
-            val_nbrs, label_space.num_classes, params.gate.k, params.gate.vote_temperature
-        )
-        _, pred, _ = gated_rerank(source, votes, params.gate, label_space)
-        params.refine = choose_refinement(pred, val_nbrs, val_true, label_space, ref)
+        pred, _ = gate_answers(inputs, val_nbrs, params.gate, ls)
+        params.refine = choose_refinement(pred, val_nbrs, val, ls, ref)
     else:
         params.refine = RefineParams(method="none")
-    val_variants = run_variants(val_probs, val_nbrs, label_space, params)
-    gated = val_variants["gated"]
-    gated_cal = fit_scaling(gated.scores, val_true.labels, gated.model)
+    rows = stratified_sample(val.labels, cfg.calibration_images)
+    fit, fit_nbrs = val.subset(rows), val_nbrs.subset(rows)
+    fit_probs = probs_of(fit)
+    fit_ref = _quick_metrics(fit_probs.argmax(axis=1), ls, fit)
+    gated = run_variants(fit_probs, fit_nbrs, ls, params)["gated"]
+    gated_cal = fit_scaling(gated.scores, fit.labels, gated.model)
     params.min_risk_candidates = choose_min_risk(
-        gated, gated_cal, val_nbrs, val_true, label_space, params.refine, ref
+        gated, gated_cal, fit_nbrs, fit, ls, params.refine, fit_ref
     )
     params.calibration = {"gated": gated_cal}
-    val_variants = run_variants(val_probs, val_nbrs, label_space, params)
-    fit = fit_calibration(val_variants, val_true, label_space, cfg, known=params.calibration)
-    params.calibration, params.conformal, params.radius = fit.calibration, fit.conformal, fit.radius
+    fit_variants = run_variants(fit_probs, fit_nbrs, ls, params)
+    cal = fit_calibration(fit_variants, fit, ls, cfg, known=params.calibration)
+    params.calibration, params.conformal, params.radius = cal.calibration, cal.conformal, cal.radius
     return params

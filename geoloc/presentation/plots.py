@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 # more classes than this and the confusion matrix groups by parent / keeps the most frequent
 MAX_CONFUSION_CLASSES = 30
+MAX_MAP_POINTS = 20_000
+"""The error map draws at most this many test images (a fixed random sample beyond it)."""
+MAX_CDF_POINTS = 4_000
+"""The error CDF is drawn through at most this many quantiles of the errors."""
 
 
 class MissingInput(Exception):  # noqa: N818 - a reason, not a failure
@@ -144,8 +148,12 @@ def draw_geo_error(fig: Any, inputs: RunInputs) -> None:
         if err.size == 0:
             continue
         # log axis: an exact hit (0 km) is drawn at 10 m
-        cdf = np.arange(1, err.size + 1) / err.size
-        ax.step(np.clip(err, 0.01, None), cdf, where="post", label=f"{split} (n={err.size})")
+        n = err.size
+        cdf = np.arange(1, n + 1) / n
+        if n > MAX_CDF_POINTS:  # the same curve through evenly spaced quantiles
+            pick = np.unique(np.linspace(0, n - 1, MAX_CDF_POINTS).astype(np.int64))
+            err, cdf = err[pick], cdf[pick]
+        ax.step(np.clip(err, 0.01, None), cdf, where="post", label=f"{split} (n={n})")
     for t in THRESHOLDS_KM:
         ax.axvline(t, color="grey", linestyle="--", linewidth=0.8)
         ax.text(t * 1.1, 0.98, f"{t} km", rotation=90, ha="left", va="top", fontsize=8)
@@ -287,6 +295,9 @@ def draw_error_map(fig: Any, inputs: RunInputs) -> None:
     ax.set_facecolor("#f4f8fb")
     _draw_land(ax)
     pts = df[["true_lon", "true_lat", "error_km"]].dropna()
+    n_all = len(pts)
+    if n_all > MAX_MAP_POINTS:  # a sample: 10^5 markers add nothing a reader can see
+        pts = pts.sample(MAX_MAP_POINTS, random_state=0)
     err = np.clip(pts["error_km"].to_numpy(dtype=float), 1.0, 20000.0)
     order = np.argsort(err)  # worst errors drawn last, on top
     sc = ax.scatter(
@@ -301,7 +312,8 @@ def draw_error_map(fig: Any, inputs: RunInputs) -> None:
         zorder=3,
     )
     fig.colorbar(sc, ax=ax, fraction=0.025, pad=0.02, label="error (km, log)")
-    title = f"test errors at the true location (n={len(pts)})"
+    shown = f"n={n_all:,}" if n_all == len(pts) else f"{len(pts):,} of {n_all:,}"
+    title = f"test errors at the true location ({shown})"
     circles = _draw_radius_circles(ax, inputs.rerank_predictions)
     if circles:
         title += f"; circles: the {circles} error radius around the answer of a few images"
