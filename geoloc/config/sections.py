@@ -312,6 +312,16 @@ class RerankConfig(StrictModel):
         0.9, gt=0.0, lt=1.0, description="Share of truths the per-image error radius holds."
     )
     index: Literal["auto", "faiss", "brute"] = Field("auto", description="Neighbour search.")
+    ann_min_gallery: int = Field(
+        200_000,
+        ge=1,
+        description="Galleries of at least this many images are searched through a faiss IVF "
+        "index saved in the run (gallery_ivf.npz); smaller ones exactly.",
+    )
+    ann_nlist: int = Field(0, ge=0, description="IVF lists of that index (0: sqrt(gallery size)).")
+    ann_nprobe: int = Field(
+        32, ge=1, description="IVF lists scanned per query (more: higher recall, slower)."
+    )
 
 
 class TrackingConfig(StrictModel):

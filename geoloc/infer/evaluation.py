@@ -22,6 +22,7 @@ import pandas as pd
 from geoloc.atomic import atomic_path, file_sha256, write_text
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace, haversine_km
+from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
 from geoloc.infer.rerank import (
@@ -192,6 +193,7 @@ def rerank_run(
     }
     gallery = outs["train"].to_gallery()
     gallery.save(gallery_path(paths))
+    use_run_index(gallery, gallery_path(paths), AnnSettings.from_config(cfg), cfg.index)
     land = (
         land_fraction_for(label_space, index_dir / "h3_features.parquet")
         if cfg.use_land_prior

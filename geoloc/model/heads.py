@@ -191,14 +191,16 @@ class FactorisedHead(nn.Module):
         if self.tree is None:
             self.parent = nn.Linear(embed_dim, num_parents)
         else:
+            # every level's blocks in one (N, G, D) table (level l's at rows offset[l]..), so a
+            # step gathers the true path in one go and the optimizer sees one parameter
             self.parent_top = nn.Linear(embed_dim, self.tree.sizes[0])
-            self.tree_weight = nn.ParameterList()
-            self.tree_bias = nn.ParameterList()
-            for level in range(1, self.tree.depth):
-                n_above, g = self.tree.sizes[level - 1], self.tree.fanout
-                self.tree_weight.append(_uniform((n_above, g, embed_dim), embed_dim))
-                self.tree_bias.append(_uniform((n_above, g), embed_dim))
-                self.register_buffer(f"tree_mask_{level}", self.tree.mask(level), persistent=False)
+            nodes, g = sum(self.tree.sizes[:-1]), self.tree.fanout
+            self.tree_weight = _uniform((nodes, g, embed_dim), embed_dim)
+            self.tree_bias = _uniform((nodes, g), embed_dim)
+            masks = [self.tree.mask(level) for level in range(1, self.tree.depth)]
+            self.register_buffer("tree_mask", torch.cat(masks), persistent=False)
+            offsets = torch.tensor((0, *self.tree.sizes[:-1])).cumsum(0)[:-1]
+            self.register_buffer("tree_offset", offsets, persistent=False)  # level l at [l - 1]
         self.child_weight = _uniform((num_parents, self.max_children, embed_dim), embed_dim)
         self.child_bias = _uniform((num_parents, self.max_children), embed_dim)
         # derived from the label space; the layout is saved too so that a checkpoint loaded
@@ -215,7 +217,7 @@ class FactorisedHead(nn.Module):
         """The gathered tables, whose gradients are row-sparse (none unless `sparse`)."""
         if not self.sparse:
             return []
-        return [self.child_weight, self.child_bias, *self.tree_weight, *self.tree_bias]
+        return [self.child_weight, self.child_bias, self.tree_weight, self.tree_bias]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs = args[-1]
@@ -237,7 +239,10 @@ class FactorisedHead(nn.Module):
         """(B, D) embeddings, (B, R) rows of a (N, W, D) table -> (B, R, W) logits, padding -inf."""
         b, r = rows.shape
         w = gather_rows(weight, rows, self.sparse_grads)  # (B, R, W, D): only the rows asked for
-        z = torch.bmm(w.view(b, r * weight.shape[1], -1), h.unsqueeze(2)).view(b, r, -1)
+        if self.sparse:  # a broadcast product: ~3x faster than B tiny bmm's on CPU, both ways
+            z = (w * h[:, None, None, :]).sum(dim=3)
+        else:
+            z = torch.bmm(w.view(b, r * weight.shape[1], -1), h.unsqueeze(2)).view(b, r, -1)
         z = z + gather_rows(bias, rows, self.sparse_grads)
         return z.masked_fill(~mask[rows], float("-inf"))
 
@@ -252,13 +257,16 @@ class FactorisedHead(nn.Module):
 
     def _tree_parent_logp(self, h: torch.Tensor) -> torch.Tensor:
         """(B, P) exact log P(parent) through every block of the tree (P x D per sample)."""
+        tree = self.tree
+        assert tree is not None
         logp = torch.log_softmax(self.parent_top(h).float(), dim=1)  # (B, n0)
-        for level in range(1, self.tree.depth):  # type: ignore[union-attr]
-            w, bias = self.tree_weight[level - 1], self.tree_bias[level - 1]
-            z = torch.einsum("bd,ngd->bng", h, w) + bias
-            z = z.float().masked_fill(~getattr(self, f"tree_mask_{level}"), float("-inf"))
+        for level in range(1, tree.depth):
+            start = int(self.tree_offset[level - 1])
+            rows = slice(start, start + tree.sizes[level - 1])
+            z = torch.einsum("bd,ngd->bng", h, self.tree_weight[rows]) + self.tree_bias[rows]
+            z = z.float().masked_fill(~self.tree_mask[rows], float("-inf"))
             logp = (logp[:, :, None] + torch.log_softmax(z, dim=2)).flatten(1)
-            logp = logp[:, : self.tree.sizes[level]]  # type: ignore[union-attr]
+            logp = logp[:, : tree.sizes[level]]
         return logp
 
     def _tree_path(
@@ -270,17 +278,18 @@ class FactorisedHead(nn.Module):
         assert tree is not None
         top = self.parent_top(h)  # (B, n0)
         path = [top]
-        with torch.no_grad():
-            node = top.argmax(dim=1)  # greedy descent: the training-time prediction only
+        table = (self.tree_weight, self.tree_bias, self.tree_mask)
+        if parents is not None:  # every level's true block in one gather
+            rows = torch.stack([tree.ancestor(parents[:, 0], level - 1)
+                                for level in range(1, tree.depth)], dim=1)  # fmt: skip
+            z = self._table_logits(h, *table, rows + self.tree_offset)  # (B, L - 1, G)
+            path += list(z.unbind(dim=1))
+        with torch.no_grad():  # greedy descent: the training-time prediction only
+            node = top.argmax(dim=1)
             logp = torch.log_softmax(top.float(), dim=1).gather(1, node[:, None])
-        for level in range(1, tree.depth):
-            w, bias = self.tree_weight[level - 1], self.tree_bias[level - 1]
-            mask = getattr(self, f"tree_mask_{level}")
-            if parents is not None:
-                above = tree.ancestor(parents[:, 0], level - 1)[:, None]  # (B, 1)
-                path.append(self._table_logits(h, w, bias, mask, above)[:, 0])
-            with torch.no_grad():
-                z = self._table_logits(h, w, bias, mask, node[:, None])[:, 0].float()
+            for level in range(1, tree.depth):
+                row = node[:, None] + self.tree_offset[level - 1]
+                z = self._table_logits(h, *table, row)[:, 0].float()
                 slot = z.argmax(dim=1)
                 logp = logp + torch.log_softmax(z, dim=1).gather(1, slot[:, None])
                 node = node * tree.fanout + slot
