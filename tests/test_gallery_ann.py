@@ -18,9 +18,10 @@ pytest.importorskip("faiss")
 
 
 def clustered(n: int, dim: int = 32, seed: int = 0, spread: float = 1.0) -> np.ndarray:
-    """Unit vectors around n / 50 centres (like a trained model's embeddings of places)."""
+    """Unit vectors around 100 fixed centres (like a trained model's embeddings of places);
+    `seed` draws other points of the same clusters (queries)."""
+    centres = np.random.default_rng(99).standard_normal((100, dim)).astype(np.float32)
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(2, n // 50), dim)).astype(np.float32)
     noise = rng.standard_normal((n, dim)).astype(np.float32) * spread / np.sqrt(dim)
     return l2_normalize(l2_normalize(centres)[rng.integers(0, len(centres), n)] + noise)
 
@@ -60,9 +61,9 @@ def test_an_ivf_that_probes_every_list_gives_the_exact_neighbours(saved) -> None
 
 
 def test_default_settings_keep_recall_above_095_on_clustered_embeddings(tmp_path: Path) -> None:
-    g = gallery_of(clustered(20_000, spread=1.5))
+    g = gallery_of(clustered(20_000))
     g.save(tmp_path / "gallery.npz")
-    q = clustered(200, seed=2, spread=1.5)
+    q = clustered(200, seed=2)
     _, exact = g.index("brute").search(q, 20)
     use_run_index(g, tmp_path / "gallery.npz", AnnSettings(min_gallery=1))
     _, ids = g.search(q, 20)
@@ -75,9 +76,10 @@ def test_the_saved_index_is_reused_and_a_stale_one_is_rebuilt(saved, caplog) -> 
     settings = AnnSettings(min_gallery=1, nlist=16)
     use_run_index(g, path, settings)
     stamp = ann_path(path).stat().st_mtime_ns
-    use_run_index(gallery_of(g.embeddings), path, settings)  # a fresh load of the same gallery
+    use_run_index(Gallery.load(path), path, settings)  # predict loads the same gallery
     assert ann_path(path).stat().st_mtime_ns == stamp
-    other = gallery_of(clustered(3000, seed=5))  # the run's gallery was rebuilt
+    other = gallery_of(clustered(3000, seed=5))  # the run's gallery was rewritten (rerank)
+    other.save(path)
     with caplog.at_level(logging.INFO, logger="geoloc.infer.ann"):
         use_run_index(other, path, settings)
     assert "stale" in caplog.text
@@ -122,10 +124,20 @@ def test_queries_ivf_cannot_fill_are_answered_exactly(saved) -> None:
 
 
 def test_predict_answers_are_unchanged_through_an_exact_ivf(
-    reranked_run: Path, photo_folder: Path, tmp_path: Path
+    reranked_run: Path, demo_index, tmp_path: Path
 ) -> None:
+    import pandas as pd
+
+    from geoloc.data.imagestore import ImageLocations
     from geoloc.infer.evaluation import gallery_path
     from geoloc.infer.predict import Predictor
+
+    photo_folder = tmp_path / "photos"
+    photo_folder.mkdir()
+    manifest = pd.read_parquet(demo_index.processed_manifest).sort_values("sha256")
+    stored = ImageLocations(manifest.reset_index(drop=True), demo_index.root)
+    for i in range(12):
+        (photo_folder / f"img{i}.jpg").write_bytes(stored.read(i))
 
     run = tmp_path / "run"
     shutil.copytree(reranked_run, run)

@@ -13,7 +13,6 @@ so the demo's answers do not change. Without faiss the search stays exact, with 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geoloc.atomic import file_sha256
 from geoloc.config import RerankConfig
 from geoloc.errors import DataError
 from geoloc.infer.arrays import read_npz, write_npz
@@ -58,11 +58,9 @@ def ann_path(gallery_file: Path) -> Path:
     return Path(gallery_file).with_name("gallery_ivf.npz")
 
 
-def gallery_fingerprint(gallery: Gallery) -> str:
-    """sha256 of the gallery's normalised embeddings (float32, row order): what ids point into."""
-    h = hashlib.sha256(f"{len(gallery)}x{gallery.dim}".encode())
-    h.update(np.ascontiguousarray(gallery.embeddings, dtype=np.float32).data)
-    return h.hexdigest()
+def gallery_fingerprint(gallery_file: Path) -> str:
+    """sha256 of the gallery file the index was built from (what its ids point into)."""
+    return file_sha256(gallery_file)
 
 
 class AnnIndex:
@@ -87,9 +85,9 @@ class AnnIndex:
 def use_run_index(
     gallery: Gallery, gallery_file: Path, settings: AnnSettings, kind: str = "auto"
 ) -> AnnIndex | None:
-    """Give `gallery` its saved approximate index when it is large enough (build and save it
-    when missing or stale) and return it; None (exact search) below `settings.min_gallery`,
-    with `kind="brute"` or without faiss."""
+    """Give `gallery` (saved at, or loaded from, `gallery_file`) its saved approximate index
+    when it is large enough (build and save it when missing or stale) and return it; None
+    (exact search) below `settings.min_gallery`, with `kind="brute"` or without faiss."""
     gallery.use_index(None)
     if len(gallery) < settings.min_gallery or kind == "brute":
         return None
@@ -97,7 +95,7 @@ def use_run_index(
         log.warning("faiss is not installed: exact search over the %d-image gallery", len(gallery))
         return None
     path = ann_path(gallery_file)
-    fingerprint = gallery_fingerprint(gallery)
+    fingerprint = gallery_fingerprint(gallery_file)
     nlist = settings.lists_for(len(gallery))
     ivf = _load(path, fingerprint, nlist, settings.nprobe)
     if ivf is None:
