@@ -91,6 +91,7 @@ def main() -> None:
         print(f"{spread:>6} {'exact (brute force)':<22} {1.0:>8.3f} {one:>9.1f} {many:>9.2f}")
         with tempfile.TemporaryDirectory(prefix="bench_gallery_ann_") as tmp:
             gallery_file = Path(tmp) / "gallery.npz"
+            gallery.save(gallery_file)  # as rerank does; the index is fingerprinted by it
             for nprobe in args.nprobe:
                 settings = AnnSettings(min_gallery=1, nprobe=nprobe)
                 t0 = time.perf_counter()

@@ -94,6 +94,8 @@ def use_run_index(
     if not faiss_available():
         log.warning("faiss is not installed: exact search over the %d-image gallery", len(gallery))
         return None
+    if not Path(gallery_file).is_file():
+        raise DataError(f"gallery '{gallery_file}' does not exist: save the gallery first")
     path = ann_path(gallery_file)
     fingerprint = gallery_fingerprint(gallery_file)
     nlist = settings.lists_for(len(gallery))
