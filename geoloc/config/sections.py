@@ -131,6 +131,11 @@ class ModelConfig(StrictModel):
         description="Classifier head from the head registry: flat (one layer over all K classes) "
         "or factorised (P(parent) x P(child | parent), child logits only for the parents needed).",
     )
+    sparse_head: bool = Field(
+        False,
+        description="Factorised head: the parent level as a tree of blocks and row-sparse "
+        "updates of every table (a step costs the same at 10^3 and 10^6 classes; needs adamw).",
+    )
 
     @model_validator(mode="after")
     def _factorised_has_parents(self) -> ModelConfig:
@@ -139,6 +144,8 @@ class ModelConfig(StrictModel):
                 "model.head=factorised always predicts the parent cell: set model.hierarchy=true "
                 "(or model.head=flat)"
             )
+        if self.sparse_head and self.head != "factorised":
+            raise ValueError("model.sparse_head=true needs model.head=factorised")
         return self
 
 
@@ -315,6 +322,16 @@ class RerankConfig(StrictModel):
         description="Of those, the images calibration, conformal sets, the error radius and "
         "min-risk decoding are fitted on (dense rows x classes arrays: bounds memory).",
     )  # fmt: skip
+    ann_min_gallery: int = Field(
+        200_000,
+        ge=1,
+        description="Galleries of at least this many images are searched through a faiss IVF "
+        "index saved in the run (gallery_ivf.npz); smaller ones exactly.",
+    )
+    ann_nlist: int = Field(0, ge=0, description="IVF lists of that index (0: sqrt(gallery size)).")
+    ann_nprobe: int = Field(
+        32, ge=1, description="IVF lists scanned per query (more: higher recall, slower)."
+    )
 
 
 class TrackingConfig(StrictModel):
@@ -380,4 +397,9 @@ class RunConfig(StrictModel):
                     "train.embeddings=cache embeds each image once without augmentation: set "
                     "train.augment=false"
                 )
+        if self.model.sparse_head and self.train.optimizer != "adamw":
+            raise ValueError(
+                "model.sparse_head=true updates its tables with a row-sparse AdamW: set "
+                "train.optimizer=adamw"
+            )
         return self

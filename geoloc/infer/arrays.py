@@ -7,6 +7,7 @@ fast), and read back without pickle: a file from another geoloc version or a bro
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def read_npz(
             if found != version:
                 raise DataError(f"{what} '{path}' has version {found}; this geoloc reads {version}")
             arrays = {name: z[name] for name in z.files if name != "version"}
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated
         raise DataError(f"{what} '{path}' could not be read: {exc}") from exc
     missing = [name for name in required if name not in arrays]
     if missing:

@@ -23,6 +23,7 @@ from geoloc.atomic import atomic_path, file_sha256, write_text
 from geoloc.config import RerankConfig
 from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
+from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.gate_search import block_rows
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
@@ -214,6 +215,7 @@ def rerank_run(
     }
     gallery = outs["train"].to_gallery()
     gallery.save(paths.gallery)
+    use_run_index(gallery, paths.gallery, AnnSettings.from_config(cfg), cfg.index)
     land = (
         land_fraction_for(label_space, index_dir / "h3_features.parquet")
         if cfg.use_land_prior

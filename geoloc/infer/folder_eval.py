@@ -151,7 +151,7 @@ def evaluate_folder(
         raise DataError(f"no image files under {', '.join(str(p) for p in paths)}")
     out, skipped = _outputs(predictor, files, progress)
     ls = predictor.label_space
-    gallery = Gallery.load(predictor.paths.gallery)
+    gallery = predictor.gallery or Gallery.load(predictor.paths.gallery)
     variants = variants_for(out, gallery, ls, params)
     table = evaluation_table(variants, out, params, ls)
     best = params.best_variant

@@ -176,6 +176,28 @@ class FaissIndex:
         sims, ids = self._index.search(q, k)
         return sims.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
+    def to_bytes(self) -> np.ndarray:
+        """The index serialised by faiss, as a uint8 array (what `from_bytes` reads)."""
+        import faiss
+
+        return np.asarray(faiss.serialize_index(self._index), dtype=np.uint8)
+
+    @classmethod
+    def from_bytes(cls, data: np.ndarray, nprobe: int = 16) -> FaissIndex:
+        """An index `to_bytes` wrote; `nprobe` (IVF) is a search setting, not stored."""
+        import faiss
+
+        self = cls.__new__(cls)
+        index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+        self.ntotal, self.dim, self._keep = int(index.ntotal), int(index.d), None
+        ivf = faiss.try_extract_index_ivf(index)
+        self.method = "ivf" if ivf is not None else "flat"
+        self.exact = ivf is None
+        if ivf is not None:
+            ivf.nprobe = min(nprobe, ivf.nlist)
+        self._index = index
+        return self
+
 
 def create_index(
     embeddings: np.ndarray | torch.Tensor,
@@ -226,6 +248,7 @@ class Gallery:
     image_ids: np.ndarray  # (N,) str
     _index: NeighborIndex | None = field(default=None, repr=False)
     _index_kind: str = field(default="", repr=False)
+    _saved: NeighborIndex | None = field(default=None, repr=False)  # `use_index`
 
     def __post_init__(self) -> None:
         self.embeddings = l2_normalize(self.embeddings)
@@ -256,11 +279,22 @@ class Gallery:
             self._index_kind = key
         return self._index
 
+    def use_index(self, index: NeighborIndex | None) -> None:
+        """Search through `index` (the run's saved approximate index, `geoloc.infer.ann`)
+        unless exact brute force is asked for; None: back to the exact index."""
+        if index is not None and (index.ntotal, index.dim) != (len(self), self.dim):
+            raise GeolocError(
+                f"neighbour index has {index.ntotal} x {index.dim} vectors, the gallery "
+                f"{len(self)} x {self.dim}"
+            )
+        self._saved = index
+
     def search(
         self, queries: np.ndarray | torch.Tensor, k: int, kind: IndexKind = "auto"
     ) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) similarities and gallery row ids of the `k` nearest gallery images."""
-        return self.index(kind).search(l2_normalize(queries), k)
+        index = self._saved if self._saved is not None and kind != "brute" else self.index(kind)
+        return index.search(l2_normalize(queries), k)
 
     def save(self, path: Path) -> None:
         """Write an uncompressed `.npz` atomically (loads fast with memory mapping off)."""

@@ -38,6 +38,7 @@ from geoloc.data.dataset import image_tensor
 from geoloc.data.decode import Rejected
 from geoloc.data.process import clean_image
 from geoloc.errors import DataError, GeolocError
+from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import ConformalSets
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.infer.outputs import base_probs
@@ -168,6 +169,8 @@ class Predictor:
             self.variant = self.params.best_variant
             if self.variant != "base":
                 self.gallery = Gallery.load(self.paths.gallery)
+                ann = AnnSettings.from_config(self.trained.config.rerank)
+                use_run_index(self.gallery, self.paths.gallery, ann, self.params.index)
         elif rerank:
             log.warning(
                 "run '%s' has no rerank params (run `geoloc rerank` first): predicting with the "

@@ -16,6 +16,7 @@ from geoloc.model.heads import (
     create_head,
     head_names,
     register_head,
+    use_dense_gradients,
 )
 from geoloc.model.losses import (
     TAU_PER_EDGE,
@@ -55,4 +56,5 @@ __all__ = [
     "register_head",
     "register_loss",
     "register_model",
+    "use_dense_gradients",
 ]

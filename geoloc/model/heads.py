@@ -36,6 +36,7 @@ from torch import nn
 from geoloc.config import ModelConfig
 from geoloc.errors import ConfigError, DataError
 from geoloc.model.registry import Registry
+from geoloc.model.sparse_rows import BlockTree, gather_rows
 
 __all__ = [
     "HEADS",
@@ -47,6 +48,7 @@ __all__ = [
     "create_head",
     "head_names",
     "register_head",
+    "use_dense_gradients",
 ]
 
 
@@ -159,10 +161,23 @@ class FactorisedHead(nn.Module):
 
     Parameters: a parent layer (P x D) and one (C x D) child table per parent, stored as one
     (P, C, D) tensor and gathered per sample. See the module docstring for the outputs.
+
+    `sparse` (`model.sparse_head`): the parent level is itself a `BlockTree` (a top layer and
+    one (G, D) table per block, gathered like the child tables) and every gathered table gets a
+    row-sparse gradient, so that a training step costs the same at K = 10^3 and 10^6. In training
+    mode the outputs then carry `tree_logits` (the top layer's (B, n0) logits, then (B, G) for
+    each level's true block) instead of `parent_logits`, and `child_parent_logp` (B, 1), the
+    log-probability of the greedily chosen parent; at inference `parent_logits` (B, P) are the
+    tree's exact log-probabilities.
     """
 
     def __init__(
-        self, embed_dim: int, parent_of: np.ndarray, num_parents: int, topk_parents: int = 0
+        self,
+        embed_dim: int,
+        parent_of: np.ndarray,
+        num_parents: int,
+        topk_parents: int = 0,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         table = child_table(parent_of, num_parents)
@@ -170,12 +185,24 @@ class FactorisedHead(nn.Module):
         self.num_parents = int(num_parents)
         self.max_children = table.max_children
         self.topk_parents = int(topk_parents)
-        self.parent = nn.Linear(embed_dim, num_parents)
-        self.child_weight = nn.Parameter(torch.empty(num_parents, self.max_children, embed_dim))
-        self.child_bias = nn.Parameter(torch.empty(num_parents, self.max_children))
-        bound = 1.0 / math.sqrt(embed_dim)  # nn.Linear's default init, per child table
-        nn.init.uniform_(self.child_weight, -bound, bound)
-        nn.init.uniform_(self.child_bias, -bound, bound)
+        self.sparse = bool(sparse)
+        self.sparse_grads = self.sparse  # off under DDP (`use_dense_gradients`)
+        self.tree = BlockTree.for_parents(self.num_parents) if self.sparse else None
+        if self.tree is None:
+            self.parent = nn.Linear(embed_dim, num_parents)
+        else:
+            # every level's blocks in one (N, G, D) table (level l's at rows offset[l]..), so a
+            # step gathers the true path in one go and the optimizer sees one parameter
+            self.parent_top = nn.Linear(embed_dim, self.tree.sizes[0])
+            nodes, g = sum(self.tree.sizes[:-1]), self.tree.fanout
+            self.tree_weight = _uniform((nodes, g, embed_dim), embed_dim)
+            self.tree_bias = _uniform((nodes, g), embed_dim)
+            masks = [self.tree.mask(level) for level in range(1, self.tree.depth)]
+            self.register_buffer("tree_mask", torch.cat(masks), persistent=False)
+            offsets = torch.tensor((0, *self.tree.sizes[:-1])).cumsum(0)[:-1]
+            self.register_buffer("tree_offset", offsets, persistent=False)  # level l at [l - 1]
+        self.child_weight = _uniform((num_parents, self.max_children, embed_dim), embed_dim)
+        self.child_bias = _uniform((num_parents, self.max_children), embed_dim)
         # derived from the label space; the layout is saved too so that a checkpoint loaded
         # against other classes fails (`_load_from_state_dict`) instead of scoring wrong cells
         self.register_buffer("child_index", torch.from_numpy(table.children))
@@ -185,6 +212,12 @@ class FactorisedHead(nn.Module):
     @property
     def has_parent_head(self) -> bool:
         return True
+
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """The gathered tables, whose gradients are row-sparse (none unless `sparse`)."""
+        if not self.sparse:
+            return []
+        return [self.child_weight, self.child_bias, self.tree_weight, self.tree_bias]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs = args[-1]
@@ -199,43 +232,112 @@ class FactorisedHead(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def _table_logits(
+        self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """(B, D) embeddings, (B, R) rows of a (N, W, D) table -> (B, R, W) logits, padding -inf."""
+        b, r = rows.shape
+        w = gather_rows(weight, rows, self.sparse_grads)  # (B, R, W, D): only the rows asked for
+        if self.sparse:  # a broadcast product: ~3x faster than B tiny bmm's on CPU, both ways
+            z = (w * h[:, None, None, :]).sum(dim=3)
+        else:
+            z = torch.bmm(w.view(b, r * weight.shape[1], -1), h.unsqueeze(2)).view(b, r, -1)
+        z = z + gather_rows(bias, rows, self.sparse_grads)
+        return z.masked_fill(~mask[rows], float("-inf"))
+
     def child_logits(self, h: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings, (B, R) parent indices -> (B, R, C) child logits, padding -inf."""
-        b, r = parents.shape
-        flat = parents.reshape(-1)
-        # index_select, not `child_weight[parents]`: the backward of advanced indexing on CPU
-        # (index_put_ with accumulate) adds rows of a parent shared by several samples from
-        # concurrent threads, in an order that varies run to run (docs/training.md,
-        # "Determinism"); index_select's backward (index_add_) sums them in sample order.
-        w = self.child_weight.index_select(0, flat)  # (B*R, C, D): only the tables asked for
-        z = torch.bmm(w.view(b, r * self.max_children, -1), h.unsqueeze(2)).view(b, r, -1)
-        z = z + self.child_bias.index_select(0, flat).view(b, r, -1)
-        return z.masked_fill(~self.child_mask[parents], float("-inf"))
+        return self._table_logits(h, self.child_weight, self.child_bias, self.child_mask, parents)
 
     def _all_child_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, P, C) child logits of every parent (the exact, K x D per sample, path)."""
         z = torch.einsum("bd,pcd->bpc", h, self.child_weight) + self.child_bias
         return z.masked_fill(~self.child_mask, float("-inf"))
 
+    def _tree_parent_logp(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, P) exact log P(parent) through every block of the tree (P x D per sample)."""
+        tree = self.tree
+        assert tree is not None
+        logp = torch.log_softmax(self.parent_top(h).float(), dim=1)  # (B, n0)
+        for level in range(1, tree.depth):
+            start = int(self.tree_offset[level - 1])
+            rows = slice(start, start + tree.sizes[level - 1])
+            z = torch.einsum("bd,ngd->bng", h, self.tree_weight[rows]) + self.tree_bias[rows]
+            z = z.float().masked_fill(~self.tree_mask[rows], float("-inf"))
+            logp = (logp[:, :, None] + torch.log_softmax(z, dim=2)).flatten(1)
+            logp = logp[:, : tree.sizes[level]]
+        return logp
+
+    def _tree_path(
+        self, h: torch.Tensor, parents: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Training-time tree outputs: the logits the loss needs along the true parents' path
+        ((B, n0), then (B, G) per level), and the greedy best parent (B, 1) with its log P."""
+        tree = self.tree
+        assert tree is not None
+        top = self.parent_top(h)  # (B, n0)
+        path = [top]
+        table = (self.tree_weight, self.tree_bias, self.tree_mask)
+        if parents is not None:  # every level's true block in one gather
+            rows = torch.stack([tree.ancestor(parents[:, 0], level - 1)
+                                for level in range(1, tree.depth)], dim=1)  # fmt: skip
+            z = self._table_logits(h, *table, rows + self.tree_offset)  # (B, L - 1, G)
+            path += list(z.unbind(dim=1))
+        with torch.no_grad():  # greedy descent: the training-time prediction only
+            node = top.argmax(dim=1)
+            logp = torch.log_softmax(top.float(), dim=1).gather(1, node[:, None])
+            for level in range(1, tree.depth):
+                row = node[:, None] + self.tree_offset[level - 1]
+                z = self._table_logits(h, *table, row)[:, 0].float()
+                slot = z.argmax(dim=1)
+                logp = logp + torch.log_softmax(z, dim=1).gather(1, slot[:, None])
+                node = node * tree.fanout + slot
+        return path, node[:, None], logp
+
     def forward(self, h: torch.Tensor, parents: torch.Tensor | None = None) -> dict[str, Any]:
-        parent_logits = self.parent(h)  # (B, P)
-        out: dict[str, Any] = {"parent_logits": parent_logits}
+        out: dict[str, Any] = {}
         if parents is not None:
             out["target_parents"] = parents
             out["target_child_logits"] = self.child_logits(h, parents)
-        k = 1 if self.training else self.topk_parents
-        with torch.no_grad() if self.training else nullcontext():
-            if 0 < k < self.num_parents:
-                top = parent_logits.detach().topk(k, dim=1).indices  # (B, k), best first
+        if self.tree is not None and self.training:
+            out["tree_logits"], top, out["child_parent_logp"] = self._tree_path(h, parents)
+            with torch.no_grad():
                 scored = self.child_logits(h, top)
-            else:  # every parent, still best first so that the first k are the top-k
-                top = parent_logits.detach().argsort(dim=1, descending=True)  # (B, P)
-                every = self._all_child_logits(h)  # (B, P, C)
-                scored = every.gather(1, top[:, :, None].expand(-1, -1, every.shape[2]))
+        else:
+            # (B, P): the tree's exact log-probabilities, or the parent layer's logits
+            tree = self.tree is not None
+            parent_logits = self._tree_parent_logp(h) if tree else self.parent(h)
+            out["parent_logits"] = parent_logits
+            k = 1 if self.training else self.topk_parents
+            with torch.no_grad() if self.training else nullcontext():
+                if 0 < k < self.num_parents:
+                    top = parent_logits.detach().topk(k, dim=1).indices  # (B, k), best first
+                    scored = self.child_logits(h, top)
+                else:  # every parent, still best first so that the first k are the top-k
+                    top = parent_logits.detach().argsort(dim=1, descending=True)  # (B, P)
+                    every = self._all_child_logits(h)  # (B, P, C)
+                    scored = every.gather(1, top[:, :, None].expand(-1, -1, every.shape[2]))
         out["child_parents"] = top
         out["child_logits"] = scored
         out["child_classes"] = self.child_index[top]  # (B, k, C)
         return out
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
+    """nn.Linear's default init, per table."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+def use_dense_gradients(model: nn.Module) -> bool:
+    """Give every sparse factorised head dense gradients (DDP all-reduces dense ones only);
+    True if one had sparse gradients."""
+    changed = False
+    for module in model.modules():
+        if isinstance(module, FactorisedHead) and module.sparse_grads:
+            module.sparse_grads, changed = False, True
+    return changed
 
 
 @register_head("factorised")
@@ -245,4 +347,6 @@ def _factorised(cfg: ModelConfig, embed_dim: int, spec: HeadSpec) -> nn.Module:
             "model.head=factorised needs the label space's parent level (parent_of); build the "
             "model from an index with parent_resolution < resolution, or set model.head=flat"
         )
-    return FactorisedHead(embed_dim, spec.parent_of, spec.num_parents, spec.topk_parents)
+    return FactorisedHead(
+        embed_dim, spec.parent_of, spec.num_parents, spec.topk_parents, cfg.sparse_head
+    )

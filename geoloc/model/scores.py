@@ -66,7 +66,10 @@ def _factorised_joint(
     index of each entry (padding slots carry probability 0)."""
     parents = outputs["child_parents"]  # (B, k0), best parent first
     k = parents.shape[1] if k <= 0 else min(k, parents.shape[1])
-    p_parent = outputs["parent_logits"].float().softmax(dim=1).gather(1, parents[:, :k])
+    if "parent_logits" in outputs:
+        p_parent = outputs["parent_logits"].float().softmax(dim=1).gather(1, parents[:, :k])
+    else:  # a sparse head in training mode scores its greedy parent only
+        p_parent = outputs["child_parent_logp"][:, :k].float().exp()
     p_child = outputs["child_logits"][:, :k].float().softmax(dim=2)  # (B, k, C)
     joint = (p_parent[:, :, None] * p_child).flatten(1)
     return joint, outputs["child_classes"][:, :k].flatten(1).long()

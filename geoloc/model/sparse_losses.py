@@ -33,6 +33,7 @@ from geoloc.model.soft_targets import (
     default_tau_km,
     sample_weights,
 )
+from geoloc.model.sparse_rows import BlockTree
 
 __all__ = [
     "FactorisedLoss",
@@ -194,6 +195,7 @@ class FactorisedLoss(nn.Module):
         self.register_buffer("parent_of", torch.as_tensor(parent_of, dtype=torch.long),
                              persistent=False)  # fmt: skip
         self.register_buffer("slot_of", torch.from_numpy(table.slot_of), persistent=False)
+        self.tree = BlockTree.for_parents(num_parents)  # used by sparse heads only
         weights = None if class_weights is None else class_weights.detach().float().clone()
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -216,7 +218,7 @@ class FactorisedLoss(nn.Module):
                 "the factorised loss needs child logits of the true parents: call the model "
                 "with parents=criterion.head_parents(labels)"
             )
-        targets = targets.to(device=outputs["parent_logits"].device, dtype=torch.long)
+        targets = targets.to(device=outputs["target_child_logits"].device, dtype=torch.long)
         true_parent = self.parent_of[targets][:, None]  # (B, 1)
         if not torch.equal(outputs["target_parents"], true_parent):
             raise GeolocError("the model scored other parents than the loss asked for")
@@ -225,12 +227,40 @@ class FactorisedLoss(nn.Module):
         else:
             nbr, q = self.neighbours.targets(targets)  # (B, r)
         par = self.parent_of[nbr]  # (B, r)
-        log_parent = F.log_softmax(at_least_float32(outputs["parent_logits"]), dim=1).gather(1, par)
-        parent_term = -(q * log_parent).sum(dim=1)  # (B,)
+        if "tree_logits" in outputs:
+            parent_term = self._tree_parent_term(outputs["tree_logits"], par, true_parent, q)
+        else:
+            log_parent = F.log_softmax(at_least_float32(outputs["parent_logits"]), dim=1)
+            parent_term = -(q * log_parent.gather(1, par)).sum(dim=1)  # (B,)
         sibling = par == true_parent  # (B, r); the true class itself always is one
-        q_sib = q * sibling
-        q_sib = q_sib / q_sib.sum(dim=1, keepdim=True)
         log_child = F.log_softmax(at_least_float32(outputs["target_child_logits"][:, 0]), dim=1)
-        log_child = log_child.gather(1, self.slot_of[nbr]).masked_fill(~sibling, 0.0)
-        child_term = -(q_sib * log_child).sum(dim=1)  # (B,)
+        child_term = _restricted_nll(log_child, self.slot_of[nbr], sibling, q)  # (B,)
         return ((parent_term + child_term) * sample_weights(self.class_weights, targets)).sum()
+
+    def _tree_parent_term(
+        self, tree_logits: list[torch.Tensor], par: torch.Tensor, true_parent: torch.Tensor,
+        q: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The parent term of a sparse head (`BlockTree`): the targets summed per top node,
+        then at each level the targets inside the true path's block, renormalised (exact
+        -log P(parent(y)) for `ce`)."""
+        tree = self.tree
+        if len(tree_logits) != tree.depth or tree_logits[0].shape[1] != tree.sizes[0]:
+            raise GeolocError("the model's parent tree is not the one the loss expects")
+        top = F.log_softmax(at_least_float32(tree_logits[0]), dim=1)  # (B, n0)
+        term = -(q * top.gather(1, tree.ancestor(par, 0))).sum(dim=1)
+        for level in range(1, tree.depth):
+            same = tree.ancestor(par, level - 1) == tree.ancestor(true_parent, level - 1)
+            log_p = F.log_softmax(at_least_float32(tree_logits[level]), dim=1)  # (B, G)
+            term = term + _restricted_nll(log_p, tree.slot(par, level), same, q)
+        return term
+
+
+def _restricted_nll(
+    log_p: torch.Tensor, slots: torch.Tensor, inside: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
+    """-sum_j q~_j log_p[slot_j] over the targets `inside` one block (q~: q there, renormalised;
+    the true class is always inside). (B, W) log-probs, (B, r) slots/inside/q -> (B,)."""
+    q_in = q * inside
+    q_in = q_in / q_in.sum(dim=1, keepdim=True)
+    return -(q_in * log_p.gather(1, slots).masked_fill(~inside, 0.0)).sum(dim=1)

@@ -38,6 +38,7 @@ from geoloc.data.state import maybe_fault
 from geoloc.data.streaming import eval_loader
 from geoloc.formatting import fmt_km, fmt_share
 from geoloc.geo import LabelSpace, build_hardneg_pool
+from geoloc.model import use_dense_gradients
 from geoloc.progress import EpochCallback, format_duration, progress_log
 from geoloc.train.checkpoint import rank_rng_state, rng_state, save_checkpoint, set_rng_state
 from geoloc.train.epoch_loader import EpochLoader
@@ -298,6 +299,12 @@ def _training_model(model: nn.Module, cfg: RunConfig, dist: DistContext | None) 
 
     Parameters are shared, so `model` itself is what gets evaluated and checkpointed.
     """
+    if dist is not None and use_dense_gradients(model):
+        log.warning(
+            "model.sparse_head under DistributedDataParallel: the head's tables take dense "
+            "gradients (DDP here all-reduces dense gradients only), so each step updates every "
+            "row, as plain AdamW; the parent tree is kept"
+        )
     train_model = model if dist is None else dist.wrap(model, cfg)
     if cfg.train.compile:
         log.info("compiling the model with torch.compile (the first steps are slow)")
