@@ -38,6 +38,13 @@ def publish_run(run_dir: Path) -> dict[str, Any]:
             link_text=f"dashboard of {digest['run_id']}",
             description="The run's dashboard.html, served by `geoloc serve`.",
         )
+    if digest["mlflow_url"]:
+        create_link_artifact(
+            key="geoloc-mlflow-run",
+            link=digest["mlflow_url"],
+            link_text=f"MLflow run {digest['mlflow_run_id']}",
+            description="The run in the MLflow UI (params, metric charts, the logged model).",
+        )
     return {k: v for k, v in digest.items() if k != "markdown"}
 
 
@@ -51,3 +58,10 @@ def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> Non
     """A table artifact from records, with non-finite numbers blanked."""
     table = [{k: _cell(v) for k, v in row.items()} for row in rows]
     create_table_artifact(key=key, table=table, description=description)
+
+
+def publish_leaderboard(board: dict[str, Any]) -> None:
+    """The leaderboard table that an `aggregate` subflow returned, on the calling flow run's
+    page too (a train or pipeline run shows where its run landed without opening the subflow)."""
+    if board.get("table") is not None:
+        publish_table("geoloc-leaderboard", board["table"], board.get("description", ""))

@@ -33,6 +33,14 @@ def register(app: typer.Typer) -> None:
                 "CPU, NCCL on GPU); --set train.batch_size is the global batch.",
             ),
         ] = None,
+        register_model: Annotated[
+            bool,
+            typer.Option(
+                "--register",
+                help="Register the model as `geoloc` even when it does not beat the champion "
+                "(tracking.register_model=true; the default, auto, registers only winners).",
+            ),
+        ] = False,
     ) -> None:
         """Train a model and write runs/<run_id>/, then rerank, report and mirror it (as the
         `train` flow does); prints the run directory last. Under torchrun every process is a
@@ -51,6 +59,8 @@ def register(app: typer.Typer) -> None:
             config = str(run_config)
         world = os.environ.get("WORLD_SIZE") if nproc is None else None  # torchrun's ranks
         extra = [f"train.nproc={nproc or world}"] if (nproc or world) else []
+        if register_model:
+            extra.append("tracking.register_model=true")
         cfg = load_config(config, [*(overrides or []), *extra])
         run_dir = run_training(cfg, resume=resume)
         if is_main_process():

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from geoloc.paths import DASHBOARD_URL_ENV, runs_url
+from geoloc.paths import DASHBOARD_URL_ENV, mlflow_run_url, runs_url
 from geoloc.runs.formatting import fmt, fmt_km, fmt_share
 from geoloc.runs.layout import RunPaths
 from geoloc.runs.report_tables import fmt_metric, rerank_variant, result_rows
@@ -18,6 +18,7 @@ def run_digest(run_dir: Path) -> dict[str, Any]:
 
     Returns `run_id`, `run_dir`, `status`, `failure_reason`, `dashboard` (path or None),
     `dashboard_url` (http address where `geoloc serve` publishes it, or None), `mlflow_run_id`,
+    `mlflow_url` (its page in the MLflow UI, `geoloc.paths.mlflow_run_url`),
     `metrics` (name -> value, headline numbers first) and `markdown` (formatted for people: the
     test result after rerank beside the model alone, how training went, where to look).
     """
@@ -46,6 +47,7 @@ def run_digest(run_dir: Path) -> dict[str, Any]:
         "dashboard": str(dashboard) if dashboard else None,
         "dashboard_url": url,
         "mlflow_run_id": (s.get("tracking") or {}).get("mlflow_run_id"),
+        "mlflow_url": mlflow_run_url((s.get("tracking") or {}).get("mlflow_run_id")),
         "metrics": metrics,
         "markdown": digest_markdown(s, rp, url),
     }
@@ -73,9 +75,17 @@ def digest_markdown(s: dict[str, Any], rp: RunPaths, dashboard_url: str | None) 
         _dashboard_line(rp, dashboard_url),
         f"- run folder: `{rp.root}`",
         f"- dataset fingerprint: `{str(dataset.get('fingerprint'))[:16]}`",
-        f"- MLflow run: `{(s.get('tracking') or {}).get('mlflow_run_id') or 'not mirrored'}`",
+        _mlflow_line(s),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _mlflow_line(s: dict[str, Any]) -> str:
+    """The MLflow run as a link (its page in the MLflow UI), or why there is none."""
+    run_id = (s.get("tracking") or {}).get("mlflow_run_id")
+    if not run_id:
+        return "- MLflow run: not mirrored"
+    return f"- MLflow run: [{run_id}]({mlflow_run_url(run_id)})"
 
 
 def _result_markdown(s: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ as `name=number` pairs and are checked here, with an error that names the bad pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -130,3 +131,37 @@ def missing_and_penalty(
             sum(penalties.missing[m] for m in missing) + penalties.status.get(str(st), 0.0)
         )
     return missing_out, penalty_out
+
+
+REFERENCE_KM = 20037.5
+"""Half the Earth's circumference: the worst possible error, the fixed end of the km scale."""
+
+
+def reference_part(value: Any, higher_is_better: bool) -> float:
+    """One score part against a fixed reference, not the other runs: accuracy as it is, km on a
+    log scale from 1 (0 km) to 0 (half the Earth), so a run keeps its score when others join."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if v != v:  # NaN: missing
+        return 0.0
+    if higher_is_better:
+        return min(max(v, 0.0), 1.0)
+    return min(max(1.0 - math.log1p(max(v, 0.0)) / math.log1p(REFERENCE_KM), 0.0), 1.0)
+
+
+def reference_score(
+    metrics: Mapping[str, Any], weights: ScoreWeights | None = None
+) -> float | None:
+    """The leaderboard's weighted parts of one run (`best_val_acc`, `best_p90_km`,
+    `last_geo_median_km`) against the fixed reference; None when the run has none of them."""
+    weights = weights or ScoreWeights()
+    if all(metrics.get(key) is None for _, key, _, _ in SCORE_PARTS):
+        return None
+    total = sum(getattr(weights, name) for name, *_ in SCORE_PARTS)
+    parts = sum(
+        getattr(weights, name) * reference_part(metrics.get(key), higher)
+        for name, key, _, higher in SCORE_PARTS
+    )
+    return parts / total
