@@ -1,4 +1,5 @@
-"""The leaderboard score's settings and arithmetic: weights, penalties, min-max normalising.
+"""The leaderboard score's settings and arithmetic: weights, penalties, parts against a fixed
+reference.
 
 The formula is in `geoloc.runs.leaderboard`'s docstring; weights and penalties come from the CLI
 as `name=number` pairs and are checked here, with an error that names the bad pair.
@@ -10,7 +11,6 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import pandas as pd
 from pydantic import Field, ValidationError, model_validator
 
 from geoloc.config import StrictModel
@@ -104,19 +104,6 @@ class Penalties(StrictModel):
             else:
                 pen.missing = {**pen.missing, key: value}
         return pen
-
-
-def normalise(values: pd.Series, higher_is_better: bool) -> pd.Series:
-    """Min-max to [0, 1] with 1 the best; all equal -> 1, missing -> 0."""
-    v = values.astype("float64")
-    lo, hi = v.min(skipna=True), v.max(skipna=True)
-    if pd.isna(lo):
-        return pd.Series(0.0, index=v.index)
-    if hi == lo:
-        out = v.notna().astype("float64").where(v.notna())
-    else:
-        out = (v - lo) / (hi - lo) if higher_is_better else (hi - v) / (hi - lo)
-    return out.fillna(0.0)
 
 
 def missing_and_penalty(
