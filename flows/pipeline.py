@@ -61,6 +61,7 @@ def main() -> None:
     # SQLite file and prints a traceback in the middle of the demo
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from geoloc.errors import redact
+    from geoloc.integrations.mlflow import runs_page_of
     from geoloc.paths import aggregate_dir
 
     result = pipeline()
@@ -75,8 +76,9 @@ def main() -> None:
         f"leaderboard:  {board}",
         f"over HTTP:    .venv/bin/geoloc serve  (http://127.0.0.1:8765/{Path(run['run_dir']).name}"
         "/dashboard.html, http://127.0.0.1:8765/_aggregate/dashboard.html)",
-        f"MLflow UI:    make mlflow-ui   (tracking store {tracking_uri}; http://127.0.0.1:5000)",
-        f"MLflow run:   {run.get('mlflow_url') or 'not mirrored'}",
+        f"MLflow UI:    make mlflow-ui   (tracking store {tracking_uri}), then",
+        f"  runs:       {runs_page_of(run.get('mlflow_run_id')) or 'not mirrored'}",
+        f"  this run:   {run.get('mlflow_url') or 'not mirrored'}",
         "Prefect UI:   make up          (server, work pool, deployments and a worker;"
         " http://127.0.0.1:4200)",
     ]

@@ -36,8 +36,10 @@ def test_top_k_cells_come_with_their_centres(reranked_run: Path, photos: list[Pa
 
 
 def test_table_and_csv_show_the_radius_and_top_k_places(
-    reranked_run: Path, photos: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reranked_run: Path, photos: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # a terminal wide enough not to fold the cells
     assert main(["predict", "--run", str(reranked_run), str(photos[0]), "--top-k", "2"]) == 0
     shown = capsys.readouterr().out
     assert "radius" in shown and " km @ " in shown, shown

@@ -42,6 +42,7 @@ from geoloc.integrations.mlflow.store import (
     TAG_SWEEP,
     TrackingError,
     resolve_tracking_uri,
+    runs_page_of,
 )
 from geoloc.integrations.mlflow.sweeps import (
     end_run,
@@ -67,6 +68,7 @@ __all__ = [
     "log_sweep_summary",
     "record_tracking",
     "resolve_tracking_uri",
+    "runs_page_of",
     "start_parent_run",
     "sweep_parent_run",
     "sync_run",
