@@ -4,6 +4,8 @@ and a registered version shows its description and what it takes and answers."""
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -90,3 +92,45 @@ def test_a_registered_version_page_shows_description_and_signature(
     text = wait_for_text(page, ["image", "topk_lats", "radius_km"])
     assert "Outputs (0)" not in text
     assert page.screenshot("first-hour-model-version").stat().st_size > 10_000
+
+
+def test_the_prefect_artifact_links_open_the_dashboard_and_the_mlflow_run(
+    make_run, page, server, monkeypatch, prefect_harness
+) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows._artifacts import publish_run
+    from geoloc.paths import runs_dir
+    from geoloc.runs.serve import make_server, server_url
+
+    run_dir = make_run("linked", seed=0)
+    RunPaths(run_dir).dashboard.write_text(f"<html><body>dashboard of {run_dir.name}</body></html>")
+    tracking.sync_run(run_dir, log_model=False)
+    http = make_server(runs_dir(), port=0)  # what `geoloc serve` runs
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GEOLOC_DASHBOARD_URL", server_url(http))
+    try:
+
+        @flow(name="publish-check")
+        def publish() -> None:
+            publish_run(run_dir)
+
+        state = publish(return_state=True)
+        assert state.is_completed(), state.message
+        by_run = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=by_run))
+        links = {a.key: re.search(r"\((http[^)]+)\)", a.data).group(1) for a in arts
+                 if a.type == "markdown" and a.key != "geoloc-run-summary"}  # fmt: skip
+        assert set(links) == {"geoloc-run-dashboard", "geoloc-mlflow-run"}, links
+
+        page.goto(links["geoloc-run-dashboard"])
+        wait_for_text(page, [f"dashboard of {run_dir.name}"])
+        page.goto(links["geoloc-mlflow-run"])
+        suffix = run_dir.name.rsplit("-", 1)[-1]
+        wait_for_text(page, [f"linked-{suffix}", "best_p90_km"])
+    finally:
+        http.shutdown()
+        http.server_close()
