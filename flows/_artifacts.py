@@ -8,7 +8,9 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from geoloc.integrations.mlflow import run_page_of
 from geoloc.runs.digest import run_digest
+from geoloc.runs.summary import read_summary
 
 
 def _cell(value: Any) -> Any:
@@ -18,6 +20,11 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def mlflow_run_id(run_dir: Path) -> str | None:
+    """The MLflow run the run folder was mirrored to (summary.json `tracking`), if any."""
+    return (read_summary(run_dir).get("tracking") or {}).get("mlflow_run_id")
+
+
 def publish_run(run_dir: Path) -> dict[str, Any]:
     """A markdown page of the run (result after rerank beside the model alone, training, where
     to look) and, when `GEOLOC_DASHBOARD_URL` says where `geoloc serve` publishes the runs, a
@@ -25,7 +32,7 @@ def publish_run(run_dir: Path) -> dict[str, Any]:
 
     Returns the run digest (run id, status, metrics...) so the flow can return it too.
     """
-    digest = run_digest(run_dir)
+    digest = run_digest(run_dir, mlflow_url=run_page_of(mlflow_run_id(run_dir)))
     create_markdown_artifact(
         key="geoloc-run-summary",
         markdown=digest["markdown"],

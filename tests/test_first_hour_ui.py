@@ -69,6 +69,8 @@ def test_the_printed_link_opens_training_runs_with_metric_columns(make_run, page
     url = runs_page_url(exp_id)
     assert url.startswith(server.url)
 
+    # wide enough that the grid renders every column (it skips the ones scrolled out of view)
+    page.page.set_viewport_size({"width": 2400, "height": 900})
     page.goto(url)
     text = wait_for_text(page, ["rerank_median_km", "test_p90_km", "best_p90_km", "alpha-"])
     assert "Send your first trace" not in text, "the GenAI view, not the training runs"
@@ -87,9 +89,9 @@ def test_a_registered_version_page_shows_description_and_signature(
     assert result.model_version == "1"
 
     page.goto(f"{server.url}/#/models/{tracking.MODEL_NAME}/versions/1")
-    text = wait_for_text(page, [read_summary(run_dir)["run_id"], "P90"])
-    page.page.get_by_text("Schema", exact=False).first.click(timeout=30_000)
-    text = wait_for_text(page, ["image", "topk_lats", "radius_km"])
+    # the description, the tags and the schema with named inputs and outputs
+    text = wait_for_text(page, [read_summary(run_dir)["run_id"], "P90", "geoloc.data_digest",
+                                "test_p90_km", "Inputs (2)", "Outputs (15)"])  # fmt: skip
     assert "Outputs (0)" not in text
     assert page.screenshot("first-hour-model-version").stat().st_size > 10_000
 
@@ -130,7 +132,8 @@ def test_the_prefect_artifact_links_open_the_dashboard_and_the_mlflow_run(
         wait_for_text(page, [f"dashboard of {run_dir.name}"])
         page.goto(links["geoloc-mlflow-run"])
         suffix = run_dir.name.rsplit("-", 1)[-1]
-        wait_for_text(page, [f"linked-{suffix}", "best_p90_km"])
+        wait_for_text(page, [f"linked-{suffix}", "geoloc.run_id", "Model training"])
+        assert "workflowType=machine_learning" in page.page.url, "the training view"
     finally:
         http.shutdown()
         http.server_close()

@@ -250,6 +250,24 @@ def runs_page_of(mlflow_run_id: str | None, tracking_uri: str | None = None) -> 
         return None
 
 
+def run_page_of(mlflow_run_id: str | None, tracking_uri: str | None = None) -> str | None:
+    """The run's page in the training view (`#/experiments/<id>/runs/<run>?workflowType=...`):
+    MLflow's short `#/runs/<run>` route opens it in the GenAI view. None when not found."""
+    if not mlflow_run_id:
+        return None
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        probe(uri)
+        exp_id = client_for(uri).get_run(mlflow_run_id).info.experiment_id
+    except Exception as exc:  # noqa: BLE001 - a link is a courtesy, never an error
+        log.debug("no run page for %s: %s", mlflow_run_id, error_text(exc))
+        return None
+    from geoloc.paths import mlflow_ui_url
+
+    return (f"{mlflow_ui_url()}/#/experiments/{exp_id}/runs/{mlflow_run_id}"
+            "?workflowType=machine_learning")  # fmt: skip
+
+
 def runs_page_url(experiment_id: str) -> str:
     """The experiment's runs table in the MLflow UI, in its training view, with the key metric
     columns (the shared view above)."""
