@@ -141,3 +141,30 @@ def test_a_study_records_its_fixed_settings_and_links_each_trial(make_run, monke
     assert trial.user_attrs["dashboard"] == f"http://127.0.0.1:8765/{run_id}/dashboard.html"
     assert trial.user_attrs["mlflow_run"].endswith("/#/runs/r1")
     assert Path(trial.user_attrs["run_dir"]).is_dir()
+
+
+def test_dashboard_plots_say_whether_they_show_the_rerank_or_the_model_alone(make_run) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from geoloc.runs.inputs import load_run_inputs
+    from geoloc.runs.plots import draw_error_map, draw_geo_error, pyplot
+
+    run = make_run("labelled")
+    n = 40
+    pd.DataFrame({
+        "image_id": [f"i{i}" for i in range(n)], "true_lat": np.linspace(-50, 50, n),
+        "true_lon": np.linspace(-150, 150, n), "pred_lat": np.linspace(-50, 50, n),
+        "pred_lon": np.linspace(-149, 151, n), "error_km": np.geomspace(5, 5000, n),
+        "radius_km": np.full(n, 300.0), "radius_coverage": 0.9, "variant": "min_risk",
+    }).to_parquet(RunPaths(run).rerank_test_predictions, index=False)  # fmt: skip
+    plt = pyplot()
+    cdf, world = plt.figure(), plt.figure()
+    draw_geo_error(cdf, load_run_inputs(run))
+    labels = [t.get_text() for t in cdf.axes[0].get_legend().get_texts()]
+    assert labels[0].startswith("test, after rerank (min_risk)"), labels
+    assert any(label.startswith("test, model alone") for label in labels), labels
+    draw_error_map(world, load_run_inputs(run))
+    assert "after rerank (min_risk)" in world.axes[0].get_title()
+    plt.close(cdf)
+    plt.close(world)
