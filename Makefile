@@ -26,9 +26,10 @@ venv: $(STAMP)
 ## demo images -> ingest -> index -> train (demo preset) -> rerank -> report -> leaderboard,
 ## mirrored to MLflow; it ends by printing where to look.
 ## The temporary Prefect server creates its database on the first run: on a busy machine that
-## takes longer than Prefect's 20 s default, hence the longer wait.
+## takes longer than Prefect's 20 s default, hence the longer wait. Analytics off, as in
+## infra/stack.sh: its telemetry heartbeat fails offline and on a busy SQLite file (a traceback).
 demo: venv
-	PREFECT_LOGGING_EXTRA_LOGGERS=geoloc \
+	PREFECT_LOGGING_EXTRA_LOGGERS=geoloc PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180} \
 	$(BIN)/python -m flows.pipeline
 

@@ -40,11 +40,9 @@ def aggregate(runs_root: str | None = None, tracking: bool = True, top: int = 50
         top: Rows of the leaderboard table artifact.
     """
     result = aggregate_runs(Path(runs_root) if runs_root else None)
-    publish_table(
-        "geoloc-leaderboard",
-        leaderboard_records(result.table, limit=top),
-        f"Leaderboard: {len(result.ranked)} ranked, {len(result.skipped)} skipped runs",
-    )
+    records = leaderboard_records(result.table, limit=top)
+    description = f"Leaderboard: {len(result.ranked)} ranked, {len(result.skipped)} skipped runs"
+    publish_table("geoloc-leaderboard", records, description)
     if result.dashboard_path is not None:
         publish_link(
             "geoloc-leaderboard-dashboard",
@@ -65,4 +63,6 @@ def aggregate(runs_root: str | None = None, tracking: bool = True, top: int = 50
         "skipped": [{"run_id": s.run_id, "reason": s.reason} for s in result.skipped],
         "csv": str(result.csv_path) if result.csv_path else None,
         "mlflow_run_id": mlflow_run_id,
+        "table": records,  # the calling flow shows it too (`publish_leaderboard`)
+        "description": description,
     }

@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows._artifacts import publish_run
+from flows._artifacts import publish_leaderboard, publish_run
 from flows.aggregate import aggregate
 from flows.index import index
 from flows.train import train
@@ -47,6 +47,7 @@ def pipeline(
                 leaderboard=False)  # fmt: skip
     board = aggregate(tracking=tracking is not False)
     publish_run(Path(run["run_dir"]))  # the run's links and numbers on the pipeline's page too
+    publish_leaderboard(board)
     return {"index": built, "run": run, "leaderboard": board}
 
 
@@ -56,7 +57,11 @@ def main() -> None:
     with `make up` running, the flow run shows in the Prefect UI."""
     import os
 
+    # as infra/stack.sh: the temporary server's telemetry heartbeat fails offline or on a busy
+    # SQLite file and prints a traceback in the middle of the demo
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from geoloc.errors import redact
+    from geoloc.integrations.mlflow import runs_page_of
     from geoloc.paths import aggregate_dir
 
     result = pipeline()
@@ -71,7 +76,9 @@ def main() -> None:
         f"leaderboard:  {board}",
         f"over HTTP:    .venv/bin/geoloc serve  (http://127.0.0.1:8765/{Path(run['run_dir']).name}"
         "/dashboard.html, http://127.0.0.1:8765/_aggregate/dashboard.html)",
-        f"MLflow UI:    make mlflow-ui   (tracking store {tracking_uri}; http://127.0.0.1:5000)",
+        f"MLflow UI:    make mlflow-ui   (tracking store {tracking_uri}), then",
+        f"  runs:       {runs_page_of(run.get('mlflow_run_id')) or 'not mirrored'}",
+        f"  this run:   {run.get('mlflow_url') or 'not mirrored'}",
         "Prefect UI:   make up          (server, work pool, deployments and a worker;"
         " http://127.0.0.1:4200)",
     ]

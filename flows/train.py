@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows._artifacts import publish_run
+from flows._artifacts import publish_leaderboard, publish_run
 from flows.aggregate import aggregate
 from geoloc.compose.params import run_config_from_params, with_train_params
 from geoloc.compose.training import RETRYABLE_STEPS, run_training
@@ -64,6 +64,7 @@ def train(
     published = publish_run(out)
     if leaderboard:
         published["leaderboard"] = aggregate(tracking=cfg.tracking.enabled)
+        publish_leaderboard(published["leaderboard"])
     return published
 
 

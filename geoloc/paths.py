@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 DATA_DIR_ENV = "GEOLOC_DATA_DIR"
 RUNS_DIR_ENV = "GEOLOC_RUNS_DIR"
@@ -40,6 +40,29 @@ def runs_url(path: Path) -> str | None:
     except ValueError:
         return None
     return f"{base.rstrip('/')}/{quote(rel.as_posix())}"
+
+
+MLFLOW_UI_URL_ENV = "GEOLOC_MLFLOW_UI_URL"
+DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
+"""Where `make mlflow-ui` serves a local (SQLite) tracking store."""
+
+
+def mlflow_ui_url() -> str:
+    """The MLflow UI's address: `GEOLOC_MLFLOW_UI_URL`, else an http(s) `MLFLOW_TRACKING_URI`
+    (a tracking server is its own UI), else `make mlflow-ui`'s (the password stays out)."""
+    base = os.environ.get(MLFLOW_UI_URL_ENV, "").strip()
+    if not base:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        parts = urlsplit(uri)
+        is_web = parts.scheme in ("http", "https") and parts.hostname
+        base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" if is_web else ""
+    return (base or DEFAULT_MLFLOW_UI_URL).rstrip("/")
+
+
+def mlflow_run_url(mlflow_run_id: str | None) -> str | None:
+    """A link that opens the MLflow run page (MLflow's `#/runs/<id>` route finds its
+    experiment); None without a run id."""
+    return f"{mlflow_ui_url()}/#/runs/{quote(mlflow_run_id)}" if mlflow_run_id else None
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ up() {
   start worker "$prefect" worker start --pool "$pool" --type process --name "geoloc-$(hostname)-$port"
   echo "Prefect UI: http://127.0.0.1:${port}   API: $api"
   echo "Dashboards: $GEOLOC_DASHBOARD_URL/ (runs folder $runs, read-only)"
-  echo "In your shell: export PREFECT_API_URL=$api"
+  echo "In each new shell: source infra/activate.sh   (.venv + PREFECT_API_URL=$api)"
 }
 
 down() {

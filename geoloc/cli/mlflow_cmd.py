@@ -31,15 +31,24 @@ def sync(
     experiment: ExperimentOption = None,
     tracking_uri: TrackingUriOption = None,
     model: Annotated[
-        bool, typer.Option("--model/--no-model", help="Log and register the model.")
+        bool, typer.Option("--model/--no-model", help="Log the model (the geoloc pyfunc).")
     ] = True,
+    register: Annotated[
+        bool | None,
+        typer.Option(
+            "--register/--no-register",
+            help="Register the model as `geoloc` (default: the run's tracking.register_model; "
+            "auto registers a run that beats the champion).",
+        ),
+    ] = None,
 ) -> None:
     """Mirror existing runs into MLflow (idempotent: found by run id, updated, never duplicated)."""
     from geoloc.errors import redact
     from geoloc.integrations.mlflow import resolve_tracking_uri, sync_runs
 
     results = sync_runs(
-        run_dirs or None, experiment=experiment, tracking_uri=tracking_uri, log_model=model
+        run_dirs or None, experiment=experiment, tracking_uri=tracking_uri, log_model=model,
+        register=register,
     )
     if not results:
         typer.echo("no runs to sync")

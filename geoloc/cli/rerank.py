@@ -111,22 +111,27 @@ def _rerank_config(run_dir: Path, overrides: list[str]) -> Any:
 
 
 def _show(table: Any) -> None:
-    """A rich table on the terminal: one line per image."""
+    """A rich table on the terminal: one line per image, with the error radius and the top-k
+    as places (lat, lon, probability), as in `--out`'s columns."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(show_lines=False)
-    for col in ("path", "lat", "lon", "cell", "prob", "top-k", "set", "error"):
+    for col in ("path", "lat", "lon", "prob", "radius", "top-k (lat, lon) prob", "set", "error"):
         t.add_column(col, overflow="fold")
     for row in table.itertuples(index=False):
         if row.error is not None and isinstance(row.error, str):
             t.add_row(row.path, "", "", "", "", "", "", f"[red]{row.error}[/red]")
             continue
-        topk = ", ".join(
-            f"{c} {p:.2f}" for c, p in zip(row.topk_cells, row.topk_probs, strict=True)
+        topk = "\n".join(
+            f"({la:.2f}, {lo:.2f}) {p:.2f}"
+            for la, lo, p in zip(row.topk_lats, row.topk_lons, row.topk_probs, strict=True)
+        )
+        radius = "-" if row.radius_km is None or row.radius_km != row.radius_km else (
+            f"{row.radius_km:,.0f} km @ {row.radius_coverage:.0%}"
         )
         t.add_row(
-            row.path, f"{row.lat:.4f}", f"{row.lon:.4f}", row.cell, f"{row.prob:.3f}", topk,
+            row.path, f"{row.lat:.4f}", f"{row.lon:.4f}", f"{row.prob:.3f}", radius, topk,
             f"{len(row.conformal_set)} cells", "",
         )  # fmt: skip
     Console().print(t)

@@ -33,6 +33,14 @@ def register(app: typer.Typer) -> None:
                 "CPU, NCCL on GPU); --set train.batch_size is the global batch.",
             ),
         ] = None,
+        register_model: Annotated[
+            bool,
+            typer.Option(
+                "--register",
+                help="Register the model as `geoloc` even when it does not beat the champion "
+                "(tracking.register_model=true; the default, auto, registers only winners).",
+            ),
+        ] = False,
     ) -> None:
         """Train a model and write runs/<run_id>/, then rerank, report and mirror it (as the
         `train` flow does); prints the run directory last. Under torchrun every process is a
@@ -52,6 +60,8 @@ def register(app: typer.Typer) -> None:
         env = torchrun_env()
         world = env.world_size if nproc is None and env.launched else None  # torchrun's ranks
         extra = [f"train.nproc={nproc or world}"] if (nproc or world) else []
+        if register_model:
+            extra.append("tracking.register_model=true")
         cfg = load_config(config, [*(overrides or []), *extra])
         run_dir = run_training(cfg, resume=resume)
         if is_main_process():

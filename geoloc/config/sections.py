@@ -344,7 +344,11 @@ class TrackingConfig(StrictModel):
         description="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db); "
         "a password in it is never saved: it goes to MLFLOW_TRACKING_PASSWORD for this process.",
     )
-    register_model: bool = Field(True, description="Register the model as `geoloc`.")
+    register_model: bool | Literal["auto"] = Field(
+        "auto",
+        description="Register the model as `geoloc`: auto = only when the run beats the current "
+        "champion on the leaderboard score (fixed reference); true = always; false = never.",
+    )
     parent_run_id: str | None = Field(None, description="MLflow parent run (sweeps).")
 
     @field_validator("tracking_uri")

@@ -4,10 +4,11 @@
 been through `geoloc rerank`, its train gallery and `rerank_params.json`: the variant chosen on
 val, its temperature and its conformal threshold. `predict(paths)` returns one row per image:
 
-`path, lat, lon, cell, prob, topk_cells, topk_probs, conformal_set, conformal_coverage,
-radius_km, radius_coverage, variant, error`
+`path, lat, lon, cell, prob, topk_cells, topk_lats, topk_lons, topk_probs, conformal_set,
+conformal_coverage, radius_km, radius_coverage, variant, error`
 
-`prob` and `topk_probs` are calibrated on val; `conformal_set` holds the cells that contain
+`prob` and `topk_probs` are calibrated on val; `topk_lats`/`topk_lons` are the centres of
+`topk_cells` (a user reads places, not H3 ids); `conformal_set` holds the cells that contain
 the true cell with probability `conformal_coverage` (split conformal on val); the true location
 lies within `radius_km` of (`lat`, `lon`) with probability `radius_coverage`
 (`geoloc.infer.radius`). A file that is not a readable image gets a row with `error` set and
@@ -60,10 +61,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 OUTPUT_COLUMNS = (
-    "path", "lat", "lon", "cell", "prob", "topk_cells", "topk_probs", "conformal_set",
-    "conformal_coverage", "radius_km", "radius_coverage", "variant", "error",
+    "path", "lat", "lon", "cell", "prob", "topk_cells", "topk_lats", "topk_lons", "topk_probs",
+    "conformal_set", "conformal_coverage", "radius_km", "radius_coverage", "variant", "error",
 )  # fmt: skip
-LIST_COLUMNS = ("topk_cells", "topk_probs", "conformal_set")
+LIST_COLUMNS = ("topk_cells", "topk_lats", "topk_lons", "topk_probs", "conformal_set")
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -264,6 +265,8 @@ class Predictor:
                     "cell": str(cells[pred]),
                     "prob": float(probs[i, pred]),
                     "topk_cells": [str(cells[c]) for c in order[i]],
+                    "topk_lats": [float(self.label_space.lat[c]) for c in order[i]],
+                    "topk_lons": [float(self.label_space.lon[c]) for c in order[i]],
                     "topk_probs": [float(probs[i, c]) for c in order[i]],
                     "conformal_set": [str(cells[c]) for c in in_set],
                     "conformal_coverage": None if sets is None else sets.coverage,
@@ -326,7 +329,8 @@ class Predictor:
 def error_row(reason: str, variant: str) -> dict[str, Any]:
     """The output row of an input that could not be predicted: no answer, `error` says why."""
     return {
-        "lat": None, "lon": None, "cell": None, "prob": None, "topk_cells": [], "topk_probs": [],
+        "lat": None, "lon": None, "cell": None, "prob": None, "topk_cells": [], "topk_lats": [],
+        "topk_lons": [], "topk_probs": [],
         "conformal_set": [], "conformal_coverage": None, "radius_km": None,
         "radius_coverage": None, "variant": variant, "error": reason,
     }  # fmt: skip

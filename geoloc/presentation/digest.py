@@ -7,22 +7,25 @@ from pathlib import Path
 from typing import Any
 
 from geoloc.formatting import fmt, fmt_km, fmt_share
-from geoloc.paths import DASHBOARD_URL_ENV, runs_url
+from geoloc.paths import DASHBOARD_URL_ENV, mlflow_run_url, runs_url
 from geoloc.presentation.report_tables import fmt_metric, rerank_variant, result_rows
 from geoloc.runfolder.layout import RunPaths
 from geoloc.runfolder.summary import read_summary
 
 
-def run_digest(run_dir: Path) -> dict[str, Any]:
+def run_digest(run_dir: Path, mlflow_url: str | None = None) -> dict[str, Any]:
     """Key facts and metrics of a finished run, from its summary.json (never re-derived).
 
     Returns `run_id`, `run_dir`, `status`, `failure_reason`, `dashboard` (path or None),
     `dashboard_url` (http address where `geoloc serve` publishes it, or None), `mlflow_run_id`,
+    `mlflow_url` (its page in the MLflow UI: `mlflow_url` when the caller found the experiment's
+    own address, else `geoloc.paths.mlflow_run_url`),
     `metrics` (name -> value, headline numbers first) and `markdown` (formatted for people: the
     test result after rerank beside the model alone, how training went, where to look).
     """
     rp = RunPaths(Path(run_dir))
     s = read_summary(rp.root)
+    mlflow_url = mlflow_url or mlflow_run_url((s.get("tracking") or {}).get("mlflow_run_id"))
     test = s.get("test") or {}
     rerank = s.get("rerank") or {}
     metrics: dict[str, Any] = {
@@ -46,12 +49,15 @@ def run_digest(run_dir: Path) -> dict[str, Any]:
         "dashboard": str(dashboard) if dashboard else None,
         "dashboard_url": url,
         "mlflow_run_id": (s.get("tracking") or {}).get("mlflow_run_id"),
+        "mlflow_url": mlflow_url,
         "metrics": metrics,
-        "markdown": digest_markdown(s, rp, url),
+        "markdown": digest_markdown(s, rp, url, mlflow_url),
     }
 
 
-def digest_markdown(s: dict[str, Any], rp: RunPaths, dashboard_url: str | None) -> str:
+def digest_markdown(
+    s: dict[str, Any], rp: RunPaths, dashboard_url: str | None, mlflow_url: str | None = None
+) -> str:
     """A run page in markdown (a Prefect artifact): result, training, where to look."""
     status = f"**{s['status']}**" + (f": {s['failure_reason']}" if s.get("failure_reason") else "")
     dataset = s.get("dataset") or {}
@@ -73,9 +79,17 @@ def digest_markdown(s: dict[str, Any], rp: RunPaths, dashboard_url: str | None) 
         _dashboard_line(rp, dashboard_url),
         f"- run folder: `{rp.root}`",
         f"- dataset fingerprint: `{str(dataset.get('fingerprint'))[:16]}`",
-        f"- MLflow run: `{(s.get('tracking') or {}).get('mlflow_run_id') or 'not mirrored'}`",
+        _mlflow_line(s, mlflow_url),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _mlflow_line(s: dict[str, Any], url: str | None) -> str:
+    """The MLflow run as a link (its page in the MLflow UI), or why there is none."""
+    run_id = (s.get("tracking") or {}).get("mlflow_run_id")
+    if not run_id:
+        return "- MLflow run: not mirrored"
+    return f"- MLflow run: [{run_id}]({url or mlflow_run_url(run_id)})"
 
 
 def _result_markdown(s: dict[str, Any]) -> list[str]:

@@ -6,14 +6,17 @@ summary) are listed as skipped with the reason, in every output: never a crash, 
 
 Score of a ranked run (parts kept as columns; see README "Reports and the leaderboard"):
 
-    norm_acc    = (best_val_acc - min) / (max - min)              higher accuracy is better
-    norm_p90    = (max - best_p90_km) / (max - min)               lower P90 is better
-    norm_median = (max - last_geo_median_km) / (max - min)        lower median is better
+    norm_acc    = best_val_acc                                    higher accuracy is better
+    norm_p90    = 1 - log(1 + best_p90_km) / log(1 + 20037.5)     lower P90 is better
+    norm_median = 1 - log(1 + last_geo_median_km) / log(1 + 20037.5)
     score = (w_acc * norm_acc + w_p90 * norm_p90 + w_median * norm_median) / (w_acc + w_p90
             + w_median) - penalty
 
-min/max are over the ranked runs; a metric equal in every run normalises to 1, a missing one
-to 0. `penalty` sums the configured weight of each missing artifact and of the run's status.
+Each part is against a fixed reference (km: 1 at 0 km, 0 at half the Earth's circumference, on a
+log scale), not the other runs: a run keeps its score when others join, two runs do not score 1
+and 0, and the model registry compares a new run with the champion on the same number
+(`reference_score`). A missing metric counts 0. `penalty` sums the configured weight of each
+missing artifact and of the run's status.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from geoloc.presentation.leaderboard_score import (
     Penalties,
     ScoreWeights,
     missing_and_penalty,
-    normalise,
+    reference_part,
 )
 from geoloc.presentation.leaderboard_table import (
     COLUMNS,
@@ -173,7 +176,7 @@ def score_runs(
     total = weights.acc + weights.p90 + weights.median
     score = pd.Series(0.0, index=df.index)
     for name, source, column, higher in SCORE_PARTS:
-        df[column] = normalise(df[source], higher)
+        df[column] = df[source].map(lambda v, h=higher: reference_part(v, h)).astype("float64")
         score += getattr(weights, name) * df[column]
     df["missing_artifacts"], df["penalty"] = missing_and_penalty(
         df["_artifacts"], df["status"], penalties

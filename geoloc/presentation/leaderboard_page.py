@@ -153,8 +153,9 @@ def render_leaderboard(result: AggregateResult) -> str:
             f'Data: <a href="{CSV_NAME}">{CSV_NAME}</a> · '
             f'<a href="{PARQUET_NAME}">{PARQUET_NAME}</a></p>',
             '<p class="formula">score = (w<sub>acc</sub>·acc part + w<sub>p90</sub>·P90 part + '
-            "w<sub>median</sub>·median part) / Σw − penalty. Parts are min-max normalised over "
-            "the ranked runs, 1 = best (missing metric: 0). "
+            "w<sub>median</sub>·median part) / Σw − penalty. Parts are against a fixed reference, "
+            "not the other runs: accuracy as it is; km as 1 − log(1+km)/log(1+20,037.5) (1 at "
+            "0 km, 0 at half the Earth); missing metric: 0. "
             f"Weights: acc {w.acc:g}, p90 {w.p90:g}, median {w.median:g}. "
             f"Penalties for missing artifacts: {missing}; for status: {status}. "
             "Click a column to sort.</p>",

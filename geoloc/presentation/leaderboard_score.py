@@ -1,4 +1,5 @@
-"""The leaderboard score's settings and arithmetic: weights, penalties, min-max normalising.
+"""The leaderboard score's settings and arithmetic: weights, penalties, parts against a fixed
+reference.
 
 The formula is in `presentation.leaderboard`'s docstring; weights and penalties come from the CLI
 as `name=number` pairs and are checked here, with an error that names the bad pair.
@@ -6,10 +7,10 @@ as `name=number` pairs and are checked here, with an error that names the bad pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import pandas as pd
 from pydantic import Field, ValidationError, model_validator
 
 from geoloc.config import StrictModel
@@ -105,19 +106,6 @@ class Penalties(StrictModel):
         return pen
 
 
-def normalise(values: pd.Series, higher_is_better: bool) -> pd.Series:
-    """Min-max to [0, 1] with 1 the best; all equal -> 1, missing -> 0."""
-    v = values.astype("float64")
-    lo, hi = v.min(skipna=True), v.max(skipna=True)
-    if pd.isna(lo):
-        return pd.Series(0.0, index=v.index)
-    if hi == lo:
-        out = v.notna().astype("float64").where(v.notna())
-    else:
-        out = (v - lo) / (hi - lo) if higher_is_better else (hi - v) / (hi - lo)
-    return out.fillna(0.0)
-
-
 def missing_and_penalty(
     artifacts: Iterable[Mapping[str, Any]], status: Iterable[Any], penalties: Penalties
 ) -> tuple[list[str], list[float]]:
@@ -130,3 +118,37 @@ def missing_and_penalty(
             sum(penalties.missing[m] for m in missing) + penalties.status.get(str(st), 0.0)
         )
     return missing_out, penalty_out
+
+
+REFERENCE_KM = 20037.5
+"""Half the Earth's circumference: the worst possible error, the fixed end of the km scale."""
+
+
+def reference_part(value: Any, higher_is_better: bool) -> float:
+    """One score part against a fixed reference, not the other runs: accuracy as it is, km on a
+    log scale from 1 (0 km) to 0 (half the Earth), so a run keeps its score when others join."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if v != v:  # NaN: missing
+        return 0.0
+    if higher_is_better:
+        return min(max(v, 0.0), 1.0)
+    return min(max(1.0 - math.log1p(max(v, 0.0)) / math.log1p(REFERENCE_KM), 0.0), 1.0)
+
+
+def reference_score(
+    metrics: Mapping[str, Any], weights: ScoreWeights | None = None
+) -> float | None:
+    """The leaderboard's weighted parts of one run (`best_val_acc`, `best_p90_km`,
+    `last_geo_median_km`) against the fixed reference; None when the run has none of them."""
+    weights = weights or ScoreWeights()
+    if all(metrics.get(key) is None for _, key, _, _ in SCORE_PARTS):
+        return None
+    total = sum(getattr(weights, name) for name, *_ in SCORE_PARTS)
+    parts = sum(
+        getattr(weights, name) * reference_part(metrics.get(key), higher)
+        for name, key, _, higher in SCORE_PARTS
+    )
+    return parts / total

@@ -140,10 +140,24 @@ def _prediction_sets(inputs: RunInputs) -> dict[str, pd.DataFrame]:
     return sets
 
 
+MODEL_ALONE = "model alone"
+"""What every plot calls the trained model's own answer (no rerank), as the report's tables do."""
+
+
+def _rerank_label(df: pd.DataFrame) -> str:
+    variants = df["variant"].dropna().unique() if "variant" in df.columns else []
+    return f"after rerank ({variants[0]})" if len(variants) == 1 else "after rerank"
+
+
 def draw_geo_error(fig: Any, inputs: RunInputs) -> None:
-    """CDF of the error in km on a log axis; the accuracy thresholds are marked."""
+    """CDF of the error in km on a log axis, after rerank (what `geoloc predict` serves) beside
+    the model alone; the accuracy thresholds are marked."""
     ax = fig.add_subplot(1, 1, 1)
-    for split, df in _prediction_sets(inputs).items():
+    series = [(f"{split}, {MODEL_ALONE}", df) for split, df in _prediction_sets(inputs).items()]
+    reranked = inputs.rerank_predictions
+    if reranked is not None and "error_km" in reranked.columns:
+        series.insert(0, (f"test, {_rerank_label(reranked)}", reranked))
+    for label, df in series:
         err = np.sort(df["error_km"].dropna().to_numpy(dtype=float))
         if err.size == 0:
             continue
@@ -153,7 +167,7 @@ def draw_geo_error(fig: Any, inputs: RunInputs) -> None:
         if n > MAX_CDF_POINTS:  # the same curve through evenly spaced quantiles
             pick = np.unique(np.linspace(0, n - 1, MAX_CDF_POINTS).astype(np.int64))
             err, cdf = err[pick], cdf[pick]
-        ax.step(np.clip(err, 0.01, None), cdf, where="post", label=f"{split} (n={n})")
+        ax.step(np.clip(err, 0.01, None), cdf, where="post", label=f"{label} (n={n})")
     for t in THRESHOLDS_KM:
         ax.axvline(t, color="grey", linestyle="--", linewidth=0.8)
         ax.text(t * 1.1, 0.98, f"{t} km", rotation=90, ha="left", va="top", fontsize=8)
@@ -284,11 +298,15 @@ def _draw_land(ax: Any) -> None:
 
 
 def draw_error_map(fig: Any, inputs: RunInputs) -> None:
-    """Test errors on an equirectangular world map: each image at its true place, coloured by km."""
+    """Test errors on an equirectangular world map: each image at its true place, coloured by km;
+    after rerank when the run was reranked (the headline), else the model alone, as titled."""
     from matplotlib.colors import LogNorm
 
-    df = inputs.test_predictions
     need = {"true_lat", "true_lon", "error_km"}
+    df, which = inputs.test_predictions, MODEL_ALONE
+    reranked = inputs.rerank_predictions
+    if reranked is not None and need <= set(reranked.columns):
+        df, which = reranked, _rerank_label(reranked)
     if df is None or not need <= set(df.columns):
         raise MissingInput(inputs.notes.get("test_predictions", "no true_lat/true_lon/error_km"))
     ax = fig.add_subplot(1, 1, 1)
@@ -313,7 +331,7 @@ def draw_error_map(fig: Any, inputs: RunInputs) -> None:
     )
     fig.colorbar(sc, ax=ax, fraction=0.025, pad=0.02, label="error (km, log)")
     shown = f"n={n_all:,}" if n_all == len(pts) else f"{len(pts):,} of {n_all:,}"
-    title = f"test errors at the true location ({shown})"
+    title = f"test errors {which} at the true location ({shown})"
     circles = _draw_radius_circles(ax, inputs.rerank_predictions)
     if circles:
         title += f"; circles: the {circles} error radius around the answer of a few images"
@@ -376,7 +394,7 @@ def _draw_radius_circles(ax: Any, df: pd.DataFrame | None) -> str | None:
 PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("metrics_loss", "Loss per epoch", draw_loss),
     PlotSpec("metrics_valacc", "Validation accuracy per epoch", draw_valacc),
-    PlotSpec("geo_error", "Error distance CDF", draw_geo_error),
+    PlotSpec("geo_error", "Error distance CDF: after rerank and the model alone", draw_geo_error),
     PlotSpec(
         "confusion_matrix",
         "Confusion matrix",

@@ -200,8 +200,10 @@ def test_train_flow_logs_each_epoch_and_links_its_dashboard_over_http(
         dashboard = httpx.get(url, timeout=30)
         assert dashboard.status_code == 200 and summary["run_id"] in dashboard.text
 
-        # and the run is on the leaderboard (the `aggregate` subflow)
+        # and the run is on the leaderboard (the `aggregate` subflow), shown on this run's page
         assert out["leaderboard"]["ranked"] == 1
+        board_here = json.loads(arts["geoloc-leaderboard"].data)
+        assert [row["run_id"] for row in board_here] == [summary["run_id"]]
         board = pd.read_csv(out["leaderboard"]["csv"])
         assert list(board["run_id"]) == [summary["run_id"]]
     finally:

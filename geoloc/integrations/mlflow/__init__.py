@@ -42,6 +42,8 @@ from geoloc.integrations.mlflow.store import (
     TAG_SWEEP,
     TrackingError,
     resolve_tracking_uri,
+    run_page_of,
+    runs_page_of,
 )
 from geoloc.integrations.mlflow.sweeps import (
     end_run,
@@ -67,6 +69,8 @@ __all__ = [
     "log_sweep_summary",
     "record_tracking",
     "resolve_tracking_uri",
+    "run_page_of",
+    "runs_page_of",
     "start_parent_run",
     "sweep_parent_run",
     "sync_run",

@@ -76,6 +76,7 @@ def run_tags(
         TAG_RUN_NAME: summary.get("run_name"),
         TAG_STATUS: summary.get("status"),
         "mlflow.runName": display_name(summary),
+        "mlflow.note.content": run_description(summary),  # the run page's Description
         "geoloc.git_commit": code.get("git_commit"),
         "mlflow.source.git.commit": code.get("git_commit"),
         "geoloc.version": code.get("version"),
@@ -87,6 +88,30 @@ def run_tags(
     if summary.get("failure_reason"):
         tags["geoloc.failure_reason"] = str(summary["failure_reason"])[:5000]
     return {k: str(v) for k, v in tags.items() if v is not None and v != ""}
+
+
+def run_description(summary: Mapping[str, Any]) -> str:
+    """One paragraph a person reads first: run and name (= preset for the shipped presets),
+    data, and the test result after rerank beside the model alone."""
+    test = summary.get("test") or {}
+    rerank = summary.get("rerank") or {}
+    after = rerank.get("metrics") or {}
+    data = summary.get("dataset") or {}
+    epochs = summary.get("epochs_completed") or 0
+    name = summary.get("run_name") or "run"
+    parts = [f"Run {summary.get('run_id')} ({name}, {summary.get('status')}, {epochs} epochs)"]
+    if data.get("fingerprint"):
+        parts.append(f"index {str(data['fingerprint'])[:12]}: {data.get('num_classes', '?')} "
+                     f"H3 r{data.get('resolution', '?')} classes")  # fmt: skip
+    if finite_or_none(after.get("median_km")) is not None:
+        parts.append(f"test after rerank ({rerank.get('variant')}): median "
+                     f"{after['median_km']:,.0f} km, P90 {after.get('p90_km') or 0:,.0f} km")
+    if finite_or_none(test.get("test_median_km")) is not None:
+        parts.append(f"model alone: median {test['test_median_km']:,.0f} km, "
+                     f"P90 {test.get('test_p90_km') or 0:,.0f} km")
+    if summary.get("failure_reason"):
+        parts.append(f"failed: {str(summary['failure_reason'])[:300]}")
+    return "; ".join(parts) + "."
 
 
 def display_name(summary: Mapping[str, Any]) -> str:

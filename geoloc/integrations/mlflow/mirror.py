@@ -103,7 +103,7 @@ def sync_run(
     experiment: str | None = None,
     tracking_uri: str | None = None,
     log_model: bool = True,
-    register: bool | None = None,
+    register: bool | str | None = None,
     parent_run_id: str | None = None,
 ) -> SyncResult:
     """Mirror one run directory into MLflow (create or update; idempotent).
@@ -166,7 +166,7 @@ def _mirror_contents(
     summary: Mapping[str, Any],
     config: Mapping[str, Any],
     log_model: bool,
-    register: bool,
+    register: bool | str,
     result: SyncResult,
 ) -> None:
     """Params, tags, metrics, model, status, then artifacts with summary.json last."""
@@ -180,7 +180,7 @@ def _mirror_contents(
         result.changes.append(f"{n} metric points")
     if log_model and summary.get("status") == "completed":
         try:
-            version = sync_model(client, uri, run, run_dir, register)
+            version = sync_model(client, uri, run, run_dir, register, summary)
         except GeolocError as exc:  # a run without a loadable checkpoint is still mirrored
             log.warning("model of %s not logged: %s", run_dir, error_text(exc))
             version = None

@@ -33,13 +33,15 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 from geoloc.errors import GeolocError
 from geoloc.runfolder.layout import RunPaths
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+"""The file MLflow loads the model from (`set_model(GeolocModel())`)."""
 RUN_ARTIFACT = "run"
 """Key of the packed run folder in the model's artifacts."""
 IMAGE_COLUMN = "image"
@@ -110,17 +114,43 @@ def pack_run(run_dir: Path, dest: Path) -> Path:
 
 
 def model_signature() -> Any:
-    """Inputs `image` (binary) and/or `path` (string); param `top_k`."""
+    """Inputs `image` (binary) and/or `path` (string); param `top_k`; outputs the columns of
+    `geoloc.infer.predict.OUTPUT_COLUMNS`, named and typed, so the registry page says what the
+    model answers."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
 
+    from geoloc.infer.predict import OUTPUT_COLUMNS
+
+    text, number = DataType.string, DataType.double
+    kinds = {"lat": number, "lon": number, "prob": number, "conformal_coverage": number,
+             "radius_km": number, "radius_coverage": number,
+             "topk_cells": Array(text), "topk_lats": Array(number), "topk_lons": Array(number),
+             "topk_probs": Array(number), "conformal_set": Array(text)}  # fmt: skip
     return ModelSignature(
         inputs=Schema([
             ColSpec(DataType.binary, IMAGE_COLUMN, required=False),
             ColSpec(DataType.string, PATH_COLUMN, required=False),
         ]),
+        outputs=Schema([
+            ColSpec(kinds.get(col, text), col, required=col in ("path", "variant"))
+            for col in OUTPUT_COLUMNS
+        ]),
         params=ParamSchema([ParamSpec("top_k", DataType.long, DEFAULT_TOP_K)]),
     )  # fmt: skip
+
+
+def input_example() -> Any:
+    """One small photo as the model's input example (the registry shows it; MLflow checks the
+    model answers it when logging)."""
+    import io
+
+    from PIL import Image
+
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 64), (70, 110, 160)).save(photo, format="JPEG")
+    return pd.DataFrame({IMAGE_COLUMN: [photo.getvalue()]})
 
 
 def _is_missing(value: Any) -> bool:
@@ -276,8 +306,10 @@ class GeolocModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(Path(context.artifacts[RUN_ARTIFACT]), rerank=True,
                                    top_k=DEFAULT_TOP_K)  # fmt: skip
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        # no type hints: MLflow would derive a schema from them instead of the signature's
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        # a DataFrame hint: MLflow validates against the signature's schema, derives none
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
@@ -292,9 +324,7 @@ class GeolocModel(mlflow.pyfunc.PythonModel):
             raise MlflowException("prediction failed on the server (see its log)",
                                   error_code=INTERNAL_ERROR) from None  # fmt: skip
 
-    def _answer(self, model_input: Any, params: Mapping[str, Any] | None) -> Any:
-        import pandas as pd
-
+    def _answer(self, model_input: Any, params: Mapping[str, Any] | None) -> pd.DataFrame:
         from geoloc.infer.predict import OUTPUT_COLUMNS, error_row
 
         top_k = checked_top_k(params, self.predictor.label_space.num_classes)
@@ -308,6 +338,26 @@ class GeolocModel(mlflow.pyfunc.PythonModel):
                                     **error_row(errors[i], self.predictor.variant)}
                 for i in range(len(images))]  # fmt: skip
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+@contextmanager
+def _bars_on_terminal_only() -> Iterator[None]:
+    """MLflow's "Downloading artifacts" bar (validating the input example) only on a terminal:
+    in a log file or a flow run's log it is hundreds of carriage-return lines."""
+    import os
+
+    from geoloc.progress import use_bars
+
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "true" if use_bars(None) and before != "false" else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def log_pyfunc(
@@ -325,7 +375,7 @@ def log_pyfunc(
 
     from mlflow.models import Model
 
-    with tempfile.TemporaryDirectory(prefix="geoloc-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="geoloc-model-") as tmp, _bars_on_terminal_only():
         packed = pack_run(Path(run_dir), Path(tmp) / RUN_ARTIFACT)
         tags = run.data.tags
         model = client.create_logged_model(
@@ -339,9 +389,10 @@ def log_pyfunc(
             flavor=mlflow.pyfunc,
             run_id=run.info.run_id,
             model_id=model.model_id,
-            python_model=GeolocModel(),
+            python_model=str(SERVED_MODEL_CODE),  # models from code: nothing pickled
             artifacts={RUN_ARTIFACT: str(packed)},
             signature=model_signature(),
+            input_example=input_example(),
             registered_model_name=registered_model_name,
             pip_requirements=list(pip_requirements),
             metadata=metadata,

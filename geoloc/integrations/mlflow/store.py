@@ -48,6 +48,15 @@ EXPERIMENT_KIND = "custom_model_development"
 """Makes the MLflow 3 UI open our experiments in its "Model training" view (runs, metrics)
 instead of the GenAI one (traces)."""
 
+RUNS_VIEW_KEY = "geoloc-runs"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+"""A view of the runs table that the UI loads from this experiment tag when the URL says
+`?viewStateShareKey=geoloc-runs` (MLflow's own "Share" mechanism): its default columns are only
+Source, Models and Dataset, so without it the table shows no metric at all."""
+KEY_METRICS = ("rerank_median_km", "rerank_p90_km", "test_median_km", "test_p90_km",
+               "best_p90_km", "best_val_acc", "test_geoscore")  # fmt: skip
+"""The numbers a runs table shows first: after rerank, the model alone, the leaderboard's."""
+
 PREFECT_FLOW_RUN_ENV = ("PREFECT__FLOW_RUN_ID", "PREFECT__RUNTIME__FLOW_RUN__ID")
 """Set by Prefect workers (and its runtime overrides) in the flow run's process; read, never
 imported: `geoloc` does not depend on Prefect."""
@@ -202,7 +211,8 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RUNS_VIEW_TAG: runs_view_state()}
+            return client.create_experiment(name, tags=tags)
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -211,7 +221,60 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         client.restore_experiment(exp.experiment_id)
     if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if exp.tags.get(RUNS_VIEW_TAG) != runs_view_state():
+        client.set_experiment_tag(exp.experiment_id, RUNS_VIEW_TAG, runs_view_state())
     return exp.experiment_id
+
+
+def runs_view_state() -> str:
+    """The shared view's state as the UI reads it (JSON): the key km metrics, then MLflow's
+    default columns; every other setting stays the UI's default."""
+    import json
+
+    attributes = [f"attributes.`{name}`" for name in ("Source", "Models", "Dataset")]
+    metrics = [f"metrics.`{name}`" for name in KEY_METRICS]
+    return json.dumps({"selectedColumns": [*metrics, *attributes]})
+
+
+def runs_page_of(mlflow_run_id: str | None, tracking_uri: str | None = None) -> str | None:
+    """`runs_page_url` of the experiment holding `mlflow_run_id`; None when it cannot be found
+    (nothing mirrored, the server down): a link is a courtesy, never an error."""
+    if not mlflow_run_id:
+        return None
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        probe(uri)
+        return runs_page_url(client_for(uri).get_run(mlflow_run_id).info.experiment_id)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.debug("no runs page for %s: %s", mlflow_run_id, error_text(exc))
+        return None
+
+
+def run_page_of(mlflow_run_id: str | None, tracking_uri: str | None = None) -> str | None:
+    """The run's page in the training view (`#/experiments/<id>/runs/<run>?workflowType=...`):
+    MLflow's short `#/runs/<run>` route opens it in the GenAI view. None when not found."""
+    if not mlflow_run_id:
+        return None
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        probe(uri)
+        exp_id = client_for(uri).get_run(mlflow_run_id).info.experiment_id
+    except Exception as exc:  # noqa: BLE001 - a link is a courtesy, never an error
+        log.debug("no run page for %s: %s", mlflow_run_id, error_text(exc))
+        return None
+    from geoloc.paths import mlflow_ui_url
+
+    return (f"{mlflow_ui_url()}/#/experiments/{exp_id}/runs/{mlflow_run_id}"
+            "?workflowType=machine_learning")  # fmt: skip
+
+
+def runs_page_url(experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI, in its training view, with the key metric
+    columns (the shared view above)."""
+    from geoloc.paths import mlflow_ui_url
+
+    return (f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs"
+            f"?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning")  # fmt: skip
 
 
 def experiment_for(

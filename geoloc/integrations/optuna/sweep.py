@@ -88,10 +88,45 @@ def run_trial(
     except Exception as exc:
         trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:500])
         raise
+    finally:
+        link_trial(trial, run_dir)
     summary = read_summary(run_dir)
     if summary.get("status") == "pruned":
         raise optuna.TrialPruned(summary.get("failure_reason") or "pruned")
     return objective_values(summary, cfg.objective)
+
+
+def link_trial(trial: optuna.Trial, run_dir: Path) -> None:
+    """Where to look at a trial, as its user attributes (optuna-dashboard lists them): the
+    run's dashboard (web address under `geoloc serve`, else the file) and its MLflow run."""
+    from geoloc.paths import mlflow_run_url, runs_url
+    from geoloc.runfolder.layout import RunPaths
+    from geoloc.runfolder.summary import read_summary
+
+    rp = RunPaths(run_dir)
+    if rp.dashboard.is_file():
+        trial.set_user_attr("dashboard", runs_url(rp.dashboard) or str(rp.dashboard))
+    try:
+        tracking = read_summary(run_dir).get("tracking") or {}
+    except GeolocError:
+        return  # the run never started: no summary, nothing more to link
+    if url := mlflow_run_url(tracking.get("mlflow_run_id")):
+        trial.set_user_attr("mlflow_run", url)
+
+
+def fixed_settings(cfg: SweepConfig, base: RunConfig) -> dict[str, Any]:
+    """What every trial of the study shares (study user attributes): the base config, its
+    overrides, the training length and the pruning, so a study says what its numbers mean."""
+    return {
+        "objective": cfg.objective,
+        "base_config": cfg.base_config or "defaults",
+        "base_overrides": dict(cfg.base_overrides),
+        "searched": [p.key for p in cfg.space],
+        "epochs": base.train.epochs,
+        "max_steps_per_epoch": base.train.max_steps_per_epoch,
+        "pruner": cfg.pruner,
+        "runs_dir": str(runs_dir()),
+    }
 
 
 def parent_run(cfg: SweepConfig, base: RunConfig) -> str | None:
@@ -133,7 +168,8 @@ def run_sweep(
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         return run_trial(trial, cfg, train_fn, parent)
 
-    study.set_user_attr("objective", cfg.objective)
+    for key, value in fixed_settings(cfg, base).items():
+        study.set_user_attr(key, value)
     try:
         # a crashed trial is recorded as FAIL with its reason; the sweep goes on
         study.optimize(objective, n_trials=cfg.n_trials, catch=(Exception,), gc_after_trial=True)
