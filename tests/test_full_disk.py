@@ -22,7 +22,8 @@ from geoloc.cli import main
 from geoloc.errors import DiskFullError
 from geoloc.paths import DATA_DIR_ENV, DataPaths
 
-TINY_TRAINING = {"epochs": 1, "batch_size": 32, "image_size": 32, "arch": "multiscale_cnn_tiny",
+TINY_TRAINING = {"epochs": 1, "batch_size": 32, "image_size": 32,
+        "arch": "multiscale_cnn", "width": 8, "depth": 3,
                  "embed_dim": 32, "rerank.enabled": False}  # fmt: skip
 
 

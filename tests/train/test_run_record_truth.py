@@ -26,7 +26,8 @@ from geoloc.runfolder.summary import (
     read_summary,
 )
 
-TINY = {"epochs": 1, "batch_size": 32, "image_size": 32, "arch": "multiscale_cnn_tiny",
+TINY = {"epochs": 1, "batch_size": 32, "image_size": 32,
+        "arch": "multiscale_cnn", "width": 8, "depth": 3,
         "embed_dim": 32, "tracking.enabled": False}  # fmt: skip
 
 

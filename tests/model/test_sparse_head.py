@@ -149,7 +149,8 @@ def test_sparse_head_needs_the_factorised_head_and_adamw() -> None:
                            "train.optimizer": "sgd"})  # fmt: skip
 
 
-TINY = {"epochs": 2, "batch_size": 8, "image_size": 16, "arch": "multiscale_cnn_tiny",
+TINY = {"epochs": 2, "batch_size": 8, "image_size": 16,
+        "arch": "multiscale_cnn", "width": 8, "depth": 3,
         "embed_dim": 16, "lr": 3e-3, "tracking.enabled": False, "rerank.enabled": False,
         "device": "cpu", "cache_mb": 0, "shuffle_buffer": 16, "model.head": "factorised",
         "model.sparse_head": True, "checkpoint_every_steps": 4, "loss": "ce"}  # fmt: skip

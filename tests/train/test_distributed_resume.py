@@ -24,7 +24,7 @@ DDP_RESUME = {
     "epochs": 2,
     "batch_size": 64,
     "image_size": 24,
-    "arch": "multiscale_cnn_tiny",
+    "arch": "multiscale_cnn", "width": 8, "depth": 3,
     "embed_dim": 32,
     "lr": 3e-3,
     "augment": True,  # drawn from each rank's own RNG stream

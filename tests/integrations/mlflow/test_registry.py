@@ -10,6 +10,7 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+from fixtures.tiny_runs import TINY_MODEL_CONFIG
 from mlflow import MlflowClient
 
 from geoloc.atomic import write_json
@@ -17,7 +18,7 @@ from geoloc.config import RunConfig, TrainConfig
 from geoloc.geo import LabelSpace
 from geoloc.integrations import mlflow as tracking
 from geoloc.integrations.optuna import SweepConfig, run_sweep
-from geoloc.model import TINY_MODEL_CONFIG, create_model
+from geoloc.model import create_model
 from geoloc.paths import mlflow_run_url
 from geoloc.presentation.digest import run_digest
 from geoloc.presentation.leaderboard_score import reference_score

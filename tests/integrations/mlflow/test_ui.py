@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.tiny_runs import TINY_MODEL_CONFIG
 from mlflow import MlflowClient
 
 from geoloc.atomic import write_json
 from geoloc.config import RunConfig, TrainConfig
 from geoloc.integrations import mlflow as tracking
 from geoloc.integrations.mlflow.store import runs_page_url
-from geoloc.model import TINY_MODEL_CONFIG, create_model
+from geoloc.model import create_model
 from geoloc.runfolder.layout import RunPaths
 from geoloc.runfolder.summary import read_summary
 from geoloc.train.checkpoint import save_checkpoint
