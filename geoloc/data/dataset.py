@@ -175,6 +175,7 @@ class GeoDataset(Dataset[Sample]):
         self.data_root = Path(data_root) if data_root is not None else self.index_dir.parent
         self.shards_url = shards_url
         self.unreadable = unreadable
+        self.skipped = 0  # images left out as unreadable when decoded into memory
         self._cache: list[torch.Tensor] | None = None
         self._set_table(read_split_table(self.index_dir, split))
         use_cache = cache if cache is not None else self.decoded_bytes() <= cache_bytes
@@ -217,6 +218,7 @@ class GeoDataset(Dataset[Sample]):
                 self._unreadable(row, exc)
                 bad.append(row)
         if bad:
+            self.skipped = len(bad)
             keep = np.setdiff1d(np.arange(len(self)), bad)
             log.warning("split '%s': %d of %d images are unreadable and left out", self.split,
                         len(bad), len(self))  # fmt: skip

@@ -59,6 +59,10 @@ def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
     lines.append(f"Run id `{inputs.paths.run_id}` · status **{_md_escape(inputs.status)}**")
     if s.get("failure_reason"):
         lines.append(f"\nFailure reason: {_md_escape(s['failure_reason'])}")
+    if s.get("degraded"):
+        counts = ", ".join(f"{k} {int(v):,}" for k, v in (s.get("skipped_images") or {}).items())
+        lines.append(f"\n**Degraded**: unreadable images left out ({counts}); the numbers "
+                     "below are over the images that could be read")  # fmt: skip
     for key, note in inputs.notes.items():
         lines.append(f"\n> {key}: {_md_escape(note)}")
     lines += ["", "## Result", ""]

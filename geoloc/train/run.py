@@ -290,11 +290,14 @@ def _train_and_evaluate(
                           progress)  # fmt: skip
     write_parquet(paths.val_predictions, val.predictions)
     test_metrics = None
+    skipped = {"train": getattr(data.train, "skipped", 0),
+               "val": getattr(data.val, "skipped", 0) + val.skipped, "test": 0}  # fmt: skip
     if data.test is not None:
         test = _evaluate_split(model, data.test, criterion, data.label_space, cfg, device, "test",
                                progress)  # fmt: skip
         write_parquet(paths.test_predictions, test.predictions)
         test_metrics = clean_metrics(test.metrics)
+        skipped["test"] = getattr(data.test, "skipped", 0) + test.skipped
         progress_log.info(
             "run %s: test top-1 %s, median %s, P90 %s (best epoch %s)", paths.run_id,
             fmt_share(test_metrics.get("test_top1")), fmt_km(test_metrics.get("test_median_km")),
@@ -306,6 +309,9 @@ def _train_and_evaluate(
         status="completed",
         failure_reason=None,
         test=test_metrics,
+        # unreadable images left out (damaged shards): a degraded run says so and by how much
+        skipped_images=skipped,
+        degraded=any(skipped.values()),
         **epoch_summary(result.state.history, result.state.best_epoch),
     )
 

@@ -228,6 +228,7 @@ class EvalResult:
     metrics: dict[str, float]
     predictions: pd.DataFrame
     pred_labels: np.ndarray = field(repr=False)  # (N,) top-1 class per row
+    skipped: int = 0  # images that could not be read and are not scored
 
 
 @torch.no_grad()
@@ -282,6 +283,7 @@ def evaluate(
         top_probs[rows.numpy()] = p.numpy()
         seen[rows.numpy()] = True
     all_pred = np.where(seen, top_labels[:, 0], -1)  # (N,) -1: not scored
+    unseen = int((~seen).sum())
     if not seen.all():  # unreadable images were left out (one warning line each)
         log.warning("%s: %d of %d images could not be read and are not scored", prefix,
                     int((~seen).sum()), n)  # fmt: skip
@@ -303,6 +305,7 @@ def evaluate(
         metrics={f"{prefix}_{key}": float(v) for key, v in metrics.items()},
         predictions=predictions,
         pred_labels=all_pred,
+        skipped=unseen,
     )
 
 

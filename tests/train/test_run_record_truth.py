@@ -92,3 +92,36 @@ def test_training_refuses_splits_older_than_the_images(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: index file") and "older than 'images.parquet'" in err
     assert not any(Path(os.environ["GEOLOC_RUNS_DIR"]).glob("*/summary.json"))
+
+
+def damage(index_dir: Path, split: str, row: int) -> None:
+    """Zero 40 bytes inside one member of `split` (a flipped disk block)."""
+    from geoloc.data.dataset import GeoDataset
+
+    ds = GeoDataset(index_dir, split, cache=False)
+    with open(ds.data_root / ds.locations.path(row), "r+b") as fh:
+        fh.seek(int(ds.locations.offsets[row]) + 20)
+        fh.write(b"\x00" * 40)
+
+
+def test_images_left_out_for_damaged_shards_are_counted_and_the_run_marked_degraded(
+    sharded_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geoloc.compose.training import write_report
+    from geoloc.paths import DATA_DIR_ENV
+    from geoloc.runfolder.layout import RunPaths
+    from geoloc.train.run import train_run
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(sharded_index.parent))
+    damage(sharded_index, "val", 1)
+    damage(sharded_index, "test", 0)
+    cfg = load_config(None, {"epochs": 1, "batch_size": 8, "image_size": 16, "cache_mb": 64,
+                             "arch": "multiscale_cnn", "width": 8, "depth": 3, "embed_dim": 16})  # fmt: skip
+    run_dir = train_run(cfg, progress=False)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["degraded"] is True
+    assert summary["skipped_images"] == {"train": 0, "val": 1, "test": 1}
+    write_report(run_dir)
+    assert "**Degraded**: unreadable images left out (train 0, val 1, test 1)" in (
+        RunPaths(run_dir).report.read_text()
+    )
