@@ -174,3 +174,22 @@ def test_a_sparse_head_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(
             for r in (whole, resumed))  # fmt: skip
     assert any(k.startswith("head.tree_weight") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_sparse_head_trains_under_ddp_with_dense_gradients(demo_data) -> None:
+    """Two gloo ranks: the tables fall back to dense gradients (one warning) and the run
+    completes like any other."""
+    from geoloc.compose.training import run_training
+    from geoloc.runs.summary import read_summary
+
+    cfg = load_config(None, {"name": "ddp", "epochs": 1, "batch_size": 64, "image_size": 24,
+                             "arch": "multiscale_cnn_tiny", "embed_dim": 32, "lr": 3e-3,
+                             "tracking.enabled": False, "rerank.enabled": False, "nproc": 2,
+                             "model.head": "factorised", "model.sparse_head": True,
+                             "loss": "geosoft_sparse"})  # fmt: skip
+    run = run_training(cfg, progress=False)
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    state = torch.load(RunPaths(run).last_checkpoint, weights_only=True)
+    assert any(k.startswith("head.tree_weight") for k in state["model"])
