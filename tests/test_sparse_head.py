@@ -193,3 +193,19 @@ def test_a_sparse_head_trains_under_ddp_with_dense_gradients(demo_data) -> None:
     assert summary["status"] == "completed" and summary["epochs_completed"] == 1
     state = torch.load(RunPaths(run).last_checkpoint, weights_only=True)
     assert any(k.startswith("head.tree_weight") for k in state["model"])
+
+
+def test_a_sparse_head_steps_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    parent_of = r7_like(143)
+    head = FactorisedHead(16, parent_of, 143, 5, sparse=True).train()
+    loss = FactorisedLoss(parent_of, 143)
+    opt = build_optimizer(head, TrainConfig(lr=0.01))
+    h, y = torch.randn(8, 16), torch.randint(0, len(parent_of), (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(head(h, parents=loss.head_parents(y)), y)
+    value.backward()
+    assert torch.isfinite(value) and head.tree_weight.grad.is_sparse
+    assert head.child_weight.grad.dtype == torch.float32  # master weights stay float32
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in head.parameters())
