@@ -2,7 +2,7 @@
 build and load time, bytes on disk (`geoloc.infer.ann`, what rerank and `geoloc predict` use).
 
     .venv/bin/python benchmarks/bench_gallery_ann.py [--n 1000000] [--dim 128] [--queries 300]
-        [--k 20] [--nprobe 16 32 64] [--spread 1.0 1.5] [--float16] [--threads 2]
+        [--k 20] [--nprobe 64 128 256] [--spread 1.0 1.5] [--float16] [--threads 2]
 
 Gallery: `--n` synthetic L2-normalised embeddings around n / 100 centres (about 100 images per
 cell, as an r7 gallery), Gaussian noise of norm `--spread` around unit centres (1.0: a query's
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--spread", type=float, nargs="+", default=[1.0, 1.5])
     parser.add_argument("--float16", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch and faiss threads")

@@ -175,3 +175,38 @@ def test_a_sparse_head_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(
             for r in (whole, resumed))  # fmt: skip
     assert any(k.startswith("head.tree_weight") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_sparse_head_trains_under_ddp_with_dense_gradients(demo_data) -> None:
+    """Two gloo ranks: the tables fall back to dense gradients (one warning) and the run
+    completes like any other."""
+    from geoloc.compose.training import run_training
+    from geoloc.runfolder.summary import read_summary
+
+    cfg = load_config(None, {"name": "ddp", "epochs": 1, "batch_size": 64, "image_size": 24,
+                             "arch": "multiscale_cnn_tiny", "embed_dim": 32, "lr": 3e-3,
+                             "tracking.enabled": False, "rerank.enabled": False, "nproc": 2,
+                             "model.head": "factorised", "model.sparse_head": True,
+                             "loss": "geosoft_sparse"})  # fmt: skip
+    run = run_training(cfg, progress=False)
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    state = torch.load(RunPaths(run).last_checkpoint, weights_only=True)
+    assert any(k.startswith("head.tree_weight") for k in state["model"])
+
+
+def test_a_sparse_head_steps_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    parent_of = r7_like(143)
+    head = FactorisedHead(16, parent_of, 143, 5, sparse=True).train()
+    loss = FactorisedLoss(parent_of, 143)
+    opt = build_optimizer(head, TrainConfig(lr=0.01))
+    h, y = torch.randn(8, 16), torch.randint(0, len(parent_of), (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(head(h, parents=loss.head_parents(y)), y)
+    value.backward()
+    assert torch.isfinite(value) and head.tree_weight.grad.is_sparse
+    assert head.child_weight.grad.dtype == torch.float32  # master weights stay float32
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in head.parameters())
