@@ -116,7 +116,8 @@ def test_images_left_out_for_damaged_shards_are_counted_and_the_run_marked_degra
     damage(sharded_index, "val", 1)
     damage(sharded_index, "test", 0)
     cfg = load_config(None, {"epochs": 1, "batch_size": 8, "image_size": 16, "cache_mb": 64,
-                             "arch": "multiscale_cnn", "width": 8, "depth": 3, "embed_dim": 16})  # fmt: skip
+                             "arch": "multiscale_cnn", "width": 8, "depth": 3,
+                             "embed_dim": 16})  # fmt: skip
     run_dir = train_run(cfg, progress=False)
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["degraded"] is True
