@@ -185,7 +185,8 @@ def test_a_sparse_head_trains_under_ddp_with_dense_gradients(demo_data) -> None:
     from geoloc.runfolder.summary import read_summary
 
     cfg = load_config(None, {"name": "ddp", "epochs": 1, "batch_size": 64, "image_size": 24,
-                             "arch": "multiscale_cnn", "width": 8, "depth": 3, "embed_dim": 32, "lr": 3e-3,
+                             "arch": "multiscale_cnn", "width": 8, "depth": 3,
+                             "embed_dim": 32, "lr": 3e-3,
                              "tracking.enabled": False, "rerank.enabled": False, "nproc": 2,
                              "model.head": "factorised", "model.sparse_head": True,
                              "loss": "geosoft_sparse"})  # fmt: skip
