@@ -48,6 +48,7 @@ from geoloc.infer.rerank import (
     run_variants,
 )
 from geoloc.model.scores import predicted_classes
+from geoloc.progress import track
 
 __all__ = [
     "MEDIAN_SLACK",
@@ -248,6 +249,7 @@ def fit_calibration(
     label_space: LabelSpace,
     cfg: RerankConfig,
     known: dict[str, Calibration] | None = None,
+    progress: bool = True,
 ) -> CalibrationFit:
     """Per variant, on val: the calibration (`fit_scaling`: smoothing for variants built from
     votes, then a temperature), conformal cell sets (`choose_conformal`, or `cfg.conformal`) and
@@ -256,7 +258,7 @@ def fit_calibration(
     cals: dict[str, Calibration] = dict(known or {})
     sets, radii = {}, {}
     done: dict[tuple[int, Calibration], tuple[np.ndarray, ConformalSets]] = {}
-    for name, v in val.items():
+    for name, v in track(list(val.items()), desc="calibrate (val)", unit="variant", bars=progress):
         if name not in cals:
             same = next((n for n, o in val.items() if n in cals and o.scores is v.scores), None)
             cals[name] = cals[same] if same else fit_scaling(v.scores, val_true.labels, v.model)
@@ -415,6 +417,6 @@ def tune(
     )
     params.calibration = {"gated": gated_cal}
     fit_variants = run_variants(fit_probs, fit_nbrs, ls, params)
-    cal = fit_calibration(fit_variants, fit, ls, cfg, known=params.calibration)
+    cal = fit_calibration(fit_variants, fit, ls, cfg, known=params.calibration, progress=progress)
     params.calibration, params.conformal, params.radius = cal.calibration, cal.conformal, cal.radius
     return params

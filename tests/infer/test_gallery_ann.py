@@ -129,7 +129,6 @@ def test_predict_answers_are_unchanged_through_an_exact_ivf(
     import pandas as pd
 
     from geoloc.data.imagestore import ImageLocations
-    from geoloc.infer.evaluation import gallery_path
     from geoloc.infer.predict import Predictor
 
     photo_folder = tmp_path / "photos"
@@ -142,11 +141,11 @@ def test_predict_answers_are_unchanged_through_an_exact_ivf(
     run = tmp_path / "run"
     shutil.copytree(reranked_run, run)
     plain = Predictor(run).predict([photo_folder], progress=False)
-    assert not ann_path(gallery_path(Predictor(run).paths)).exists()  # demo size: exact
+    assert not ann_path(Predictor(run).paths.gallery).exists()  # demo size: exact
     predictor = Predictor(run)
     if predictor.gallery is None:
         pytest.skip("val chose a variant without neighbours")
-    use_run_index(predictor.gallery, gallery_path(predictor.paths),
+    use_run_index(predictor.gallery, predictor.paths.gallery,
                   AnnSettings(min_gallery=1, nlist=8, nprobe=8))  # fmt: skip
     through_ivf = predictor.predict([photo_folder], progress=False)
     assert through_ivf[["cell", "lat", "lon"]].equals(plain[["cell", "lat", "lon"]])
