@@ -16,20 +16,16 @@ import mlflow
 import pandas as pd
 import pytest
 from fixtures.mlflow_server import closed_port_uri, fast_fail_env
-from fixtures.tiny_runs import TINY_MODEL_CONFIG, TINY_TRAINING, csv_rows
+from fixtures.tiny_runs import TINY_TRAINING, add_tiny_model, csv_rows
 from mlflow import MlflowClient
 from PIL import Image
 
-from geoloc.atomic import write_json
 from geoloc.cli import main
-from geoloc.config import RunConfig, TrainConfig, load_config
-from geoloc.geo import LabelSpace
+from geoloc.config import load_config
 from geoloc.integrations import mlflow as tracking
-from geoloc.model import create_model
 from geoloc.paths import DataPaths
 from geoloc.runfolder.layout import RunPaths
 from geoloc.runfolder.summary import read_summary
-from geoloc.train.checkpoint import save_checkpoint
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_p90_km", "val_median_km", "lr")
 
@@ -53,23 +49,6 @@ def mirrored_runs(c: MlflowClient, experiment: str = "geoloc") -> list:
 def history_lengths(c: MlflowClient, run_id: str) -> dict[str, int]:
     keys = c.get_run(run_id).data.metrics
     return {k: len(c.get_metric_history(run_id, k)) for k in keys}
-
-
-def add_tiny_model(run_dir: Path, label_space: LabelSpace) -> RunConfig:
-    """Give a synthetic run a real, loadable checkpoint of the tiny model (and its config)."""
-    cfg = RunConfig(
-        name=read_summary(run_dir)["run_name"],
-        model=TINY_MODEL_CONFIG,
-        train=TrainConfig(image_size=32, epochs=1),
-    )
-    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
-    save_checkpoint(
-        RunPaths(run_dir).best_checkpoint, model=model, optimizer=None, scheduler=None,
-        scaler=None, epoch=0, config=cfg.model_dump(mode="json"), label_space=label_space,
-        best={}, history=[],
-    )  # fmt: skip
-    write_json(RunPaths(run_dir).config, cfg.model_dump(mode="json"))
-    return cfg
 
 
 def bucket_keys(s3_env, prefix: str) -> list[str]:

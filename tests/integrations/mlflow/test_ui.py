@@ -10,32 +10,21 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures.tiny_runs import TINY_MODEL_CONFIG
+from fixtures.tiny_runs import add_tiny_model
 from mlflow import MlflowClient
 
-from geoloc.atomic import write_json
-from geoloc.config import RunConfig, TrainConfig
+from geoloc.geo import LabelSpace
 from geoloc.integrations import mlflow as tracking
 from geoloc.integrations.mlflow.store import runs_page_url
-from geoloc.model import create_model
 from geoloc.runfolder.layout import RunPaths
 from geoloc.runfolder.summary import read_summary
-from geoloc.train.checkpoint import save_checkpoint
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 
-def with_tiny_model(run_dir: Path, label_space) -> Path:
+def with_tiny_model(run_dir: Path, label_space: LabelSpace) -> Path:
     """A synthetic run with a real, loadable checkpoint of the tiny model (and its config)."""
-    cfg = RunConfig(name=read_summary(run_dir)["run_name"], model=TINY_MODEL_CONFIG,
-                    train=TrainConfig(image_size=32, epochs=1))  # fmt: skip
-    model = create_model(cfg.model, label_space.num_classes, label_space.num_parents)
-    save_checkpoint(
-        RunPaths(run_dir).best_checkpoint, model=model, optimizer=None, scheduler=None,
-        scaler=None, epoch=0, config=cfg.model_dump(mode="json"), label_space=label_space,
-        best={}, history=[],
-    )  # fmt: skip
-    write_json(RunPaths(run_dir).config, cfg.model_dump(mode="json"))
+    add_tiny_model(run_dir, label_space)
     return run_dir
 
 
