@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.sharded_index import damage_member
 
 from geoloc.cli import main
 from geoloc.compose.training import run_training
@@ -95,16 +96,6 @@ def test_training_refuses_splits_older_than_the_images(
     assert not any(Path(os.environ["GEOLOC_RUNS_DIR"]).glob("*/summary.json"))
 
 
-def damage(index_dir: Path, split: str, row: int) -> None:
-    """Zero 40 bytes inside one member of `split` (a flipped disk block)."""
-    from geoloc.data.dataset import GeoDataset
-
-    ds = GeoDataset(index_dir, split, cache=False)
-    with open(ds.data_root / ds.locations.path(row), "r+b") as fh:
-        fh.seek(int(ds.locations.offsets[row]) + 20)
-        fh.write(b"\x00" * 40)
-
-
 def test_images_left_out_for_damaged_shards_are_counted_and_the_run_marked_degraded(
     sharded_index: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,8 +105,8 @@ def test_images_left_out_for_damaged_shards_are_counted_and_the_run_marked_degra
     from geoloc.train.run import train_run
 
     monkeypatch.setenv(DATA_DIR_ENV, str(sharded_index.parent))
-    damage(sharded_index, "val", 1)
-    damage(sharded_index, "test", 0)
+    damage_member(sharded_index, "val", 1)
+    damage_member(sharded_index, "test", 0)
     cfg = load_config(None, {"epochs": 1, "batch_size": 8, "image_size": 16, "cache_mb": 64,
                              "arch": "multiscale_cnn", "width": 8, "depth": 3,
                              "embed_dim": 16})  # fmt: skip
@@ -148,8 +139,8 @@ def test_a_streamed_run_that_skipped_damaged_training_images_says_so_everywhere(
            "arch": "multiscale_cnn", "width": 8, "depth": 3, "embed_dim": 16, "device": "cpu",
            "tracking.enabled": False, "rerank.enabled": False}  # fmt: skip
     healthy = train_run(load_config(None, {**cfg, "name": "healthy"}), progress=False)
-    damage(sharded_index, "train", 2)
-    damage(sharded_index, "train", 5)
+    damage_member(sharded_index, "train", 2)
+    damage_member(sharded_index, "train", 5)
     with caplog.at_level(logging.INFO, logger="geoloc.progress"):
         degraded = train_run(load_config(None, {**cfg, "name": "damaged"}), progress=False)
     summary = read_summary(degraded)
