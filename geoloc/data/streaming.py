@@ -264,6 +264,11 @@ class StreamingSplit(IterableDataset):
     def __init__(self, dataset: Any, size: PlanSize, shared: bool = True) -> None:
         self.dataset = dataset
         self.plan = _SharedPlan(size, shared)
+        # rows left out as unreadable (1 = skipped), written by whichever worker read them: the
+        # run records how many distinct images it trained without (a degraded run)
+        self.left_out = torch.zeros(max(len(dataset), 1), dtype=torch.uint8)
+        if shared:
+            self.left_out.share_memory_()
 
     # what evaluation and the hard-negative pool read from a split
     def __getattr__(self, name: str) -> Any:
@@ -275,6 +280,11 @@ class StreamingSplit(IterableDataset):
     def streamed(self) -> bool:
         """Whether this split is read from its shards (not from memory)."""
         return is_streamed(self.dataset)
+
+    @property
+    def skipped(self) -> int:
+        """Distinct rows left out as unreadable so far, over every pass of this process."""
+        return int(self.left_out.sum())
 
     def set_plan(self, plan: RankPlan, seed: int, start_step: int = 0) -> None:
         self.plan.store(plan, seed, start_step)
@@ -335,6 +345,7 @@ class StreamingSplit(IterableDataset):
                     if strict:  # readers that must see every image (rerank outputs)
                         raise
                     log.warning("skipping an unreadable image: %s", exc)
+                    self.left_out[row] = 1
                     bad.append(exc)
             if not samples:
                 raise DataError(f"every image of step {j} is unreadable, e.g. {bad[0]}")

@@ -16,7 +16,7 @@ from geoloc.formatting import fmt
 from geoloc.presentation.breakdown import error_breakdowns
 from geoloc.presentation.html import NO_FAVICON, NUM_CELL_CSS, STATUS_CSS
 from geoloc.presentation.html import escape_html as _e
-from geoloc.presentation.inputs import RunInputs
+from geoloc.presentation.inputs import RunInputs, degraded_counts
 from geoloc.presentation.plots import PlotOutcome
 from geoloc.presentation.report_tables import (
     artifact_links,
@@ -135,6 +135,10 @@ def render_dashboard(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
     ]
     if s.get("failure_reason"):
         parts.append(f'<p class="note" id="failure">Failure: {_e(s["failure_reason"])}</p>')
+    if (counts := degraded_counts(s)) is not None:
+        parts.append(f'<p class="note" id="degraded"><b>Degraded</b>: unreadable images left out '
+                     f"({_e(counts)}); the numbers below are over the images that could be "
+                     "read</p>")  # fmt: skip
     parts += [f'<p class="note">{_e(k)}: {_e(v)}</p>' for k, v in inputs.notes.items()]
     parts += _headline(inputs)
     parts.append(_result_table(inputs))

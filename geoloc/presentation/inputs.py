@@ -45,6 +45,14 @@ class RunInputs:
         return str((self.summary or {}).get("status") or "unknown")
 
 
+def degraded_counts(summary: dict[str, Any]) -> str | None:
+    """`train 12, val 0, test 1`: images a degraded run left out as unreadable, per split (what
+    REPORT.md, the dashboard and the leaderboard show); None for a healthy run."""
+    if not summary.get("degraded"):
+        return None
+    return ", ".join(f"{k} {int(v):,}" for k, v in (summary.get("skipped_images") or {}).items())
+
+
 def _read_json_object(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
     if not isinstance(data, dict):

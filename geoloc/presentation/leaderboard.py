@@ -118,6 +118,8 @@ def summary_row(run_id: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         "rerank_p90_km": _num(reranked.get("p90_km")),
         "epochs_completed": summary.get("epochs_completed"),
         "best_epoch": summary.get("best_epoch"),
+        # images left out as unreadable, all splits: > 0 is a degraded run; empty: not recorded
+        "unreadable_images": _unreadable(summary),
         "arch": None if arch is None else str(arch),
         "loss": None if loss is None else str(loss),
         "fingerprint": dataset.get("fingerprint"),
@@ -130,6 +132,13 @@ def summary_row(run_id: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         "skipped": False,
         "skip_reason": None,
     }
+
+
+def _unreadable(summary: dict[str, Any]) -> int | None:
+    counts = summary.get("skipped_images")
+    if not isinstance(counts, dict):
+        return None
+    return sum(int(v) for v in counts.values() if isinstance(v, int | float))
 
 
 def read_run(entry: os.DirEntry[str] | Path) -> dict[str, Any] | SkippedRun:

@@ -34,6 +34,7 @@ _CSS = "\n".join(
         NUM_CELL_CSS,
         STATUS_CSS,
         "code{background:#f4f4f4;padding:0 .2rem}.formula{max-width:60rem}",
+        "td.degraded{color:#b00020;font-weight:bold}",
         "",
     ]
 )
@@ -93,6 +94,7 @@ _SHOWN: tuple[tuple[str, str], ...] = (
     ("norm_median", "median part"),
     ("penalty", "penalty"),
     ("epochs_completed", "epochs"),
+    ("unreadable_images", "unreadable images"),
     ("arch", "arch"),
     ("loss", "loss"),
     ("missing_artifacts", "missing artifacts"),
@@ -112,6 +114,8 @@ def _cell(col: str, value: Any, row: Mapping[str, Any]) -> str:
             text = fmt_share(v)
         elif col in ("rank", "epochs_completed"):
             text = f"{v:.0f}"
+        elif col == "unreadable_images" and v > 0:  # a degraded run stands out
+            return f'<td class="num degraded" data-v="{v!r}">{v:,.0f} (degraded)</td>'
         else:
             text = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
         return f'<td class="num" data-v="{v!r}">{_e(text)}</td>'

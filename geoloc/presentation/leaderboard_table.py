@@ -39,6 +39,7 @@ COLUMNS: tuple[str, ...] = (
     "rerank_p90_km",
     "epochs_completed",
     "best_epoch",
+    "unreadable_images",
     "arch",
     "loss",
     "fingerprint",
@@ -64,7 +65,7 @@ FLOAT_COLUMNS = (
     "rerank_median_km",
     "rerank_p90_km",
 )
-INT_COLUMNS = ("rank", "epochs_completed", "best_epoch")
+INT_COLUMNS = ("rank", "epochs_completed", "best_epoch", "unreadable_images")
 STR_COLUMNS = tuple(c for c in COLUMNS if c not in (*FLOAT_COLUMNS, *INT_COLUMNS, "skipped"))
 
 

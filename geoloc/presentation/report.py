@@ -18,7 +18,7 @@ from geoloc.errors import GeolocError
 from geoloc.formatting import EMPTY, fmt
 from geoloc.presentation.breakdown import error_breakdowns
 from geoloc.presentation.dashboard import render_dashboard
-from geoloc.presentation.inputs import RunInputs, load_run_inputs
+from geoloc.presentation.inputs import RunInputs, degraded_counts, load_run_inputs
 from geoloc.presentation.plots import PlotOutcome, draw_plots
 from geoloc.presentation.report_tables import (
     artifact_links,
@@ -59,8 +59,7 @@ def render_markdown(inputs: RunInputs, plots: Sequence[PlotOutcome]) -> str:
     lines.append(f"Run id `{inputs.paths.run_id}` · status **{_md_escape(inputs.status)}**")
     if s.get("failure_reason"):
         lines.append(f"\nFailure reason: {_md_escape(s['failure_reason'])}")
-    if s.get("degraded"):
-        counts = ", ".join(f"{k} {int(v):,}" for k, v in (s.get("skipped_images") or {}).items())
+    if (counts := degraded_counts(s)) is not None:
         lines.append(f"\n**Degraded**: unreadable images left out ({counts}); the numbers "
                      "below are over the images that could be read")  # fmt: skip
     for key, note in inputs.notes.items():

@@ -120,6 +120,12 @@ class DistContext:
             margin=self._reduce_prototypes(result.margin),
         )
 
+    def count_marked(self, marks: torch.Tensor) -> int:
+        """Rows marked (1) on any rank: a union, so a row two ranks both marked counts once."""
+        union = marks.to(self.device)
+        tdist.all_reduce(union, op=tdist.ReduceOp.MAX)
+        return int(union.sum().item())
+
     def reduce_tally(self, tally: EpochTally) -> EpochTally:
         """The epoch's running totals over all ranks (what a mid-epoch checkpoint records)."""
         totals = torch.tensor([tally.loss_sum, float(tally.seen)], dtype=torch.float64,

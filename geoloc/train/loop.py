@@ -172,6 +172,7 @@ class FitResult:
 
     state: FitState
     stopped_early: bool
+    skipped_train: int = 0  # distinct streamed training images left out as unreadable (all ranks)
 
 
 @dataclass
@@ -280,18 +281,29 @@ def fit(
             metrics["train_margin_loss"] = trained.margin.term_sum / max(trained.images, 1)
         improved, stop = state.record(metrics, tc)
         stop = stop if dist is None else dist.agree(stop)
+        skipped = _skipped_train(train_loader, dist)
         if is_main:
             _save_checkpoints(checkpoint_dir, model, opt, cfg, label_space, state, improved,
                               last=stop or state.epoch == tc.epochs)  # fmt: skip
         if is_main:
-            _log_epoch(epochs_bar, metrics, tc.epochs, session_start)
+            _log_epoch(epochs_bar, metrics, tc.epochs, session_start, skipped)
         for callback in callbacks if is_main else ():
             callback(state.epoch, dict(metrics))
         if stop:
             log.info("early stopping after epoch %d (%s did not improve for %d epochs)",
                      state.epoch, tc.early_stopping_metric, state.epochs_since_best)  # fmt: skip
-            return FitResult(state=state, stopped_early=True)
-    return FitResult(state=state, stopped_early=False)
+            return FitResult(state=state, stopped_early=True, skipped_train=skipped)
+    return FitResult(state=state, stopped_early=False,
+                     skipped_train=_skipped_train(train_loader, dist))  # fmt: skip
+
+
+def _skipped_train(loader: EpochLoader, dist: DistContext | None) -> int:
+    """Distinct training images left out as unreadable so far (a streamed split only: one
+    decoded into memory counts them as it loads); under DDP, rows any rank left out."""
+    if not loader.streamed:
+        return 0
+    marks = loader.split.left_out
+    return int(marks.sum()) if dist is None else dist.count_marked(marks)
 
 
 def _training_model(model: nn.Module, cfg: RunConfig, dist: DistContext | None) -> nn.Module:
@@ -429,24 +441,27 @@ def _save_checkpoints(
         save_checkpoint(checkpoint_dir / "last.pt", **kwargs)
 
 
-def epoch_line(metrics: dict[str, Any], epochs: int, eta_s: float | None) -> str:
-    """`epoch 3/8: loss 4.213, val top-1 41.2%, median 201 km, P90 3,623 km, 24.1 s, ETA ...`."""
+def epoch_line(metrics: dict[str, Any], epochs: int, eta_s: float | None,
+               skipped: int = 0) -> str:  # fmt: skip
+    """`epoch 3/8: loss 4.213, val top-1 41.2%, median 201 km, P90 3,623 km, 24.1 s, ETA ...`,
+    then `, 12 unreadable training images skipped` when a damaged shard left images out."""
     eta = "done" if metrics["epoch"] >= epochs else f"ETA {format_duration(eta_s)}"
+    left_out = f", {skipped:,} unreadable training images skipped" if skipped else ""
     return (
         f"epoch {metrics['epoch']}/{epochs}: loss {metrics['train_loss']:.4f}, "
         f"val top-1 {fmt_share(metrics.get('val_top1'))}, "
         f"median {fmt_km(metrics.get('val_median_km'))}, P90 {fmt_km(metrics.get('val_p90_km'))}, "
-        f"{format_duration(metrics['epoch_time_s'])}, {eta}"
+        f"{format_duration(metrics['epoch_time_s'])}, {eta}{left_out}"
     )
 
 
 def _log_epoch(bar: Any, metrics: dict[str, Any], epochs: int,
-               session_start: tuple[int, float]) -> None:  # fmt: skip
+               session_start: tuple[int, float], skipped: int = 0) -> None:  # fmt: skip
     """One line per epoch on `geoloc.progress` (CLI, flow-run logs), and the bar's postfix."""
     done0, t0 = session_start
     done = metrics["epoch"] - done0  # epochs of this process: a resume does not skew the ETA
     eta = (time.perf_counter() - t0) / done * (epochs - metrics["epoch"]) if done > 0 else None
-    progress_log.info(epoch_line(metrics, epochs, eta))
+    progress_log.info(epoch_line(metrics, epochs, eta, skipped))
     bar.set_postfix(
         val_top1=f"{metrics['val_top1']:.3f}", val_median_km=f"{metrics['val_median_km']:.0f}"
     )

@@ -290,7 +290,7 @@ def _train_and_evaluate(
                           progress)  # fmt: skip
     write_parquet(paths.val_predictions, val.predictions)
     test_metrics = None
-    skipped = {"train": getattr(data.train, "skipped", 0),
+    skipped = {"train": getattr(data.train, "skipped", 0) + result.skipped_train,
                "val": getattr(data.val, "skipped", 0) + val.skipped, "test": 0}  # fmt: skip
     if data.test is not None:
         test = _evaluate_split(model, data.test, criterion, data.label_space, cfg, device, "test",

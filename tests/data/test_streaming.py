@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.sharded_index import damage_member
 
 from geoloc.cli import main
 from geoloc.config import TrainConfig, load_config
@@ -118,16 +119,17 @@ def test_cached_and_streamed_splits_give_identical_samples(sharded_index: Path) 
 def test_an_unreadable_member_is_one_line_naming_it_and_the_rest_loads(sharded_index, caplog):
     ds = GeoDataset(sharded_index, "train", cache=False, unreadable="skip")  # as training does
     victim = 7
-    shard = ds.data_root / ds.locations.path(victim)
-    with open(shard, "r+b") as fh:
-        fh.seek(int(ds.locations.offsets[victim]) + 20)
-        fh.write(b"\x00" * 40)
+    shard = damage_member(sharded_index, "train", victim)
     with caplog.at_level(logging.WARNING, logger="geoloc.data.streaming"):
         rows = [r for b in EpochLoader(ds, 8).epoch(None, 0) for r in b[3].tolist()]
     assert sorted(rows) == [r for r in range(len(ds)) if r != victim]
     lines = [r.getMessage() for r in caplog.records if r.name == "geoloc.data.streaming"]
     assert len(lines) == 1
     assert ds.locations.member(victim) in lines[0] and str(shard) in lines[0]
+    loader = EpochLoader(ds, 8, num_workers=2)  # marks made in worker processes come back
+    for seed in (0, 1):
+        list(loader.epoch(None, seed))
+    assert loader.split.skipped == 1  # distinct images left out, not one per epoch
     with pytest.raises(DataError, match=ds.locations.member(victim)):  # readers that need all
         list(EpochLoader(GeoDataset(sharded_index, "train", cache=False), 8).epoch(None, 0))
     # a split decoded into memory leaves it out the same way when asked to skip
@@ -208,9 +210,12 @@ def test_a_pushed_index_carries_its_shards_and_trains_from_the_bucket(
 @pytest.mark.slow  # ~40 s: two spawned ranks on a busy 2-core machine
 def test_two_ranks_stream_their_parts_of_the_shards_to_the_end(sharded_index, monkeypatch):
     """DDP on a streamed split: each rank reads its part; both take the same number of steps,
-    so the gradient all-reduce never waits forever, and the run completes."""
+    so the gradient all-reduce never waits forever, and the run completes; an image the rank
+    reading it could not decode is counted once in the run's record."""
     monkeypatch.setenv(DATA_DIR_ENV, str(sharded_index.parent))
+    damage_member(sharded_index, "train", 3)
     run = train_run(load_config(None, {**TINY, "name": "ddp", "epochs": 1, "nproc": 2}),
                     progress=False)
     summary = json.loads(RunPaths(run).summary.read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    assert summary["degraded"] is True and summary["skipped_images"]["train"] == 1

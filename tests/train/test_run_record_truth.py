@@ -4,6 +4,7 @@ ever, and training refuses splits older than the images they index."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.sharded_index import damage_member
 
 from geoloc.cli import main
 from geoloc.compose.training import run_training
@@ -94,16 +96,6 @@ def test_training_refuses_splits_older_than_the_images(
     assert not any(Path(os.environ["GEOLOC_RUNS_DIR"]).glob("*/summary.json"))
 
 
-def damage(index_dir: Path, split: str, row: int) -> None:
-    """Zero 40 bytes inside one member of `split` (a flipped disk block)."""
-    from geoloc.data.dataset import GeoDataset
-
-    ds = GeoDataset(index_dir, split, cache=False)
-    with open(ds.data_root / ds.locations.path(row), "r+b") as fh:
-        fh.seek(int(ds.locations.offsets[row]) + 20)
-        fh.write(b"\x00" * 40)
-
-
 def test_images_left_out_for_damaged_shards_are_counted_and_the_run_marked_degraded(
     sharded_index: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,8 +105,8 @@ def test_images_left_out_for_damaged_shards_are_counted_and_the_run_marked_degra
     from geoloc.train.run import train_run
 
     monkeypatch.setenv(DATA_DIR_ENV, str(sharded_index.parent))
-    damage(sharded_index, "val", 1)
-    damage(sharded_index, "test", 0)
+    damage_member(sharded_index, "val", 1)
+    damage_member(sharded_index, "test", 0)
     cfg = load_config(None, {"epochs": 1, "batch_size": 8, "image_size": 16, "cache_mb": 64,
                              "arch": "multiscale_cnn", "width": 8, "depth": 3,
                              "embed_dim": 16})  # fmt: skip
@@ -126,3 +118,45 @@ def test_images_left_out_for_damaged_shards_are_counted_and_the_run_marked_degra
     assert "**Degraded**: unreadable images left out (train 0, val 1, test 1)" in (
         RunPaths(run_dir).report.read_text()
     )
+
+
+def test_a_streamed_run_that_skipped_damaged_training_images_says_so_everywhere(
+    sharded_index: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's headline case: a train split streamed from its shards (larger than
+    train.cache_mb) with damaged members counts the distinct images it trained without, and the
+    summary, dashboard, epoch line and leaderboard tell that run from a healthy one."""
+    import pandas as pd
+
+    from geoloc.compose.training import write_report
+    from geoloc.paths import DATA_DIR_ENV
+    from geoloc.presentation.leaderboard import aggregate_runs
+    from geoloc.runfolder.layout import RunPaths
+    from geoloc.train.run import train_run
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(sharded_index.parent))
+    cfg = {"epochs": 2, "batch_size": 8, "image_size": 16, "cache_mb": 0, "shuffle_buffer": 16,
+           "arch": "multiscale_cnn", "width": 8, "depth": 3, "embed_dim": 16, "device": "cpu",
+           "tracking.enabled": False, "rerank.enabled": False}  # fmt: skip
+    healthy = train_run(load_config(None, {**cfg, "name": "healthy"}), progress=False)
+    damage_member(sharded_index, "train", 2)
+    damage_member(sharded_index, "train", 5)
+    with caplog.at_level(logging.INFO, logger="geoloc.progress"):
+        degraded = train_run(load_config(None, {**cfg, "name": "damaged"}), progress=False)
+    summary = read_summary(degraded)
+    assert summary["status"] == "completed" and summary["degraded"] is True
+    # two damaged members, read in each of 2 epochs: 2 distinct images, not 4
+    assert summary["skipped_images"]["train"] == 2
+    assert "epoch 2/2" in caplog.text and "2 unreadable training images skipped" in caplog.text
+    assert read_summary(healthy)["degraded"] is False
+    for run_dir in (healthy, degraded):
+        write_report(run_dir)
+    page = RunPaths(degraded).dashboard.read_text()
+    assert 'id="degraded"' in page and "train 2, val 0, test 0" in page
+    assert 'id="degraded"' not in RunPaths(healthy).dashboard.read_text()
+    result = aggregate_runs()
+    assert result.csv_path is not None
+    board = pd.read_csv(result.csv_path).set_index("run_id")["unreadable_images"]
+    assert board[degraded.name] == 2 and board[healthy.name] == 0
+    assert result.dashboard_path is not None
+    assert "2 (degraded)" in result.dashboard_path.read_text()
