@@ -15,6 +15,7 @@ of decoded pixels; larger splits are streamed from their shards by `geoloc.data.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from geoloc.atomic import file_sha256
 from geoloc.config import TrainConfig
 from geoloc.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image
 from geoloc.data.imagestore import LOCATION_COLUMNS, ImageLocations, ShardError
@@ -73,16 +75,18 @@ def check_index(index_dir: Path) -> None:
             )
         if path.stat().st_size == 0:
             raise IndexMissingError(f"index file '{path}' is empty (rebuild the index)")
-    # the build writes images.parquet first: splits older than it are a build cut short after
-    # its images stage, and would pair the new images with the old splits
+    # labels.json names the images.parquet its splits were made from (by sha256, not by time, so
+    # a pulled or copied index passes); an index built before it was recorded is not checked
     files = index_files(index_dir)
-    images_at = files["images"].stat().st_mtime_ns
-    for name in ("splits", "labels"):
-        if files[name].stat().st_mtime_ns < images_at:
-            raise IndexMissingError(
-                f"index file '{files[name]}' is older than '{files['images'].name}': an index "
-                "build stopped before its splits stage; run `geoloc index build` again"
-            )
+    try:
+        made_from = json.loads(files["labels"].read_text()).get("images_sha256")
+    except (OSError, ValueError, AttributeError):
+        return  # reading labels.json reports its own error
+    if made_from and made_from != file_sha256(files["images"]):
+        raise IndexMissingError(
+            f"index file '{files['splits']}' was made from another '{files['images'].name}': an "
+            "index build stopped before its splits stage; run `geoloc index build` again"
+        )
 
 
 def read_split_table(index_dir: Path, split: str) -> pd.DataFrame:

@@ -263,7 +263,8 @@ def content_digest(images_parquet: Path) -> bytes:
 
 def compute_fingerprint(images: bytes, splits: bytes, doc: dict[str, Any]) -> str:
     """sha256 of the images (`content_digest`) and splits digests and labels.json's body."""
-    body = {k: v for k, v in doc.items() if k != "fingerprint"}
+    # the fingerprint is content only: the file hash of images.parquet carries storage columns
+    body = {k: v for k, v in doc.items() if k not in ("fingerprint", "images_sha256")}
     h = hashlib.sha256()
     h.update(images)
     h.update(splits)
@@ -364,6 +365,9 @@ def build_index(
         del result
         images_digest, splits_digest = content_digest(paths.images), table_digest(paths.splits)
         labels["fingerprint"] = compute_fingerprint(images_digest, splits_digest, labels)
+        # which images.parquet these splits were made from: `check_index` refuses an index whose
+        # rebuild stopped after its images stage (new images, old splits)
+        labels["images_sha256"] = doc["done"]["images"]["images.parquet"]
         write_json(paths.labels, labels)
         commit("splits")
 

@@ -114,7 +114,8 @@ def test_a_pruned_trial_is_a_pruned_run_and_the_sweep_completes(
     [
         ({"space": []}, "search space is empty"),
         ({"space": [{"key": "epochz", "type": "int", "low": 1, "high": 3}]}, "epochz"),
-        ({"storage": "postgresql://geo:s3cret@127.0.0.1:9/optuna"}, "is unreachable"),
+        ({"storage": "postgresql://geo:s3cret@127.0.0.1:9/optuna", "space": TAU_SPACE},
+         "is unreachable"),
     ],
 )
 def test_bad_settings_fail_the_flow_run_before_any_trial(
