@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,7 +372,9 @@ def write_doc(doc: Path, n: int, text: str) -> None:
     if start < 0:
         new = old.rstrip("\n") + f"\n\n{head}\n\n{text}"
     else:
-        end = old.find("\n### ", start + len(head))
+        # the section ends at the next heading of its level or above (### , ## , # )
+        after = re.search(r"\n#{1,3} ", old[start + len(head):])
+        end = start + len(head) + after.start() if after else -1
         new = old[:start] + f"{head}\n\n{text}" + (old[end:] if end >= 0 else "")
     tmp = doc.with_suffix(".tmp")
     tmp.write_text(new)

@@ -123,3 +123,11 @@ def test_doc_section_for_n_is_replaced_not_duplicated(tmp_path: Path, present: b
     text = doc.read_text()
     assert text.count("### N = 10") == 1 and "new table" in text and "old" not in text
     assert ("keep" in text) == present
+
+
+def test_doc_section_ends_at_the_next_heading_of_any_higher_level(tmp_path: Path) -> None:
+    doc = tmp_path / "scale.md"
+    doc.write_text("# Scale\n\n### N = 10\n\nold\n\n## Post-training stages\n\nkeep\n")
+    bs.write_doc(doc, 10, "new table\n")
+    text = doc.read_text()
+    assert "old" not in text and "## Post-training stages\n\nkeep" in text
