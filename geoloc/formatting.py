@@ -33,25 +33,26 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def fmt_km(value: Any) -> str:
-    """A distance for people: `78.5 km` below 100 km, `3,623 km` above, dash for missing."""
+def _finite(value: Any) -> float | None:
+    """The value as a finite float, or None for missing, boolean, non-numeric or non-finite."""
     if value is None or isinstance(value, bool):
-        return EMPTY
+        return None
     try:
         v = float(value)
     except (TypeError, ValueError):
-        return EMPTY
-    if not math.isfinite(v):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def fmt_km(value: Any) -> str:
+    """A distance for people: `78.5 km` below 100 km, `3,623 km` above, dash for missing."""
+    v = _finite(value)
+    if v is None:
         return EMPTY
     return f"{v:.1f} km" if abs(v) < 100 else f"{v:,.0f} km"
 
 
 def fmt_share(value: Any) -> str:
     """A share in [0, 1] as a percentage with one decimal (`41.2%`), dash for missing."""
-    if value is None or isinstance(value, bool):
-        return EMPTY
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return EMPTY
-    return f"{100 * v:.1f}%" if math.isfinite(v) else EMPTY
+    v = _finite(value)
+    return EMPTY if v is None else f"{100 * v:.1f}%"
