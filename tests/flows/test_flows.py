@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from fixtures.demo_data import DEMO_FIXTURE_CONFIG, DEMO_FIXTURE_N
 from fixtures.prefect_server import free_port
+from fixtures.tiny_runs import TINY_MODEL_SETTINGS
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -84,11 +85,7 @@ TINY_INDEX = dict(DEMO_FIXTURE_CONFIG)
 TINY_TRAIN = {
     "batch_size": 32,
     "image_size": 32,
-    "arch": "multiscale_cnn",
-    "width": 8,
-    "depth": 3,
-    "embed_dim": 32,
-    "lr": 3e-3,
+    **TINY_MODEL_SETTINGS,
 }
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures.tiny_runs import TINY_MODEL_SETTINGS
 
 from geoloc.cli import main
 from geoloc.compose.training import run_training
@@ -26,11 +27,7 @@ DDP_TINY = {
     "epochs": 2,
     "batch_size": 64,
     "image_size": 24,
-    "arch": "multiscale_cnn",
-    "width": 8,
-    "depth": 3,
-    "embed_dim": 32,
-    "lr": 3e-3,
+    **TINY_MODEL_SETTINGS,
     "augment": False,  # augmentation draws follow each rank's RNG stream, not the image
     "dropout": 0.0,  # likewise
     "hardneg.enabled": True,
