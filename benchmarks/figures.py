@@ -20,7 +20,7 @@ Blocks are rewritten in place between `<!-- figures:<name> begin -->` and
 the markers is left byte for byte. Each block is stamped with the commit and dirty flag of the
 code the runs recorded, the date they finished and the seeds and threads.
 
-`--quick` is the test's size (600 images, r1 classes, 2 epochs); it writes only under `--docs`.
+`--quick` is the test's size (600 images, r1 classes, 1 epoch); it writes only under `--docs`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("geoloc.figures")
 
 SHIFT_NAME = "shift"
-BLOCKS = {"demo-quality": ("docs/quality.md",),
+BLOCKS = {"demo-quality": ("docs/quality.md",), "demo-goals": ("docs/quality.md",),
           "make-demo": ("README.md", "docs/orchestration.md")}  # fmt: skip
 
 
@@ -61,7 +61,7 @@ class Size:
 
 DEMO = Size("demo", 12000, 2000, (), None)
 QUICK = Size(
-    "quick", 600, 60, ("epochs=2",),
+    "quick", 600, 60, ("epochs=1",),
     dict(resolution=1, parent_resolution=0, split="geographic", split_resolution=2,
          min_images_per_class=5, max_side=64, workers=1),
     min_population=200_000,
@@ -195,6 +195,7 @@ class SeedResult:
     threads: int | None
     wall_s: float | None  # the last (re)start's wall time (`figures.json`)
     resumed: bool
+    num_classes: int | None
 
 
 def read_seed(seed: int, run_dir: Path) -> SeedResult:
@@ -220,7 +221,7 @@ def read_seed(seed: int, run_dir: Path) -> SeedResult:
         seed, run_dir, variant, rows, code.get("git_commit"), code.get("git_dirty"),
         str(summary.get("updated_at") or "")[:10],
         (summary.get("determinism") or {}).get("threads"), timing.get("wall_s"),
-        bool(timing.get("resumed")),
+        bool(timing.get("resumed")), (summary.get("dataset") or {}).get("num_classes"),
     )  # fmt: skip
 
 
@@ -268,7 +269,8 @@ def render_demo_quality(results: list[SeedResult]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {span} |")
     lines += ["", "Model alone: the best checkpoint's test evaluation (summary.json `test`); its "
               "radius and set rows are rerank's `base` variant (the model's calibrated "
-              "probabilities). Shift: 2,000 crops uniform over land, the variant val chose.",
+              "probabilities). Shift: crops uniform over land (`geoloc data demo --placement "
+              "uniform-land`), the variant val chose.",
               "", "| seed | variant chosen on val | test median / P90 km, GeoScore after rerank "
               "| wall time (train, rerank, report, shift) |",
               "| ---: | --- | --- | ---: |"]  # fmt: skip
@@ -302,8 +304,39 @@ def render_make_demo(results: list[SeedResult]) -> str:
     ])  # fmt: skip
 
 
+GOALS: tuple[tuple[str, Callable[[SeedResult], float], Callable[[float], bool], str], ...] = (
+    ("GeoScore >= 4,600", lambda r: r.rows["test", "chosen"]["geoscore"], lambda v: v >= 4600,
+     "{:,.0f}"),
+    ("P90 <= 400 km", lambda r: r.rows["test", "chosen"]["p90_km"], lambda v: v <= 400,
+     "{:,.0f} km"),
+    ("median <= 60 km", lambda r: r.rows["test", "chosen"]["median_km"], lambda v: v <= 60,
+     "{:,.1f} km"),
+    ("90% radius coverage in 0.88-0.92", lambda r: r.rows["test", "chosen"]["radius_coverage"],
+     lambda v: 0.88 <= v <= 0.92, "{:.3f}"),
+    ("median radius <= 0.5x test P90", lambda r: r.rows["test", "chosen"]["radius_median_km"]
+     / r.rows["test", "chosen"]["p90_km"], lambda v: v <= 0.5, "{:.2f}x"),
+    ("90% cell sets <= 10% of classes", lambda r: r.rows["test", "chosen"]["set_size"]
+     / (r.num_classes or float("nan")), lambda v: v <= 0.1, "{:.1%}"),
+)  # fmt: skip
+
+
+def render_demo_goals(results: list[SeedResult]) -> str:
+    """The `make demo` goals, after rerank on test, per seed and whether every seed meets them."""
+    lines = [stamp(results), "", "| goal | mean ± std | per seed (" + ", ".join(
+        str(r.seed) for r in results) + ") | met on every seed? |", "| --- | ---: | --- | --- |"]
+    for goal, value, met, form in GOALS:
+        xs = [value(r) for r in results]
+        m, sd = mean_std(xs)
+        ok = sum(met(x) for x in xs)
+        verdict = "yes" if ok == len(xs) else f"**no** ({ok} of {len(xs)})"
+        lines.append(f"| {goal} | {form.format(m)} ± {form.format(sd)} | "
+                     f"{' / '.join(form.format(x) for x in xs)} | {verdict} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[list[SeedResult]], str]] = {
     "demo-quality": render_demo_quality,
+    "demo-goals": render_demo_goals,
     "make-demo": render_make_demo,
 }
 
@@ -350,7 +383,7 @@ def parse(argv: Iterable[str]) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="training seeds (>= 3 for the docs; default 0 1 2)")  # fmt: skip
     ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes (600 images, r1 classes, 2 epochs), for the test")  # fmt: skip
+                    help="tiny sizes (600 images, r1 classes, 1 epoch), for the test")  # fmt: skip
     ap.add_argument("--docs", type=Path, default=None,
                     help="root holding README.md and docs/ (default: the repository; "
                     "--quick writes only where this is given)")  # fmt: skip

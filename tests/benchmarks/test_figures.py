@@ -113,7 +113,7 @@ def _result(seed: int, median: float) -> figures.SeedResult:
     row = {key: median for key, _, _ in figures.METRICS}
     rows = {column: row for column in figures.COLUMNS}
     return figures.SeedResult(seed, Path("run"), "gated", rows, "abc", False, "2026-12-08", 2,
-                              60.0, False)  # fmt: skip
+                              60.0, False, 471)  # fmt: skip
 
 
 def test_a_page_without_its_markers_is_refused_and_no_page_is_written(tmp_path: Path) -> None:
