@@ -74,9 +74,10 @@ QUICK = Size(
 def prepare_data(size: Size) -> tuple[Any, Path, str]:
     """The demo index and the shift folder under $GEOLOC_DATA_DIR (each stage a no-op when its
     outputs are already there); returns the paths, the shift folder and the index fingerprint."""
+    from geoloc.compose.stage_cache import index_key
     from geoloc.config import IndexConfig, load_config
     from geoloc.data.demo import make_demo
-    from geoloc.data.index import build_index, index_fingerprint
+    from geoloc.data.index import build_index
     from geoloc.data.ingest import ingest
     from geoloc.paths import DataPaths
 
@@ -84,25 +85,28 @@ def prepare_data(size: Size) -> tuple[Any, Path, str]:
     index_cfg = load_config("demo", size.index_overrides, model=IndexConfig)
     make_demo(paths.demo, n=size.demo_n, seed=0, min_population=size.min_population)
     ingest("demo", paths, index_cfg)
+    # the index is rebuilt when its inputs (manifest, config) changed or its files do not match
+    # the fingerprint labels.json records (a build killed half-way)
+    key, key_path = index_key(paths, index_cfg), paths.state / "figures-index.key"
     fingerprint = _index_fingerprint_if_built(paths)
-    if fingerprint is None:
+    if fingerprint is None or not key_path.is_file() or key_path.read_text() != key:
         build_index(paths, index_cfg)
-        fingerprint = index_fingerprint(paths)
+        fingerprint = _index_fingerprint_if_built(paths)
+        key_path.write_text(key)
     shift = paths.raw / "demo-shift"
     make_demo(shift, n=size.shift_n, seed=0, placement="uniform-land")
+    assert fingerprint is not None
     return paths, shift, fingerprint
 
 
 def _index_fingerprint_if_built(paths: Any) -> str | None:
     """The index's fingerprint when labels.json records the one its files hash to, else None
-    (no index, or one left half-built): rebuilt then."""
+    (no index, or one left half-built)."""
     from geoloc.data.index import index_fingerprint
 
     try:
         recorded = json.loads(paths.labels.read_text()).get("fingerprint")
         return recorded if recorded and recorded == index_fingerprint(paths) else None
-    except (OSError, ValueError, KeyError):
-        return None
     except Exception:  # noqa: BLE001 - any unreadable index is rebuilt
         return None
 
