@@ -401,10 +401,15 @@ def main(argv: Iterable[str]) -> int:
     size = QUICK if args.quick else DEMO
     from geoloc.errors import GeolocError
 
+    seeds = list(dict.fromkeys(args.seeds))
+    docs = args.docs if args.docs is not None else (None if args.quick else REPO)
+    if docs == REPO and not args.no_write and len(seeds) < 3:
+        print("figures: README and docs quote >= 3 seeds; give more --seeds, or --no-write",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         _, shift, fingerprint = prepare_data(size)
-        results = [read_seed(s, train_seed(size, s, fingerprint, shift)) for s in args.seeds]
-        docs = args.docs if args.docs is not None else (None if args.quick else REPO)
+        results = [read_seed(s, train_seed(size, s, fingerprint, shift)) for s in seeds]
         for name, render in RENDERERS.items():
             print(f"\n<!-- figures:{name} -->\n{render(results)}")
         if docs is not None and not args.no_write:
