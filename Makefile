@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export GEOLOC_DATA_DIR ?= $(CURDIR)/data
 export GEOLOC_RUNS_DIR ?= $(CURDIR)/runs
 
-.PHONY: venv demo test test-quick test-all test-latest latest-venv lock lint bench system-deps up down status mlflow-ui clean-demo
+.PHONY: venv demo test test-quick test-all test-latest latest-venv lock lint bench figures system-deps up down status mlflow-ui clean-demo
 
 # constraints.txt pins every package to the tested version (make lock regenerates it), so a
 # fresh clone installs exactly what the suite last passed with.
@@ -76,6 +76,12 @@ lint: venv
 ## (bench_scale.py, `python -m benchmarks scale`; its table: docs/scale.md)
 bench: venv
 	$(BIN)/python -m benchmarks
+
+## make figures: rerun the numbers README.md and docs quote (the demo preset over 3 seeds, test
+## and shift splits) and rewrite their <!-- figures:... --> blocks (benchmarks/figures.py; each
+## seed's run is cached, a rerun trains only what is missing; ~5 min per seed on an idle machine)
+figures: venv
+	$(BIN)/python -m benchmarks figures $(FIGURES_ARGS)
 
 ## make up / down / status: local Prefect server + work pool + deployments + worker (infra/stack.sh)
 up: venv

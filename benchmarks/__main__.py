@@ -5,6 +5,8 @@ reference doing the same work and prints the ratio; this runner only lists and s
 `python -m benchmarks gpu [ARGS]` runs the GPU check (`gpu_check.py`, needs CUDA; not part of
 `make bench`). `python -m benchmarks scale [--n N] [--epochs E] ...` runs the whole pipeline at N
 images (`bench_scale.py`; `make bench` runs it at its default N = 10^5).
+`python -m benchmarks figures [--seeds ...] [--quick]` (`make figures`) reruns the figures README
+and docs quote and rewrites their blocks (`figures.py`; not part of `make bench`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def main(argv: list[str]) -> int:
         argv, extra = argv[:cut], argv[cut + 1 :]
     if argv[:1] == ["gpu"]:
         return subprocess.call([sys.executable, str(HERE / "gpu_check.py"), *argv[1:], *extra])
+    if argv[:1] == ["figures"]:
+        return subprocess.call([sys.executable, str(HERE / "figures.py"), *argv[1:], *extra])
     if argv[:1] == ["scale"]:
         return subprocess.call([sys.executable, str(HERE / "bench_scale.py"), *argv[1:], *extra])
     scripts = sorted(HERE.glob("bench_*.py"))

@@ -299,6 +299,44 @@ class _S3Shards:
             raise ShardError(f"shard '{self.where(shard)}' could not be read: {exc}") from None
 
 
+def content_file_order(table: pd.DataFrame, codes: np.ndarray, names: list[str]) -> np.ndarray:
+    """A rank per file (`names`, indexed by `codes`) that follows content, not names.
+
+    Shards of one ingest job keep their sequence; jobs are ordered by the digest of their first
+    image (the job's id carries its source's path when that lies outside the data root, and
+    would otherwise order the same photos differently in two data folders); loose files come
+    last, by their path relative to the data root. Storage order, and so a streamed split's
+    plan, is then the same wherever the same photos were ingested.
+    """
+    identity = np.arange(len(names))
+    if "shard" not in table.columns or "sha256" not in table.columns or not len(table):
+        return identity
+    is_member = table["shard"].notna().to_numpy()
+    rows = pd.DataFrame({"code": codes[is_member],
+                         "offset": table["offset"].to_numpy()[is_member],
+                         "sha256": table["sha256"].astype(str).to_numpy()[is_member]})  # fmt: skip
+    first = rows.sort_values(["code", "offset"]).drop_duplicates("code").set_index("code")
+    keys: list[tuple[Any, ...]] = []
+    jobs: dict[str, tuple[int, str]] = {}  # job -> (lowest seq, its first image's digest)
+    parsed: dict[int, tuple[str, int]] = {}
+    for code in first.index:
+        job, _, seq = Path(names[code]).stem.rpartition("-")
+        parsed[code] = (job, int(seq) if seq.isdigit() else 0)
+        seen = jobs.get(job)
+        if seen is None or parsed[code][1] < seen[0]:
+            jobs[job] = (parsed[code][1], str(first.at[code, "sha256"]))
+    for code, name in enumerate(names):
+        if code in parsed:
+            job, seq = parsed[code]
+            keys.append((0, jobs[job][1], job, seq, name))
+        else:
+            keys.append((1, "", "", 0, name))
+    order = sorted(identity, key=lambda c: keys[c])
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[order] = identity
+    return rank
+
+
 class ImageLocations:
     """Where the image of each row of an index table is, and how to read it.
 
@@ -313,8 +351,9 @@ class ImageLocations:
         self.data_root = Path(data_root)
         n = len(table)
         codes, names = pd.factorize(table["path"].astype(str), sort=True)
-        self.codes = codes.astype(np.int32)  # (N,) file of each row, in file-name order
-        self.files = [str(name) for name in names]
+        rank = content_file_order(table, codes, [str(name) for name in names])
+        self.codes = rank[codes].astype(np.int32)  # (N,) file of each row, in content order
+        self.files = [str(name) for _, name in sorted(zip(rank, names, strict=True))]
         self.shard_of_file: list[str | None] = [None] * len(self.files)
         self.offsets = np.full(n, -1, dtype=np.int64)
         self.lengths = np.full(n, -1, dtype=np.int64)

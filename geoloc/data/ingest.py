@@ -251,6 +251,26 @@ def _resolve_spec(spec: str, paths: DataPaths) -> str:
     return f"demo:{paths.demo}" if spec == "demo" else spec
 
 
+def job_spec(spec: str, paths: DataPaths) -> str:
+    """What names a source's ingest job: never the data folder's absolute path.
+
+    `demo`, and a local folder or manifest under the data root (`data/raw/photos`), are named
+    relative to that root, so two data folders ingesting their own copy of the same photos get
+    the same job, and so the same shard names. A source elsewhere keeps its absolute path: it is
+    what tells two different folders apart for the journal's resume (their shard names differ
+    then, their storage order and fingerprint do not: `ImageLocations`, `index_fingerprint`).
+    """
+    if spec == "demo" or "://" in spec:
+        return spec
+    try:
+        local = Path(spec).expanduser().resolve()
+        if not local.exists():
+            return spec
+        return f"data:{local.relative_to(paths.root.resolve()).as_posix()}"
+    except (OSError, ValueError):  # outside the data root (or not a path at all)
+        return spec
+
+
 @dataclass(frozen=True)
 class JournaledSource:
     """A source listed and processed into its job journal, not yet merged into the manifest.
@@ -285,10 +305,8 @@ def journal_source(
     """
     resolved = _resolve_spec(spec, paths)
     source = create_source(resolved, **source_options)
-    # the demo's images are one and the same wherever the data folder is: its job (and so its
-    # shard names) must not carry the folder's absolute path
-    journal = Journal(paths.state / "ingest" / job_id(spec if spec == "demo" else resolved, cfg,
-                                                       source_options))  # fmt: skip
+    # the same photos under another data folder are the same job: no absolute path in its name
+    journal = Journal(paths.state / "ingest" / job_id(job_spec(spec, paths), cfg, source_options))
     journal.lock()  # the same source ingested twice at once: the second waits, then resumes
     if fresh:
         journal.clear()
