@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from geoloc.compute import torchrun_env, under_torchrun
 from geoloc.config import RerankConfig, RunConfig
-from geoloc.errors import GeolocError
+from geoloc.errors import DiskFullError, GeolocError
 from geoloc.paths import runs_dir
-from geoloc.progress import EpochCallback, progress_log
+from geoloc.progress import EpochCallback, progress_log, use_bars
 from geoloc.runfolder.layout import RunPaths, new_run_id
 from geoloc.train.run import train_run
 
@@ -49,16 +49,20 @@ def run_training(
     run_dir: Path | None = None,
     resume: Path | None = None,
     callbacks: Sequence[EpochCallback] = (),
-    progress: bool = True,
+    progress: bool | None = None,
     step: StepRunner = call,
 ) -> Path:
     """Train `cfg`, then rerank, report and mirror the run; returns the run directory.
+
+    `progress`: tqdm bars (True), log lines (False), or bars only when stderr is a terminal
+    (None: `geoloc train` and `geoloc sweep`, so `geoloc sweep > log 2>&1` logs lines, not bars).
 
     An exception from training (bad input, a NaN loss, a pruned trial) is re-raised after the
     failed run's report and mirror were written (a run refused before its folder existed has
     neither). A report or tracking failure never fails a finished run: it is logged, and
     summary.json `tracking.error` says why (`geoloc mlflow sync` catches up later).
     """
+    progress = use_bars(progress)
     target = Path(resume or run_dir or runs_dir() / new_run_id(cfg.name))
     mirror = _live_mirror(cfg)
     began: list[Path] = []  # set once training wrote its folder: a refused input publishes nothing
@@ -89,10 +93,12 @@ def run_training(
 
 
 @contextmanager
-def recorded_stage(run_dir: Path, stage: str) -> Iterator[None]:
+def recorded_stage(run_dir: Path, stage: str, *, refusals_pass: bool = False) -> Iterator[None]:
     """A stage that writes into a trained run (rerank): its failure leaves summary.json
     `status: failed`, `failure_reason: <stage>: ...`, never `completed`, also on a full disk
-    (space is reserved while it runs); when a rerun of it succeeds the run is `completed` again."""
+    (space is reserved while it runs); when a rerun of it succeeds the run is `completed` again.
+    `refusals_pass`: a bad input refused in one line (a `GeolocError` other than a full disk,
+    e.g. `geoloc rerank --index-dir` of another index) leaves the run as it was."""
     from geoloc.runfolder.summary import (
         clear_stage_failure,
         failure_text,
@@ -104,7 +110,9 @@ def recorded_stage(run_dir: Path, stage: str) -> Iterator[None]:
         try:
             yield
         except BaseException as exc:
-            record_failure(run_dir, failure_text(exc), stage=stage)
+            if not (refusals_pass and isinstance(exc, GeolocError)
+                    and not isinstance(exc, DiskFullError)):  # fmt: skip
+                record_failure(run_dir, failure_text(exc), stage=stage)
             raise
     clear_stage_failure(run_dir, stage)
 
@@ -146,9 +154,9 @@ def rerank_and_publish(
     """`geoloc rerank RUN_DIR`: rerank evaluation, then the run's report and mirror again."""
     from geoloc.infer.evaluation import rerank_run
 
-    with recorded_stage(run_dir, "evaluate-rerank"):
+    with recorded_stage(run_dir, "evaluate-rerank", refusals_pass=True):
         result = step("evaluate-rerank", rerank_run, run_dir, index_dir=index_dir, cfg=cfg,
-                      use_cache=use_cache)  # fmt: skip
+                      use_cache=use_cache, progress=use_bars(None))  # fmt: skip
     publish(run_dir, mirror=_tracking_enabled(run_dir), step=step)
     return result
 
