@@ -7,6 +7,7 @@ train -> aggregate; `python -m flows.pipeline` is `make demo`), `aggregate` (lea
 repository root.
 """
 
-from flows._logging import send_geoloc_logs_to_prefect
+from flows._logging import mask_secrets, send_geoloc_logs_to_prefect
 
 send_geoloc_logs_to_prefect()
+mask_secrets()

@@ -4,6 +4,7 @@ keeps credentials out of those lines (and of logs and files)."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -148,6 +149,36 @@ class RedactingStream:
 
     def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding, fileno...
         return getattr(self._stream, name)
+
+
+class RedactSecrets(logging.Filter):
+    """Masks URI passwords in every log line and traceback (MLflow's errors name the request
+    URL, credentials included). Put it on handlers: a handler's filters see the records of every
+    logger that reaches it (the CLI's console handler, Prefect's API and console handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if (clean := redact(message)) != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def mask_process_output() -> None:
+    """Mask this whole process's output from now on: `sys.stdout`/`sys.stderr` become
+    `RedactingStream`s and every handler already attached to a logger gets `RedactSecrets`.
+    For processes that run geoloc without its CLI (a Prefect flow run); idempotent."""
+    if not isinstance(sys.stdout, RedactingStream):
+        sys.stdout = RedactingStream(sys.stdout)  # type: ignore[assignment]
+    if not isinstance(sys.stderr, RedactingStream):
+        sys.stderr = RedactingStream(sys.stderr)  # type: ignore[assignment]
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in
+                                      list(logging.Logger.manager.loggerDict))]  # fmt: skip
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+                handler.addFilter(RedactSecrets())
 
 
 @contextmanager

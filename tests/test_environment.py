@@ -53,3 +53,25 @@ def test_installed_versions_are_the_pinned_ones() -> None:
         if installed.split("+", 1)[0] != pinned:
             drifted[name] = f"{installed} (pinned {pinned})"
     assert not drifted, f"installed versions differ from constraints.txt (run make venv): {drifted}"
+
+
+def test_the_editable_install_of_make_venv_prints_no_setuptools_warning(tmp_path: Path) -> None:
+    """`make venv` runs `pip install -e .`: its output is clean (setuptools warned "Editable
+    installation" on every install when the package root was left implicit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, copy / name)
+    shutil.copytree(ROOT / "geoloc", copy / "geoloc", ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", "--prefix", str(tmp_path / "prefix"), "-e", str(copy)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Editable installation" not in output and "Warning" not in output, output

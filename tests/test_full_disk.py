@@ -127,3 +127,29 @@ def test_training_that_fills_the_disk_ends_failed_with_the_reason(
     assert summary["status"] == "failed"
     assert "no space left" in summary["failure_reason"]
     assert not os.path.exists(run / ".space-reserve")
+
+
+def test_rerank_on_a_full_disk_is_one_error_line_and_the_run_records_it(
+    small_disk: Callable[[int], Path], trained_run: Path, capsys
+) -> None:
+    size = sum(p.stat().st_size for p in trained_run.rglob("*") if p.is_file())
+    disk = small_disk(size + (2 << 20))
+    run_dir = disk / "runs" / trained_run.name
+    shutil.copytree(trained_run, run_dir)
+    best = (run_dir / "checkpoints" / "best.pt").read_bytes()
+    fill(disk, leave=(256 << 10) + (24 << 10))  # the reserve + a little: rerank needs more
+    for argv in (["rerank", str(run_dir)], ["train", "--resume", str(run_dir)]):
+        assert main(argv) == 1, argv
+        line = one_error_line(capsys.readouterr().err)
+        assert str(run_dir) in line and "bytes" in line, line
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "failed", argv
+        assert summary["failure_reason"].startswith("evaluate-rerank: DiskFullError: no space")
+        assert not os.path.exists(run_dir / ".space-reserve")
+    assert (run_dir / "checkpoints" / "best.pt").read_bytes() == best  # never trained again
+
+    (disk / "filler").unlink()  # space freed: the same command finishes the run
+    assert main(["rerank", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["failure_reason"] is None
+    assert summary["rerank"]["variant"]

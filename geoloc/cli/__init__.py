@@ -15,7 +15,14 @@ from types import TracebackType
 
 import typer
 
-from geoloc.errors import DiskFullError, GeolocError, is_disk_full, redact, redacted_output
+from geoloc.errors import (
+    DiskFullError,
+    GeolocError,
+    RedactSecrets,
+    is_disk_full,
+    redact,
+    redacted_output,
+)
 
 app = typer.Typer(
     name="geoloc",
@@ -73,20 +80,7 @@ def _progress_lines() -> Iterator[None]:
         progress_log.propagate = before
 
 
-class _RedactSecrets(logging.Filter):
-    """Masks URI passwords in every log line and traceback (MLflow's errors name the request
-    URL, credentials included)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if (clean := redact(message)) != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-        return True
-
-
-_REDACT = _RedactSecrets()
+_REDACT = RedactSecrets()
 
 
 def _redacted_excepthook(

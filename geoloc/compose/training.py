@@ -10,15 +10,16 @@ the `RETRYABLE_STEPS`); the CLI runs them as plain calls.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from geoloc.compute import torchrun_env, under_torchrun
 from geoloc.config import RerankConfig, RunConfig
-from geoloc.errors import GeolocError
+from geoloc.errors import DiskFullError, GeolocError
 from geoloc.paths import runs_dir
-from geoloc.progress import EpochCallback, progress_log
+from geoloc.progress import EpochCallback, progress_log, use_bars
 from geoloc.runfolder.layout import RunPaths, new_run_id
 from geoloc.train.run import train_run
 
@@ -48,16 +49,20 @@ def run_training(
     run_dir: Path | None = None,
     resume: Path | None = None,
     callbacks: Sequence[EpochCallback] = (),
-    progress: bool = True,
+    progress: bool | None = None,
     step: StepRunner = call,
 ) -> Path:
     """Train `cfg`, then rerank, report and mirror the run; returns the run directory.
+
+    `progress`: tqdm bars (True), log lines (False), or bars only when stderr is a terminal
+    (None: `geoloc train` and `geoloc sweep`, so `geoloc sweep > log 2>&1` logs lines, not bars).
 
     An exception from training (bad input, a NaN loss, a pruned trial) is re-raised after the
     failed run's report and mirror were written (a run refused before its folder existed has
     neither). A report or tracking failure never fails a finished run: it is logged, and
     summary.json `tracking.error` says why (`geoloc mlflow sync` catches up later).
     """
+    progress = use_bars(progress)
     target = Path(resume or run_dir or runs_dir() / new_run_id(cfg.name))
     mirror = _live_mirror(cfg)
     began: list[Path] = []  # set once training wrote its folder: a refused input publishes nothing
@@ -77,11 +82,8 @@ def run_training(
                  on_start=on_start if one_process else None, progress=progress)  # fmt: skip
         began.append(target)
         if cfg.rerank.enabled and is_main_process():
-            try:
+            with recorded_stage(target, "evaluate-rerank"):
                 step("evaluate-rerank", rerank, target, cfg.rerank, progress=progress)
-            except BaseException as exc:  # the run's record must not say `completed`
-                _record_stage_failure(target, "evaluate-rerank", exc)
-                raise
     finally:
         if mirror is not None:
             mirror.close()  # waits a few seconds at most; the sync below catches up on the rest
@@ -90,15 +92,29 @@ def run_training(
     return target
 
 
-def _record_stage_failure(run_dir: Path, stage: str, exc: BaseException) -> None:
-    """summary.json `status: failed` with the stage and its reason (never raises)."""
-    from geoloc.runfolder.summary import update_summary
+@contextmanager
+def recorded_stage(run_dir: Path, stage: str, *, refusals_pass: bool = False) -> Iterator[None]:
+    """A stage that writes into a trained run (rerank): its failure leaves summary.json
+    `status: failed`, `failure_reason: <stage>: ...`, never `completed`, also on a full disk
+    (space is reserved while it runs); when a rerun of it succeeds the run is `completed` again.
+    `refusals_pass`: a bad input refused in one line (a `GeolocError` other than a full disk,
+    e.g. `geoloc rerank --index-dir` of another index) leaves the run as it was."""
+    from geoloc.runfolder.summary import (
+        clear_stage_failure,
+        failure_text,
+        record_failure,
+        reserved_space,
+    )
 
-    reason = f"{stage}: {type(exc).__name__}: {exc}" if str(exc) else f"{stage}: {exc!r}"
-    try:
-        update_summary(Path(run_dir), status="failed", failure_reason=reason[:2000])
-    except Exception:  # noqa: BLE001 - the stage's own error matters more
-        log.exception("could not record the failure of %s in %s", stage, run_dir)
+    with reserved_space(run_dir):
+        try:
+            yield
+        except BaseException as exc:
+            if not (refusals_pass and isinstance(exc, GeolocError)
+                    and not isinstance(exc, DiskFullError)):  # fmt: skip
+                record_failure(run_dir, failure_text(exc), stage=stage)
+            raise
+    clear_stage_failure(run_dir, stage)
 
 
 def training_done(run_dir: Path, cfg: RunConfig) -> bool:
@@ -113,7 +129,11 @@ def training_done(run_dir: Path, cfg: RunConfig) -> bool:
     paths = RunPaths(run_dir)
     has_model = paths.best_checkpoint.is_file() or paths.last_checkpoint.is_file()
     done = int(summary.get("epochs_completed") or 0) >= cfg.train.epochs
-    return summary.get("status") == "completed" and done and has_model
+    ended = summary.get("status") == "completed" or (
+        summary.get("status") == "failed"
+        and str(summary.get("failure_reason")).startswith("evaluate-rerank: ")
+    )  # a rerank that failed (a full disk) reruns alone
+    return ended and done and has_model
 
 
 def rerank(run_dir: Path, cfg: RerankConfig | None = None, **kwargs: Any) -> str:
@@ -134,8 +154,9 @@ def rerank_and_publish(
     """`geoloc rerank RUN_DIR`: rerank evaluation, then the run's report and mirror again."""
     from geoloc.infer.evaluation import rerank_run
 
-    result = step("evaluate-rerank", rerank_run, run_dir, index_dir=index_dir, cfg=cfg,
-                  use_cache=use_cache)  # fmt: skip
+    with recorded_stage(run_dir, "evaluate-rerank", refusals_pass=True):
+        result = step("evaluate-rerank", rerank_run, run_dir, index_dir=index_dir, cfg=cfg,
+                      use_cache=use_cache, progress=use_bars(None))  # fmt: skip
     publish(run_dir, mirror=_tracking_enabled(run_dir), step=step)
     return result
 

@@ -26,7 +26,7 @@ from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.gate_search import block_rows
-from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
+from geoloc.infer.outputs import SplitOutputs, base_probs, model_probs, split_outputs
 from geoloc.infer.rerank import (
     VARIANTS,
     Neighbours,
@@ -93,6 +93,7 @@ def evaluate_rerank(
     gallery = gallery or outs["train"].to_gallery()
     k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
     val = outs["val"].subset(stratified_sample(outs["val"].labels, cfg.tune_images))
+    model_topk_parents = hier_topk_parents  # `base` stays the model as training evaluated it
     if val.scored_parents:  # factorised head: its k is one more choice made on val
         hier_topk_parents, k_table = choose_topk_parents(val, label_space)
         log.info("factorised head: children of the top %d parents kept (chosen on val)\n%s",
@@ -101,6 +102,7 @@ def evaluate_rerank(
     params = RerankParams(
         log_prior=class_log_prior(label_space, cfg.prior_alpha, land_fraction),
         hier_topk_parents=hier_topk_parents,
+        model_topk_parents=model_topk_parents,
         neighbours=k_search,
         index=cfg.index,
     )
@@ -155,9 +157,10 @@ def variants_for(
 ) -> dict[str, VariantOutput]:
     """Every variant's answer for the images of `out`, with parameters chosen on val."""
     probs = base_probs(out.head_arrays(), label_space, params.hier_topk_parents)
+    own = model_probs(out, label_space, params.hier_topk_parents, params.base_topk_parents)
     k = min(params.neighbours, len(gallery))
     nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
-    return run_variants(probs, nbrs, label_space, params)
+    return run_variants(probs, nbrs, label_space, params, own)
 
 
 def answer_table(

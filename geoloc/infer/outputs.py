@@ -207,6 +207,17 @@ def base_probs(
     return class_scores(tensors, label_space.parent_of, hier_topk_parents).double().numpy()
 
 
+def model_probs(
+    out: SplitOutputs, label_space: LabelSpace, used: int, model: int
+) -> np.ndarray | None:
+    """(N, K) the model's own probabilities (its `model` parents kept) when a factorised head
+    was scored with another number (`used`, chosen on val), else None: the `base` variant's
+    scores, so "base" is the model alone as training evaluated it."""
+    if not out.scored_parents or used == model:
+        return None
+    return base_probs(out.head_arrays(), label_space, model)
+
+
 def split_outputs(
     trained: Any,
     index_dir: Path,

@@ -163,7 +163,9 @@ class Predictor:
         self.max_pixels = int(max_pixels or processing.get("max_pixels") or defaults.max_pixels)
         self.params = self._load_params()
         if self.trained.config.model.head == "factorised" and self.params is not None:
-            self.trained.model.topk_parents = self.hier_topk_parents  # the k rerank chose on val
+            # the k rerank chose on val, and the model's own for `base`: score enough for both
+            self.trained.model.topk_parents = max(self.hier_topk_parents,
+                                                  self.params.base_topk_parents)  # fmt: skip
         self.gallery: Gallery | None = None
         self.variant = "base"
         if rerank and self.params is not None:
@@ -228,6 +230,8 @@ class Predictor:
     def _answer(self, images: torch.Tensor) -> VariantOutput:
         head, emb = self.forward(images)
         probs = base_probs(head, self.label_space, self.hier_topk_parents)
+        if self.variant == "base" and self.params is not None:  # the model alone, as trained
+            probs = base_probs(head, self.label_space, self.params.base_topk_parents)
         if self.variant == "base" or self.params is None or self.gallery is None:
             pred = probs.argmax(axis=1)
             ls = self.label_space

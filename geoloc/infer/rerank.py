@@ -312,7 +312,11 @@ class RerankParams:
     radius: dict[str, ErrorRadius] = field(default_factory=dict)  # per variant
     min_risk_candidates: int = 10  # cells the min_risk variant decodes among
     best_variant: str = "base"
-    hier_topk_parents: int = 0
+    hier_topk_parents: int = 0  # factorised head: parents kept by every variant but `base`
+    model_topk_parents: int | None = None
+    """The model's own k (`train.hier_topk_parents`, as training evaluated it): `base` keeps it,
+    so "base" is the model alone, the same figure as summary.json's `test`. None: files from
+    before it, where `base` used `hier_topk_parents` too."""
     neighbours: int = 50  # neighbours searched per query (max of gate and refine k)
     index: str = "auto"
     checkpoint_sha256: str = ""
@@ -321,6 +325,13 @@ class RerankParams:
     def temperatures(self) -> dict[str, float]:
         """Each variant's temperature (part of its `calibration`)."""
         return {k: c.temperature for k, c in self.calibration.items()}
+
+    @property
+    def base_topk_parents(self) -> int:
+        """The parents the `base` variant keeps (see `model_topk_parents`)."""
+        if self.model_topk_parents is None:
+            return self.hier_topk_parents
+        return self.model_topk_parents
 
     def calibrated(self, name: str, v: VariantOutput) -> np.ndarray:
         """(N, K) the calibrated probabilities of variant `name` (raw scores when not fitted)."""
@@ -339,6 +350,7 @@ class RerankParams:
             "radius": {k: v.to_dict() for k, v in self.radius.items()},
             "min_risk_candidates": self.min_risk_candidates,
             "hier_topk_parents": self.hier_topk_parents,
+            "model_topk_parents": self.model_topk_parents,
             "neighbours": self.neighbours,
             "index": self.index,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -366,6 +378,8 @@ class RerankParams:
             min_risk_candidates=int(d.get("min_risk_candidates", 10)),
             best_variant=str(d["best_variant"]),
             hier_topk_parents=int(d.get("hier_topk_parents", 0)),
+            model_topk_parents=(None if d.get("model_topk_parents") is None
+                                else int(d["model_topk_parents"])),  # fmt: skip
             neighbours=int(d.get("neighbours", 50)),
             index=str(d.get("index", "auto")),
             checkpoint_sha256=str(d.get("checkpoint_sha256", "")),
@@ -385,10 +399,12 @@ class RerankParams:
 
 
 def run_variants(
-    probs: np.ndarray, nbrs: Neighbours, label_space: LabelSpace, params: RerankParams
+    probs: np.ndarray, nbrs: Neighbours, label_space: LabelSpace, params: RerankParams,
+    model_probs: np.ndarray | None = None,
 ) -> dict[str, VariantOutput]:
     """base -> prior -> gated -> gated+refined -> min_risk for a batch of queries (evaluation
-    and predict)."""
+    and predict). `model_probs`: the model's own scores for `base` when they differ from
+    `probs` (a factorised head whose k rerank chose on val, see `RerankParams`)."""
     n = probs.shape[0]
     closed = np.zeros(n, dtype=bool)
 
@@ -396,7 +412,7 @@ def run_variants(
         pred = scores.argmax(axis=1)
         return VariantOutput(scores, pred, label_space.lat[pred], label_space.lon[pred], gate)
 
-    out = {"base": centroid_output(probs, closed)}
+    out = {"base": centroid_output(probs if model_probs is None else model_probs, closed)}
     out["prior"] = centroid_output(apply_prior(probs, params.log_prior), closed)
     source = out["prior"] if params.gated_on_prior else out["base"]
     g = params.gate

@@ -33,7 +33,7 @@ from geoloc.infer.calibration import (
     fit_scaling,
 )
 from geoloc.infer.gate_search import GateGrid, GateInputs, block_rows, gate_answers, search_gate
-from geoloc.infer.outputs import SplitOutputs
+from geoloc.infer.outputs import SplitOutputs, model_probs
 from geoloc.infer.radius import ErrorRadius, fit_error_radius
 from geoloc.infer.rerank import (
     VARIANTS,
@@ -416,7 +416,8 @@ def tune(
         gated, gated_cal, fit_nbrs, fit, ls, params.refine, fit_ref
     )
     params.calibration = {"gated": gated_cal}
-    fit_variants = run_variants(fit_probs, fit_nbrs, ls, params)
+    own = model_probs(fit, ls, params.hier_topk_parents, params.base_topk_parents)
+    fit_variants = run_variants(fit_probs, fit_nbrs, ls, params, own)  # base: the model alone
     cal = fit_calibration(fit_variants, fit, ls, cfg, known=params.calibration, progress=progress)
     params.calibration, params.conformal, params.radius = cal.calibration, cal.conformal, cal.radius
     return params

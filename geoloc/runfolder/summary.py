@@ -11,7 +11,8 @@ import logging
 import math
 import platform
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
@@ -400,6 +401,54 @@ def update_summary(run_dir: Path, **changes: Any) -> dict[str, Any]:
     summary = read_summary(Path(run_dir))
     summary.update(changes)
     return write_summary(Path(run_dir), summary)
+
+
+SPACE_RESERVE = ".space-reserve"
+RESERVE_BYTES = 256 << 10
+"""Held in a run folder while a stage writes into it, freed to record the stage's failure when
+the disk fills up (summary.json needs a few KiB, a full disk has none)."""
+
+
+@contextmanager
+def reserved_space(run_dir: Path) -> Iterator[None]:
+    """Hold `RESERVE_BYTES` in `run_dir` while the body runs (see `record_failure`)."""
+    reserve = Path(run_dir) / SPACE_RESERVE
+    try:  # written, not truncated: a sparse file would reserve nothing
+        reserve.write_bytes(b"\0" * RESERVE_BYTES)
+    except OSError as exc:
+        reserve.unlink(missing_ok=True)
+        log.warning("could not reserve %d bytes in %s: %s", RESERVE_BYTES, run_dir, exc)
+    try:
+        yield
+    finally:
+        reserve.unlink(missing_ok=True)
+
+
+def failure_text(exc: BaseException) -> str:
+    """`Type: message` of an exception, as `failure_reason` records it."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def record_failure(run_dir: Path, reason: str, *, stage: str | None = None) -> None:
+    """summary.json `status: failed` with `reason` (prefixed `<stage>: `), after freeing the
+    run's space reserve so that a full disk still records it; never raises (the failure
+    itself matters more than a failure to record it, which is one warning line)."""
+    (Path(run_dir) / SPACE_RESERVE).unlink(missing_ok=True)
+    reason = f"{stage}: {reason}" if stage else reason
+    try:
+        update_summary(Path(run_dir), status="failed", failure_reason=reason[:2000])
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not record the failure in %s: %s", RunPaths(run_dir).summary, exc)
+
+
+def clear_stage_failure(run_dir: Path, stage: str) -> None:
+    """A stage after training that failed (`failure_reason` starts `<stage>: `) and has now
+    run to its end: the run is `completed` again."""
+    summary = read_summary(Path(run_dir))
+    if summary.get("status") == "failed" and str(summary.get("failure_reason")).startswith(
+        f"{stage}: "
+    ):
+        update_summary(Path(run_dir), status="completed", failure_reason=None)
 
 
 TRAINING_LOCK = ".training.lock"

@@ -31,7 +31,10 @@ from geoloc.paths import runs_dir
 from geoloc.progress import EpochCallback, progress_log
 from geoloc.runfolder.layout import RunPaths, new_run_id
 from geoloc.runfolder.summary import (
+    failure_text,
     hold_training_lock,
+    record_failure,
+    reserved_space,
     update_summary,
 )
 from geoloc.train.checkpoint import load_checkpoint
@@ -213,19 +216,16 @@ def train_run(
         paths, cfg, FitState.from_checkpoint(resume_ckpt) if resume_ckpt else FitState()
     )
     recorder.flush()
-    _reserve_space(paths)
     try:
-        _train_and_evaluate(cfg, paths, data, [recorder, *callbacks], resume_ckpt, progress)
+        with reserved_space(paths.root):  # a full disk must not keep the run `running`
+            _train_and_evaluate(cfg, paths, data, [recorder, *callbacks], resume_ckpt, progress)
     except TrialPruned as exc:
-        _release_space(paths)
         update_summary(paths.root, status="pruned", failure_reason=str(exc) or "pruned")
         raise
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        _record_failure(paths, reason)
+        record_failure(paths.root, failure_text(exc))
         raise
     finally:
-        _release_space(paths)
         lock.close()
     return paths.root
 
@@ -347,27 +347,3 @@ def _stored_features(
 
     test = stored(data.test) if data.test is not None else None
     return replace(data, train=stored(data.train), val=stored(data.val), test=test)
-
-
-RESERVE_NAME = ".space-reserve"
-RESERVE_BYTES = 256 << 10
-"""Held on disk while a run trains, freed to record its failure when the disk fills up."""
-
-
-def _reserve_space(paths: RunPaths) -> None:
-    try:  # written, not truncated: a sparse file would reserve nothing
-        (paths.root / RESERVE_NAME).write_bytes(b"\0" * RESERVE_BYTES)
-    except OSError as exc:
-        log.warning("could not reserve %d bytes in %s: %s", RESERVE_BYTES, paths.root, exc)
-
-
-def _release_space(paths: RunPaths) -> None:
-    (paths.root / RESERVE_NAME).unlink(missing_ok=True)
-
-
-def _record_failure(paths: RunPaths, reason: str) -> None:
-    _release_space(paths)  # a full disk must not keep the run `running`
-    try:
-        update_summary(paths.root, status="failed", failure_reason=reason[:2000])
-    except Exception:  # noqa: BLE001 - the original error matters more than this one
-        log.exception("could not record the failure in %s", paths.summary)

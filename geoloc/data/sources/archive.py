@@ -58,7 +58,8 @@ class ImageLookup:
     archives: list[Path] = field(default_factory=list)
     refused: dict[str, tuple[str, str]] = field(default_factory=dict)
     """name -> (reason, detail) of a file that is a link leading outside `root`
-    (`path_escape`) or not a regular file (`not_regular_file`: a FIFO would block the read)."""
+    (`path_escape`) or not a regular file (`not_regular_file`: a FIFO would block the read), or
+    of a zip member that is hostile (see `_member_problem`)."""
     repeats: int = 0
 
     @classmethod
@@ -122,7 +123,10 @@ class ImageLookup:
             stem, suffix = os.path.splitext(name)
             if suffix.lower() not in self.suffixes:
                 continue
-            if stem in self.files or stem in self.members:
+            if (problem := _member_problem(info)) is not None:
+                reason, why = problem
+                self.refused.setdefault(stem, (reason, f"member '{info.filename}' of {path} {why}"))
+            elif stem in self.files or stem in self.members:
                 self.repeats += 1
             else:
                 self.members[stem] = ZipMember(path, info.filename, order)
@@ -138,6 +142,24 @@ class ImageLookup:
             bad = ", ".join(p.name for p in self.bad_archives)
             detail += f"; unreadable zip(s) there, it may be inside: {bad}"
         return detail
+
+
+def _member_problem(info: zipfile.ZipInfo) -> tuple[str, str] | None:
+    """Why a zip member is not read as an image, from its central-directory entry alone: a name
+    that leads out of the archive (`../`, absolute; an unzip tool would write it elsewhere), a
+    symbolic link or other non-regular entry (its "bytes" are a link target or nothing), or a
+    declared size no photo has (a decompression bomb); None when it may be read."""
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or ".." in PurePosixPath(name).parts or name[1:2] == ":":
+        return PATH_ESCAPE, "has a name leading out of the archive"
+    kind = stat.S_IFMT(info.external_attr >> 16)  # unix mode; 0 when the tool stored none
+    if kind == stat.S_IFLNK:
+        return NOT_REGULAR_FILE, "is a symbolic link entry"
+    if kind and kind != stat.S_IFREG:
+        return NOT_REGULAR_FILE, f"is not a regular file (mode {oct(kind)})"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return DECOMPRESSION_BOMB, f"declares {info.file_size} bytes unpacked"
+    return None
 
 
 # -------------------------------------------------------------------------------------------

@@ -217,10 +217,16 @@ def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, raw in out.items() if (v := finite_or_none(raw)) is not None}
 
 
+FINAL_STEP = 0
+"""The step of every run-level value (best_epoch, best_p90_km, test and rerank metrics). MLflow's
+UI draws a metric whose latest step is >= 1 as a line chart over steps (one dot for a single
+value) and a metric whose latest step is 0 as a bar, i.e. a value (`RunsChartsCardConfig`:
+`step >= MIN_NUMBER_OF_STEP_FOR_LINE_COMPARISON`); per-epoch metrics keep `step = epoch`."""
+
+
 def final_points(summary: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """Final metrics as points at the step after the last epoch, so charts end where runs do."""
-    step = int(summary.get("epochs_completed") or 0)
-    return [(k, v, step) for k, v in final_metrics(summary).items()]
+    """Final metrics as single values at `FINAL_STEP`, so the UI shows them as values."""
+    return [(k, v, FINAL_STEP) for k, v in final_metrics(summary).items()]
 
 
 def artifact_files(run_dir: Path) -> list[Path]:

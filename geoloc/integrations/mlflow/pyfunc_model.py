@@ -8,13 +8,15 @@ error radius. Nothing is re-implemented here: the model's one artifact is a mini
 `geoloc.infer.predict.Predictor`, so decode, preprocessing, scoring, rerank and calibration are
 the same code path as the CLI's.
 
-Input: a DataFrame with a column `image` (encoded photo bytes; the scoring server base64-decodes
-JSON strings into bytes because the signature says `binary`) and/or `path` (a file, only when the
-operator names a folder in `GEOLOC_MODEL_FILES_DIR`, and only regular files whose real path lies
-inside it); a row with both uses `image`. Every photo is refused over
-`GEOLOC_MODEL_MAX_INPUT_BYTES` (default 32 MiB) before it is read or decoded; a row that cannot be
-read gets an `error` row and the others are answered. A bad request (no usable column, `top_k`
-outside [1, number of cells]) is one line, never a stack trace.
+Input: a DataFrame with a column `image` (encoded photo bytes, or their base64 text: the
+signature says `string`, so the scoring server hands JSON strings over as they are and each row
+is decoded here, where a malformed one is that row's error instead of MLflow refusing the whole
+batch) and/or `path` (a file, only when the operator names a folder in `GEOLOC_MODEL_FILES_DIR`,
+and only regular files whose real path lies inside it); a row with both uses `image`. Every
+photo is refused over `GEOLOC_MODEL_MAX_INPUT_BYTES` (default 32 MiB) before it is read or
+decoded; a row that cannot be read gets an `error` row and the others are answered. A bad
+request (no usable column, `top_k` outside [1, number of cells]) is one line, never a stack
+trace.
 
 Output: one row per input, the columns of `geoloc.infer.predict.OUTPUT_COLUMNS` (`path` holds
 the file or `image-<i>`); a photo that does not decode gets a row with `error` set, like a broken
@@ -114,9 +116,12 @@ def pack_run(run_dir: Path, dest: Path) -> Path:
 
 
 def model_signature() -> Any:
-    """Inputs `image` (binary) and/or `path` (string); param `top_k`; outputs the columns of
+    """Inputs `image` and/or `path`; param `top_k`; outputs the columns of
     `geoloc.infer.predict.OUTPUT_COLUMNS`, named and typed, so the registry page says what the
-    model answers."""
+    model answers. `image` is declared `string`, not `binary`: for a `binary` column MLflow's
+    scoring server base64-decodes the whole column before the model runs, and one malformed row
+    fails every row of the request; as `string` it reaches `predict` as sent (bytes from Python
+    pass MLflow's check as well), and `images_from_frame` decodes it row by row."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
@@ -130,7 +135,7 @@ def model_signature() -> Any:
              "topk_probs": Array(number), "conformal_set": Array(text)}  # fmt: skip
     return ModelSignature(
         inputs=Schema([
-            ColSpec(DataType.binary, IMAGE_COLUMN, required=False),
+            ColSpec(DataType.string, IMAGE_COLUMN, required=False),
             ColSpec(DataType.string, PATH_COLUMN, required=False),
         ]),
         outputs=Schema([
@@ -142,15 +147,15 @@ def model_signature() -> Any:
 
 
 def input_example() -> Any:
-    """One small photo as the model's input example (the registry shows it; MLflow checks the
-    model answers it when logging)."""
+    """One small photo, as base64 text the way a JSON client sends it, as the model's input
+    example (the registry shows it; MLflow checks the model answers it when logging)."""
     import io
 
     from PIL import Image
 
     photo = io.BytesIO()
     Image.new("RGB", (64, 64), (70, 110, 160)).save(photo, format="JPEG")
-    return pd.DataFrame({IMAGE_COLUMN: [photo.getvalue()]})
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(photo.getvalue()).decode("ascii")]})
 
 
 def _is_missing(value: Any) -> bool:
@@ -198,13 +203,15 @@ class _RowError(Exception):
 
 
 def _decoded(data: Any, limits: InputLimits) -> bytes:
-    """Photo bytes of an `image` value (bytes, or base64 text from a caller that skipped the
-    signature's decoding), refused before decoding when over `limits.max_bytes`."""
+    """Photo bytes of an `image` value (bytes, or base64 text: what JSON requests carry),
+    refused before decoding when over `limits.max_bytes`. Line breaks in the text are allowed
+    (MLflow's own clients wrap base64 at 76 characters); any other stray character is not."""
     if isinstance(data, str):
-        if len(data) // 4 * 3 > limits.max_bytes:  # base64: 3 bytes per 4 characters
+        text = data.replace("\n", "").replace("\r", "")
+        if len(text) // 4 * 3 > limits.max_bytes:  # base64: 3 bytes per 4 characters
             raise _RowError(f"'{IMAGE_COLUMN}' is over the {limits.max_bytes}-byte limit")
         try:
-            data = base64.b64decode(data, validate=True)
+            data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise _RowError(f"'{IMAGE_COLUMN}' is not base64") from None
     if not isinstance(data, bytes | bytearray | memoryview):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geoloc.integrations.mlflow.contents import final_metrics, run_description
+from geoloc.integrations.mlflow.contents import FINAL_STEP, final_metrics, run_description
 from geoloc.integrations.mlflow.store import (
     TAG_MODEL_SHA,
     TAG_MODEL_VERSION,
@@ -160,10 +160,9 @@ def _log_model_metrics(
     dataset = next(iter(run.inputs.dataset_inputs), None) if run.inputs else None
     name = dataset.dataset.name if dataset else None
     digest = dataset.dataset.digest if dataset else None
-    step = int(summary.get("epochs_completed") or 0)
     for key, value in final_metrics(summary).items():
-        if key.startswith(("test_", "rerank_")):
-            client.log_metric(run.info.run_id, key, value, step=step, model_id=model_id,
+        if key.startswith(("test_", "rerank_")):  # a value, not a series: see FINAL_STEP
+            client.log_metric(run.info.run_id, key, value, step=FINAL_STEP, model_id=model_id,
                               dataset_name=name, dataset_digest=digest)  # fmt: skip
 
 

@@ -107,7 +107,9 @@ def create_study(cfg: SweepConfig) -> optuna.Study:
         raise SweepError(f"study '{cfg.study}' cannot be resumed: {exc}") from exc
     names = metric_names(cfg)
     if study.metric_names != names:  # optuna-dashboard's axis labels instead of "Objective 0"
-        study.set_metric_names(names)
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2: one line per sweep
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     return study
 
 

@@ -109,6 +109,26 @@ def test_two_runs_mirrored_with_metrics_per_step_and_resync_changes_nothing(make
     assert {rid: c.get_run(rid).data.params for rid in df["run_id"]} == params_before
 
 
+def test_final_values_are_single_values_at_step_0_so_the_ui_shows_values_not_dots(make_run):
+    """MLflow's UI draws a metric whose latest step is >= 1 as a line over steps (a lone dot for
+    one value) and one whose latest step is 0 as a bar: run-level values go at step 0, the
+    epochs of metrics.csv stay a series over their epochs."""
+    run_dir = make_run("final", epochs=3)
+    (done,) = tracking.sync_runs([run_dir], log_model=False)
+    c = client()
+    latest = c.get_run(done.mlflow_run_id).data.metrics
+    finals = ["best_epoch", "best_p90_km", "best_val_acc", "test_median_km", "test_p90_km",
+              "test_geoscore", "epochs_completed"]  # fmt: skip
+    for key in finals:
+        history = c.get_metric_history(done.mlflow_run_id, key)
+        assert [m.step for m in history] == [0], key
+        assert latest[key] == history[0].value
+    assert latest["best_epoch"] == read_summary(run_dir)["best_epoch"]
+    steps = sorted(m.step for m in c.get_metric_history(done.mlflow_run_id, "val_p90_km"))
+    assert steps == [1, 2, 3]
+    assert tracking.sync_runs([run_dir], log_model=False)[0].action == "unchanged"
+
+
 def test_sync_updates_a_run_that_changed_instead_of_duplicating_it(make_run):
     run_dir = make_run("grows", epochs=3)
     (created,) = tracking.sync_runs([run_dir], log_model=False)

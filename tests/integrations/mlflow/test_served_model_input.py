@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import requests
 from mlflow.exceptions import MlflowException
 
 from geoloc.data.imagestore import ImageLocations
@@ -20,9 +23,13 @@ from geoloc.integrations.mlflow.pyfunc_model import (
     FILES_DIR_ENV,
     MAX_INPUT_BYTES_ENV,
     RUN_ARTIFACT,
+    SERVED_MODEL_CODE,
     GeolocModel,
     InputLimits,
     images_from_frame,
+    input_example,
+    model_signature,
+    pack_run,
 )
 from geoloc.paths import DataPaths
 
@@ -134,3 +141,51 @@ def test_an_unexpected_failure_answers_one_line_and_no_server_path(
     body = caught.value.serialize_as_json()
     assert "stack_trace" not in body and str(reranked_run) not in body
     assert "see its log" in caught.value.message
+
+
+@pytest.fixture
+def scoring_server(reranked_run: Path, tmp_path: Path) -> Iterator[str]:
+    """MLflow's own scoring server (what `mlflow models serve` runs) for the geoloc model as it
+    is logged (code, signature, packed run), in-process on a loopback port; its URL."""
+    import threading
+
+    import mlflow.pyfunc
+    import uvicorn
+    from fixtures.mlflow_server import free_port
+    from mlflow.pyfunc import scoring_server
+
+    saved = tmp_path / "model"
+    packed = pack_run(reranked_run, tmp_path / "packed")
+    mlflow.pyfunc.save_model(
+        saved, python_model=str(SERVED_MODEL_CODE), artifacts={RUN_ARTIFACT: str(packed)},
+        signature=model_signature(), input_example=input_example(),
+    )  # fmt: skip
+    app = scoring_server.init(mlflow.pyfunc.load_model(str(saved)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "scoring server did not start"
+        time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_one_malformed_base64_row_in_a_json_request_costs_only_that_row(
+    scoring_server: str, photo: bytes
+) -> None:
+    good = base64.b64encode(photo).decode()
+    wrapped = base64.encodebytes(photo).decode()  # MLflow's own clients wrap at 76 characters
+    rows = [[good], ["!!not base64!!"], [wrapped], ["abc"], [None]]
+    body = {"dataframe_split": {"columns": ["image"], "data": rows}}
+    answer = requests.post(f"{scoring_server}/invocations", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text[:500]
+    served = pd.DataFrame(answer.json()["predictions"])
+    assert served["error"].isna().tolist() == [True, False, True, False, False]
+    assert served["cell"].iloc[0] == served["cell"].iloc[2]
+    assert "not base64" in served["error"].iloc[1] and "not base64" in served["error"].iloc[3]
+    assert "neither 'image' nor 'path'" in served["error"].iloc[4]

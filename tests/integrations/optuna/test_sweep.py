@@ -167,8 +167,10 @@ def test_cli_sweep_trains_full_runs_and_a_rerun_resumes_the_study(
     args += _set_args(TINY_BASE)
     assert main(args) == 0
     assert main(args) == 0  # the same command again adds to the same study
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "optuna-dashboard sqlite:///" in out
+    # not a terminal (`geoloc sweep > log 2>&1`): one line per epoch, no progress bars
+    assert "epoch 2/2: " in err and "%|" not in err and "\r" not in err, err[-2000:]
 
     table = _trials("cli")
     assert table["number"].tolist() == [0, 1]
