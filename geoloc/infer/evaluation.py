@@ -24,6 +24,7 @@ from geoloc.config import RerankConfig
 from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.ann import AnnSettings, use_run_index
+from geoloc.infer.candidates import radius_km_top, set_size_top
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.gate_search import block_rows
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
@@ -165,17 +166,18 @@ def answer_table(
 ) -> pd.DataFrame:
     """Per image: the variant's point and error, calibrated top-1 probability, error radius
     (NaN when none was fitted) and conformal set size."""
-    probs = params.calibrated(name, v)
+    top = params.calibrated_top(name, v)
     radius, sets = params.radius.get(name), params.conformal.get(name)
     n = len(v.pred)
     error = haversine_km(true.lat, true.lon, v.lat, v.lon)
-    r = radius.radius_km(probs, v.lat, v.lon, label_space, v.nbrs) if radius else np.full(n, np.nan)
+    r = (radius_km_top(radius, top, v.lat, v.lon, label_space, v.nbrs) if radius
+         else np.full(n, np.nan))  # fmt: skip
     return pd.DataFrame({
         "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
         "pred_lat": v.lat, "pred_lon": v.lon, "pred_label": v.pred, "error_km": error,
-        "prob": probs[np.arange(n), v.pred], "radius_km": r, "within_radius": error <= r,
+        "prob": top.prob_of(v.pred), "radius_km": r, "within_radius": error <= r,
         "radius_coverage": radius.coverage if radius else np.nan,
-        "set_size": sets.sets(probs).sum(axis=1) if sets else np.full(n, -1),
+        "set_size": set_size_top(top, sets) if sets else np.full(n, -1),
         "variant": name,
     })  # fmt: skip
 
