@@ -289,13 +289,19 @@ def fit_calibration(
 
 
 def row_stats(
-    name: str, v: VariantOutput, true: SplitOutputs, params: RerankParams, label_space: LabelSpace
+    name: str,
+    v: VariantOutput,
+    true: SplitOutputs,
+    params: RerankParams,
+    label_space: LabelSpace,
+    cal: TopCells | None = None,
 ) -> dict[str, np.ndarray]:
     """Per image, what the table columns of one variant average: error, hit, gate, top-1
     confidence and correctness before and after calibration, set coverage and size, radius.
     Row-wise only, so a split can be evaluated in blocks (`table_row` aggregates)."""
     y = true.labels
-    cal = params.calibrated_top(name, v)  # candidate cells: no (images x classes) array
+    if cal is None:  # `params.calibrated_top(name, v)` (variants sharing one may pass it)
+        cal = params.calibrated_top(name, v)  # candidate cells: no (images x classes) array
     error = _errors(v.lat, v.lon, true)
     cal_cell, cal_conf = cal.top()
     stats = {
