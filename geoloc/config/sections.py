@@ -325,8 +325,8 @@ class RerankConfig(StrictModel):
     calibration_cells: int = Field(
         512, ge=64,
         description="Candidate cells per image that calibration, conformal sets, the error "
-        "radius and min-risk decoding read; the rest of the mass is one tail term (0 classes "
-        "are dense: memory is images x this, not images x classes).",
+        "radius and min-risk decoding read; the rest of the mass is one tail term (memory: "
+        "images x this, not images x classes; at least the classes: exact).",
     )  # fmt: skip
     ann_min_gallery: int = Field(
         200_000,
