@@ -114,8 +114,10 @@ def evaluate_rerank(
         return base_probs(out.head_arrays(), label_space, hier_topk_parents)
 
     params = tune(params, val, nbrs, probs_of, label_space, cfg, grid, progress)
+    # the tuning sample is all of val up to `tune_images`: its neighbours are val's
+    val_nbrs = nbrs if len(val) == len(outs["val"]) else None
     tables = {"val": split_evaluation(outs["val"], gallery, label_space, params, "val",
-                                      progress=progress)[0]}  # fmt: skip
+                                      progress=progress, nbrs=val_nbrs)[0]}  # fmt: skip
     params.best_variant = choose_best_variant(tables["val"])
     # test once: the table and the chosen variant's per-image answers in the same pass
     tables["test"], test_answers = split_evaluation(
@@ -136,17 +138,21 @@ def split_evaluation(
     answers_of: str | None = None,
     progress: bool = True,
     block: int | None = None,
+    nbrs: Neighbours | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Every variant on a split in blocks of `block` images (default `block_rows`; no split x
     classes array):
-    the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`."""
+    the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`.
+    `nbrs`: the split's gallery neighbours when already searched (row-aligned with `out`)."""
     stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in VARIANTS}
     answers = []
     block = block or block_rows(label_space.num_classes)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
     for s in track(starts, desc=f"rerank variants ({split})", unit="block", bars=progress):
         part = out.subset(slice(s, s + block))
-        variants = variants_for(part, gallery, label_space, params)
+        rows = np.arange(s, min(s + block, len(out)))
+        known = None if nbrs is None else nbrs.subset(rows)
+        variants = variants_for(part, gallery, label_space, params, nbrs=known)
         tops = _calibrated_tops(variants, params)
         for name, v in variants.items():
             stats[name].append(row_stats(name, v, part, params, label_space, cal=tops[name]))
@@ -177,12 +183,18 @@ def _calibrated_tops(
 
 
 def variants_for(
-    out: SplitOutputs, gallery: Gallery, label_space: LabelSpace, params: RerankParams
+    out: SplitOutputs,
+    gallery: Gallery,
+    label_space: LabelSpace,
+    params: RerankParams,
+    nbrs: Neighbours | None = None,
 ) -> dict[str, VariantOutput]:
-    """Every variant's answer for the images of `out`, with parameters chosen on val."""
+    """Every variant's answer for the images of `out`, with parameters chosen on val (`nbrs`:
+    their gallery neighbours when already searched; the search is most of the cost)."""
     probs = base_probs(out.head_arrays(), label_space, params.hier_topk_parents)
-    k = min(params.neighbours, len(gallery))
-    nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
+    if nbrs is None:
+        k = min(params.neighbours, len(gallery))
+        nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
     return run_variants(probs, nbrs, label_space, params)
 
 
