@@ -132,3 +132,20 @@ def test_a_tail_keeps_the_distribution_whole_after_calibration() -> None:
     assert np.all(hot >= top.tail - 1e-12)
     fitted = fit_scaling_top(top, y)
     assert 0 < fitted.temperature < 1e6 and fitted.smoothing in dense.SMOOTHING_GRID
+
+
+def test_params_written_before_candidates_read_every_class_as_one() -> None:
+    """A rerank_params.json without `calibration_cells` (older runs) keeps the dense answers:
+    every class is a candidate, so predict's probabilities are the full calibrated ones."""
+    from geoloc.infer.rerank import RerankParams, VariantOutput
+
+    p, _ = _probs(5, 12, seed=9)
+    params = RerankParams(log_prior=np.zeros(12), calibration={"base": dense.Calibration(1.7)})
+    doc = params.to_dict()
+    del doc["calibration_cells"]
+    back = RerankParams.from_dict(doc)
+    assert back.calibration_cells == 0
+    v = VariantOutput(p, p.argmax(axis=1), np.zeros(5), np.zeros(5), np.zeros(5, dtype=bool))
+    top = back.calibrated_top("base", v)
+    np.testing.assert_allclose(top.p, back.calibrated("base", v), atol=1e-12)
+    assert top.cells.shape == (5, 12)
