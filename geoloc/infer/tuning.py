@@ -57,6 +57,7 @@ __all__ = [
     "MEDIAN_SLACK",
     "TABLE_COLUMNS",
     "TOPK_PARENTS",
+    "FitVariant",
     "GateGrid",
     "choose_best_variant",
     "choose_gate",
