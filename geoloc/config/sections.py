@@ -320,7 +320,13 @@ class RerankConfig(StrictModel):
     calibration_images: int = Field(
         2_000, ge=100,
         description="Of those, the images calibration, conformal sets, the error radius and "
-        "min-risk decoding are fitted on (dense rows x classes arrays: bounds memory).",
+        "min-risk decoding are fitted on.",
+    )  # fmt: skip
+    calibration_cells: int = Field(
+        512, ge=64,
+        description="Candidate cells per image that calibration, conformal sets, the error "
+        "radius and min-risk decoding read; the rest of the mass is one tail term (memory: "
+        "images x this, not images x classes; at least the classes: exact).",
     )  # fmt: skip
     ann_min_gallery: int = Field(
         200_000,

@@ -24,6 +24,8 @@ from geoloc.config import RerankConfig
 from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.ann import AnnSettings, use_run_index
+from geoloc.infer.calibration import Calibration
+from geoloc.infer.candidates import TopCells, radius_km_top, set_size_top
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.gate_search import block_rows
 from geoloc.infer.outputs import SplitOutputs, base_probs, model_probs, split_outputs
@@ -84,11 +86,14 @@ def evaluate_rerank(
     grid: GateGrid = GateGrid(),
     progress: bool = True,
     gallery: Gallery | None = None,
+    answers: list[pd.DataFrame] | None = None,
 ) -> tuple[RerankParams, dict[str, pd.DataFrame]]:
     """Choose every parameter on `outs["val"]`, then evaluate all variants on val and test.
 
     `outs` holds the model outputs of `train` (the gallery), `val` and `test`. No I/O: this is
     the part tests drive with synthetic outputs. Test labels are read only by the final tables.
+    `answers`, when given, receives the chosen variant's per-image test answers
+    (`answer_table`), made in the same pass as the test table.
     """
     gallery = gallery or outs["train"].to_gallery()
     k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
@@ -111,11 +116,18 @@ def evaluate_rerank(
         return base_probs(out.head_arrays(), label_space, hier_topk_parents)
 
     params = tune(params, val, nbrs, probs_of, label_space, cfg, grid, progress)
-    tables = {
-        s: split_evaluation(outs[s], gallery, label_space, params, s, progress=progress)[0]
-        for s in ("val", "test")
-    }
+    # the tuning sample is all of val up to `tune_images`: its neighbours are val's
+    val_nbrs = nbrs if len(val) == len(outs["val"]) else None
+    tables = {"val": split_evaluation(outs["val"], gallery, label_space, params, "val",
+                                      progress=progress, nbrs=val_nbrs)[0]}  # fmt: skip
     params.best_variant = choose_best_variant(tables["val"])
+    # test once: the table and the chosen variant's per-image answers in the same pass
+    tables["test"], test_answers = split_evaluation(
+        outs["test"], gallery, label_space, params, "test",
+        answers_of=params.best_variant if answers is not None else None, progress=progress,
+    )  # fmt: skip
+    if answers is not None and test_answers is not None:
+        answers.append(test_answers)
     return params, tables
 
 
@@ -128,22 +140,28 @@ def split_evaluation(
     answers_of: str | None = None,
     progress: bool = True,
     block: int | None = None,
+    nbrs: Neighbours | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Every variant on a split in blocks of `block` images (default `block_rows`; no split x
     classes array):
-    the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`."""
+    the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`.
+    `nbrs`: the split's gallery neighbours when already searched (row-aligned with `out`)."""
     stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in VARIANTS}
     answers = []
     block = block or block_rows(label_space.num_classes)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
     for s in track(starts, desc=f"rerank variants ({split})", unit="block", bars=progress):
         part = out.subset(slice(s, s + block))
-        variants = variants_for(part, gallery, label_space, params)
+        rows = np.arange(s, min(s + block, len(out)))
+        known = None if nbrs is None else nbrs.subset(rows)
+        variants = variants_for(part, gallery, label_space, params, nbrs=known)
+        tops = _calibrated_tops(variants, params)
         for name, v in variants.items():
-            stats[name].append(row_stats(name, v, part, params, label_space))
+            stats[name].append(row_stats(name, v, part, params, label_space, cal=tops[name]))
         if answers_of:
-            answers.append(answer_table(answers_of, variants[answers_of], part, params,
-                                        label_space))  # fmt: skip
+            v = variants[answers_of]
+            answers.append(answer_table(answers_of, v, part, params, label_space,
+                                        cal=tops[answers_of]))  # fmt: skip
     rows = []
     for name in VARIANTS:
         joined = {k: np.concatenate([b[k] for b in stats[name]]) for k in stats[name][0]}
@@ -152,33 +170,59 @@ def split_evaluation(
     return table, (pd.concat(answers, ignore_index=True) if answers else None)
 
 
+def _calibrated_tops(
+    variants: dict[str, VariantOutput], params: RerankParams
+) -> dict[str, TopCells]:
+    """Each variant's calibrated candidates, computed once per distribution and calibration."""
+    memo: dict[tuple[int, Calibration], TopCells] = {}
+    out = {}
+    for name, v in variants.items():
+        key = (id(v.scores), params.calibration.get(name, Calibration()))
+        if key not in memo:
+            memo[key] = params.calibrated_top(name, v)
+        out[name] = memo[key]
+    return out
+
+
 def variants_for(
-    out: SplitOutputs, gallery: Gallery, label_space: LabelSpace, params: RerankParams
+    out: SplitOutputs,
+    gallery: Gallery,
+    label_space: LabelSpace,
+    params: RerankParams,
+    nbrs: Neighbours | None = None,
 ) -> dict[str, VariantOutput]:
-    """Every variant's answer for the images of `out`, with parameters chosen on val."""
+    """Every variant's answer for the images of `out`, with parameters chosen on val (`nbrs`:
+    their gallery neighbours when already searched; the search is most of the cost)."""
     probs = base_probs(out.head_arrays(), label_space, params.hier_topk_parents)
     own = model_probs(out, label_space, params.hier_topk_parents, params.base_topk_parents)
-    k = min(params.neighbours, len(gallery))
-    nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
+    if nbrs is None:
+        k = min(params.neighbours, len(gallery))
+        nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
     return run_variants(probs, nbrs, label_space, params, own)
 
 
 def answer_table(
-    name: str, v: VariantOutput, true: SplitOutputs, params: RerankParams, label_space: LabelSpace
+    name: str,
+    v: VariantOutput,
+    true: SplitOutputs,
+    params: RerankParams,
+    label_space: LabelSpace,
+    cal: TopCells | None = None,
 ) -> pd.DataFrame:
     """Per image: the variant's point and error, calibrated top-1 probability, error radius
     (NaN when none was fitted) and conformal set size."""
-    probs = params.calibrated(name, v)
+    top = params.calibrated_top(name, v) if cal is None else cal
     radius, sets = params.radius.get(name), params.conformal.get(name)
     n = len(v.pred)
     error = haversine_km(true.lat, true.lon, v.lat, v.lon)
-    r = radius.radius_km(probs, v.lat, v.lon, label_space, v.nbrs) if radius else np.full(n, np.nan)
+    r = (radius_km_top(radius, top, v.lat, v.lon, label_space, v.nbrs) if radius
+         else np.full(n, np.nan))  # fmt: skip
     return pd.DataFrame({
         "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
         "pred_lat": v.lat, "pred_lon": v.lon, "pred_label": v.pred, "error_km": error,
-        "prob": probs[np.arange(n), v.pred], "radius_km": r, "within_radius": error <= r,
+        "prob": top.prob_of(v.pred), "radius_km": r, "within_radius": error <= r,
         "radius_coverage": radius.coverage if radius else np.nan,
-        "set_size": sets.sets(probs).sum(axis=1) if sets else np.full(n, -1),
+        "set_size": set_size_top(top, sets) if sets else np.full(n, -1),
         "variant": name,
     })  # fmt: skip
 
@@ -224,6 +268,7 @@ def rerank_run(
         if cfg.use_land_prior
         else None
     )
+    answers: list[pd.DataFrame] = []
     params, tables = evaluate_rerank(
         outs,
         label_space,
@@ -233,16 +278,14 @@ def rerank_run(
         grid=grid,
         progress=progress,
         gallery=gallery,
+        answers=answers,
     )
     params.checkpoint_sha256 = key.split(":")[0]
     params.save(paths.rerank_params)
     _write_table(paths.rerank_eval, tables["test"])
     _write_table(paths.rerank_eval_val, tables["val"])
-    _, answers = split_evaluation(outs["test"], gallery, label_space, params, "test answers",
-                                  answers_of=params.best_variant, progress=progress)  # fmt: skip
-    assert answers is not None
     with atomic_path(paths.rerank_test_predictions) as tmp:
-        answers.to_parquet(tmp, index=False)
+        answers[0].to_parquet(tmp, index=False)
     best_row = tables["test"].set_index("variant").loc[params.best_variant]
     metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
     update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})

@@ -297,8 +297,12 @@ class Gallery:
         return index.search(l2_normalize(queries), k)
 
     def save(self, path: Path) -> None:
-        """Write an uncompressed `.npz` atomically (loads fast with memory mapping off)."""
-        write_npz(path, GALLERY_VERSION, {name: getattr(self, name) for name in _GALLERY_ARRAYS})
+        """Write an uncompressed `.npz` atomically (loads fast with memory mapping off); the
+        embeddings in float16 (half the bytes; rerank's outputs are already at that precision,
+        `geoloc.infer.outputs.stored_embeddings`)."""
+        arrays = {name: getattr(self, name) for name in _GALLERY_ARRAYS}
+        arrays["embeddings"] = self.embeddings.astype(np.float16)
+        write_npz(path, GALLERY_VERSION, arrays)
 
     @classmethod
     def load(cls, path: Path) -> Gallery:

@@ -29,6 +29,7 @@ __all__ = [
     "compact_parents",
     "compute_outputs",
     "split_outputs",
+    "stored_embeddings",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class SplitOutputs:
 
     logits: np.ndarray | None  # (N, K) float32; None for the factorised head
     parent_logits: np.ndarray | None  # (N, P) float32; factorised: (N, k+1), `compact_parents`
-    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised, float16 precision on disk
     labels: np.ndarray  # (N,) int64 true class
     lat: np.ndarray  # (N,) float64 true coordinates
     lon: np.ndarray  # (N,)
@@ -95,8 +96,10 @@ class SplitOutputs:
         return {k: v for k, v in arrays.items() if v is not None}
 
     def save(self, path: Path, key: str) -> None:
-        """Cache these outputs; `key` ties them to one checkpoint and label space."""
-        write_npz(path, OUTPUTS_VERSION, {"key": np.str_(key), **self.arrays()})
+        """Cache these outputs; `key` ties them to one checkpoint and label space. Embeddings
+        are stored in float16 (`stored_embeddings`: they only rank neighbours)."""
+        arrays = {**self.arrays(), "embeddings": self.embeddings.astype(np.float16)}
+        write_npz(path, OUTPUTS_VERSION, {"key": np.str_(key), **arrays})
 
     @classmethod
     def load(cls, path: Path, key: str, heads: bool = True) -> SplitOutputs | None:
@@ -115,7 +118,7 @@ class SplitOutputs:
             log.warning("ignoring cache %s: it holds no class logits", path)
             return None
         return cls(
-            embeddings=z["embeddings"],
+            embeddings=stored_embeddings(z["embeddings"]),
             labels=z["labels"],
             lat=z["lat"],
             lon=z["lon"],
@@ -162,12 +165,19 @@ def compute_outputs(
     arrays = {n: torch.cat(heads[n])[rank].numpy() if n in heads else None for n in _HEAD_ARRAYS}
     return SplitOutputs(
         **compact_parents(arrays),
-        embeddings=l2_normalize(torch.cat(embs)[rank]),
+        embeddings=stored_embeddings(torch.cat(embs)[rank]),
         labels=np.asarray(dataset.labels, dtype=np.int64),
         lat=table["lat"].to_numpy(dtype=np.float64),
         lon=table["lon"].to_numpy(dtype=np.float64),
         image_ids=table["image_id"].astype(str).to_numpy(),
     )
+
+
+def stored_embeddings(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(N, D) float32 unit rows as stored: rounded through float16, the precision the cache and
+    `gallery.npz` keep (half the bytes; a cosine moves by ~1e-3, which only reorders neighbours
+    that are near ties), so fresh and cached outputs search alike."""
+    return l2_normalize(l2_normalize(x).astype(np.float16))
 
 
 def compact_parents(head: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:

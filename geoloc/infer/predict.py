@@ -41,6 +41,7 @@ from geoloc.data.process import clean_image
 from geoloc.errors import DataError, GeolocError
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import ConformalSets
+from geoloc.infer.candidates import TopCells, radius_km_top, set_members_top
 from geoloc.infer.gallery import Gallery, l2_normalize
 from geoloc.infer.outputs import base_probs
 from geoloc.infer.radius import ErrorRadius
@@ -244,34 +245,41 @@ class Predictor:
     def _rows(self, answer: VariantOutput, top_k: int | None = None) -> list[dict[str, Any]]:
         sets: ConformalSets | None = None
         radius: ErrorRadius | None = None
-        probs = answer.scores
-        if self.params is not None:
-            probs = self.params.calibrated(self.variant, answer)  # (B, K)
+        if self.params is not None:  # calibrated, on each image's candidate cells
+            top = self.params.calibrated_top(self.variant, answer)
             sets = self.params.conformal.get(self.variant)
             radius = self.params.radius.get(self.variant)
-        member = sets.sets(probs) if sets is not None else None
+        else:
+            top = TopCells.from_dense(answer.scores, None, 0)
+        member = (
+            set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)[0]
+            if sets is not None
+            else None
+        )
         radii = (
-            radius.radius_km(probs, answer.lat, answer.lon, self.label_space, answer.nbrs)
+            radius_km_top(radius, top, answer.lat, answer.lon, self.label_space, answer.nbrs)
             if radius is not None
             else None
         )
         cells = np.asarray(self.label_space.cells, dtype=object)
         k = self.top_k if top_k is None else max(1, min(top_k, self.label_space.num_classes))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        order = np.argsort(-top.p, axis=1, kind="stable")[:, :k]  # candidate columns
+        prob = top.prob_of(answer.pred)
         rows = []
         for i, pred in enumerate(answer.pred):
             in_set = [] if member is None else np.flatnonzero(member[i])
-            in_set = sorted(in_set, key=lambda c, i=i: -probs[i, c])
+            in_set = top.cells[i, sorted(in_set, key=lambda c, i=i: -top.p[i, c])]
+            best = top.cells[i, order[i]]
             rows.append(
                 {
                     "lat": float(answer.lat[i]),
                     "lon": float(answer.lon[i]),
                     "cell": str(cells[pred]),
-                    "prob": float(probs[i, pred]),
-                    "topk_cells": [str(cells[c]) for c in order[i]],
-                    "topk_lats": [float(self.label_space.lat[c]) for c in order[i]],
-                    "topk_lons": [float(self.label_space.lon[c]) for c in order[i]],
-                    "topk_probs": [float(probs[i, c]) for c in order[i]],
+                    "prob": float(prob[i]),
+                    "topk_cells": [str(cells[c]) for c in best],
+                    "topk_lats": [float(self.label_space.lat[c]) for c in best],
+                    "topk_lons": [float(self.label_space.lon[c]) for c in best],
+                    "topk_probs": [float(top.p[i, c]) for c in order[i]],
                     "conformal_set": [str(cells[c]) for c in in_set],
                     "conformal_coverage": None if sets is None else sets.coverage,
                     "radius_km": None if radii is None else _finite(radii[i]),

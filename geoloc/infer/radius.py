@@ -233,7 +233,7 @@ class ErrorRadius:
 
 
 def fit_error_radius(
-    probs: np.ndarray,
+    probs: np.ndarray | None,
     lat: np.ndarray,
     lon: np.ndarray,
     true_lat: np.ndarray,
@@ -242,15 +242,20 @@ def fit_error_radius(
     coverage: float,
     candidates: int = RADIUS_CANDIDATES,
     nbrs: Neighbours | None = None,
+    spread: np.ndarray | None = None,
 ) -> ErrorRadius:
     """Calibrate the radius on val: calibrated probabilities, answers, the truth and (for
-    variants built from votes) the gallery neighbours, whose spread is then tried too."""
+    variants built from votes) the gallery neighbours, whose spread is then tried too.
+    `spread` (N,), when given, is the distribution's spread already computed (from each
+    image's candidate cells, `geoloc.infer.candidates`) and `probs` is not read."""
     errors = haversine_km(true_lat, true_lon, lat, lon)
     cell = typical_cell_radius_km(label_space)
     floors = (*(f * cell for f in FLOOR_FACTORS), math.inf)
-    spreads: dict[tuple[int, float], np.ndarray] = {
-        (0, 0.02): expected_distance_km(probs, lat, lon, label_space, candidates)
-    }
+    if spread is None:
+        if probs is None:
+            raise GeolocError("fit_error_radius needs the probabilities or their spread")
+        spread = expected_distance_km(probs, lat, lon, label_space, candidates)
+    spreads: dict[tuple[int, float], np.ndarray] = {(0, 0.02): spread}
     if nbrs is not None:
         for k, t in NEIGHBOUR_SPREADS:
             spreads[(k, t)] = neighbour_spread_km(nbrs, lat, lon, k, t)

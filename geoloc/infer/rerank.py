@@ -40,6 +40,7 @@ from geoloc.atomic import write_json
 from geoloc.errors import DataError, GeolocError
 from geoloc.geo import LabelSpace, haversine_km, unit_vectors
 from geoloc.infer.calibration import Calibration, ConformalSets, softmax_rows
+from geoloc.infer.candidates import TopCells
 from geoloc.infer.gallery import Gallery, IndexKind
 from geoloc.infer.radius import ErrorRadius
 
@@ -311,6 +312,7 @@ class RerankParams:
     conformal: dict[str, ConformalSets] = field(default_factory=dict)  # per variant
     radius: dict[str, ErrorRadius] = field(default_factory=dict)  # per variant
     min_risk_candidates: int = 10  # cells the min_risk variant decodes among
+    calibration_cells: int = 0  # candidate cells calibration keeps per image (0: all classes)
     best_variant: str = "base"
     hier_topk_parents: int = 0  # factorised head: parents kept by every variant but `base`
     model_topk_parents: int | None = None
@@ -337,6 +339,12 @@ class RerankParams:
         """(N, K) the calibrated probabilities of variant `name` (raw scores when not fitted)."""
         return self.calibration.get(name, Calibration()).apply(v.scores, v.model)
 
+    def calibrated_top(self, name: str, v: VariantOutput) -> TopCells:
+        """The calibrated distribution of variant `name` on its `calibration_cells` candidates
+        and a tail term (`geoloc.infer.candidates`): what sets, radii and min-risk read."""
+        top = TopCells.from_dense(v.scores, v.model, self.calibration_cells)
+        return top.calibrated(self.calibration.get(name, Calibration()))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PARAMS_VERSION,
@@ -349,6 +357,7 @@ class RerankParams:
             "conformal": {k: v.to_dict() for k, v in self.conformal.items()},
             "radius": {k: v.to_dict() for k, v in self.radius.items()},
             "min_risk_candidates": self.min_risk_candidates,
+            "calibration_cells": self.calibration_cells,
             "hier_topk_parents": self.hier_topk_parents,
             "model_topk_parents": self.model_topk_parents,
             "neighbours": self.neighbours,
@@ -376,6 +385,7 @@ class RerankParams:
             conformal={k: ConformalSets.from_dict(v) for k, v in d["conformal"].items()},
             radius={k: ErrorRadius.from_dict(v) for k, v in (d.get("radius") or {}).items()},
             min_risk_candidates=int(d.get("min_risk_candidates", 10)),
+            calibration_cells=int(d.get("calibration_cells", 0)),
             best_variant=str(d["best_variant"]),
             hier_topk_parents=int(d.get("hier_topk_parents", 0)),
             model_topk_parents=(None if d.get("model_topk_parents") is None
@@ -423,8 +433,8 @@ def run_variants(
     out["gated"] = VariantOutput(scores, pred, ls.lat[pred], ls.lon[pred], gate, None, model, nbrs)
     lat, lon, refined = refine_coordinates(pred, nbrs, label_space, params.refine)
     out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined, model, nbrs)
-    calibrated = params.calibrated("gated", out["gated"])
-    risk_pred = min_risk_cells(calibrated, label_space, params.min_risk_candidates)
+    cells, mass = params.calibrated_top("gated", out["gated"]).best(params.min_risk_candidates)
+    risk_pred = min_risk_among(cells, mass, label_space)
     lat, lon, refined = refine_coordinates(risk_pred, nbrs, label_space, params.refine)
     out["min_risk"] = VariantOutput(scores, risk_pred, lat, lon, gate, refined, model, nbrs)
     return out

@@ -26,15 +26,18 @@ import torch
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.geo.metrics import expected_calibration_error, geo_metrics_from_errors
-from geoloc.infer.calibration import (
-    Calibration,
-    ConformalSets,
-    choose_conformal,
-    fit_scaling,
+from geoloc.infer.calibration import Calibration, ConformalSets
+from geoloc.infer.candidates import (
+    TopCells,
+    choose_conformal_top,
+    expected_distance_top,
+    fit_scaling_top,
+    radius_km_top,
+    set_stats_top,
 )
 from geoloc.infer.gate_search import GateGrid, GateInputs, block_rows, gate_answers, search_gate
 from geoloc.infer.outputs import SplitOutputs, model_probs
-from geoloc.infer.radius import ErrorRadius, fit_error_radius
+from geoloc.infer.radius import RADIUS_CANDIDATES, ErrorRadius, fit_error_radius
 from geoloc.infer.rerank import (
     VARIANTS,
     GateParams,
@@ -43,7 +46,7 @@ from geoloc.infer.rerank import (
     RerankParams,
     VariantOutput,
     apply_prior,
-    min_risk_cells,
+    min_risk_among,
     refine_coordinates,
     run_variants,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "MEDIAN_SLACK",
     "TABLE_COLUMNS",
     "TOPK_PARENTS",
+    "FitVariant",
     "GateGrid",
     "choose_best_variant",
     "choose_gate",
@@ -209,8 +213,7 @@ def choose_refinement(
 
 
 def choose_min_risk(
-    gated: VariantOutput,
-    calibration: Calibration,
+    gated: TopCells,
     nbrs: Neighbours,
     true: SplitOutputs,
     label_space: LabelSpace,
@@ -218,20 +221,30 @@ def choose_min_risk(
     reference: dict[str, float],
     candidates: Sequence[int] = MIN_RISK_CANDIDATES,
 ) -> int:
-    """How many of the calibrated gated distribution's best cells `min_risk` decodes among:
-    the best val tail objective (median constraint included), fewer candidates on ties."""
-    probs = calibration.apply(gated.scores, gated.model)
+    """How many of the calibrated gated distribution's (`gated`, candidate cells) best cells
+    `min_risk` decodes among: the best val tail objective (median constraint included), fewer
+    candidates on ties."""
     best, best_key = candidates[0], (math.inf, math.inf)
     for m in sorted(set(candidates)):
-        lat, lon, _ = refine_coordinates(
-            min_risk_cells(probs, label_space, m), nbrs, label_space, refine
-        )
+        pred = min_risk_among(*gated.best(m), label_space)
+        lat, lon, _ = refine_coordinates(pred, nbrs, label_space, refine)
         metrics = geo_metrics_from_errors(_errors(lat, lon, true))
         key = (round(tail_objective(metrics, reference), 12), metrics["median_km"])
         if key < best_key:
             best, best_key = m, key
     log.info("min_risk decoding among the top %d cells (chosen on val)", best)
     return best
+
+
+@dataclass(eq=False)
+class FitVariant:
+    """What calibration reads of one variant on the calibration sample: its candidate cells
+    (uncalibrated; variants sharing a distribution share the object), answers and neighbours."""
+
+    top: TopCells
+    lat: np.ndarray
+    lon: np.ndarray
+    nbrs: Neighbours | None = None
 
 
 @dataclass(frozen=True)
@@ -244,55 +257,64 @@ class CalibrationFit:
 
 
 def fit_calibration(
-    val: dict[str, VariantOutput],
+    val: dict[str, FitVariant],
     val_true: SplitOutputs,
     label_space: LabelSpace,
     cfg: RerankConfig,
     known: dict[str, Calibration] | None = None,
     progress: bool = True,
 ) -> CalibrationFit:
-    """Per variant, on val: the calibration (`fit_scaling`: smoothing for variants built from
-    votes, then a temperature), conformal cell sets (`choose_conformal`, or `cfg.conformal`) and
-    the error radius at `cfg.radius_coverage`. `known` calibrations are reused, not refitted."""
+    """Per variant, on val: the calibration (`fit_scaling_top`: smoothing for variants built
+    from votes, then a temperature), conformal cell sets (`choose_conformal_top`, or
+    `cfg.conformal`) and the error radius at `cfg.radius_coverage`, all on each image's
+    candidate cells. `known` calibrations are reused, not refitted."""
     methods = ("lac", "aps", "raps") if cfg.conformal == "auto" else (cfg.conformal,)
     cals: dict[str, Calibration] = dict(known or {})
     sets, radii = {}, {}
-    done: dict[tuple[int, Calibration], tuple[np.ndarray, ConformalSets]] = {}
+    done: dict[tuple[int, Calibration], tuple[TopCells, ConformalSets]] = {}
+    y = val_true.labels
     for name, v in track(list(val.items()), desc="calibrate (val)", unit="variant", bars=progress):
         if name not in cals:
-            same = next((n for n, o in val.items() if n in cals and o.scores is v.scores), None)
-            cals[name] = cals[same] if same else fit_scaling(v.scores, val_true.labels, v.model)
-        key = (id(v.scores), cals[name])  # gated, gated+refined, min_risk: one distribution
+            same = next((n for n, o in val.items() if n in cals and o.top is v.top), None)
+            cals[name] = cals[same] if same else fit_scaling_top(v.top, y)
+        key = (id(v.top), cals[name])  # gated, gated+refined, min_risk: one distribution
         if key not in done:
-            probs = cals[name].apply(v.scores, v.model)
-            done[key] = probs, choose_conformal(probs, val_true.labels, cfg.coverage, methods)
-        probs, sets[name] = done[key]
-        radii[name] = fit_error_radius(probs, v.lat, v.lon, val_true.lat, val_true.lon,
-                                       label_space, cfg.radius_coverage, nbrs=v.nbrs)  # fmt: skip
+            top = v.top.calibrated(cals[name])
+            done[key] = top, choose_conformal_top(top, y, cfg.coverage, methods)
+        top, sets[name] = done[key]
+        spread = expected_distance_top(top, v.lat, v.lon, label_space, RADIUS_CANDIDATES)
+        radii[name] = fit_error_radius(None, v.lat, v.lon, val_true.lat, val_true.lon,
+                                       label_space, cfg.radius_coverage, nbrs=v.nbrs,
+                                       spread=spread)  # fmt: skip
     return CalibrationFit(cals, sets, radii)
 
 
 def row_stats(
-    name: str, v: VariantOutput, true: SplitOutputs, params: RerankParams, label_space: LabelSpace
+    name: str,
+    v: VariantOutput,
+    true: SplitOutputs,
+    params: RerankParams,
+    label_space: LabelSpace,
+    cal: TopCells | None = None,
 ) -> dict[str, np.ndarray]:
     """Per image, what the table columns of one variant average: error, hit, gate, top-1
     confidence and correctness before and after calibration, set coverage and size, radius.
     Row-wise only, so a split can be evaluated in blocks (`table_row` aggregates)."""
     y = true.labels
-    cal = params.calibrated(name, v)
+    if cal is None:  # `params.calibrated_top(name, v)` (variants sharing one may pass it)
+        cal = params.calibrated_top(name, v)  # candidate cells: no (images x classes) array
     error = _errors(v.lat, v.lon, true)
+    cal_cell, cal_conf = cal.top()
     stats = {
         "error": error, "hit": v.pred == y, "gate": np.asarray(v.gate, dtype=bool),
         "raw_conf": v.scores.max(axis=1), "raw_ok": v.scores.argmax(axis=1) == y,
-        "cal_conf": cal.max(axis=1), "cal_ok": cal.argmax(axis=1) == y,
+        "cal_conf": cal_conf, "cal_ok": cal_cell == y,
     }  # fmt: skip
     sets, radius = params.conformal.get(name), params.radius.get(name)
     if sets is not None:
-        member = sets.sets(cal)
-        stats["covered"] = member[np.arange(len(y)), y]
-        stats["set_size"] = member.sum(axis=1)
+        stats["covered"], stats["set_size"] = set_stats_top(cal, sets, y)
     if radius is not None:
-        stats["radius"] = radius.radius_km(cal, v.lat, v.lon, label_space, v.nbrs)
+        stats["radius"] = radius_km_top(radius, cal, v.lat, v.lon, label_space, v.nbrs)
         stats["within"] = error <= stats["radius"]
     return stats
 
@@ -408,16 +430,58 @@ def tune(
         params.refine = RefineParams(method="none")
     rows = stratified_sample(val.labels, cfg.calibration_images)
     fit, fit_nbrs = val.subset(rows), val_nbrs.subset(rows)
-    fit_probs = probs_of(fit)
-    fit_ref = _quick_metrics(fit_probs.argmax(axis=1), ls, fit)
-    gated = run_variants(fit_probs, fit_nbrs, ls, params)["gated"]
-    gated_cal = fit_scaling(gated.scores, fit.labels, gated.model)
+    params.calibration_cells = cfg.calibration_cells
+    fit_vars, fit_pred = _fit_variants(fit, fit_nbrs, probs_of, ls, params)
+    fit_ref = _quick_metrics(fit_pred, ls, fit)
+    gated = fit_vars["gated"]
+    gated_cal = fit_scaling_top(gated.top, fit.labels)
+    calibrated = gated.top.calibrated(gated_cal)
     params.min_risk_candidates = choose_min_risk(
-        gated, gated_cal, fit_nbrs, fit, ls, params.refine, fit_ref
+        calibrated, fit_nbrs, fit, ls, params.refine, fit_ref
     )
+    risk = min_risk_among(*calibrated.best(params.min_risk_candidates), ls)
+    lat, lon, _ = refine_coordinates(risk, fit_nbrs, ls, params.refine)
+    fit_vars["min_risk"] = FitVariant(gated.top, lat, lon, fit_nbrs)
     params.calibration = {"gated": gated_cal}
-    own = model_probs(fit, ls, params.hier_topk_parents, params.base_topk_parents)
-    fit_variants = run_variants(fit_probs, fit_nbrs, ls, params, own)  # base: the model alone
-    cal = fit_calibration(fit_variants, fit, ls, cfg, known=params.calibration, progress=progress)
+    cal = fit_calibration(fit_vars, fit, ls, cfg, known=params.calibration, progress=progress)
     params.calibration, params.conformal, params.radius = cal.calibration, cal.conformal, cal.radius
     return params
+
+
+def _fit_variants(
+    fit: SplitOutputs,
+    nbrs: Neighbours,
+    probs_of: Callable[[SplitOutputs], np.ndarray],
+    label_space: LabelSpace,
+    params: RerankParams,
+) -> tuple[dict[str, FitVariant], np.ndarray]:
+    """The calibration sample's variants (all but `min_risk`, which needs the calibration) as
+    candidate cells, in blocks of (images, classes) probabilities; and the base answers."""
+    names = ("base", "prior", "gated", "gated+refined")
+    parts: dict[str, list[tuple[TopCells, np.ndarray, np.ndarray]]] = {n: [] for n in names}
+    preds = []
+    step = block_rows(label_space.num_classes)
+    for s in range(0, max(len(fit), 1), step):
+        rows = np.arange(s, min(s + step, len(fit)))
+        part = fit.subset(rows)
+        probs = probs_of(part)
+        own = model_probs(part, label_space, params.hier_topk_parents, params.base_topk_parents)
+        out = run_variants(probs, nbrs.subset(rows), label_space, params, own)  # base: model alone
+        preds.append(probs.argmax(axis=1))
+        tops: dict[int, TopCells] = {}
+        for n in names:
+            v, m = out[n], params.calibration_cells
+            if id(v.scores) not in tops:
+                tops[id(v.scores)] = TopCells.from_dense(v.scores, v.model, m)
+            parts[n].append((tops[id(v.scores)], v.lat, v.lon))
+    joined: dict[str, FitVariant] = {}
+    concatenated: dict[tuple[int, ...], TopCells] = {}  # one object per shared distribution
+    for n in names:
+        tops_n, lats, lons = zip(*parts[n], strict=True)
+        key = tuple(id(t) for t in tops_n)
+        if key not in concatenated:
+            concatenated[key] = TopCells.concat(list(tops_n))
+        top = concatenated[key]
+        joined[n] = FitVariant(top, np.concatenate(lats), np.concatenate(lons),
+                               nbrs if n.startswith("gated") else None)  # fmt: skip
+    return joined, np.concatenate(preds)

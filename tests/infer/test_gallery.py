@@ -106,7 +106,8 @@ def test_gallery_round_trips_and_searches(tmp_path: Path) -> None:
     )
     g.save(tmp_path / "gallery.npz")
     back = Gallery.load(tmp_path / "gallery.npz")
-    np.testing.assert_allclose(back.embeddings, g.embeddings, atol=1e-6)
+    # float16 on disk: within half a float16 step of the saved unit vectors
+    np.testing.assert_allclose(back.embeddings, g.embeddings, atol=1e-3)
     np.testing.assert_array_equal(back.labels, g.labels)
     np.testing.assert_array_equal(back.image_ids, g.image_ids)
     sims, ids = back.search(g.embeddings[:3] * 5, k=1, kind="brute")
