@@ -13,6 +13,7 @@ Reporting is not done here: the composer writes the report once the run's artifa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.gate_search import block_rows
+from geoloc.infer.ood import OOD_VARIANT, OodAnswer, OodModel, fit_ood, ood_for, widened_sets
 from geoloc.infer.outputs import SplitOutputs, base_probs, split_outputs
 from geoloc.infer.rerank import (
     VARIANTS,
@@ -109,12 +111,37 @@ def evaluate_rerank(
         return base_probs(out.head_arrays(), label_space, hier_topk_parents)
 
     params = tune(params, val, nbrs, probs_of, label_space, cfg, grid, progress)
+    val_table = split_evaluation(outs["val"], gallery, label_space, params, "val",
+                                 progress=progress)[0]  # fmt: skip
+    params.best_variant = choose_best_variant(val_table)
+    params.ood = fit_ood_on_val(val, nbrs, probs_of, label_space, params, cfg)
     tables = {
         s: split_evaluation(outs[s], gallery, label_space, params, s, progress=progress)[0]
         for s in ("val", "test")
     }
-    params.best_variant = choose_best_variant(tables["val"])
     return params, tables
+
+
+def fit_ood_on_val(
+    val: SplitOutputs,
+    nbrs: Neighbours,
+    probs_of: Callable[[SplitOutputs], np.ndarray],
+    label_space: LabelSpace,
+    params: RerankParams,
+    cfg: RerankConfig,
+) -> OodModel | None:
+    """The OOD model of the chosen variant (`geoloc.infer.ood`), on the calibration sample of
+    the val tuning sample; None without an error radius or when both OOD quantiles are 1."""
+    name = params.best_variant
+    radius = params.radius.get(name)
+    if radius is None or min(cfg.ood_flag_quantile, cfg.ood_widen_quantile) >= 1.0 or not len(val):
+        return None
+    rows = stratified_sample(val.labels, cfg.calibration_images)
+    fit, fit_nbrs = val.subset(rows), nbrs.subset(rows)
+    v = run_variants(probs_of(fit), fit_nbrs, label_space, params)[name]
+    return fit_ood(fit_nbrs, params.calibrated(name, v), v.lat, v.lon, v.pred, fit.lat, fit.lon,
+                   radius, label_space, flag_quantile=cfg.ood_flag_quantile,
+                   widen_quantile=cfg.ood_widen_quantile, decode=cfg.ood_decode)  # fmt: skip
 
 
 def split_evaluation(
@@ -130,7 +157,8 @@ def split_evaluation(
     """Every variant on a split in blocks of `block` images (default `block_rows`; no split x
     classes array):
     the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`."""
-    stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in VARIANTS}
+    names = (*VARIANTS, OOD_VARIANT) if params.ood is not None else VARIANTS
+    stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
     answers = []
     block = block or block_rows(label_space.num_classes)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
@@ -139,11 +167,13 @@ def split_evaluation(
         variants = variants_for(part, gallery, label_space, params)
         for name, v in variants.items():
             stats[name].append(row_stats(name, v, part, params, label_space))
+        if params.ood is not None:
+            stats[OOD_VARIANT].append(ood_row_stats(variants, part, params, label_space))
         if answers_of:
             answers.append(answer_table(answers_of, variants[answers_of], part, params,
-                                        label_space))  # fmt: skip
+                                        label_space, variants["gated"].nbrs))  # fmt: skip
     rows = []
-    for name in VARIANTS:
+    for name in names:
         joined = {k: np.concatenate([b[k] for b in stats[name]]) for k in stats[name][0]}
         rows.append(table_row(name, joined, params))
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -160,22 +190,62 @@ def variants_for(
     return run_variants(probs, nbrs, label_space, params)
 
 
+def ood_row_stats(
+    variants: dict[str, VariantOutput],
+    true: SplitOutputs,
+    params: RerankParams,
+    label_space: LabelSpace,
+) -> dict[str, np.ndarray]:
+    """`row_stats` of the chosen variant with the OOD step on top: its (hedged) answer, widened
+    radius and widened sets; plus the OOD score and flag."""
+    name = params.best_variant
+    v = variants[name]
+    stats = row_stats(name, v, true, params, label_space)
+    ans = ood_for(params, name, v, variants["gated"].nbrs, label_space)
+    assert ans is not None
+    stats["error"] = haversine_km(true.lat, true.lon, ans.lat, ans.lon)
+    stats["hit"] = ans.pred == true.labels
+    stats["radius"], stats["within"] = ans.radius_km, stats["error"] <= ans.radius_km
+    sets = params.conformal.get(name)
+    if sets is not None:
+        member = widened_sets(sets.sets(params.calibrated(name, v)), ans, label_space)
+        stats["covered"] = member[np.arange(len(true.labels)), true.labels]
+        stats["set_size"] = member.sum(axis=1)
+    return stats
+
+
 def answer_table(
-    name: str, v: VariantOutput, true: SplitOutputs, params: RerankParams, label_space: LabelSpace
+    name: str,
+    v: VariantOutput,
+    true: SplitOutputs,
+    params: RerankParams,
+    label_space: LabelSpace,
+    nbrs: Neighbours | None = None,
 ) -> pd.DataFrame:
     """Per image: the variant's point and error, calibrated top-1 probability, error radius
-    (NaN when none was fitted) and conformal set size."""
+    (NaN when none was fitted), conformal set size, and the OOD score and flag (NaN / False
+    without an OOD model). With an OOD model the point, radius and set are those of the OOD step
+    (`geoloc.infer.ood`): hedged for flagged photos, widened with the score."""
     probs = params.calibrated(name, v)
     radius, sets = params.radius.get(name), params.conformal.get(name)
     n = len(v.pred)
-    error = haversine_km(true.lat, true.lon, v.lat, v.lon)
+    lat, lon = v.lat, v.lon
     r = radius.radius_km(probs, v.lat, v.lon, label_space, v.nbrs) if radius else np.full(n, np.nan)
+    member = sets.sets(probs) if sets else None
+    nbrs = nbrs if nbrs is not None else v.nbrs
+    ans: OodAnswer | None = None if nbrs is None else ood_for(params, name, v, nbrs, label_space)
+    if ans is not None:
+        lat, lon, r = ans.lat, ans.lon, ans.radius_km
+        member = widened_sets(member, ans, label_space) if member is not None else None
+    error = haversine_km(true.lat, true.lon, lat, lon)
     return pd.DataFrame({
         "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
-        "pred_lat": v.lat, "pred_lon": v.lon, "pred_label": v.pred, "error_km": error,
+        "pred_lat": lat, "pred_lon": lon, "pred_label": v.pred, "error_km": error,
         "prob": probs[np.arange(n), v.pred], "radius_km": r, "within_radius": error <= r,
         "radius_coverage": radius.coverage if radius else np.nan,
-        "set_size": sets.sets(probs).sum(axis=1) if sets else np.full(n, -1),
+        "set_size": member.sum(axis=1) if member is not None else np.full(n, -1),
+        "ood_score": ans.score if ans is not None else np.full(n, np.nan),
+        "ood_flag": ans.flag if ans is not None else np.zeros(n, dtype=bool),
         "variant": name,
     })  # fmt: skip
 
@@ -240,7 +310,8 @@ def rerank_run(
     assert answers is not None
     with atomic_path(paths.rerank_test_predictions) as tmp:
         answers.to_parquet(tmp, index=False)
-    best_row = tables["test"].set_index("variant").loc[params.best_variant]
+    served = OOD_VARIANT if params.ood is not None else params.best_variant  # what predict gives
+    best_row = tables["test"].set_index("variant").loc[served]
     metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
     update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})
     base = tables["test"].set_index("variant").loc["base"]

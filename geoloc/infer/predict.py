@@ -5,14 +5,16 @@ been through `geoloc rerank`, its train gallery and `rerank_params.json`: the va
 val, its temperature and its conformal threshold. `predict(paths)` returns one row per image:
 
 `path, lat, lon, cell, prob, topk_cells, topk_lats, topk_lons, topk_probs, conformal_set,
-conformal_coverage, radius_km, radius_coverage, variant, error`
+conformal_coverage, radius_km, radius_coverage, ood_score, ood_flag, variant, error`
 
 `prob` and `topk_probs` are calibrated on val; `topk_lats`/`topk_lons` are the centres of
 `topk_cells` (a user reads places, not H3 ids); `conformal_set` holds the cells that contain
 the true cell with probability `conformal_coverage` (split conformal on val); the true location
 lies within `radius_km` of (`lat`, `lon`) with probability `radius_coverage`
-(`geoloc.infer.radius`). A file that is not a readable image gets a row with `error` set and
-empty predictions; the others are predicted.
+(`geoloc.infer.radius`). `ood_score` says how far the photo's embedding is from the training
+gallery and `ood_flag` that it is further than 95% of val's (`geoloc.infer.ood`): a flagged
+photo's answer is hedged and its radius and set widen with the score. A file that is not a
+readable image gets a row with `error` set and empty predictions; the others are predicted.
 Images go through what training's images went through: ingest's decode (EXIF orientation, alpha
 over white, 16-bit scaling, decompression-bomb limit), its shrink to the index's `max_side` and
 JPEG, the dataset's decode and the eval transform; then they are predicted in batches.
@@ -42,6 +44,7 @@ from geoloc.errors import DataError, GeolocError
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import ConformalSets
 from geoloc.infer.gallery import Gallery, l2_normalize
+from geoloc.infer.ood import OodAnswer, ood_for, widened_sets
 from geoloc.infer.outputs import base_probs
 from geoloc.infer.radius import ErrorRadius
 from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
@@ -62,7 +65,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 OUTPUT_COLUMNS = (
     "path", "lat", "lon", "cell", "prob", "topk_cells", "topk_lats", "topk_lons", "topk_probs",
-    "conformal_set", "conformal_coverage", "radius_km", "radius_coverage", "variant", "error",
+    "conformal_set", "conformal_coverage", "radius_km", "radius_coverage", "ood_score",
+    "ood_flag", "variant", "error",
 )  # fmt: skip
 LIST_COLUMNS = ("topk_cells", "topk_lats", "topk_lons", "topk_probs", "conformal_set")
 
@@ -168,7 +172,7 @@ class Predictor:
         self.variant = "base"
         if rerank and self.params is not None:
             self.variant = self.params.best_variant
-            if self.variant != "base":
+            if self.variant != "base" or self.params.ood is not None:
                 self.gallery = Gallery.load(self.paths.gallery)
                 ann = AnnSettings.from_config(self.trained.config.rerank)
                 use_run_index(self.gallery, self.paths.gallery, ann, self.params.index)
@@ -225,19 +229,23 @@ class Predictor:
         }
         return head, l2_normalize(out["embedding"].float().cpu())
 
-    def _answer(self, images: torch.Tensor) -> VariantOutput:
+    def _answer(self, images: torch.Tensor) -> tuple[VariantOutput, OodAnswer | None]:
         head, emb = self.forward(images)
         probs = base_probs(head, self.label_space, self.hier_topk_parents)
-        if self.variant == "base" or self.params is None or self.gallery is None:
+        if self.params is None or self.gallery is None:
             pred = probs.argmax(axis=1)
             ls = self.label_space
-            return VariantOutput(probs, pred, ls.lat[pred], ls.lon[pred], np.zeros(len(pred), bool))
+            closed = np.zeros(len(pred), bool)
+            return VariantOutput(probs, pred, ls.lat[pred], ls.lon[pred], closed), None
         nbrs = Neighbours.search(
             self.gallery, emb, min(self.params.neighbours, len(self.gallery)), self.params.index
         )  # type: ignore[arg-type]
-        return run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
+        answer = run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
+        return answer, ood_for(self.params, self.variant, answer, nbrs, self.label_space)
 
-    def _rows(self, answer: VariantOutput, top_k: int | None = None) -> list[dict[str, Any]]:
+    def _rows(
+        self, answer: VariantOutput, ood: OodAnswer | None = None, top_k: int | None = None
+    ) -> list[dict[str, Any]]:
         sets: ConformalSets | None = None
         radius: ErrorRadius | None = None
         probs = answer.scores
@@ -251,17 +259,21 @@ class Predictor:
             if radius is not None
             else None
         )
+        lat, lon, pred_cells = answer.lat, answer.lon, answer.pred
+        if ood is not None:  # hedged answers for flagged photos, radii and sets widened
+            lat, lon, radii, pred_cells = ood.lat, ood.lon, ood.radius_km, ood.pred
+            member = widened_sets(member, ood, self.label_space) if member is not None else None
         cells = np.asarray(self.label_space.cells, dtype=object)
         k = self.top_k if top_k is None else max(1, min(top_k, self.label_space.num_classes))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         rows = []
-        for i, pred in enumerate(answer.pred):
+        for i, pred in enumerate(pred_cells):
             in_set = [] if member is None else np.flatnonzero(member[i])
             in_set = sorted(in_set, key=lambda c, i=i: -probs[i, c])
             rows.append(
                 {
-                    "lat": float(answer.lat[i]),
-                    "lon": float(answer.lon[i]),
+                    "lat": float(lat[i]),
+                    "lon": float(lon[i]),
                     "cell": str(cells[pred]),
                     "prob": float(probs[i, pred]),
                     "topk_cells": [str(cells[c]) for c in order[i]],
@@ -272,6 +284,8 @@ class Predictor:
                     "conformal_coverage": None if sets is None else sets.coverage,
                     "radius_km": None if radii is None else _finite(radii[i]),
                     "radius_coverage": None if radius is None else radius.coverage,
+                    "ood_score": None if ood is None else float(ood.score[i]),
+                    "ood_flag": None if ood is None else bool(ood.flag[i]),
                     "variant": self.variant,
                     "error": None,
                 }
@@ -311,7 +325,9 @@ class Predictor:
             disable=not progress, leave=False,
         ):  # fmt: skip
             answers = (
-                self._rows(self._answer(batch.images), top_k) if batch.images is not None else []
+                self._rows(*self._answer(batch.images), top_k=top_k)
+                if batch.images is not None
+                else []
             )
             by_pos = dict(zip(batch.ok, answers, strict=True))
             for i in range(len(batch.paths)):
@@ -332,7 +348,8 @@ def error_row(reason: str, variant: str) -> dict[str, Any]:
         "lat": None, "lon": None, "cell": None, "prob": None, "topk_cells": [], "topk_lats": [],
         "topk_lons": [], "topk_probs": [],
         "conformal_set": [], "conformal_coverage": None, "radius_km": None,
-        "radius_coverage": None, "variant": variant, "error": reason,
+        "radius_coverage": None, "ood_score": None, "ood_flag": None, "variant": variant,
+        "error": reason,
     }  # fmt: skip
 
 
