@@ -145,3 +145,15 @@ def test_blank_single_colour_and_noise_photos_are_flagged_with_a_continent_scale
     assert bad_rows["ood_score"].min() > real_rows["ood_score"].median()
     assert (bad_rows["radius_km"] >= 2000.0).all(), bad_rows[["path", "radius_km"]]
     assert real_rows["ood_flag"].mean() <= 0.25
+
+
+def test_an_ood_model_saved_by_another_version_is_ignored_not_misread(evaluated) -> None:  # type: ignore[no-untyped-def]
+    from geoloc.infer.rerank import RerankParams
+
+    _, _, params, _ = evaluated
+    saved = params.to_dict()
+    assert RerankParams.from_dict(saved).ood == params.ood
+    saved["ood"] = {**saved["ood"], "version": 0}
+    assert RerankParams.from_dict(saved).ood is None, "an old OOD block falls back to no OOD step"
+    saved.pop("ood")
+    assert RerankParams.from_dict(saved).ood is None, "params written before the OOD step load"
