@@ -52,6 +52,7 @@ __all__ = [
     "apply_ood",
     "auroc",
     "fit_ood",
+    "is_degenerate",
     "knn_distance",
     "land_points",
     "neighbour_dispersion_km",
@@ -330,11 +331,14 @@ def apply_ood(
     nbrs: Neighbours,
     radius: ErrorRadius,
     label_space: LabelSpace,
+    degenerate: np.ndarray | None = None,
 ) -> OodAnswer:
-    """The OOD step on a variant's calibrated `probs` and answer (lat, lon, pred)."""
+    """The OOD step on a variant's calibrated `probs` and answer (lat, lon, pred); `degenerate`
+    rows are flagged and widened (P(lost) = 1) whatever their score."""
     score = model.score(nbrs)
-    wide = model.widen(score)
-    lost = model.lost(score)
+    bad = np.zeros(len(score), bool) if degenerate is None else np.asarray(degenerate, bool)
+    wide = model.widen(score) | bad
+    lost = np.where(bad, 1.0, model.lost(score))
     lat, lon, pred = np.array(lat, float), np.array(lon, float), np.array(pred)
     moved = np.zeros(len(lat), dtype=bool)
     if wide.any() and model.decode != "none":
@@ -346,7 +350,7 @@ def apply_ood(
         pred[wide] = near.argmin(axis=1)
     scale = radius.scale(probs, lat, lon, label_space, nbrs)
     r = widened_radius_km(model, lost, scale, lat, lon)
-    return OodAnswer(score, model.flag(score), wide, lost, lat, lon, pred, r, moved)
+    return OodAnswer(score, model.flag(score) | bad, wide, lost, lat, lon, pred, r, moved)
 
 
 def widened_sets(member: np.ndarray, ans: OodAnswer, label_space: LabelSpace) -> np.ndarray:
@@ -416,11 +420,42 @@ def fit_ood(
 
 
 def ood_for(
-    params: RerankParams, name: str, v: VariantOutput, nbrs: Neighbours, label_space: LabelSpace
+    params: RerankParams,
+    name: str,
+    v: VariantOutput,
+    nbrs: Neighbours,
+    label_space: LabelSpace,
+    degenerate: np.ndarray | None = None,
 ) -> OodAnswer | None:
-    """The OOD step on variant `name`'s answer, None when the run has no OOD model or radius."""
+    """The OOD step on variant `name`'s answer, None when the run has no OOD model or radius.
+    `degenerate` rows (not photos: `is_degenerate`) are flagged and widened whatever their score."""
     radius = params.radius.get(name)
     if params.ood is None or radius is None:
         return None
     probs = params.calibrated(name, v)
-    return apply_ood(params.ood, probs, v.lat, v.lon, v.pred, nbrs, radius, label_space)
+    return apply_ood(params.ood, probs, v.lat, v.lon, v.pred, nbrs, radius, label_space,
+                     degenerate)  # fmt: skip
+
+
+FLAT_STD = 1.0
+"""Pixel standard deviation (0-255) below which an image is one colour."""
+NOISE_CORRELATION = 0.5
+"""Neighbouring-pixel correlation below which an image is noise (photos: 0.8-1.0)."""
+
+
+def is_degenerate(pixels: np.ndarray) -> bool:
+    """A blank, single-colour or noise image (`pixels`: (C, H, W) uint8): not a photo, so no
+    embedding distance should vouch for it (a tiny model can map any of them near a gallery
+    photo). Flat: standard deviation under `FLAT_STD`; noise: the correlation of horizontally
+    and vertically neighbouring pixels under `NOISE_CORRELATION`."""
+    x = np.asarray(pixels, dtype=np.float64).mean(axis=0)  # (H, W) grey
+    if x.std() < FLAT_STD:
+        return True
+    if min(x.shape) < 2:
+        return False
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+        return float((a @ b) / max(np.sqrt((a @ a) * (b @ b)), 1e-12))
+
+    return max(corr(x[:, :-1], x[:, 1:]), corr(x[:-1], x[1:])) < NOISE_CORRELATION

@@ -44,7 +44,7 @@ from geoloc.errors import DataError, GeolocError
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import ConformalSets
 from geoloc.infer.gallery import Gallery, l2_normalize
-from geoloc.infer.ood import OodAnswer, ood_for, widened_sets
+from geoloc.infer.ood import OodAnswer, is_degenerate, ood_for, widened_sets
 from geoloc.infer.outputs import base_probs
 from geoloc.infer.radius import ErrorRadius
 from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
@@ -134,6 +134,7 @@ class Batch:
     images: torch.Tensor | None  # (B, 3, S, S) for the readable ones
     ok: list[int]  # positions in `paths` that decoded
     errors: dict[int, str]
+    degenerate: np.ndarray | None = None  # (B,) bool: blank, one colour or noise (not a photo)
 
 
 class Predictor:
@@ -192,9 +193,12 @@ class Predictor:
     def model_input(self, image: Path | bytes) -> torch.Tensor:
         """(3, S, S) model input of one photo (a file or its bytes): ingest's decode and shrink,
         then eval transform."""
+        return self.transform(self._pixels(image))
+
+    def _pixels(self, image: Path | bytes) -> torch.Tensor:
         if isinstance(image, bytes | bytearray | memoryview):
-            return self.transform(prepare_image_bytes(bytes(image), self.max_side, self.max_pixels))
-        return self.transform(prepare_image(Path(image), self.max_side, self.max_pixels))
+            return prepare_image_bytes(bytes(image), self.max_side, self.max_pixels)
+        return prepare_image(Path(image), self.max_side, self.max_pixels)
 
     @property
     def hier_topk_parents(self) -> int:
@@ -208,15 +212,17 @@ class Predictor:
         reasons for the others."""
         for start in range(0, len(files), self.batch_size):
             chunk = list(files[start : start + self.batch_size])
-            tensors, ok, errors = [], [], {}
+            tensors, ok, errors, degenerate = [], [], {}, []
             for i, path in enumerate(chunk):
                 try:
-                    tensors.append(self.model_input(path))
+                    pixels = self._pixels(path)
+                    tensors.append(self.transform(pixels))
+                    degenerate.append(is_degenerate(pixels.numpy()))
                     ok.append(i)
                 except DataError as exc:
                     errors[i] = str(exc)
             images = torch.stack(tensors) if tensors else None
-            yield Batch(chunk, images, ok, errors)
+            yield Batch(chunk, images, ok, errors, np.array(degenerate, dtype=bool))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -229,7 +235,9 @@ class Predictor:
         }
         return head, l2_normalize(out["embedding"].float().cpu())
 
-    def _answer(self, images: torch.Tensor) -> tuple[VariantOutput, OodAnswer | None]:
+    def _answer(
+        self, images: torch.Tensor, degenerate: np.ndarray | None = None
+    ) -> tuple[VariantOutput, OodAnswer | None]:
         head, emb = self.forward(images)
         probs = base_probs(head, self.label_space, self.hier_topk_parents)
         if self.params is None or self.gallery is None:
@@ -241,7 +249,8 @@ class Predictor:
             self.gallery, emb, min(self.params.neighbours, len(self.gallery)), self.params.index
         )  # type: ignore[arg-type]
         answer = run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
-        return answer, ood_for(self.params, self.variant, answer, nbrs, self.label_space)
+        ood = ood_for(self.params, self.variant, answer, nbrs, self.label_space, degenerate)
+        return answer, ood
 
     def _rows(
         self, answer: VariantOutput, ood: OodAnswer | None = None, top_k: int | None = None
@@ -325,7 +334,7 @@ class Predictor:
             disable=not progress, leave=False,
         ):  # fmt: skip
             answers = (
-                self._rows(*self._answer(batch.images), top_k=top_k)
+                self._rows(*self._answer(batch.images, batch.degenerate), top_k=top_k)
                 if batch.images is not None
                 else []
             )
