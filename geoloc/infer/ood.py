@@ -1,7 +1,7 @@
 """Honest off the map: an out-of-distribution score per photo, and a radius, cell set and answer
 that widen with it. Everything is fitted on val; nothing sees a shifted split.
 
-- **Score.** Two things the gallery search rerank already does tells for free: how far the
+- **Score.** Two things the gallery search rerank already does tell for free: how far the
   photo's embedding is from its `k` nearest train photos (`1 - mean cosine similarity`, deep
   k-NN, Sun et al. 2022) and how far apart on the map those neighbours are (mean distance from
   the nearest one to the others: photos like the training data have neighbours from one place).
@@ -11,7 +11,8 @@ that widen with it. Everything is fitted on val; nothing sees a shifted split.
   `flag_quantile` (0.95) of the val scores: 5% of photos like the training data are flagged.
 - **How lost.** `lost(s) = P(error > lost_km | score s)`, a logistic fit of val errors of the
   chosen variant on the score (an error model that extrapolates with the score: val holds few
-  off-map photos, but its highest scores are lost more often, and the slope carries on).
+  off-map photos, but its highest scores are lost more often, and the slope carries on), and 1
+  above the `widen_quantile` (0.7) of the val scores: there the land prior takes over.
 - **Widened distribution.** The answer's error follows `(1 - lost) * F_c + lost * F_land`:
   `F_c` is the val distribution of `error / scale(x)` (the conformal radius's normalised error,
   `geoloc.infer.radius`), `F_land` the distance from the answer to a point uniform over land
@@ -19,10 +20,12 @@ that widen with it. Everything is fitted on val; nothing sees a shifted split.
   distance where this mixture reaches `level`, and `level` is split-conformal on val (the val
   images' mixture CDF at their own error), so val coverage stays at the asked 0.9 while a photo
   far from everything seen gets a radius that covers the land it might be on.
-- **Decoding.** A flagged photo's answer becomes the point of least expected distance under the
-  widened distribution, among the model's top cells and a fixed set of land points; a sure
-  answer of a lost model costs thousands of km, the hedge costs less.
-- **Sets.** A flagged photo's cell set also holds every class centre inside its radius.
+- **Decoding** (`decode`, off by default: it lost on the demo, docs/quality.md). A widened
+  photo's answer may become the point of least expected distance under the widened
+  distribution, among the model's top cells (and a fixed set of land points).
+- **Sets.** A widened photo's cell set also holds every class centre inside its radius.
+- **Not photos.** Blank, one-colour and noise images (`is_degenerate`, on the pixels) are
+  flagged and widened whatever their score: a model can embed them next to anything.
 
 `apply_ood` takes the chosen variant's output and is separate from `run_variants`, so the
 variants (and how they are computed in blocks) stay as they are.
