@@ -196,8 +196,8 @@ def ood_row_stats(
     params: RerankParams,
     label_space: LabelSpace,
 ) -> dict[str, np.ndarray]:
-    """`row_stats` of the chosen variant with the OOD step on top: its (hedged) answer, widened
-    radius and widened sets; plus the OOD score and flag."""
+    """`row_stats` of the chosen variant with the OOD step on top: its answer (moved when
+    `ood_decode` is on), widened radius and widened sets."""
     name = params.best_variant
     v = variants[name]
     stats = row_stats(name, v, true, params, label_space)
@@ -225,22 +225,22 @@ def answer_table(
     """Per image: the variant's point and error, calibrated top-1 probability, error radius
     (NaN when none was fitted), conformal set size, and the OOD score and flag (NaN / False
     without an OOD model). With an OOD model the point, radius and set are those of the OOD step
-    (`geoloc.infer.ood`): hedged for flagged photos, widened with the score."""
+    (`geoloc.infer.ood`): widened with the score (and moved, when `ood_decode` is on)."""
     probs = params.calibrated(name, v)
     radius, sets = params.radius.get(name), params.conformal.get(name)
     n = len(v.pred)
-    lat, lon = v.lat, v.lon
+    lat, lon, pred = v.lat, v.lon, v.pred
     r = radius.radius_km(probs, v.lat, v.lon, label_space, v.nbrs) if radius else np.full(n, np.nan)
     member = sets.sets(probs) if sets else None
     nbrs = nbrs if nbrs is not None else v.nbrs
     ans: OodAnswer | None = None if nbrs is None else ood_for(params, name, v, nbrs, label_space)
     if ans is not None:
-        lat, lon, r = ans.lat, ans.lon, ans.radius_km
+        lat, lon, pred, r = ans.lat, ans.lon, ans.pred, ans.radius_km
         member = widened_sets(member, ans, label_space) if member is not None else None
     error = haversine_km(true.lat, true.lon, lat, lon)
     return pd.DataFrame({
         "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
-        "pred_lat": lat, "pred_lon": lon, "pred_label": v.pred, "error_km": error,
+        "pred_lat": lat, "pred_lon": lon, "pred_label": pred, "error_km": error,
         "prob": probs[np.arange(n), v.pred], "radius_km": r, "within_radius": error <= r,
         "radius_coverage": radius.coverage if radius else np.nan,
         "set_size": member.sum(axis=1) if member is not None else np.full(n, -1),
