@@ -45,6 +45,7 @@ from geoloc.infer.tuning import (
     GateGrid,
     choose_best_variant,
     choose_topk_parents,
+    ood_row_stats,
     row_stats,
     stratified_sample,
     table_row,
@@ -188,30 +189,6 @@ def variants_for(
     k = min(params.neighbours, len(gallery))
     nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
     return run_variants(probs, nbrs, label_space, params)
-
-
-def ood_row_stats(
-    variants: dict[str, VariantOutput],
-    true: SplitOutputs,
-    params: RerankParams,
-    label_space: LabelSpace,
-) -> dict[str, np.ndarray]:
-    """`row_stats` of the chosen variant with the OOD step on top: its answer (moved when
-    `ood_decode` is on), widened radius and widened sets."""
-    name = params.best_variant
-    v = variants[name]
-    stats = row_stats(name, v, true, params, label_space)
-    ans = ood_for(params, name, v, variants["gated"].nbrs, label_space)
-    assert ans is not None
-    stats["error"] = haversine_km(true.lat, true.lon, ans.lat, ans.lon)
-    stats["hit"] = ans.pred == true.labels
-    stats["radius"], stats["within"] = ans.radius_km, stats["error"] <= ans.radius_km
-    sets = params.conformal.get(name)
-    if sets is not None:
-        member = widened_sets(sets.sets(params.calibrated(name, v)), ans, label_space)
-        stats["covered"] = member[np.arange(len(true.labels)), true.labels]
-        stats["set_size"] = member.sum(axis=1)
-    return stats
 
 
 def answer_table(

@@ -26,12 +26,11 @@ from geoloc.atomic import atomic_path, write_text
 from geoloc.data.process import gps_from_exif
 from geoloc.errors import DataError, GeolocError
 from geoloc.geo import LabelSpace, haversine_km
-from geoloc.infer.evaluation import answer_table, ood_row_stats, variants_for
+from geoloc.infer.evaluation import answer_table, variants_for
 from geoloc.infer.gallery import Gallery
-from geoloc.infer.ood import OOD_VARIANT
 from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.predict import Predictor, collect_images
-from geoloc.infer.tuning import evaluation_table, table_row
+from geoloc.infer.tuning import evaluation_table
 from geoloc.model.scores import SCORE_INPUTS
 from geoloc.progress import track
 
@@ -155,9 +154,6 @@ def evaluate_folder(
     gallery = predictor.gallery or Gallery.load(predictor.paths.gallery)
     variants = variants_for(out, gallery, ls, params)
     table = evaluation_table(variants, out, params, ls)
-    if params.ood is not None:
-        row = table_row(OOD_VARIANT, ood_row_stats(variants, out, params, ls), params)
-        table = pd.concat([table, pd.DataFrame([row], columns=table.columns)], ignore_index=True)
     best = params.best_variant
     answers = answer_table(best, variants[best], out, params, ls, variants["gated"].nbrs)
     table_path = predictor.paths.tables / f"rerank_eval_{name}.csv"
