@@ -159,3 +159,11 @@ def test_an_ood_model_saved_by_another_version_is_ignored_not_misread(evaluated)
     assert RerankParams.from_dict(saved).ood is None, "an old OOD block falls back to no OOD step"
     saved.pop("ood")
     assert RerankParams.from_dict(saved).ood is None, "params written before the OOD step load"
+
+
+def test_the_predict_table_says_in_words_whether_a_photo_is_like_the_training_photos() -> None:
+    from geoloc.cli.rerank import ood_words
+
+    assert "unlike training photos" in ood_words(6.2, True)
+    assert ood_words(-0.3, False).startswith("like training photos")
+    assert ood_words(None, None) == "-" and ood_words(float("nan"), False) == "-"
