@@ -110,6 +110,16 @@ def _rerank_config(run_dir: Path, overrides: list[str]) -> Any:
     return RerankConfig.model_validate({**base, **given})
 
 
+def ood_words(score: Any, flag: Any) -> str:
+    """The OOD column in words: a flagged photo is unlike the training photos, so its answer
+    is a hedge and its radius wide."""
+    if score is None or score != score:
+        return "-"
+    if flag:
+        return f"[yellow]unlike training photos: a guess (score {score:.3f})[/yellow]"
+    return f"like training photos ({score:.3f})"
+
+
 def _show(table: Any) -> None:
     """A rich table on the terminal: one line per image, with the error radius and the top-k
     as places (lat, lon, probability), as in `--out`'s columns."""
@@ -117,11 +127,12 @@ def _show(table: Any) -> None:
     from rich.table import Table
 
     t = Table(show_lines=False)
-    for col in ("path", "lat", "lon", "prob", "radius", "top-k (lat, lon) prob", "set", "error"):
+    for col in ("path", "lat", "lon", "prob", "radius", "top-k (lat, lon) prob", "set", "seen?",
+                "error"):  # fmt: skip
         t.add_column(col, overflow="fold")
     for row in table.itertuples(index=False):
         if row.error is not None and isinstance(row.error, str):
-            t.add_row(row.path, "", "", "", "", "", "", f"[red]{row.error}[/red]")
+            t.add_row(row.path, "", "", "", "", "", "", "", f"[red]{row.error}[/red]")
             continue
         topk = "\n".join(
             f"({la:.2f}, {lo:.2f}) {p:.2f}"
@@ -132,6 +143,6 @@ def _show(table: Any) -> None:
         )
         t.add_row(
             row.path, f"{row.lat:.4f}", f"{row.lon:.4f}", f"{row.prob:.3f}", radius, topk,
-            f"{len(row.conformal_set)} cells", "",
+            f"{len(row.conformal_set)} cells", ood_words(row.ood_score, row.ood_flag), "",
         )  # fmt: skip
     Console().print(t)

@@ -311,6 +311,21 @@ class RerankConfig(StrictModel):
     radius_coverage: float = Field(
         0.9, gt=0.0, lt=1.0, description="Share of truths the per-image error radius holds."
     )
+    ood_flag_quantile: float = Field(
+        0.95, gt=0.0, le=1.0,
+        description="Out-of-distribution flag: photos whose gallery-distance score is above "
+        "this quantile of val's are flagged as unlike the training photos (1.0: never).",
+    )  # fmt: skip
+    ood_widen_quantile: float = Field(
+        0.7, gt=0.0, le=1.0,
+        description="Above this quantile of val's OOD scores the radius and cell set cover "
+        "where on land the photo may be (the land prior; 1.0: never).",
+    )  # fmt: skip
+    ood_decode: Literal["none", "cells", "land"] = Field(
+        "none",
+        description="Widened photos: keep the answer (none) or move it to the least expected "
+        "distance under the widened distribution among the top cells (cells) or land points too.",
+    )
     index: Literal["auto", "faiss", "brute"] = Field("auto", description="Neighbour search.")
     tune_images: int = Field(
         20_000, ge=100,

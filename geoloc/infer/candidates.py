@@ -50,6 +50,7 @@ __all__ = [
     "fit_scaling_top",
     "fit_temperature_top",
     "radius_km_top",
+    "radius_scale_top",
     "set_members_top",
     "set_size_top",
     "set_stats_top",
@@ -448,7 +449,19 @@ def radius_km_top(
     nbrs: Neighbours | None = None,
 ) -> np.ndarray:
     """(N,) `ErrorRadius.radius_km` with the spread over calibrated candidates."""
+    return radius.quantile * radius_scale_top(radius, top, lat, lon, label_space, nbrs)
+
+
+def radius_scale_top(
+    radius: ErrorRadius,
+    top: TopCells,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    label_space: LabelSpace,
+    nbrs: Neighbours | None = None,
+) -> np.ndarray:
+    """(N,) `ErrorRadius.scale` with the spread over calibrated candidates."""
     if math.isinf(radius.floor_km) or radius.neighbours_k:
-        return radius.radius_km(np.zeros((len(top), 0)), lat, lon, label_space, nbrs)
+        return radius.scale(np.zeros((len(top), 0)), lat, lon, label_space, nbrs)
     spread = expected_distance_top(top, lat, lon, label_space, radius.candidates)
-    return radius.quantile * (spread + radius.floor_km)
+    return spread + radius.floor_km

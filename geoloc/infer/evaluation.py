@@ -13,6 +13,7 @@ Reporting is not done here: the composer writes the report once the run's artifa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,14 @@ from geoloc.infer.calibration import Calibration
 from geoloc.infer.candidates import TopCells, radius_km_top, set_size_top
 from geoloc.infer.gallery import Gallery
 from geoloc.infer.gate_search import block_rows
+from geoloc.infer.ood import (
+    OOD_VARIANT,
+    OodAnswer,
+    OodModel,
+    fit_ood,
+    ood_for,
+    widened_members,
+)
 from geoloc.infer.outputs import SplitOutputs, base_probs, model_probs, split_outputs
 from geoloc.infer.rerank import (
     VARIANTS,
@@ -45,6 +54,7 @@ from geoloc.infer.tuning import (
     GateGrid,
     choose_best_variant,
     choose_topk_parents,
+    ood_row_stats,
     row_stats,
     stratified_sample,
     table_row,
@@ -118,9 +128,16 @@ def evaluate_rerank(
     params = tune(params, val, nbrs, probs_of, label_space, cfg, grid, progress)
     # the tuning sample is all of val up to `tune_images`: its neighbours are val's
     val_nbrs = nbrs if len(val) == len(outs["val"]) else None
-    tables = {"val": split_evaluation(outs["val"], gallery, label_space, params, "val",
-                                      progress=progress, nbrs=val_nbrs)[0]}  # fmt: skip
+
+    def val_table() -> pd.DataFrame:
+        return split_evaluation(outs["val"], gallery, label_space, params, "val",
+                                progress=progress, nbrs=val_nbrs)[0]  # fmt: skip
+
+    tables = {"val": val_table()}
     params.best_variant = choose_best_variant(tables["val"])
+    params.ood = fit_ood_on_val(val, nbrs, probs_of, label_space, params, cfg)
+    if params.ood is not None:  # the val table gains the OOD row (neighbours reused)
+        tables["val"] = val_table()
     # test once: the table and the chosen variant's per-image answers in the same pass
     tables["test"], test_answers = split_evaluation(
         outs["test"], gallery, label_space, params, "test",
@@ -129,6 +146,36 @@ def evaluate_rerank(
     if answers is not None and test_answers is not None:
         answers.append(test_answers)
     return params, tables
+
+
+def fit_ood_on_val(
+    val: SplitOutputs,
+    nbrs: Neighbours,
+    probs_of: Callable[[SplitOutputs], np.ndarray],
+    label_space: LabelSpace,
+    params: RerankParams,
+    cfg: RerankConfig,
+) -> OodModel | None:
+    """The OOD model of the chosen variant (`geoloc.infer.ood`), on the calibration sample of
+    the val tuning sample; None without an error radius or when both OOD quantiles are 1."""
+    name = params.best_variant
+    radius = params.radius.get(name)
+    if radius is None or min(cfg.ood_flag_quantile, cfg.ood_widen_quantile) >= 1.0 or not len(val):
+        return None
+    rows = stratified_sample(val.labels, cfg.calibration_images)
+    fit, fit_nbrs = val.subset(rows), nbrs.subset(rows)
+    tops, answers = [], []
+    step = block_rows(label_space.num_classes)
+    for s in range(0, len(fit), step):  # blocks: no (images x classes) array
+        part = np.arange(s, min(s + step, len(fit)))
+        v = run_variants(probs_of(fit.subset(part)), fit_nbrs.subset(part), label_space,
+                         params)[name]  # fmt: skip
+        tops.append(params.calibrated_top(name, v))
+        answers.append((v.lat, v.lon, v.pred))
+    lat, lon, pred = (np.concatenate(x) for x in zip(*answers, strict=True))
+    return fit_ood(fit_nbrs, TopCells.concat(tops), lat, lon, pred, fit.lat, fit.lon,
+                   radius, label_space, flag_quantile=cfg.ood_flag_quantile,
+                   widen_quantile=cfg.ood_widen_quantile, decode=cfg.ood_decode)  # fmt: skip
 
 
 def split_evaluation(
@@ -146,7 +193,8 @@ def split_evaluation(
     classes array):
     the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`.
     `nbrs`: the split's gallery neighbours when already searched (row-aligned with `out`)."""
-    stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in VARIANTS}
+    names = (*VARIANTS, OOD_VARIANT) if params.ood is not None else VARIANTS
+    stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
     answers = []
     block = block or block_rows(label_space.num_classes)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
@@ -158,12 +206,15 @@ def split_evaluation(
         tops = _calibrated_tops(variants, params)
         for name, v in variants.items():
             stats[name].append(row_stats(name, v, part, params, label_space, cal=tops[name]))
+        if params.ood is not None:
+            chosen = tops[params.best_variant]
+            stats[OOD_VARIANT].append(ood_row_stats(variants, part, params, label_space, chosen))
         if answers_of:
-            v = variants[answers_of]
-            answers.append(answer_table(answers_of, v, part, params, label_space,
+            answers.append(answer_table(answers_of, variants[answers_of], part, params,
+                                        label_space, variants["gated"].nbrs,
                                         cal=tops[answers_of]))  # fmt: skip
     rows = []
-    for name in VARIANTS:
+    for name in names:
         joined = {k: np.concatenate([b[k] for b in stats[name]]) for k in stats[name][0]}
         rows.append(table_row(name, joined, params))
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -207,22 +258,37 @@ def answer_table(
     true: SplitOutputs,
     params: RerankParams,
     label_space: LabelSpace,
+    nbrs: Neighbours | None = None,
     cal: TopCells | None = None,
 ) -> pd.DataFrame:
     """Per image: the variant's point and error, calibrated top-1 probability, error radius
-    (NaN when none was fitted) and conformal set size."""
+    (NaN when none was fitted), conformal set size, and the OOD score and flag (NaN / False
+    without an OOD model). With an OOD model the point, radius and set are those of the OOD step
+    (`geoloc.infer.ood`): widened with the score (and moved, when `ood_decode` is on)."""
     top = params.calibrated_top(name, v) if cal is None else cal
     radius, sets = params.radius.get(name), params.conformal.get(name)
     n = len(v.pred)
-    error = haversine_km(true.lat, true.lon, v.lat, v.lon)
+    lat, lon, pred = v.lat, v.lon, v.pred
     r = (radius_km_top(radius, top, v.lat, v.lon, label_space, v.nbrs) if radius
          else np.full(n, np.nan))  # fmt: skip
+    size = set_size_top(top, sets) if sets else np.full(n, -1)
+    nbrs = nbrs if nbrs is not None else v.nbrs
+    ans: OodAnswer | None = (None if nbrs is None
+                             else ood_for(params, name, v, nbrs, label_space, cal=top))  # fmt: skip
+    if ans is not None:
+        lat, lon, pred, r = ans.lat, ans.lon, ans.pred, ans.radius_km
+        if sets:
+            member, extra = widened_members(top, sets, ans, label_space)
+            size = member.sum(axis=1) + extra
+    error = haversine_km(true.lat, true.lon, lat, lon)
     return pd.DataFrame({
         "image_id": true.image_ids, "true_lat": true.lat, "true_lon": true.lon,
-        "pred_lat": v.lat, "pred_lon": v.lon, "pred_label": v.pred, "error_km": error,
+        "pred_lat": lat, "pred_lon": lon, "pred_label": pred, "error_km": error,
         "prob": top.prob_of(v.pred), "radius_km": r, "within_radius": error <= r,
         "radius_coverage": radius.coverage if radius else np.nan,
-        "set_size": set_size_top(top, sets) if sets else np.full(n, -1),
+        "set_size": size,
+        "ood_score": ans.score if ans is not None else np.full(n, np.nan),
+        "ood_flag": ans.flag if ans is not None else np.zeros(n, dtype=bool),
         "variant": name,
     })  # fmt: skip
 
@@ -286,7 +352,8 @@ def rerank_run(
     _write_table(paths.rerank_eval_val, tables["val"])
     with atomic_path(paths.rerank_test_predictions) as tmp:
         answers[0].to_parquet(tmp, index=False)
-    best_row = tables["test"].set_index("variant").loc[params.best_variant]
+    served = OOD_VARIANT if params.ood is not None else params.best_variant  # what predict gives
+    best_row = tables["test"].set_index("variant").loc[served]
     metrics = {k: finite_or_none(v) for k, v in best_row.to_dict().items()}
     update_summary(paths.root, rerank={"variant": params.best_variant, "metrics": metrics})
     base = tables["test"].set_index("variant").loc["base"]

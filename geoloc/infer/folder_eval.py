@@ -155,7 +155,7 @@ def evaluate_folder(
     variants = variants_for(out, gallery, ls, params)
     table = evaluation_table(variants, out, params, ls)
     best = params.best_variant
-    answers = answer_table(best, variants[best], out, params, ls)
+    answers = answer_table(best, variants[best], out, params, ls, variants["gated"].nbrs)
     table_path = predictor.paths.tables / f"rerank_eval_{name}.csv"
     answers_path = predictor.paths.data / f"rerank_{name}_predictions.parquet"
     write_text(table_path, table.to_csv(index=False, float_format="%.6g"))

@@ -5,14 +5,16 @@ been through `geoloc rerank`, its train gallery and `rerank_params.json`: the va
 val, its temperature and its conformal threshold. `predict(paths)` returns one row per image:
 
 `path, lat, lon, cell, prob, topk_cells, topk_lats, topk_lons, topk_probs, conformal_set,
-conformal_coverage, radius_km, radius_coverage, variant, error`
+conformal_coverage, radius_km, radius_coverage, ood_score, ood_flag, variant, error`
 
 `prob` and `topk_probs` are calibrated on val; `topk_lats`/`topk_lons` are the centres of
 `topk_cells` (a user reads places, not H3 ids); `conformal_set` holds the cells that contain
 the true cell with probability `conformal_coverage` (split conformal on val); the true location
 lies within `radius_km` of (`lat`, `lon`) with probability `radius_coverage`
-(`geoloc.infer.radius`). A file that is not a readable image gets a row with `error` set and
-empty predictions; the others are predicted.
+(`geoloc.infer.radius`). `ood_score` says how far the photo's embedding is from the training
+gallery and `ood_flag` that it is further than 95% of val's (`geoloc.infer.ood`): a flagged
+photo's answer is hedged and its radius and set widen with the score. A file that is not a
+readable image gets a row with `error` set and empty predictions; the others are predicted.
 Images go through what training's images went through: ingest's decode (EXIF orientation, alpha
 over white, 16-bit scaling, decompression-bomb limit), its shrink to the index's `max_side` and
 JPEG, the dataset's decode and the eval transform; then they are predicted in batches.
@@ -43,6 +45,7 @@ from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import ConformalSets
 from geoloc.infer.candidates import TopCells, radius_km_top, set_members_top
 from geoloc.infer.gallery import Gallery, l2_normalize
+from geoloc.infer.ood import OodAnswer, is_degenerate, ood_for, widened_members
 from geoloc.infer.outputs import base_probs
 from geoloc.infer.radius import ErrorRadius
 from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput, run_variants
@@ -63,7 +66,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 OUTPUT_COLUMNS = (
     "path", "lat", "lon", "cell", "prob", "topk_cells", "topk_lats", "topk_lons", "topk_probs",
-    "conformal_set", "conformal_coverage", "radius_km", "radius_coverage", "variant", "error",
+    "conformal_set", "conformal_coverage", "radius_km", "radius_coverage", "ood_score",
+    "ood_flag", "variant", "error",
 )  # fmt: skip
 LIST_COLUMNS = ("topk_cells", "topk_lats", "topk_lons", "topk_probs", "conformal_set")
 
@@ -131,6 +135,7 @@ class Batch:
     images: torch.Tensor | None  # (B, 3, S, S) for the readable ones
     ok: list[int]  # positions in `paths` that decoded
     errors: dict[int, str]
+    degenerate: np.ndarray | None = None  # (B,) bool: blank, one colour or noise (not a photo)
 
 
 class Predictor:
@@ -171,7 +176,7 @@ class Predictor:
         self.variant = "base"
         if rerank and self.params is not None:
             self.variant = self.params.best_variant
-            if self.variant != "base":
+            if self.variant != "base" or self.params.ood is not None:
                 self.gallery = Gallery.load(self.paths.gallery)
                 ann = AnnSettings.from_config(self.trained.config.rerank)
                 use_run_index(self.gallery, self.paths.gallery, ann, self.params.index)
@@ -191,9 +196,12 @@ class Predictor:
     def model_input(self, image: Path | bytes) -> torch.Tensor:
         """(3, S, S) model input of one photo (a file or its bytes): ingest's decode and shrink,
         then eval transform."""
+        return self.transform(self._pixels(image))
+
+    def _pixels(self, image: Path | bytes) -> torch.Tensor:
         if isinstance(image, bytes | bytearray | memoryview):
-            return self.transform(prepare_image_bytes(bytes(image), self.max_side, self.max_pixels))
-        return self.transform(prepare_image(Path(image), self.max_side, self.max_pixels))
+            return prepare_image_bytes(bytes(image), self.max_side, self.max_pixels)
+        return prepare_image(Path(image), self.max_side, self.max_pixels)
 
     @property
     def hier_topk_parents(self) -> int:
@@ -207,15 +215,17 @@ class Predictor:
         reasons for the others."""
         for start in range(0, len(files), self.batch_size):
             chunk = list(files[start : start + self.batch_size])
-            tensors, ok, errors = [], [], {}
+            tensors, ok, errors, degenerate = [], [], {}, []
             for i, path in enumerate(chunk):
                 try:
-                    tensors.append(self.model_input(path))
+                    pixels = self._pixels(path)
+                    tensors.append(self.transform(pixels))
+                    degenerate.append(is_degenerate(pixels.numpy()))
                     ok.append(i)
                 except DataError as exc:
                     errors[i] = str(exc)
             images = torch.stack(tensors) if tensors else None
-            yield Batch(chunk, images, ok, errors)
+            yield Batch(chunk, images, ok, errors, np.array(degenerate, dtype=bool))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -228,21 +238,28 @@ class Predictor:
         }
         return head, l2_normalize(out["embedding"].float().cpu())
 
-    def _answer(self, images: torch.Tensor) -> VariantOutput:
+    def _answer(
+        self, images: torch.Tensor, degenerate: np.ndarray | None = None
+    ) -> tuple[VariantOutput, OodAnswer | None]:
         head, emb = self.forward(images)
         probs = base_probs(head, self.label_space, self.hier_topk_parents)
         if self.variant == "base" and self.params is not None:  # the model alone, as trained
             probs = base_probs(head, self.label_space, self.params.base_topk_parents)
-        if self.variant == "base" or self.params is None or self.gallery is None:
+        if self.params is None or self.gallery is None:
             pred = probs.argmax(axis=1)
             ls = self.label_space
-            return VariantOutput(probs, pred, ls.lat[pred], ls.lon[pred], np.zeros(len(pred), bool))
+            closed = np.zeros(len(pred), bool)
+            return VariantOutput(probs, pred, ls.lat[pred], ls.lon[pred], closed), None
         nbrs = Neighbours.search(
             self.gallery, emb, min(self.params.neighbours, len(self.gallery)), self.params.index
         )  # type: ignore[arg-type]
-        return run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
+        answer = run_variants(probs, nbrs, self.label_space, self.params)[self.variant]
+        ood = ood_for(self.params, self.variant, answer, nbrs, self.label_space, degenerate)
+        return answer, ood
 
-    def _rows(self, answer: VariantOutput, top_k: int | None = None) -> list[dict[str, Any]]:
+    def _rows(
+        self, answer: VariantOutput, ood: OodAnswer | None = None, top_k: int | None = None
+    ) -> list[dict[str, Any]]:
         sets: ConformalSets | None = None
         radius: ErrorRadius | None = None
         if self.params is not None:  # calibrated, on each image's candidate cells
@@ -251,29 +268,33 @@ class Predictor:
             radius = self.params.radius.get(self.variant)
         else:
             top = TopCells.from_dense(answer.scores, None, 0)
-        member = (
-            set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)[0]
-            if sets is not None
-            else None
-        )
+        set_cells: list[np.ndarray] | None = None  # each row's set, most likely first
+        if sets is not None and ood is not None:  # widened sets: every class centre inside
+            dense = widened_members(top, sets, ood, self.label_space)[0]
+            set_cells = [np.flatnonzero(row) for row in dense]
+        elif sets is not None:
+            member = set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)[0]
+            set_cells = [top.cells[i, np.flatnonzero(row)] for i, row in enumerate(member)]
         radii = (
             radius_km_top(radius, top, answer.lat, answer.lon, self.label_space, answer.nbrs)
             if radius is not None
             else None
         )
+        lat, lon, pred_cells = answer.lat, answer.lon, answer.pred
+        if ood is not None:  # hedged answers for flagged photos, radii and sets widened
+            lat, lon, radii, pred_cells = ood.lat, ood.lon, ood.radius_km, ood.pred
         cells = np.asarray(self.label_space.cells, dtype=object)
         k = self.top_k if top_k is None else max(1, min(top_k, self.label_space.num_classes))
         order = np.argsort(-top.p, axis=1, kind="stable")[:, :k]  # candidate columns
         prob = top.prob_of(answer.pred)
         rows = []
-        for i, pred in enumerate(answer.pred):
-            in_set = [] if member is None else np.flatnonzero(member[i])
-            in_set = top.cells[i, sorted(in_set, key=lambda c, i=i: -top.p[i, c])]
+        for i, pred in enumerate(pred_cells):
+            in_set = _by_probability(top, i, set_cells[i]) if set_cells is not None else []
             best = top.cells[i, order[i]]
             rows.append(
                 {
-                    "lat": float(answer.lat[i]),
-                    "lon": float(answer.lon[i]),
+                    "lat": float(lat[i]),
+                    "lon": float(lon[i]),
                     "cell": str(cells[pred]),
                     "prob": float(prob[i]),
                     "topk_cells": [str(cells[c]) for c in best],
@@ -284,6 +305,8 @@ class Predictor:
                     "conformal_coverage": None if sets is None else sets.coverage,
                     "radius_km": None if radii is None else _finite(radii[i]),
                     "radius_coverage": None if radius is None else radius.coverage,
+                    "ood_score": None if ood is None else float(ood.score[i]),
+                    "ood_flag": None if ood is None else bool(ood.flag[i]),
                     "variant": self.variant,
                     "error": None,
                 }
@@ -323,7 +346,9 @@ class Predictor:
             disable=not progress, leave=False,
         ):  # fmt: skip
             answers = (
-                self._rows(self._answer(batch.images), top_k) if batch.images is not None else []
+                self._rows(*self._answer(batch.images, batch.degenerate), top_k=top_k)
+                if batch.images is not None
+                else []
             )
             by_pos = dict(zip(batch.ok, answers, strict=True))
             for i in range(len(batch.paths)):
@@ -344,8 +369,16 @@ def error_row(reason: str, variant: str) -> dict[str, Any]:
         "lat": None, "lon": None, "cell": None, "prob": None, "topk_cells": [], "topk_lats": [],
         "topk_lons": [], "topk_probs": [],
         "conformal_set": [], "conformal_coverage": None, "radius_km": None,
-        "radius_coverage": None, "variant": variant, "error": reason,
+        "radius_coverage": None, "ood_score": None, "ood_flag": None, "variant": variant,
+        "error": reason,
     }  # fmt: skip
+
+
+def _by_probability(top: TopCells, row: int, classes: np.ndarray) -> list[int]:
+    """`classes` of image `row`, most likely first (tail cells: the tail's equal share)."""
+    mass = dict(zip(top.cells[row].tolist(), top.p[row].tolist(), strict=True))
+    share = float(top.tail[row]) / max(top.tail_count, 1)
+    return sorted((int(c) for c in classes), key=lambda c: (-mass.get(c, share), c))
 
 
 def _finite(x: float) -> float | None:

@@ -42,6 +42,7 @@ from geoloc.geo import LabelSpace, haversine_km, unit_vectors
 from geoloc.infer.calibration import Calibration, ConformalSets, softmax_rows
 from geoloc.infer.candidates import TopCells
 from geoloc.infer.gallery import Gallery, IndexKind
+from geoloc.infer.ood import OodModel
 from geoloc.infer.radius import ErrorRadius
 
 __all__ = [
@@ -322,6 +323,7 @@ class RerankParams:
     neighbours: int = 50  # neighbours searched per query (max of gate and refine k)
     index: str = "auto"
     checkpoint_sha256: str = ""
+    ood: OodModel | None = None  # OOD score, widened radius and decoding (`geoloc.infer.ood`)
 
     @property
     def temperatures(self) -> dict[str, float]:
@@ -364,6 +366,7 @@ class RerankParams:
             "index": self.index,
             "checkpoint_sha256": self.checkpoint_sha256,
             "log_prior": [float(x) for x in self.log_prior],
+            "ood": None if self.ood is None else self.ood.to_dict(),
         }
 
     @classmethod
@@ -393,6 +396,7 @@ class RerankParams:
             neighbours=int(d.get("neighbours", 50)),
             index=str(d.get("index", "auto")),
             checkpoint_sha256=str(d.get("checkpoint_sha256", "")),
+            ood=OodModel.from_dict(d.get("ood")),
         )
 
     def save(self, path: Path) -> None:

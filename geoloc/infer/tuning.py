@@ -36,6 +36,7 @@ from geoloc.infer.candidates import (
     set_stats_top,
 )
 from geoloc.infer.gate_search import GateGrid, GateInputs, block_rows, gate_answers, search_gate
+from geoloc.infer.ood import OOD_VARIANT, ood_for, widened_members
 from geoloc.infer.outputs import SplitOutputs, model_probs
 from geoloc.infer.radius import RADIUS_CANDIDATES, ErrorRadius, fit_error_radius
 from geoloc.infer.rerank import (
@@ -65,6 +66,7 @@ __all__ = [
     "choose_refinement",
     "choose_topk_parents",
     "evaluation_table",
+    "ood_row_stats",
     "row_stats",
     "table_row",
     "fit_calibration",
@@ -319,6 +321,32 @@ def row_stats(
     return stats
 
 
+def ood_row_stats(
+    variants: dict[str, VariantOutput],
+    true: SplitOutputs,
+    params: RerankParams,
+    label_space: LabelSpace,
+    cal: TopCells | None = None,
+) -> dict[str, np.ndarray]:
+    """`row_stats` of the chosen variant with the OOD step on top: its answer (moved when
+    `ood_decode` is on), widened radius and widened sets (`cal`: its calibrated candidates)."""
+    name = params.best_variant
+    v = variants[name]
+    cal = params.calibrated_top(name, v) if cal is None else cal
+    stats = row_stats(name, v, true, params, label_space, cal=cal)
+    ans = ood_for(params, name, v, variants["gated"].nbrs, label_space, cal=cal)
+    assert ans is not None
+    stats["error"] = haversine_km(true.lat, true.lon, ans.lat, ans.lon)
+    stats["hit"] = ans.pred == true.labels
+    stats["radius"], stats["within"] = ans.radius_km, stats["error"] <= ans.radius_km
+    sets = params.conformal.get(name)
+    if sets is not None:
+        member, extra = widened_members(cal, sets, ans, label_space)
+        stats["covered"] = member[np.arange(len(true.labels)), true.labels]
+        stats["set_size"] = member.sum(axis=1) + extra
+    return stats
+
+
 def table_row(name: str, stats: dict[str, np.ndarray], params: RerankParams) -> dict[str, float]:
     """One `TABLE_COLUMNS` row from a variant's `row_stats` over a whole split."""
     row = {
@@ -349,6 +377,9 @@ def evaluation_table(
     """One row per variant (`TABLE_COLUMNS`): geo metrics and calibration against the truth."""
     rows = [table_row(n, row_stats(n, variants[n], true, params, label_space), params)
             for n in VARIANTS]  # fmt: skip
+    if params.ood is not None:
+        stats = ood_row_stats(variants, true, params, label_space)
+        rows.append(table_row(OOD_VARIANT, stats, params))
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 

@@ -19,6 +19,7 @@ from geoloc.formatting import EMPTY, fmt
 from geoloc.presentation.breakdown import error_breakdowns
 from geoloc.presentation.dashboard import render_dashboard
 from geoloc.presentation.inputs import RunInputs, degraded_counts, load_run_inputs
+from geoloc.presentation.ood_plots import draw_optional_plots
 from geoloc.presentation.plots import PlotOutcome, draw_plots
 from geoloc.presentation.report_tables import (
     artifact_links,
@@ -142,7 +143,7 @@ def write_report(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise GeolocError(f"run directory '{run_dir}' does not exist")
     inputs = load_run_inputs(run_dir)
-    plots = draw_plots(inputs)
+    plots = draw_plots(inputs) + draw_optional_plots(inputs)
     write_text(inputs.paths.report, render_markdown(inputs, plots))
     write_text(inputs.paths.dashboard, render_dashboard(inputs, plots))
     refresh_summary_artifacts(run_dir)

@@ -49,5 +49,6 @@ def test_table_and_csv_show_the_radius_and_top_k_places(
     assert main(["predict", "--run", str(reranked_run), *map(str, photos), "--out", str(out)]) == 0
     table = pd.read_csv(out)
     assert table["radius_km"].notna().all()
+    assert table["ood_score"].notna().all() and table["ood_flag"].isin([True, False]).all()
     lats = table["topk_lats"].map(json.loads)
     assert all(len(v) == 5 and all(-90 <= x <= 90 for x in v) for v in lats)

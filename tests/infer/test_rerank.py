@@ -13,6 +13,7 @@ from fixtures.rerank_data import synthetic_task
 from geoloc.config import RerankConfig
 from geoloc.geo import LabelSpace
 from geoloc.infer.evaluation import evaluate_rerank, variants_for
+from geoloc.infer.ood import OOD_VARIANT
 from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.rerank import (
     VARIANTS,
@@ -78,7 +79,7 @@ def test_tables_have_the_four_variants_and_the_contract_columns(evaluated) -> No
     _, tables = evaluated
     for table in tables.values():
         assert list(table.columns) == list(TABLE_COLUMNS)
-        assert list(table["variant"]) == list(VARIANTS)
+        assert list(table["variant"]) == [*VARIANTS, OOD_VARIANT]
         base = table.set_index("variant").loc["base"]
         assert base["gate_share"] == 0.0
         assert 0.0 <= table["gate_share"].max() <= 1.0
@@ -221,14 +222,15 @@ def test_geoloc_rerank_writes_the_table_params_gallery_and_summary(reranked_run:
 
     paths = RunPaths(reranked_run)
     table = pd.read_csv(paths.rerank_eval)
-    assert list(table["variant"]) == list(VARIANTS)
+    assert list(table["variant"]) == [*VARIANTS, OOD_VARIANT]
     assert list(table.columns) == list(TABLE_COLUMNS)
     assert table[["median_km", "p90_km", "top1", "coverage", "set_size"]].notna().all().all()
-    assert list(pd.read_csv(paths.tables / "rerank_eval_val.csv")["variant"]) == list(VARIANTS)
+    val_variants = list(pd.read_csv(paths.tables / "rerank_eval_val.csv")["variant"])
+    assert val_variants == [*VARIANTS, OOD_VARIANT]
     summary = read_summary(reranked_run)
     best = summary["rerank"]["variant"]
     assert best in VARIANTS
-    row = table.set_index("variant").loc[best]
+    row = table.set_index("variant").loc[OOD_VARIANT]  # the chosen variant + the OOD step
     assert summary["rerank"]["metrics"]["p90_km"] == pytest.approx(row["p90_km"], rel=1e-5)
     assert summary["artifacts"]["rerank_eval"] is True
     params = RerankParams.load(paths.data / "rerank_params.json")
@@ -278,7 +280,7 @@ def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkey
 
     monkeypatch.setattr(outputs, "compute_outputs", no_model)
     result = rerank_run(run_dir, grid=SMALL_GRID, progress=False)
-    assert list(result.test_table["variant"]) == list(VARIANTS)
+    assert list(result.test_table["variant"]) == [*VARIANTS, OOD_VARIANT]
 
 
 def test_cli_overrides_merge_into_the_runs_rerank_section(reranked_run: Path) -> None:

@@ -1,8 +1,9 @@
 """The registered `geoloc` model: `geoloc predict` as an MLflow pyfunc.
 
 A user who serves `models:/geoloc@champion` (`mlflow models serve`) posts photos and gets what
-`geoloc predict` prints: cell, lat/lon, calibrated probability, top-k cells, conformal set and
-error radius. Nothing is re-implemented here: the model's one artifact is a minimal run folder
+`geoloc predict` prints: cell, lat/lon, calibrated probability, top-k cells, conformal set,
+error radius, and the out-of-distribution score and flag (`ood_score`, `ood_flag`). Nothing is
+re-implemented here: the model's one artifact is a minimal run folder
 (`checkpoints/best.pt` with config and label space, `artifacts/data/rerank_params.json` and
 `gallery.npz` when the run was reranked, `config.json`), and `load_context` opens it with
 `geoloc.infer.predict.Predictor`, so decode, preprocessing, scoring, rerank and calibration are
@@ -130,7 +131,8 @@ def model_signature() -> Any:
 
     text, number = DataType.string, DataType.double
     kinds = {"lat": number, "lon": number, "prob": number, "conformal_coverage": number,
-             "radius_km": number, "radius_coverage": number,
+             "radius_km": number, "radius_coverage": number, "ood_score": number,
+             "ood_flag": DataType.boolean,
              "topk_cells": Array(text), "topk_lats": Array(number), "topk_lons": Array(number),
              "topk_probs": Array(number), "conformal_set": Array(text)}  # fmt: skip
     return ModelSignature(

@@ -67,6 +67,9 @@ def assert_same_answers(served: pd.DataFrame, cli: pd.DataFrame) -> None:
     assert [list(c) for c in served["topk_cells"]] == [list(c) for c in cli["topk_cells"]]
     radius = cli["radius_km"].tolist()
     assert served["radius_km"].tolist() == pytest.approx(radius, abs=1e-3)
+    # the out-of-distribution score and flag travel with the answer
+    assert served["ood_score"].tolist() == pytest.approx(cli["ood_score"].tolist(), abs=1e-6)
+    assert [bool(f) for f in served["ood_flag"]] == [bool(f) for f in cli["ood_flag"]]
     assert set(served["variant"]) == set(cli["variant"]) != {"base"}  # rerank is packed too
 
 

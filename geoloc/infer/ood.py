@@ -1,0 +1,480 @@
+"""Honest off the map: an out-of-distribution score per photo, and a radius, cell set and answer
+that widen with it. Everything is fitted on val; nothing sees a shifted split.
+
+- **Score.** Two things the gallery search rerank already does tell for free: how far the
+  photo's embedding is from its `k` nearest train photos (`1 - mean cosine similarity`, deep
+  k-NN, Sun et al. 2022) and how far apart on the map those neighbours are (mean distance from
+  the nearest one to the others: photos like the training data have neighbours from one place).
+  Each is `log1p`'d and put on val's scale (minus the val median, over the val interquartile
+  range) and the two are added: 0 is a typical val photo. Model confidence was tried and is no
+  use (the model is *more* confident on off-map photos). The flag threshold is the
+  `flag_quantile` (0.95) of the val scores: 5% of photos like the training data are flagged.
+- **How lost.** `lost(s) = P(error > lost_km | score s)`, a logistic fit of val errors of the
+  chosen variant on the score (an error model that extrapolates with the score: val holds few
+  off-map photos, but its highest scores are lost more often, and the slope carries on), and 1
+  above the `widen_quantile` (0.7) of the val scores: there the land prior takes over.
+- **Widened distribution.** The answer's error follows `(1 - lost) * F_c + lost * F_land`:
+  `F_c` is the val distribution of `error / scale(x)` (the conformal radius's normalised error,
+  `geoloc.infer.radius`), `F_land` the distance from the answer to a point uniform over land
+  (where a photo can come from when the model has nothing to go on). The radius is the
+  distance where this mixture reaches `level`, and `level` is split-conformal on val (the val
+  images' mixture CDF at their own error), so val coverage stays at the asked 0.9 while a photo
+  far from everything seen gets a radius that covers the land it might be on.
+- **Decoding** (`decode`, off by default: it lost on the demo, docs/quality.md). A widened
+  photo's answer may become the point of least expected distance under the widened
+  distribution, among the model's top cells (and a fixed set of land points).
+- **Sets.** A widened photo's cell set also holds every class centre inside its radius.
+- **Not photos.** Blank, one-colour and noise images (`is_degenerate`, on the pixels) are
+  flagged and widened whatever their score: a model can embed them next to anything.
+
+`apply_ood` takes the chosen variant's output and is separate from `run_variants`, so the
+variants (and how they are computed in blocks) stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from geoloc.geo import LabelSpace, haversine_km
+from geoloc.infer.calibration import ConformalSets, conformal_quantile
+from geoloc.infer.candidates import TopCells, radius_scale_top, set_members_top
+
+if TYPE_CHECKING:
+    from geoloc.infer.radius import ErrorRadius
+    from geoloc.infer.rerank import Neighbours, RerankParams, VariantOutput
+
+__all__ = [
+    "OOD_VARIANT",
+    "OodAnswer",
+    "OodModel",
+    "apply_ood",
+    "auroc",
+    "fit_ood",
+    "is_degenerate",
+    "knn_distance",
+    "land_points",
+    "neighbour_dispersion_km",
+    "ood_for",
+    "widened_radius_km",
+    "widened_members",
+]
+
+log = logging.getLogger(__name__)
+
+OOD_VARIANT = "ood"
+"""Table row of the chosen variant with the OOD radius, sets and decoding on top."""
+LAND_POINTS = 1024
+"""Points uniform over land that stand for `F_land` (fixed seed: the same for every run)."""
+DECODE_LAND = 128
+"""Of those, the land points a flagged photo's answer may move to."""
+DECODE_CELLS = 10
+"""The model's most likely cells a flagged photo's answer may move to."""
+RADII_KM = np.geomspace(1.0, 20_038.0, 400)
+"""Radii the mixture CDF is evaluated on (1 km to half the circumference)."""
+OOD_VERSION = 1
+"""Bumped when the saved OOD model changes meaning; an older one is ignored (rerank again)."""
+NORM_LEVELS = np.linspace(0.0, 1.0, 201)
+"""Levels at which the val distribution of normalised errors is stored."""
+
+
+@lru_cache(maxsize=1)
+def land_points(n: int = LAND_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of `n` points uniform over land (the basemap land mask, |lat| <= 85)."""
+    from geoloc.data.demo import sample_land_locations
+
+    return sample_land_locations(n, seed)
+
+
+def knn_distance(nbrs: Neighbours, k: int) -> np.ndarray:
+    """(N,) 1 - mean cosine similarity of the `k` nearest gallery embeddings."""
+    k = min(k, nbrs.k)
+    return 1.0 - np.asarray(nbrs.sims[:, :k], dtype=np.float64).mean(axis=1)
+
+
+def neighbour_dispersion_km(nbrs: Neighbours, k: int) -> np.ndarray:
+    """(N,) mean distance from the nearest gallery photo to the next `k - 1` (on the map)."""
+    k = min(k, nbrs.k)
+    lat, lon = nbrs.lat[:, :k], nbrs.lon[:, :k]
+    return haversine_km(lat, lon, lat[:, :1], lon[:, :1]).mean(axis=1)
+
+
+def _robust_scale(x: np.ndarray) -> tuple[float, float]:
+    """(median, interquartile range) of `x`, the range never 0."""
+    if x.size == 0:
+        return 0.0, 1.0
+    q25, q50, q75 = np.quantile(x, [0.25, 0.5, 0.75])
+    return float(q50), float(max(q75 - q25, 1e-6))
+
+
+def score_features(nbrs: Neighbours, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) log1p of the embedding distance and of the neighbours' dispersion in km."""
+    return np.log1p(knn_distance(nbrs, k)), np.log1p(neighbour_dispersion_km(nbrs, k))
+
+
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """P(score of an `outside` photo > score of an `inside` one), ties half (Mann-Whitney)."""
+    a, b = np.asarray(inside, float), np.asarray(outside, float)
+    if a.size == 0 or b.size == 0:
+        return math.nan
+    ranks = _ranks(np.concatenate([a, b]))
+    return float((ranks[a.size :].sum() - b.size * (b.size + 1) / 2) / (a.size * b.size))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size)
+    ranks[order] = np.arange(1, x.size + 1)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    return sums[inv] / counts[inv]  # average rank of ties
+
+
+def _logistic_fit(s: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
+    """(a, b) of P(y | s) = sigmoid(a + b s) by Newton's method, a little L2 on b."""
+    x = np.stack([np.ones_like(s), s], axis=1)
+    w = np.zeros(2)
+    w[0] = math.log((y.mean() + 1e-3) / (1 - y.mean() + 1e-3))
+    reg = np.diag([0.0, 1e-3])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) + reg @ w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + reg + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(w[0]), float(w[1])
+
+
+@dataclass(frozen=True)
+class OodModel:
+    """What `fit_ood` chose on val; `apply_ood` needs nothing else (and the run's radius)."""
+
+    k: int  # gallery neighbours the score reads
+    emb_centre: float  # val median and interquartile range of log1p(embedding distance)
+    emb_spread: float
+    geo_centre: float  # ... and of log1p(neighbour dispersion km)
+    geo_spread: float
+    threshold: float  # flag when the score is above (val quantile `flag_quantile`)
+    flag_quantile: float
+    lost_km: float  # an error above this is "lost" for the error model
+    lost_a: float  # P(lost | s) = sigmoid(lost_a + lost_b * s)
+    lost_b: float
+    level: float  # mixture-CDF level of the radius (conformal on val)
+    coverage: float  # the radius coverage asked
+    norm_quantiles: tuple[float, ...]  # val error / scale at NORM_LEVELS
+    val_scores: tuple[float, ...] = ()  # val score quantiles at 0, 1, ..., 100% (for reports)
+    n_calibration: int = 0
+    widen_threshold: float = math.inf  # above: P(lost) is at least `widened_lost`
+    widen_quantile: float = 1.0
+    widened_lost: float = 1.0
+    decode: str = "none"  # widened photos: "none", "cells" (top cells), "land" (+ land points)
+
+    def score(self, nbrs: Neighbours) -> np.ndarray:
+        """(N,) the OOD score: 0 for a typical val photo, higher further from the gallery."""
+        emb, geo = score_features(nbrs, self.k)
+        return (emb - self.emb_centre) / self.emb_spread + (geo - self.geo_centre) / self.geo_spread
+
+    def lost(self, score: np.ndarray) -> np.ndarray:
+        """(N,) P(error > lost_km) under the val error model, at least `widened_lost` above
+        the widening threshold."""
+        z = np.clip(self.lost_a + self.lost_b * np.asarray(score, float), -50, 50)
+        lost = 1.0 / (1.0 + np.exp(-z))
+        return np.where(self.widen(score), np.maximum(lost, self.widened_lost), lost)
+
+    def flag(self, score: np.ndarray) -> np.ndarray:
+        """(N,) bool: out of distribution (the words a user reads)."""
+        return np.asarray(score) > self.threshold
+
+    def widen(self, score: np.ndarray) -> np.ndarray:
+        """(N,) bool: far enough from the gallery that the land prior takes over."""
+        return np.asarray(score) > self.widen_threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["norm_quantiles"] = [float(x) for x in self.norm_quantiles]
+        d["val_scores"] = [float(x) for x in self.val_scores]
+        return {"version": OOD_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> OodModel | None:
+        """The saved model; None (with a warning) for one another geoloc version wrote."""
+        if not d:
+            return None
+        if d.get("version") != OOD_VERSION:
+            log.warning("ignoring an OOD model of version %r (this geoloc reads %d): run "
+                        "`geoloc rerank` again", d.get("version"), OOD_VERSION)  # fmt: skip
+            return None
+        d = {k: v for k, v in d.items() if k != "version"}
+        return cls(**{**d, "norm_quantiles": tuple(d["norm_quantiles"]),
+                      "val_scores": tuple(d.get("val_scores", ()))})  # fmt: skip
+
+
+@dataclass(eq=False)
+class OodAnswer:
+    """The chosen variant's answer after the OOD step, per image."""
+
+    score: np.ndarray  # (N,) OOD score
+    flag: np.ndarray  # (N,) bool: above the val threshold
+    widened: np.ndarray  # (N,) bool: above the widening threshold
+    lost: np.ndarray  # (N,) P(error > lost_km)
+    lat: np.ndarray  # (N,) answer (moved for flagged photos)
+    lon: np.ndarray
+    pred: np.ndarray  # (N,) class of the answer (nearest class centre when it moved)
+    radius_km: np.ndarray  # (N,) widened radius
+    moved: np.ndarray  # (N,) bool: the answer moved
+
+
+def _norm_cdf(model_q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """F_c(x): the val CDF of error / scale, interpolated between its stored quantiles."""
+    q = np.maximum.accumulate(model_q)
+    return np.interp(x, q, NORM_LEVELS, left=0.0, right=1.0)
+
+
+def _land_cdf(lat: np.ndarray, lon: np.ndarray, at_km: np.ndarray) -> np.ndarray:
+    """(N, G) share of the land points within each of `at_km` (N, G) of (lat, lon)."""
+    llat, llon = land_points()
+    out = np.empty(at_km.shape)
+    for s in range(0, len(lat), 256):
+        d = np.sort(haversine_km(lat[s : s + 256, None], lon[s : s + 256, None], llat, llon), 1)
+        for i, row in enumerate(d):
+            out[s + i] = np.searchsorted(row, at_km[s + i], side="right") / row.size
+    return out
+
+
+def mixture_cdf(
+    model: OodModel, lost: np.ndarray, scale: np.ndarray, lat: np.ndarray, lon: np.ndarray,
+    at_km: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """(N, G) P(error <= at_km) under (1 - lost) F_c(r / scale) + lost F_land(r)."""
+    q = np.asarray(model.norm_quantiles)
+    inside = _norm_cdf(q, at_km / scale[:, None])
+    return (1 - lost[:, None]) * inside + lost[:, None] * _land_cdf(lat, lon, at_km)
+
+
+def widened_radius_km(
+    model: OodModel, lost: np.ndarray, scale: np.ndarray, lat: np.ndarray, lon: np.ndarray
+) -> np.ndarray:
+    """(N,) the least radius where the mixture CDF reaches `model.level` (grid, log-interpolated);
+    a larger `lost` never gives a smaller radius where the land spreads wider than the answer."""
+    n = len(lat)
+    grid = np.broadcast_to(RADII_KM, (n, RADII_KM.size))
+    cdf = np.maximum.accumulate(mixture_cdf(model, lost, scale, lat, lon, grid), axis=1)
+    j = np.clip((cdf < model.level).sum(axis=1), 1, RADII_KM.size - 1)  # first >= level
+    rows = np.arange(n)
+    c0, c1 = cdf[rows, j - 1], cdf[rows, j]
+    t = np.clip((model.level - c0) / np.clip(c1 - c0, 1e-12, None), 0.0, 1.0)
+    logr = np.log(RADII_KM)
+    r = np.exp(logr[j - 1] + t * (logr[j] - logr[j - 1]))
+    return np.where(cdf[:, 0] >= model.level, RADII_KM[0], r)
+
+
+def hedge_answer(
+    top: TopCells,
+    lost: np.ndarray,
+    label_space: LabelSpace,
+    cells: int = DECODE_CELLS,
+    n_land: int = DECODE_LAND,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of least expected distance under (1 - lost) top + lost * land, among each
+    row's `cells` most likely class centres and `n_land` land points."""
+    from geoloc.infer.radius import RADIUS_CANDIDATES
+
+    llat, llon = land_points()
+    best, w = top.best(RADIUS_CANDIDATES)  # (N, m) the calibrated candidates' most likely
+    n = len(top)
+    w = w / np.clip(w.sum(axis=1, keepdims=True), 1e-300, None)
+    order = np.argsort(-w, axis=1)[:, : min(cells, w.shape[1])]
+    cand_cells = np.take_along_axis(best, order, axis=1)  # (N, c)
+    dl = haversine_km(llat[:n_land, None], llon[:n_land, None], llat, llon)
+    cand_lat = np.concatenate(
+        [
+            label_space.lat[cand_cells],
+            np.broadcast_to(llat[:n_land], (n, n_land)),
+        ],
+        1,
+    )
+    cand_lon = np.concatenate(
+        [
+            label_space.lon[cand_cells],
+            np.broadcast_to(llon[:n_land], (n, n_land)),
+        ],
+        1,
+    )
+    land_cost = np.concatenate([
+        haversine_km(label_space.lat[cand_cells][..., None], label_space.lon[cand_cells][..., None],
+                     llat, llon).mean(axis=2),
+        np.broadcast_to(dl.mean(axis=1), (n, n_land)),
+    ], axis=1)  # fmt: skip
+    d = haversine_km(
+        cand_lat[:, :, None],
+        cand_lon[:, :, None],
+        label_space.lat[best][:, None, :],
+        label_space.lon[best][:, None, :],
+    )
+    model_cost = np.einsum("ncm,nm->nc", d, w)
+    cost = (1 - lost[:, None]) * model_cost + lost[:, None] * land_cost
+    best = cost.argmin(axis=1)
+    rows = np.arange(n)
+    return cand_lat[rows, best], cand_lon[rows, best]
+
+
+def apply_ood(
+    model: OodModel,
+    top: TopCells,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    pred: np.ndarray,
+    nbrs: Neighbours,
+    radius: ErrorRadius,
+    label_space: LabelSpace,
+    degenerate: np.ndarray | None = None,
+) -> OodAnswer:
+    """The OOD step on a variant's calibrated candidates `top` and answer (lat, lon, pred);
+    `degenerate` rows are flagged and widened (P(lost) = 1) whatever their score."""
+    score = model.score(nbrs)
+    bad = np.zeros(len(score), bool) if degenerate is None else np.asarray(degenerate, bool)
+    wide = model.widen(score) | bad
+    lost = np.where(bad, 1.0, model.lost(score))
+    lat, lon, pred = np.array(lat, float), np.array(lon, float), np.array(pred)
+    moved = np.zeros(len(lat), dtype=bool)
+    if wide.any() and model.decode != "none":
+        n_land = DECODE_LAND if model.decode == "land" else 0
+        hl, ho = hedge_answer(top.subset(np.flatnonzero(wide)), lost[wide], label_space,
+                              n_land=n_land)  # fmt: skip
+        moved[wide] = haversine_km(hl, ho, lat[wide], lon[wide]) > 1e-6
+        lat[wide], lon[wide] = hl, ho
+        near = haversine_km(hl[:, None], ho[:, None], label_space.lat, label_space.lon)
+        pred[wide] = near.argmin(axis=1)
+    scale = radius_scale_top(radius, top, lat, lon, label_space, nbrs)
+    r = widened_radius_km(model, lost, scale, lat, lon)
+    return OodAnswer(score, model.flag(score) | bad, wide, lost, lat, lon, pred, r, moved)
+
+
+def widened_members(
+    top: TopCells, sets: ConformalSets, ans: OodAnswer, label_space: LabelSpace
+) -> tuple[np.ndarray, np.ndarray]:
+    """(member (N, K) bool, extra (N,) int) cell sets of a bounded block: the conformal set on
+    the candidates (all tail cells when the set holds the whole tail), plus for widened photos
+    every class centre inside the widened radius (the truth's cell is the one its point falls
+    in or the nearest). `extra`: tail cells a RAPS set holds only in part (counted, not named)."""
+    inside, tail_in = set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)
+    n, m = top.cells.shape
+    rows = np.repeat(np.arange(n), m)
+    out = np.zeros((n, top.num_classes), dtype=bool)
+    whole = (tail_in >= top.tail_count) & (top.tail_count > 0)
+    if whole.any():
+        out[whole] = True
+        out[rows, top.cells.ravel()] = False  # the tail: every class but the candidates
+        out[~whole] = False
+    out[rows, top.cells.ravel()] = inside.ravel()
+    wide = np.flatnonzero(ans.widened)
+    if wide.size:
+        d = haversine_km(ans.lat[wide, None], ans.lon[wide, None], label_space.lat,
+                         label_space.lon)  # fmt: skip
+        out[wide] |= d <= ans.radius_km[wide, None]
+    return out, np.where(whole, 0, tail_in)
+
+
+def fit_ood(
+    nbrs: Neighbours,
+    top: TopCells,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    pred: np.ndarray,
+    true_lat: np.ndarray,
+    true_lon: np.ndarray,
+    radius: ErrorRadius,
+    label_space: LabelSpace,
+    *,
+    k: int = 5,
+    flag_quantile: float = 0.95,
+    widen_quantile: float = 0.7,
+    lost_km: float = 2500.0,
+    decode: str = "none",
+) -> OodModel:
+    """Fit the score's scale and threshold, the error model and the radius level on val (the
+    chosen variant's calibrated candidates `top`, answers, and the truth)."""
+    emb, geo = score_features(nbrs, k)
+    (ec, es), (gc, gs) = _robust_scale(emb), _robust_scale(geo)
+    score = (emb - ec) / es + (geo - gc) / gs
+    err = haversine_km(true_lat, true_lon, lat, lon)
+    scale = radius_scale_top(radius, top, lat, lon, label_space, nbrs)
+    norm_q = np.quantile(err / scale, NORM_LEVELS) if err.size else np.zeros(NORM_LEVELS.size)
+    y = (err > lost_km).astype(float)
+    if 0 < y.sum() < y.size:
+        a, b = _logistic_fit(score, y)
+        b = max(b, 0.0)  # the error model may not say "further from the gallery, surer"
+    else:
+        a, b = (-20.0 if y.sum() == 0 else 20.0), 0.0
+
+    def at(q: float) -> float:
+        return float(np.quantile(score, q)) if score.size and q < 1.0 else math.inf
+
+    threshold, widen_threshold = at(flag_quantile), at(widen_quantile)
+    val_scores = np.quantile(score, np.linspace(0, 1, 101)) if score.size else np.zeros(0)
+    model = OodModel(
+        k=k, emb_centre=ec, emb_spread=es, geo_centre=gc, geo_spread=gs, threshold=threshold,
+        flag_quantile=flag_quantile, lost_km=lost_km, lost_a=a, lost_b=b, level=radius.coverage,
+        coverage=radius.coverage, norm_quantiles=tuple(float(x) for x in norm_q),
+        val_scores=tuple(float(x) for x in val_scores), n_calibration=int(err.size),
+        widen_threshold=widen_threshold, widen_quantile=widen_quantile, decode=decode,
+    )  # fmt: skip
+    ans = apply_ood(model, top, lat, lon, pred, nbrs, radius, label_space)
+    err = haversine_km(true_lat, true_lon, ans.lat, ans.lon)
+    scale = radius_scale_top(radius, top, ans.lat, ans.lon, label_space, nbrs)
+    t = mixture_cdf(model, ans.lost, scale, ans.lat, ans.lon, err[:, None])[:, 0]
+    level = min(conformal_quantile(t, radius.coverage), 1.0)
+    log.info("OOD on val: flag above %.4g (q%.2f), P(lost > %g km) = sigmoid(%.3g + %.3g s), "
+             "radius level %.4f", model.threshold, flag_quantile, lost_km, a, b, level)  # fmt: skip
+    return OodModel(**{**asdict(model), "level": float(level)})
+
+
+def ood_for(
+    params: RerankParams,
+    name: str,
+    v: VariantOutput,
+    nbrs: Neighbours,
+    label_space: LabelSpace,
+    degenerate: np.ndarray | None = None,
+    cal: TopCells | None = None,
+) -> OodAnswer | None:
+    """The OOD step on variant `name`'s answer, None when the run has no OOD model or radius.
+    `degenerate` rows (not photos: `is_degenerate`) are flagged and widened whatever their score;
+    `cal`: the variant's calibrated candidates when already computed."""
+    radius = params.radius.get(name)
+    if params.ood is None or radius is None:
+        return None
+    top = params.calibrated_top(name, v) if cal is None else cal
+    return apply_ood(params.ood, top, v.lat, v.lon, v.pred, nbrs, radius, label_space,
+                     degenerate)  # fmt: skip
+
+
+FLAT_STD = 1.0
+"""Pixel standard deviation (0-255) below which an image is one colour."""
+NOISE_CORRELATION = 0.5
+"""Neighbouring-pixel correlation below which an image is noise (photos: 0.8-1.0)."""
+
+
+def is_degenerate(pixels: np.ndarray) -> bool:
+    """A blank, single-colour or noise image (`pixels`: (C, H, W) uint8): not a photo, so no
+    embedding distance should vouch for it (a tiny model can map any of them near a gallery
+    photo). Flat: standard deviation under `FLAT_STD`; noise: the correlation of horizontally
+    and vertically neighbouring pixels under `NOISE_CORRELATION`."""
+    x = np.asarray(pixels, dtype=np.float64).mean(axis=0)  # (H, W) grey
+    if x.std() < FLAT_STD:
+        return True
+    if min(x.shape) < 2:
+        return False
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+        return float((a @ b) / max(np.sqrt((a @ a) * (b @ b)), 1e-12))
+
+    return max(corr(x[:, :-1], x[:, 1:]), corr(x[:-1], x[1:])) < NOISE_CORRELATION
