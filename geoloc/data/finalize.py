@@ -1,0 +1,475 @@
+"""The manifest contract, and the merge of ingest journals into it in memory flat in N.
+
+`finalize_journals` turns one or more job journals (`geoloc.data.state.Journal`) into this
+job's rows of `data/processed/manifest.parquet` and `data/index/rejects.parquet`. At 10^6 images
+the merge used to read the whole journal as one frame, keep a Python set of every sha256, id
+and source ref, and build the manifest at once: memory grew linearly in N (2.1x for 3x rows).
+Here no per-row Python object outlives a slice:
+
+- every per-row set (the listing's order, content and ids seen, the refs this job replaces) is a
+  sorted array of 16-byte blake2b digests (`DigestIndex`: 24 bytes a row, no collisions to
+  expect below ~10^18 rows);
+- journal rows travel in source order a slice of `slice_rows` rows at a time, read from their
+  parts; accepted rows go to temp parquet runs;
+- the manifest's order by `image_id` is an external sort: every row's rank is computed from the
+  id column alone, rows are spread over rank buckets of one slice each on disk, and each bucket
+  is sorted and appended to the output as a row group.
+
+What stays in memory grows only by rows that are refused (the rejects table is merged whole)
+and by the id column (~20 bytes a row). Deduplication follows source order exactly as before:
+the first accepted content and the first use of an id win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from geoloc.atomic import atomic_path, temp_path, write_parquet
+from geoloc.data import rejects as R
+from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
+from geoloc.data.state import Journal
+from geoloc.data.tables import iter_frames, release_memory
+from geoloc.paths import DataPaths
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = [
+    "image_id",
+    "path",
+    "lat",
+    "lon",
+    "sha256",
+    "width",
+    "height",
+    "source",
+    "source_ref",
+    "captured_at",
+    "sequence_id",
+    "shard",
+    "member",
+    "offset",
+    "length",
+]
+SLICE_ROWS = 65_536  # journal rows (and manifest rows per sort bucket) in memory at once
+DIGEST = "S16"
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest contract
+# --------------------------------------------------------------------------------------------
+
+
+def _timestamps(values: pd.Series) -> pd.Series:
+    return pd.to_datetime(values, utc=True, errors="coerce", format="mixed").astype(
+        "datetime64[ns, UTC]"
+    )
+
+
+def empty_manifest() -> pd.DataFrame:
+    return normalise_manifest(pd.DataFrame({c: [] for c in MANIFEST_COLUMNS}))
+
+
+def normalise_manifest(df: pd.DataFrame, attributes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Contract dtypes and column order of `data/processed/manifest.parquet`.
+
+    Optional attribute columns (`ATTRIBUTE_COLUMNS`) follow the contract ones, each only when
+    some row has a value, or exactly `attributes` when given (slices of one file must agree).
+    """
+    if attributes is None:
+        attributes = [c for c in ATTRIBUTE_COLUMNS if c in df and df[c].notna().any()]
+    missing = [c for c in (*attributes, "shard", "member", "offset", "length") if c not in df]
+    df = df.assign(**dict.fromkeys(missing))
+    out = df[MANIFEST_COLUMNS + list(attributes)].copy()
+    for col in attributes:
+        out[col] = out[col].astype(attribute_dtype(col))
+    for col in ("image_id", "path", "sha256", "source", "source_ref"):
+        out[col] = out[col].astype("str")
+    for col in ("shard", "member"):  # null for images stored one file each (older manifests)
+        out[col] = out[col].astype("object").where(out[col].notna(), None)
+    for col in ("offset", "length"):
+        out[col] = out[col].fillna(-1).astype("int64")
+    for col in ("lat", "lon"):
+        out[col] = out[col].astype("float64")
+    for col in ("width", "height"):
+        out[col] = out[col].astype("int64")
+    out["captured_at"] = _timestamps(out["captured_at"])
+    out["sequence_id"] = out["sequence_id"].astype("str")  # missing stays missing (NaN/null)
+    return out.reset_index(drop=True)
+
+
+def read_processed_manifest(paths: DataPaths) -> pd.DataFrame:
+    if not paths.processed_manifest.is_file():
+        return empty_manifest()
+    return pd.read_parquet(paths.processed_manifest)
+
+
+def _value(row: dict[str, Any], col: str) -> Any:
+    v = row.get(col)
+    return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
+
+
+def _manifest_fields(row: dict[str, Any], image_id: str) -> dict[str, Any]:
+    """An accepted journal row's manifest columns (attribute columns included)."""
+    return {
+        "image_id": image_id,
+        "path": row["path"],
+        "lat": row["lat"],
+        "lon": row["lon"],
+        "sha256": row["sha256"],
+        "width": row["width"],
+        "height": row["height"],
+        "source": row["source"],
+        "source_ref": row["source_ref"],
+        "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
+        "sequence_id": _value(row, "sequence_id"),
+        "shard": _value(row, "shard"),
+        "member": _value(row, "member"),
+        "offset": row.get("offset", -1),
+        "length": row.get("length", -1),
+    } | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
+
+
+# --------------------------------------------------------------------------------------------
+# Sets of 16-byte digests
+# --------------------------------------------------------------------------------------------
+
+
+def digests(values: Iterable[str]) -> np.ndarray:
+    """The 16-byte blake2b digest of each string (dtype S16): a set member in 16 bytes."""
+    blake = hashlib.blake2b
+    return np.fromiter((blake(v.encode(), digest_size=16).digest() for v in values), DIGEST)
+
+
+def ref_digests(sources: Iterable[str], refs: Iterable[str]) -> np.ndarray:
+    """Digests of `source<TAB>source_ref`, the key a journal row carries (`ingest._key`)."""
+    return digests(f"{s}\t{r}" for s, r in zip(sources, refs, strict=True))
+
+
+class DigestIndex:
+    """Digests kept sorted, each with an int64 value (-1: absent): a set or a map in 24 bytes
+    a member, with vectorised lookups."""
+
+    def __init__(self, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
+        keys = np.empty(0, DIGEST) if keys is None else keys
+        values = np.zeros(len(keys), np.int64) if values is None else values
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.values = keys[order], values[order].astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The value of each key, -1 for those not in the index."""
+        if not len(self.keys) or not len(keys):
+            return np.full(len(keys), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[at] == keys, self.values[at], -1)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        return self.find(keys) >= 0
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add keys not in the index yet (the caller keeps them distinct)."""
+        if len(keys):
+            merged = DigestIndex(np.concatenate([self.keys, keys]),
+                                 np.concatenate([self.values, values]))  # fmt: skip
+            self.keys, self.values = merged.keys, merged.values
+
+
+def listing_index(listed: np.ndarray, first_wins: bool = False) -> DigestIndex:
+    """Each listed key's position in the listing (its first or its last, when listed twice)."""
+    n = len(listed)
+    uniq, at = np.unique(listed if first_wins else listed[::-1], return_index=True)
+    return DigestIndex(uniq, at if first_wins else n - 1 - at)
+
+
+# --------------------------------------------------------------------------------------------
+# Which journal rows make the result, in source order
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Selection:
+    """The journal row that stands for each listed key, in listing order."""
+
+    parts: list[Path]
+    part: np.ndarray  # int64 (rows,): the part holding each chosen row
+    row: np.ndarray  # int64 (rows,): its row in that part
+    keys: np.ndarray  # S16 (rows,): its key's digest
+    gone: set[tuple[str, str]] = field(default_factory=set)  # source rejects no longer listed
+
+
+def _select(journals: Sequence[Path], order: DigestIndex) -> _Selection:
+    """The last journal row of each listed key (source verdicts are redone on every run),
+    sorted by the key's place in the listing; reading only each part's key columns."""
+    parts = [p for folder in journals for p in Journal(folder).parts()]
+    pos, part, row, keys = [], [], [], []
+    gone: set[tuple[str, str]] = set()
+    for i, path in enumerate(parts):
+        names = set(pq.read_schema(path).names)
+        if "key" not in names:
+            continue
+        cols = ["key"] + (["stage", "source", "source_ref"] if "stage" in names else [])
+        table = pq.read_table(path, columns=cols)
+        d = digests(table.column("key").to_pylist())
+        at = order.find(d)
+        if "stage" in names:
+            stage = table.column("stage").to_pylist()
+            for j in np.flatnonzero(at < 0):
+                if stage[j] == "source":  # a source reject no longer listed (a zip repaired)
+                    gone.add((table.column("source")[j].as_py(),
+                              table.column("source_ref")[j].as_py()))  # fmt: skip
+        listed = np.flatnonzero(at >= 0)
+        pos.append(at[listed])
+        part.append(np.full(len(listed), i, np.int64))
+        row.append(listed.astype(np.int64))
+        keys.append(d[listed])
+    if not pos:
+        empty = np.empty(0, np.int64)
+        return _Selection(parts, empty, empty, np.empty(0, DIGEST), gone)
+    pos_all, part_all, row_all = np.concatenate(pos), np.concatenate(part), np.concatenate(row)
+    key_all = np.concatenate(keys)
+    # by listing position, then journal order; the last row of each position wins
+    by = np.lexsort((np.arange(len(pos_all)), pos_all))
+    pos_all = pos_all[by]
+    last = np.flatnonzero(np.r_[pos_all[1:] != pos_all[:-1], True]) if len(by) else by
+    chosen = by[last]
+    return _Selection(parts, part_all[chosen], row_all[chosen], key_all[chosen], gone)
+
+
+def _slices(sel: _Selection, slice_rows: int) -> Iterator[list[dict[str, Any]]]:
+    """The chosen journal rows as plain dicts, `slice_rows` at a time, in listing order."""
+    cache: dict[int, pd.DataFrame] = {}  # the last part read: slices cut parts in two
+    for start in range(0, len(sel.part), slice_rows):
+        part, row = sel.part[start : start + slice_rows], sel.row[start : start + slice_rows]
+        frames = []
+        for p in np.unique(part):
+            if p not in cache:
+                cache = {int(p): pd.read_parquet(sel.parts[p])}
+            slots = np.flatnonzero(part == p)
+            frames.append(cache[int(p)].iloc[row[slots]].set_axis(slots))
+        yield pd.concat(frames).sort_index().to_dict("records")
+
+
+# --------------------------------------------------------------------------------------------
+# The merge
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    """What a merge found; `read == accepted + rejected + duplicates`."""
+
+    read: int
+    accepted: int
+    duplicates: int
+    reasons: dict[str, int]
+
+    @property
+    def rejected(self) -> int:
+        return self.read - self.accepted - self.duplicates
+
+
+class _Accepted:
+    """Accepted rows so far: temp parquet runs in ordinal order, their ids, sha256s and ids
+    seen (digests), and which attribute columns hold a value."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.runs: list[Path] = []
+        self.ids: list[pa.Array] = []  # image_id per ordinal, one array per run
+        self.count = 0
+        self.sha = DigestIndex()  # sha256 -> ordinal of the image holding it
+        self.id_seen = DigestIndex()
+        self.attributes: set[str] = set()
+
+    def add_run(self, frame: pd.DataFrame, sha: np.ndarray, ids: np.ndarray) -> None:
+        if not len(frame):
+            return
+        frame = normalise_manifest(frame)  # typed columns, so every run writes as parquet
+        ordinals = np.arange(self.count, self.count + len(frame), dtype=np.int64)
+        self.sha.add(sha, ordinals)
+        self.id_seen.add(ids, ordinals)
+        self.ids.append(pa.array(frame["image_id"].astype(str).tolist(), pa.string()))
+        self.attributes |= {c for c in ATTRIBUTE_COLUMNS if c in frame and frame[c].notna().any()}
+        path = temp_path(self.folder / f"run-{len(self.runs)}.parquet")
+        self.runs.append(path)
+        frame.to_parquet(path, index=False)
+        self.count += len(frame)
+
+    def image_id(self, ordinal: int) -> str:
+        return pa.chunked_array(self.ids, pa.string())[ordinal].as_py()
+
+
+def _keep_base(paths: DataPaths, replace: DigestIndex, acc: _Accepted, slice_rows: int) -> None:
+    """The manifest's rows of other jobs, streamed into the accepted runs first."""
+    if not paths.processed_manifest.is_file():
+        return
+    for frame in iter_frames(paths.processed_manifest, batch_rows=slice_rows):
+        if not len(frame):
+            continue
+        frame = frame[~replace.contains(ref_digests(frame["source"], frame["source_ref"]))]
+        acc.add_run(frame.reset_index(drop=True), digests(frame["sha256"].astype(str)),
+                    digests(frame["image_id"].astype(str)))  # fmt: skip
+
+
+def _dedup_slice(
+    records: list[dict[str, Any]], acc: _Accepted, refused: list[dict[str, Any]]
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int]:
+    """One slice in source order: accepted rows (frame, sha and id digests) and duplicates;
+    refused rows are appended to `refused`."""
+    good = [r for r in records if r["status"] == "accepted"]
+    ids = [_value(r, "image_id") or r["sha256"][:16] for r in good]
+    sha_d, id_d = digests(r["sha256"] for r in good), digests(ids)
+    holder, id_taken = acc.sha.find(sha_d), acc.id_seen.contains(id_d)
+    new_sha: dict[bytes, str] = {}  # this slice's accepted content -> image_id
+    new_ids: set[bytes] = set()
+    batch, keep = [], []
+    duplicates, k = 0, 0
+    for row in records:
+        ref = {"source": row["source"], "source_ref": row["source_ref"]}
+        if row["status"] != "accepted":
+            refused.append(ref | {"reason": row["reason"], "detail": row["detail"],
+                                  "stage": row["stage"]})  # fmt: skip
+            continue
+        i, k = k, k + 1
+        image_id, sha = ids[i], sha_d[i]
+        if holder[i] >= 0 or sha in new_sha:
+            duplicates += 1
+            first = new_sha[sha] if sha in new_sha else acc.image_id(int(holder[i]))
+            refused.append(ref | {"reason": R.DUPLICATE, "stage": "dedup",
+                                  "detail": f"same content as image {first}"})  # fmt: skip
+            continue
+        if id_taken[i] or id_d[i] in new_ids:
+            detail = f"image_id {image_id} already used by different content"
+            refused.append(ref | {"reason": R.DUPLICATE_ID, "detail": detail, "stage": "dedup"})
+            continue
+        new_sha[sha] = image_id
+        new_ids.add(id_d[i])
+        batch.append(_manifest_fields(row, image_id))
+        keep.append(i)
+    present = {key for rec in batch for key in rec}
+    columns = MANIFEST_COLUMNS + [c for c in ATTRIBUTE_COLUMNS if c in present]
+    frame = pd.DataFrame(batch, columns=columns)
+    return frame, sha_d[keep], id_d[keep], duplicates
+
+
+def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
+    """The file's schema from a normalised frame; all-null object columns are strings."""
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    for i, f in enumerate(schema):
+        if pa.types.is_null(f.type):
+            schema = schema.set(i, pa.field(f.name, pa.string()))
+    return schema
+
+
+def _write_sorted(acc: _Accepted, path: Path, slice_rows: int) -> None:
+    """Every accepted run into `path`, sorted by image_id: an external bucket sort by rank."""
+    if not acc.count:
+        write_parquet(path, empty_manifest())
+        return
+    attributes = [c for c in ATTRIBUTE_COLUMNS if c in acc.attributes]
+    ids = pa.chunked_array(acc.ids, pa.string())
+    rank = np.empty(acc.count, np.int64)
+    rank[pc.sort_indices(ids).to_numpy()] = np.arange(acc.count)  # stable: ids are distinct
+    del ids
+    n_buckets = -(-acc.count // slice_rows)
+    buckets = [temp_path(acc.folder / f"bucket-{b}.arrow") for b in range(n_buckets)]
+    writers: list[Any] = [None] * n_buckets
+    schema: pa.Schema | None = None
+    start = 0
+    try:
+        for run in acc.runs:
+            frame = normalise_manifest(pd.read_parquet(run), attributes)
+            schema = schema or _arrow_schema(frame)
+            r = rank[start : start + len(frame)]
+            start += len(frame)
+            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+            table = table.append_column("_rank", pa.array(r))
+            which = r // slice_rows
+            for b in np.unique(which):
+                if writers[b] is None:
+                    writers[b] = pa.ipc.new_stream(str(buckets[b]), table.schema)
+                writers[b].write_table(table.filter(pa.array(which == b)))
+            run.unlink()
+        for w in writers:
+            w.close()
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
+            for bucket in buckets:
+                with pa.ipc.open_stream(str(bucket)) as reader:
+                    table = reader.read_all()
+                bucket.unlink()
+                table = table.take(pc.sort_indices(table["_rank"])).drop_columns(["_rank"])
+                out.write_table(table.cast(schema), row_group_size=max(len(table), 1))
+    finally:
+        for bucket in buckets:
+            bucket.unlink(missing_ok=True)
+    release_memory()
+
+
+def _merge_rejects(
+    path: Path, new: list[dict[str, Any]], replace: DigestIndex, gone: set[tuple[str, str]]
+) -> None:
+    """rejects.parquet without this job's previous rows (and gone ones), plus `new`."""
+    old = R.read_rejects(path)
+    if len(old):
+        drop = replace.contains(ref_digests(old["source"], old["source_ref"]))
+        if gone:
+            drop |= np.array([k in gone for k in zip(old["source"], old["source_ref"],
+                                                     strict=True)])  # fmt: skip
+        old = old[~drop]
+    R.write_rejects(path, old, pd.DataFrame(new, columns=R.COLUMNS))
+
+
+def finalize_journals(
+    journals: Sequence[Path],
+    listed: np.ndarray,
+    paths: DataPaths,
+    *,
+    first_listed_wins: bool = False,
+    slice_rows: int = SLICE_ROWS,
+) -> MergeCounts:
+    """Deduplicate the journals' rows in listing order and merge them into manifest + rejects.
+
+    `listed` holds the digest (`digests`) of every listed key in source order; a key listed
+    twice takes its last place (its first with `first_listed_wins`). Rows of keys not listed
+    are left out; this job's earlier rows in both tables are replaced, never appended twice.
+    """
+    sel = _select(journals, listing_index(listed, first_listed_wins))
+    replace = DigestIndex(sel.keys)
+    folder = paths.state / "ingest" / "merge"
+    folder.mkdir(parents=True, exist_ok=True)
+    acc = _Accepted(folder)
+    refused: list[dict[str, Any]] = []
+    duplicates = 0
+    try:
+        _keep_base(paths, replace, acc, slice_rows)
+        n_base = acc.count
+        for records in _slices(sel, slice_rows):
+            frame, sha, ids, dups = _dedup_slice(records, acc, refused)
+            duplicates += dups
+            acc.add_run(frame, sha, ids)
+        _write_sorted(acc, paths.processed_manifest, slice_rows)
+    finally:
+        for run in acc.runs:
+            run.unlink(missing_ok=True)
+    _merge_rejects(paths.rejects, refused, replace, sel.gone)
+    reasons = Counter(r["reason"] for r in refused if r["reason"] != R.DUPLICATE)
+    return MergeCounts(
+        read=len(sel.part),
+        accepted=acc.count - n_base,
+        duplicates=duplicates,
+        reasons=dict(sorted(reasons.items())),
+    )
