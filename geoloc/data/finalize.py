@@ -22,10 +22,9 @@ the first accepted content and the first use of an id win.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import pyarrow.parquet as pq
 from geoloc.atomic import atomic_path, temp_path, write_parquet
 from geoloc.data import rejects as R
 from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
+from geoloc.data.digests import DIGEST, DigestIndex, digests, ref_digests
 from geoloc.data.state import Journal
 from geoloc.data.tables import iter_frames, release_memory
 from geoloc.paths import DataPaths
@@ -63,7 +63,6 @@ MANIFEST_COLUMNS = [
     "length",
 ]
 SLICE_ROWS = 65_536  # journal rows (and manifest rows per sort bucket) in memory at once
-DIGEST = "S16"
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,53 +138,6 @@ def _manifest_fields(row: dict[str, Any], image_id: str) -> dict[str, Any]:
         "offset": row.get("offset", -1),
         "length": row.get("length", -1),
     } | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
-
-
-# --------------------------------------------------------------------------------------------
-# Sets of 16-byte digests
-# --------------------------------------------------------------------------------------------
-
-
-def digests(values: Iterable[str]) -> np.ndarray:
-    """The 16-byte blake2b digest of each string (dtype S16): a set member in 16 bytes."""
-    blake = hashlib.blake2b
-    return np.fromiter((blake(v.encode(), digest_size=16).digest() for v in values), DIGEST)
-
-
-def ref_digests(sources: Iterable[str], refs: Iterable[str]) -> np.ndarray:
-    """Digests of `source<TAB>source_ref`, the key a journal row carries (`ingest._key`)."""
-    return digests(f"{s}\t{r}" for s, r in zip(sources, refs, strict=True))
-
-
-class DigestIndex:
-    """Digests kept sorted, each with an int64 value (-1: absent): a set or a map in 24 bytes
-    a member, with vectorised lookups."""
-
-    def __init__(self, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
-        keys = np.empty(0, DIGEST) if keys is None else keys
-        values = np.zeros(len(keys), np.int64) if values is None else values
-        order = np.argsort(keys, kind="stable")
-        self.keys, self.values = keys[order], values[order].astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """The value of each key, -1 for those not in the index."""
-        if not len(self.keys) or not len(keys):
-            return np.full(len(keys), -1, np.int64)
-        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return np.where(self.keys[at] == keys, self.values[at], -1)
-
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        return self.find(keys) >= 0
-
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Add keys not in the index yet (the caller keeps them distinct)."""
-        if len(keys):
-            merged = DigestIndex(np.concatenate([self.keys, keys]),
-                                 np.concatenate([self.values, values]))  # fmt: skip
-            self.keys, self.values = merged.keys, merged.values
 
 
 def listing_index(listed: np.ndarray, first_wins: bool = False) -> DigestIndex:
@@ -420,7 +372,7 @@ def _write_sorted(acc: _Accepted, path: Path, slice_rows: int) -> None:
 
 
 def _merge_rejects(
-    path: Path, new: list[dict[str, Any]], replace: DigestIndex, gone: set[tuple[str, str]]
+    path: Path, new: list[pd.DataFrame], replace: DigestIndex, gone: set[tuple[str, str]]
 ) -> None:
     """rejects.parquet without this job's previous rows (and gone ones), plus `new`."""
     old = R.read_rejects(path)
@@ -430,7 +382,9 @@ def _merge_rejects(
             drop |= np.array([k in gone for k in zip(old["source"], old["source_ref"],
                                                      strict=True)])  # fmt: skip
         old = old[~drop]
-    R.write_rejects(path, old, pd.DataFrame(new, columns=R.COLUMNS))
+    frames = [f for f in new if len(f)]
+    R.write_rejects(path, old, pd.concat(frames, ignore_index=True) if frames else
+                    pd.DataFrame(columns=R.COLUMNS))  # fmt: skip
 
 
 def finalize_journals(
@@ -452,21 +406,24 @@ def finalize_journals(
     folder = paths.state / "ingest" / "merge"
     folder.mkdir(parents=True, exist_ok=True)
     acc = _Accepted(folder)
-    refused: list[dict[str, Any]] = []
+    refused: list[pd.DataFrame] = []  # a frame per slice: ~10x smaller than as dicts
+    reasons: Counter[str] = Counter()
     duplicates = 0
     try:
         _keep_base(paths, replace, acc, slice_rows)
         n_base = acc.count
         for records in _slices(sel, slice_rows):
-            frame, sha, ids, dups = _dedup_slice(records, acc, refused)
+            slice_refused: list[dict[str, Any]] = []
+            frame, sha, ids, dups = _dedup_slice(records, acc, slice_refused)
             duplicates += dups
             acc.add_run(frame, sha, ids)
+            reasons.update(r["reason"] for r in slice_refused if r["reason"] != R.DUPLICATE)
+            refused.append(pd.DataFrame(slice_refused, columns=R.COLUMNS))
         _write_sorted(acc, paths.processed_manifest, slice_rows)
     finally:
         for run in acc.runs:
             run.unlink(missing_ok=True)
     _merge_rejects(paths.rejects, refused, replace, sel.gone)
-    reasons = Counter(r["reason"] for r in refused if r["reason"] != R.DUPLICATE)
     return MergeCounts(
         read=len(sel.part),
         accepted=acc.count - n_base,

@@ -28,14 +28,11 @@ import pandas as pd
 from geoloc.atomic import sweep_stale_temps, temp_path
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
+from geoloc.data.digests import digests
 from geoloc.data.finalize import (  # the manifest contract, imported from here too
     MANIFEST_COLUMNS as MANIFEST_COLUMNS,
 )
-from geoloc.data.finalize import (
-    SLICE_ROWS,
-    digests,
-    finalize_journals,
-)
+from geoloc.data.finalize import SLICE_ROWS, finalize_journals
 from geoloc.data.finalize import empty_manifest as empty_manifest
 from geoloc.data.finalize import normalise_manifest as normalise_manifest
 from geoloc.data.finalize import read_processed_manifest as read_processed_manifest

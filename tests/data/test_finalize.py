@@ -16,7 +16,8 @@ import pytest
 from fixtures.finalize_reference import reference_finalize
 
 from geoloc.data import rejects as R
-from geoloc.data.finalize import digests, finalize_journals, normalise_manifest
+from geoloc.data.digests import digests
+from geoloc.data.finalize import finalize_journals, normalise_manifest
 from geoloc.data.state import Journal
 from geoloc.paths import DataPaths
 
