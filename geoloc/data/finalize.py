@@ -403,7 +403,7 @@ def finalize_journals(
     """
     sel = _select(journals, listing_index(listed, first_listed_wins))
     replace = DigestIndex(sel.keys)
-    folder = paths.state / "ingest" / "merge"
+    folder = paths.state / "merge"  # temp runs and buckets (not a job journal under ingest/)
     folder.mkdir(parents=True, exist_ok=True)
     acc = _Accepted(folder)
     refused: list[pd.DataFrame] = []  # a frame per slice: ~10x smaller than as dicts

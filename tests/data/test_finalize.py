@@ -94,7 +94,7 @@ def test_streamed_merge_equals_the_whole_journal_merge(
     rejects = pd.read_parquet(paths.rejects)
     pd.testing.assert_frame_equal(rejects, pd.read_parquet(ref_paths.rejects))
     assert "zgone" not in set(rejects["source_ref"]) and "o9" in set(rejects["source_ref"])
-    assert not list((paths.state / "ingest" / "merge").iterdir())  # no temp runs or buckets left
+    assert not list((paths.state / "merge").iterdir())  # no temp runs or buckets left
 
 
 def test_merging_nothing_leaves_an_empty_valid_manifest(tmp_path: Path) -> None:
