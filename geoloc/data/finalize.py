@@ -201,18 +201,22 @@ def _select(journals: Sequence[Path], order: DigestIndex) -> _Selection:
     return _Selection(parts, part_all[chosen], row_all[chosen], key_all[chosen], gone)
 
 
-def _slices(sel: _Selection, slice_rows: int) -> Iterator[list[dict[str, Any]]]:
-    """The chosen journal rows as plain dicts, `slice_rows` at a time, in listing order."""
-    cache: dict[int, pd.DataFrame] = {}  # the last part read: slices cut parts in two
+def _slices(sel: _Selection, slice_rows: int) -> Iterator[pd.DataFrame]:
+    """The chosen journal rows, `slice_rows` at a time, in listing order (one frame each)."""
+    cache: dict[int, pa.Table] = {}  # the last part read: slices cut parts in two
     for start in range(0, len(sel.part), slice_rows):
         part, row = sel.part[start : start + slice_rows], sel.row[start : start + slice_rows]
-        frames = []
+        tables, slots = [], []
         for p in np.unique(part):
-            if p not in cache:
-                cache = {int(p): pd.read_parquet(sel.parts[p])}
-            slots = np.flatnonzero(part == p)
-            frames.append(cache[int(p)].iloc[row[slots]].set_axis(slots))
-        yield pd.concat(frames).sort_index().to_dict("records")
+            if int(p) not in cache:
+                cache = {int(p): pq.read_table(sel.parts[p])}
+            at = np.flatnonzero(part == p)
+            tables.append(cache[int(p)].take(pa.array(row[at])))
+            slots.append(at)
+        # parts differ in columns (a part of rejects has no sha256): missing ones are null
+        table = pa.concat_tables(tables, promote_options="permissive")
+        order = np.argsort(np.concatenate(slots), kind="stable")
+        yield table.take(pa.array(order)).to_pandas()
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,45 +281,69 @@ def _keep_base(paths: DataPaths, replace: DigestIndex, acc: _Accepted, slice_row
                     digests(frame["image_id"].astype(str)))  # fmt: skip
 
 
+def _decide(sha: np.ndarray, ids: np.ndarray, holder: np.ndarray, id_taken: np.ndarray,
+            image_ids: list[str], acc: _Accepted) -> tuple[np.ndarray, list[str]]:
+    """Per accepted journal row, in source order: 0 keep, 1 duplicate (same content as an
+    image kept earlier), 2 duplicate_id (its id taken by other content); with the detail.
+
+    A row refused for its id claims neither its content nor its id, so this is a loop."""
+    code = np.zeros(len(sha), np.int8)
+    details = [""] * len(sha)
+    kept_sha: dict[bytes, str] = {}  # this slice's kept content -> image_id
+    kept_ids: set[bytes] = set()
+    for i, (s, d) in enumerate(zip(sha.tolist(), ids.tolist(), strict=True)):
+        if holder[i] >= 0 or s in kept_sha:
+            code[i] = 1
+            first = kept_sha[s] if s in kept_sha else acc.image_id(int(holder[i]))
+            details[i] = f"same content as image {first}"
+        elif id_taken[i] or d in kept_ids:
+            code[i] = 2
+            details[i] = f"image_id {image_ids[i]} already used by different content"
+        else:
+            kept_sha[s] = image_ids[i]
+            kept_ids.add(d)
+    return code, details
+
+
+def _column(frame: pd.DataFrame, name: str, default: Any = None) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(default, index=frame.index, dtype=object)
+
+
 def _dedup_slice(
-    records: list[dict[str, Any]], acc: _Accepted, refused: list[dict[str, Any]]
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int]:
-    """One slice in source order: accepted rows (frame, sha and id digests) and duplicates;
-    refused rows are appended to `refused`."""
-    good = [r for r in records if r["status"] == "accepted"]
-    ids = [_value(r, "image_id") or r["sha256"][:16] for r in good]
-    sha_d, id_d = digests(r["sha256"] for r in good), digests(ids)
-    holder, id_taken = acc.sha.find(sha_d), acc.id_seen.contains(id_d)
-    new_sha: dict[bytes, str] = {}  # this slice's accepted content -> image_id
-    new_ids: set[bytes] = set()
-    batch, keep = [], []
-    duplicates, k = 0, 0
-    for row in records:
-        ref = {"source": row["source"], "source_ref": row["source_ref"]}
-        if row["status"] != "accepted":
-            refused.append(ref | {"reason": row["reason"], "detail": row["detail"],
-                                  "stage": row["stage"]})  # fmt: skip
-            continue
-        i, k = k, k + 1
-        image_id, sha = ids[i], sha_d[i]
-        if holder[i] >= 0 or sha in new_sha:
-            duplicates += 1
-            first = new_sha[sha] if sha in new_sha else acc.image_id(int(holder[i]))
-            refused.append(ref | {"reason": R.DUPLICATE, "stage": "dedup",
-                                  "detail": f"same content as image {first}"})  # fmt: skip
-            continue
-        if id_taken[i] or id_d[i] in new_ids:
-            detail = f"image_id {image_id} already used by different content"
-            refused.append(ref | {"reason": R.DUPLICATE_ID, "detail": detail, "stage": "dedup"})
-            continue
-        new_sha[sha] = image_id
-        new_ids.add(id_d[i])
-        batch.append(_manifest_fields(row, image_id))
-        keep.append(i)
-    present = {key for rec in batch for key in rec}
-    columns = MANIFEST_COLUMNS + [c for c in ATTRIBUTE_COLUMNS if c in present]
-    frame = pd.DataFrame(batch, columns=columns)
-    return frame, sha_d[keep], id_d[keep], duplicates
+    frame: pd.DataFrame, acc: _Accepted
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
+    """One slice of journal rows in source order: the kept rows as manifest columns (with
+    their sha256 and id digests), and the refused rows as rejects (duplicates included)."""
+    ok = (frame["status"] == "accepted").to_numpy(dtype=bool, na_value=False)
+    good = frame[ok]
+    given = _column(good, "image_id")
+    given = given.astype(object).where(given.notna(), "")  # missing: the content's sha prefix
+    image_ids = [str(g) if g != "" else h[:16] for g, h in zip(given, good["sha256"],
+                                                                strict=True)]  # fmt: skip
+    sha, ids = digests(good["sha256"]), digests(image_ids)
+    code, details = _decide(sha, ids, acc.sha.find(sha), acc.id_seen.contains(ids), image_ids,
+                            acc)  # fmt: skip
+    refused = frame.loc[~ok, ["source", "source_ref", "reason", "detail", "stage"]]
+    dropped = code > 0
+    dedup = pd.DataFrame({
+        "source": good["source"][dropped], "source_ref": good["source_ref"][dropped],
+        "reason": np.where(code[dropped] == 1, R.DUPLICATE, R.DUPLICATE_ID),
+        "detail": [d for d, c in zip(details, code, strict=True) if c], "stage": "dedup",
+    })  # fmt: skip
+    keep = good[~dropped]
+    captured = _column(keep, "captured_at")
+    captured = captured.where(captured.notna() & (captured.astype(str) != ""),
+                              _column(keep, "exif_captured_at"))  # fmt: skip
+    out = pd.DataFrame({
+        "image_id": np.asarray(image_ids, dtype=object)[~dropped], "path": keep["path"],
+        "lat": keep["lat"], "lon": keep["lon"], "sha256": keep["sha256"],
+        "width": keep["width"], "height": keep["height"], "source": keep["source"],
+        "source_ref": keep["source_ref"], "captured_at": captured,
+        "sequence_id": _column(keep, "sequence_id"), "shard": _column(keep, "shard"),
+        "member": _column(keep, "member"), "offset": _column(keep, "offset", -1),
+        "length": _column(keep, "length", -1),
+    } | {c: keep[c] for c in ATTRIBUTE_COLUMNS if c in keep})  # fmt: skip
+    return out.reset_index(drop=True), sha[~dropped], ids[~dropped], pd.concat([refused, dedup])
 
 
 def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
@@ -412,13 +440,13 @@ def finalize_journals(
     try:
         _keep_base(paths, replace, acc, slice_rows)
         n_base = acc.count
-        for records in _slices(sel, slice_rows):
-            slice_refused: list[dict[str, Any]] = []
-            frame, sha, ids, dups = _dedup_slice(records, acc, slice_refused)
-            duplicates += dups
-            acc.add_run(frame, sha, ids)
-            reasons.update(r["reason"] for r in slice_refused if r["reason"] != R.DUPLICATE)
-            refused.append(pd.DataFrame(slice_refused, columns=R.COLUMNS))
+        for rows in _slices(sel, slice_rows):
+            kept, sha, ids, slice_refused = _dedup_slice(rows, acc)
+            acc.add_run(kept, sha, ids)
+            counted = slice_refused["reason"].value_counts()
+            duplicates += int(counted.pop(R.DUPLICATE)) if R.DUPLICATE in counted else 0
+            reasons.update({str(k): int(v) for k, v in counted.items()})
+            refused.append(slice_refused)
         _write_sorted(acc, paths.processed_manifest, slice_rows)
     finally:
         for run in acc.runs:
