@@ -315,7 +315,7 @@ def _dedup_slice(
     """One slice of journal rows in source order: the kept rows as manifest columns (with
     their sha256 and id digests), and the refused rows as rejects (duplicates included)."""
     ok = (frame["status"] == "accepted").to_numpy(dtype=bool, na_value=False)
-    good = frame[ok]
+    good = frame[ok].reindex(columns=frame.columns.union(["sha256"], sort=False))
     given = _column(good, "image_id")
     given = given.astype(object).where(given.notna(), "")  # missing: the content's sha prefix
     image_ids = [str(g) if g != "" else h[:16] for g, h in zip(given, good["sha256"],
@@ -323,7 +323,7 @@ def _dedup_slice(
     sha, ids = digests(good["sha256"]), digests(image_ids)
     code, details = _decide(sha, ids, acc.sha.find(sha), acc.id_seen.contains(ids), image_ids,
                             acc)  # fmt: skip
-    refused = frame.loc[~ok, ["source", "source_ref", "reason", "detail", "stage"]]
+    refused = frame.loc[~ok].reindex(columns=R.COLUMNS)
     dropped = code > 0
     dedup = pd.DataFrame({
         "source": good["source"][dropped], "source_ref": good["source_ref"][dropped],
