@@ -103,3 +103,22 @@ def test_merging_nothing_leaves_an_empty_valid_manifest(tmp_path: Path) -> None:
     assert (counts.read, counts.accepted, counts.rejected) == (0, 0, 0)
     assert len(pd.read_parquet(paths.processed_manifest)) == 0
     assert len(pd.read_parquet(paths.rejects)) == 0
+
+
+def test_a_merge_killed_midway_leaves_nothing_the_next_merge_keeps(tmp_path: Path) -> None:
+    """A merge SIGKILLed mid-way leaves temp runs under data/state/merge/ (manifest.parquet is
+    replaced atomically, never half written): the next merge removes them."""
+    import subprocess
+    import sys
+
+    paths, journals, keys = _world(tmp_path)
+    folder = paths.state / "merge"
+    folder.mkdir(parents=True)
+    code = ("import sys; from pathlib import Path; from geoloc.atomic import temp_path; "
+            "p = temp_path(Path(sys.argv[1]) / 'run-0.parquet'); p.write_bytes(b'x'); print(p)")
+    left = Path(subprocess.run([sys.executable, "-c", code, str(folder)], check=True,
+                               capture_output=True, text=True).stdout.strip())  # fmt: skip
+    assert left.is_file()  # its writer is gone now
+    counts = finalize_journals(journals, digests(keys), paths)
+    assert counts.accepted == 4
+    assert not list(folder.iterdir())
