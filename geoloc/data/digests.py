@@ -28,34 +28,41 @@ def ref_digests(sources: Iterable[str], refs: Iterable[str]) -> np.ndarray:
 
 
 class DigestIndex:
-    """Digests kept sorted, each with int64 values (shape (n,) or (n, k); -1: absent): a set or
-    a map with vectorised lookups."""
+    """Digests kept sorted, optionally each with integer values (shape (n,) or (n, k)): a set
+    (`contains`) or a map (`find`: -1 for absent keys), with vectorised lookups."""
 
     def __init__(self, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
         keys = np.empty(0, DIGEST) if keys is None else keys
-        values = np.zeros(len(keys), np.int64) if values is None else values
         order = np.argsort(keys, kind="stable")
-        self.keys, self.values = keys[order], values[order].astype(np.int64)
+        self.keys = keys[order]
+        self.values = None if values is None else values[order]
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _at(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        hit = self.keys[at] == keys if len(self.keys) else np.zeros(len(keys), bool)
+        return at, hit
+
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The values of each key, -1 for keys not in the index."""
+        assert self.values is not None, "a DigestIndex without values is a set: use contains"
         if not len(self.keys) or not len(keys):
-            return np.full((len(keys), *self.values.shape[1:]), -1, np.int64)
-        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        hit = (self.keys[at] == keys).reshape(-1, *[1] * (self.values.ndim - 1))
-        return np.where(hit, self.values[at], -1)
+            return np.full((len(keys), *self.values.shape[1:]), -1, self.values.dtype)
+        at, hit = self._at(keys)
+        return np.where(hit.reshape(-1, *[1] * (self.values.ndim - 1)), self.values[at], -1)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         if not len(self.keys) or not len(keys):
             return np.zeros(len(keys), bool)
-        return self.keys[np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)] == keys
+        return self._at(keys)[1]
 
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+    def add(self, keys: np.ndarray, values: np.ndarray | None = None) -> None:
         """Add keys not in the index yet (the caller keeps them distinct)."""
         if len(keys):
-            merged = DigestIndex(np.concatenate([self.keys, keys]),
-                                 np.concatenate([self.values, values]))  # fmt: skip
+            merged = DigestIndex(
+                np.concatenate([self.keys, keys]),
+                None if self.values is None else np.concatenate([self.values, values]),
+            )
             self.keys, self.values = merged.keys, merged.values

@@ -144,7 +144,7 @@ def listing_index(listed: np.ndarray, first_wins: bool = False) -> DigestIndex:
     """Each listed key's position in the listing (its first or its last, when listed twice)."""
     n = len(listed)
     uniq, at = np.unique(listed if first_wins else listed[::-1], return_index=True)
-    return DigestIndex(uniq, at if first_wins else n - 1 - at)
+    return DigestIndex(uniq, (at if first_wins else n - 1 - at).astype(np.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +157,8 @@ class _Selection:
     """The journal row that stands for each listed key, in listing order."""
 
     parts: list[Path]
-    part: np.ndarray  # int64 (rows,): the part holding each chosen row
-    row: np.ndarray  # int64 (rows,): its row in that part
+    part: np.ndarray  # int32 (rows,): the part holding each chosen row
+    row: np.ndarray  # int32 (rows,): its row in that part
     keys: np.ndarray  # S16 (rows,): its key's digest
     gone: set[tuple[str, str]] = field(default_factory=set)  # source rejects no longer listed
 
@@ -185,11 +185,11 @@ def _select(journals: Sequence[Path], order: DigestIndex) -> _Selection:
                               table.column("source_ref")[j].as_py()))  # fmt: skip
         listed = np.flatnonzero(at >= 0)
         pos.append(at[listed])
-        part.append(np.full(len(listed), i, np.int64))
-        row.append(listed.astype(np.int64))
+        part.append(np.full(len(listed), i, np.int32))
+        row.append(listed.astype(np.int32))
         keys.append(d[listed])
     if not pos:
-        empty = np.empty(0, np.int64)
+        empty = np.empty(0, np.int32)
         return _Selection(parts, empty, empty, np.empty(0, DIGEST), gone)
     pos_all, part_all, row_all = np.concatenate(pos), np.concatenate(part), np.concatenate(row)
     key_all = np.concatenate(keys)
@@ -247,7 +247,7 @@ class _Accepted:
         self.runs: list[Path] = []
         self.ids: list[pa.Array] = []  # image_id per ordinal, one array per run
         self.count = 0
-        self.sha = DigestIndex()  # sha256 -> ordinal of the image holding it
+        self.sha = DigestIndex(values=np.empty(0, np.int32))  # sha256 -> ordinal holding it
         self.id_seen = DigestIndex()
         self.attributes: set[str] = set()
 
@@ -255,9 +255,8 @@ class _Accepted:
         if not len(frame):
             return
         frame = normalise_manifest(frame)  # typed columns, so every run writes as parquet
-        ordinals = np.arange(self.count, self.count + len(frame), dtype=np.int64)
-        self.sha.add(sha, ordinals)
-        self.id_seen.add(ids, ordinals)
+        self.sha.add(sha, np.arange(self.count, self.count + len(frame), dtype=np.int32))
+        self.id_seen.add(ids)
         self.ids.append(pa.array(frame["image_id"].astype(str).tolist(), pa.string()))
         self.attributes |= {c for c in ATTRIBUTE_COLUMNS if c in frame and frame[c].notna().any()}
         path = temp_path(self.folder / f"run-{len(self.runs)}.parquet")
@@ -430,7 +429,8 @@ def finalize_journals(
     are left out; this job's earlier rows in both tables are replaced, never appended twice.
     """
     sel = _select(journals, listing_index(listed, first_listed_wins))
-    replace = DigestIndex(sel.keys)
+    replace = DigestIndex(sel.keys)  # this job's refs: its earlier rows are replaced
+    sel.keys = sel.keys[:0]
     folder = paths.state / "merge"  # temp runs and buckets (not a job journal under ingest/)
     folder.mkdir(parents=True, exist_ok=True)
     acc = _Accepted(folder)

@@ -302,7 +302,7 @@ def checked_rows(
     for chunk in [table] if isinstance(table, pd.DataFrame) else table:
         chunk_ids: set[bytes] = set()
         yield from _checked_chunk(chunk, first, ids_seen, chunk_ids, manifest_ref, source)
-        ids_seen.add(np.array(sorted(chunk_ids), DIGEST), np.zeros(len(chunk_ids), np.int64))
+        ids_seen.add(np.array(sorted(chunk_ids), DIGEST))
         first += len(chunk)
 
 
