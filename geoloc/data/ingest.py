@@ -246,7 +246,8 @@ class JournaledSource:
     """A source listed and processed into its job journal, not yet merged into the manifest.
 
     Journaling touches only the job's own journal and content-addressed files, so several jobs
-    can run at once (`geoloc.data.shards`); `finalize` is the one step that must take turns.
+    can run at once (`geoloc.data.shards`); the merge (`geoloc.data.finalize`) is the one step
+    that must take turns.
     """
 
     spec: str
