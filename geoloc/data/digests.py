@@ -59,10 +59,11 @@ class DigestIndex:
         return self._at(keys)[1]
 
     def add(self, keys: np.ndarray, values: np.ndarray | None = None) -> None:
-        """Add keys not in the index yet (the caller keeps them distinct)."""
+        """Add keys not in the index yet (the caller keeps them distinct). The new keys are
+        sorted alone and inserted: one new array, not a sort of everything (memory ~2x, not 4x)."""
         if len(keys):
-            merged = DigestIndex(
-                np.concatenate([self.keys, keys]),
-                None if self.values is None else np.concatenate([self.values, values]),
-            )
-            self.keys, self.values = merged.keys, merged.values
+            new = DigestIndex(keys, values)
+            at = np.searchsorted(self.keys, new.keys)
+            self.keys = np.insert(self.keys, at, new.keys)
+            if self.values is not None:
+                self.values = np.insert(self.values, at, new.values, axis=0)

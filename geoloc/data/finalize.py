@@ -361,8 +361,9 @@ def _write_sorted(acc: _Accepted, path: Path, slice_rows: int) -> None:
         return
     attributes = [c for c in ATTRIBUTE_COLUMNS if c in acc.attributes]
     ids = pa.chunked_array(acc.ids, pa.string())
-    rank = np.empty(acc.count, np.int64)
-    rank[pc.sort_indices(ids).to_numpy()] = np.arange(acc.count)  # stable: ids are distinct
+    acc.ids, acc.sha, acc.id_seen = [], DigestIndex(), DigestIndex()  # done with: free them
+    rank = np.empty(acc.count, np.int32)
+    rank[pc.sort_indices(ids).to_numpy()] = np.arange(acc.count, dtype=np.int32)  # ids distinct
     del ids
     n_buckets = -(-acc.count // slice_rows)
     buckets = [temp_path(acc.folder / f"bucket-{b}.arrow") for b in range(n_buckets)]
@@ -430,7 +431,7 @@ def finalize_journals(
     """
     sel = _select(journals, listing_index(listed, first_listed_wins))
     replace = DigestIndex(sel.keys)  # this job's refs: its earlier rows are replaced
-    sel.keys = sel.keys[:0]
+    sel.keys, gone = sel.keys[:0], sel.gone
     folder = paths.state / "merge"  # temp runs and buckets (not a job journal under ingest/)
     folder.mkdir(parents=True, exist_ok=True)
     acc = _Accepted(folder)
@@ -447,13 +448,15 @@ def finalize_journals(
             duplicates += int(counted.pop(R.DUPLICATE)) if R.DUPLICATE in counted else 0
             reasons.update({str(k): int(v) for k, v in counted.items()})
             refused.append(slice_refused)
+        n_read = len(sel.part)
+        del sel  # what the sort needs is in the runs and their ids
         _write_sorted(acc, paths.processed_manifest, slice_rows)
     finally:
         for run in acc.runs:
             run.unlink(missing_ok=True)
-    _merge_rejects(paths.rejects, refused, replace, sel.gone)
+    _merge_rejects(paths.rejects, refused, replace, gone)
     return MergeCounts(
-        read=len(sel.part),
+        read=n_read,
         accepted=acc.count - n_base,
         duplicates=duplicates,
         reasons=dict(sorted(reasons.items())),
