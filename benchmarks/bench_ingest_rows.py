@@ -12,8 +12,9 @@ latitude, a JPEG cut short after 200 bytes (written into the work folder); 0.1% 
 rows repeat an earlier image under another id (duplicates). Bad rows are spread through the file.
 
 The ingest runs as the user runs it, in its own process group, with psutil polling every
-process of its tree every 0.2 s: the table gives the peak RSS of the main process and of each
-worker, the CPU seconds of all of them (`RUSAGE_CHILDREN`), and checks that read = accepted +
+process of its tree every 0.2 s: the table gives the peak RSS of the main process (and its
+peak until the listing was journaled, before the merge) and of each worker, the CPU seconds of
+all of them (`RUSAGE_CHILDREN`), and checks that read = accepted +
 rejected + duplicates, that rejects.parquet has a row per refused row, and that the terminal
 shows one summary line per reason (no line names a bad row).
 """
@@ -92,6 +93,7 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> dict:
                                 start_new_session=True)  # fmt: skip
         top = psutil.Process(proc.pid)
         peaks: dict[int, float] = {}
+        journal_mb = 0.0  # the main process's peak until its listing is journaled
         while proc.poll() is None:
             try:
                 for p in [top, *top.children(recursive=True)]:
@@ -99,12 +101,15 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> dict:
                         peaks[p.pid] = max(peaks.get(p.pid, 0.0), p.memory_info().rss / 2**20)
             except psutil.Error:
                 pass
+            if not journal_mb and " img in " in log.read_text():  # the progress line's end
+                journal_mb = peaks.get(proc.pid, 0.0)
             time.sleep(0.2)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     main = peaks.pop(proc.pid, 0.0)
     return {"code": proc.returncode, "wall": time.perf_counter() - t0, "cpu": cpu,
-            "main_mb": main, "worker_mb": sorted(peaks.values(), reverse=True),
+            "main_mb": main, "journal_mb": journal_mb,
+            "worker_mb": sorted(peaks.values(), reverse=True),
             "out": log.read_text()}  # fmt: skip
 
 
@@ -141,7 +146,8 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=32)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    print(f"{'rows':>9} {'wall s':>7} {'CPU ms/row':>10} {'main MB':>8} {'workers MB':>12}  checks")
+    print(f"{'rows':>9} {'wall s':>7} {'CPU ms/row':>10} {'main MB':>8} {'(journal)':>9} "
+          f"{'workers MB':>12}  checks")  # fmt: skip
     for n in args.n:
         folder = args.work / f"n{n}"
         shutil.rmtree(folder / "data", ignore_errors=True)
@@ -158,6 +164,7 @@ def main() -> None:
         found = re.search(r"read \d+ = .*duplicates \d+", r["out"])
         print(f"  {found.group(0) if found else 'no summary line'}")
         print(f"{n:>9,} {r['wall']:>7.0f} {1000 * r['cpu'] / n:>10.2f} {r['main_mb']:>8.0f} "
+              f"{r['journal_mb']:>9.0f} "
               f"{workers:>12}  {'; '.join(problems) or 'ok'}", flush=True)  # fmt: skip
 
 
