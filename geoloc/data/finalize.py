@@ -1,4 +1,4 @@
-"""The manifest contract, and the merge of ingest journals into it in memory flat in N.
+"""The manifest contract, and the merge of ingest journals into it in bounded memory.
 
 `finalize_journals` turns one or more job journals (`geoloc.data.state.Journal`) into this
 job's rows of `data/processed/manifest.parquet` and `data/index/rejects.parquet`. At 10^6 images
@@ -7,17 +7,18 @@ and source ref, and build the manifest at once: memory grew linearly in N (2.1x 
 Here no per-row Python object outlives a slice:
 
 - every per-row set (the listing's order, content and ids seen, the refs this job replaces) is a
-  sorted array of 16-byte blake2b digests (`DigestIndex`: 24 bytes a row, no collisions to
-  expect below ~10^18 rows);
+  sorted array of 16-byte blake2b digests (`geoloc.data.digests`; no collision to expect
+  below ~10^18 rows);
 - journal rows travel in source order a slice of `slice_rows` rows at a time, read from their
   parts; accepted rows go to temp parquet runs;
 - the manifest's order by `image_id` is an external sort: every row's rank is computed from the
   id column alone, rows are spread over rank buckets of one slice each on disk, and each bucket
   is sorted and appended to the output as a row group.
 
-What stays in memory grows only by rows that are refused (the rejects table is merged whole)
-and by the id column (~20 bytes a row). Deduplication follows source order exactly as before:
-the first accepted content and the first use of an id win.
+What still grows with N: ~80 bytes a row of digest sets and ids (measured ~130-180 with the
+allocator's high water: 329 MB at 10^5 rows, 494 MB at 10^6, docs/data.md) and the refused rows
+(the rejects table is merged whole). Deduplication follows source order exactly as before: the
+first accepted content and the first use of an id win.
 """
 
 from __future__ import annotations
@@ -112,32 +113,6 @@ def read_processed_manifest(paths: DataPaths) -> pd.DataFrame:
     if not paths.processed_manifest.is_file():
         return empty_manifest()
     return pd.read_parquet(paths.processed_manifest)
-
-
-def _value(row: dict[str, Any], col: str) -> Any:
-    v = row.get(col)
-    return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
-
-
-def _manifest_fields(row: dict[str, Any], image_id: str) -> dict[str, Any]:
-    """An accepted journal row's manifest columns (attribute columns included)."""
-    return {
-        "image_id": image_id,
-        "path": row["path"],
-        "lat": row["lat"],
-        "lon": row["lon"],
-        "sha256": row["sha256"],
-        "width": row["width"],
-        "height": row["height"],
-        "source": row["source"],
-        "source_ref": row["source_ref"],
-        "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
-        "sequence_id": _value(row, "sequence_id"),
-        "shard": _value(row, "shard"),
-        "member": _value(row, "member"),
-        "offset": row.get("offset", -1),
-        "length": row.get("length", -1),
-    } | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
 
 
 def listing_index(listed: np.ndarray, first_wins: bool = False) -> DigestIndex:
