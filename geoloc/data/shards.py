@@ -59,12 +59,14 @@ def merge_shards(shards: Sequence[JournaledSource], paths: DataPaths) -> IngestR
     with file_lock(paths.state / "ingest.lock"):
         counts = finalize_journals([s.journal for s in shards], listed, paths,
                                    first_listed_wins=True)  # fmt: skip
-    return IngestReport(
+    report = IngestReport(
         spec=" + ".join(s.spec for s in shards),
         source=",".join(sorted({s.source for s in shards})),
         read=counts.read, accepted=counts.accepted, rejected=counts.rejected,
         duplicates=counts.duplicates, reasons=counts.reasons,
     )  # fmt: skip
+    log.info("merged %d shards: %s", len(shards), report)
+    return report
 
 
 def ingest_shards(
