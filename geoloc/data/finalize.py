@@ -15,8 +15,8 @@ Here no per-row Python object outlives a slice:
   id column alone, rows are spread over rank buckets of one slice each on disk, and each bucket
   is sorted and appended to the output as a row group.
 
-What still grows with N: ~80 bytes a row of digest sets and ids (measured ~130-180 with the
-allocator's high water: 329 MB at 10^5 rows, 494 MB at 10^6, docs/data.md) and the refused rows
+What still grows with N: ~80 bytes a row of digest sets and ids (measured: ~130-180 bytes a row,
+329 MB at 10^5 rows, 494 MB at 10^6, docs/data.md) and the refused rows
 (the rejects table is merged whole). Deduplication follows source order exactly as before: the
 first accepted content and the first use of an id win.
 """
