@@ -351,7 +351,7 @@ class RerankConfig(StrictModel):
     )
     ann_nlist: int = Field(0, ge=0, description="IVF lists of that index (0: sqrt(gallery size)).")
     ann_nprobe: int = Field(
-        256, ge=1, description="IVF lists scanned per query (more: higher recall, slower)."
+        320, ge=1, description="IVF lists scanned per query (more: higher recall, slower)."
     )
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -23,12 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from geoloc.atomic import sweep_stale_temps, temp_path, write_parquet
+from geoloc.atomic import sweep_stale_temps, temp_path
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
-from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
+from geoloc.data.digests import digests
+from geoloc.data.finalize import (  # the manifest contract, imported from here too
+    MANIFEST_COLUMNS as MANIFEST_COLUMNS,
+)
+from geoloc.data.finalize import SLICE_ROWS, finalize_journals
+from geoloc.data.finalize import empty_manifest as empty_manifest
+from geoloc.data.finalize import normalise_manifest as normalise_manifest
+from geoloc.data.finalize import read_processed_manifest as read_processed_manifest
 from geoloc.data.imagestore import (
     LOCATION_COLUMNS,
     SHARDS_DIR,
@@ -46,23 +53,6 @@ from geoloc.progress import track
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = [
-    "image_id",
-    "path",
-    "lat",
-    "lon",
-    "sha256",
-    "width",
-    "height",
-    "source",
-    "source_ref",
-    "captured_at",
-    "sequence_id",
-    "shard",
-    "member",
-    "offset",
-    "length",
-]
 FETCH_THREADS = 8
 DEFAULT_CHUNK = 256
 
@@ -276,12 +266,13 @@ class JournaledSource:
     """A source listed and processed into its job journal, not yet merged into the manifest.
 
     Journaling touches only the job's own journal and content-addressed files, so several jobs
-    can run at once (`geoloc.data.shards`); `finalize` is the one step that must take turns.
+    can run at once (`geoloc.data.shards`); the merge (`geoloc.data.finalize`) is the one step
+    that must take turns.
     """
 
     spec: str
     source: str
-    keys: list[str]  # every listed item in source order; deduplication follows it
+    listed: np.ndarray  # digest of every listed key in source order; deduplication follows it
     journal: Path
     resumed: int = 0
     errors: tuple[str, ...] = ()  # the source's `errors` (parts it could not read)
@@ -300,8 +291,8 @@ def journal_source(
 ) -> JournaledSource:
     """List `spec` and fetch + process what its journal does not hold yet (resumable).
 
-    The listing is streamed chunk by chunk (only each item's key is kept, for the order the
-    merge deduplicates in), so memory does not grow with the items a source lists.
+    The listing is streamed chunk by chunk (only a 16-byte digest of each item's key is kept,
+    for the order the merge deduplicates in), so memory grows by 16 bytes per listed item.
     """
     resolved = _resolve_spec(spec, paths)
     source = create_source(resolved, **source_options)
@@ -322,7 +313,8 @@ def journal_source(
     writer = _shard_writer(paths, cfg, journal.folder.name, done_rows, fresh)
     del done_rows
     runner = _Runner(paths, cfg, writer)
-    keys: list[str] = []  # every listed item in source order
+    listed: list[np.ndarray] = []  # key digests in source order, a block at a time
+    block: list[str] = []
     resumed = 0
 
     def pending_chunks() -> Iterator[list[RawItem | SourceReject]]:
@@ -330,7 +322,10 @@ def journal_source(
         chunk: list[RawItem | SourceReject] = []
         for entry in source.items():
             key = _key(entry.source, entry.source_ref)
-            keys.append(key)
+            block.append(key)
+            if len(block) == SLICE_ROWS:
+                listed.append(digests(block))
+                block.clear()
             if key in done and not (key in redo and isinstance(entry, RawItem)):
                 resumed += 1
                 continue
@@ -340,6 +335,7 @@ def journal_source(
                 chunk = []
         if chunk:
             yield chunk
+        listed.append(digests(block))
 
     finished = False
     try:
@@ -368,7 +364,7 @@ def journal_source(
     return JournaledSource(
         spec=spec,
         source=getattr(source, "name", spec),
-        keys=keys,
+        listed=np.concatenate(listed) if listed else digests([]),
         journal=journal.folder,
         resumed=resumed,
         errors=tuple(getattr(source, "errors", ())),
@@ -415,163 +411,12 @@ def ingest(
     t0 = time.perf_counter()
     job = journal_source(spec, paths, cfg, fresh=fresh, chunk_size=chunk_size,
                          on_chunk=on_chunk, **source_options)  # fmt: skip
-    order = {key: i for i, key in enumerate(job.keys)}
-    rows = Journal(job.journal).read()
     with file_lock(paths.state / "ingest.lock"):
-        report = finalize(rows, order, paths, spec=spec, source=job.source)
-    return IngestReport(
-        **{**report.__dict__, "resumed": job.resumed, "seconds": time.perf_counter() - t0,
-           "errors": job.errors, "notes": job.notes}
-    )  # fmt: skip
-
-
-def _timestamps(values: pd.Series) -> pd.Series:
-    return pd.to_datetime(values, utc=True, errors="coerce", format="mixed").astype(
-        "datetime64[ns, UTC]"
-    )
-
-
-def empty_manifest() -> pd.DataFrame:
-    return normalise_manifest(pd.DataFrame({c: [] for c in MANIFEST_COLUMNS}))
-
-
-def normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
-    """Contract dtypes and column order of `data/processed/manifest.parquet`.
-
-    Optional attribute columns (`ATTRIBUTE_COLUMNS`) follow the contract ones, each only when
-    some row has a value.
-    """
-    attributes = [c for c in ATTRIBUTE_COLUMNS if c in df and df[c].notna().any()]
-    df = df.assign(**{c: None for c in ("shard", "member", "offset", "length") if c not in df})
-    out = df[MANIFEST_COLUMNS + attributes].copy()
-    for col in attributes:
-        out[col] = out[col].astype(attribute_dtype(col))
-    for col in ("image_id", "path", "sha256", "source", "source_ref"):
-        out[col] = out[col].astype("str")
-    for col in ("shard", "member"):  # null for images stored one file each (older manifests)
-        out[col] = out[col].astype("object").where(out[col].notna(), None)
-    for col in ("offset", "length"):
-        out[col] = out[col].fillna(-1).astype("int64")
-    for col in ("lat", "lon"):
-        out[col] = out[col].astype("float64")
-    for col in ("width", "height"):
-        out[col] = out[col].astype("int64")
-    out["captured_at"] = _timestamps(out["captured_at"])
-    out["sequence_id"] = out["sequence_id"].astype("str")  # missing stays missing (NaN/null)
-    return out.reset_index(drop=True)
-
-
-def read_processed_manifest(paths: DataPaths) -> pd.DataFrame:
-    if not paths.processed_manifest.is_file():
-        return empty_manifest()
-    return pd.read_parquet(paths.processed_manifest)
-
-
-def _value(row: dict[str, Any], col: str) -> Any:
-    v = row.get(col)
-    return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
-
-
-def _attribute_columns(records: list[dict[str, Any]]) -> list[str]:
-    present = {key for rec in records for key in rec}
-    return [c for c in ATTRIBUTE_COLUMNS if c in present]
-
-
-def _slices(frame: pd.DataFrame, size: int = 65_536) -> Iterator[list[dict[str, Any]]]:
-    """Rows as plain dicts (~50x faster than iterrows), a slice at a time: all 10^6 at once
-    would hold ~1 GB of dicts."""
-    for start in range(0, len(frame), size):
-        yield frame.iloc[start : start + size].to_dict("records")
-
-
-def _manifest_fields(row: dict[str, Any], image_id: str) -> dict[str, Any]:
-    """An accepted journal row's manifest columns (attribute columns included)."""
-    return {
-        "image_id": image_id,
-        "path": row["path"],
-        "lat": row["lat"],
-        "lon": row["lon"],
-        "sha256": row["sha256"],
-        "width": row["width"],
-        "height": row["height"],
-        "captured_at": _value(row, "captured_at") or _value(row, "exif_captured_at"),
-        "sequence_id": _value(row, "sequence_id"),
-        "shard": _value(row, "shard"),
-        "member": _value(row, "member"),
-        "offset": row.get("offset", -1),
-        "length": row.get("length", -1),
-    } | {col: _value(row, col) for col in ATTRIBUTE_COLUMNS if col in row}
-
-
-def finalize(
-    rows: pd.DataFrame, order: dict[str, int], paths: DataPaths, *, spec: str, source: str
-) -> IngestReport:
-    """Deduplicate this job's rows in source order and merge them into manifest + rejects."""
-    if rows.empty:  # nothing listed or nothing journaled yet: an empty, valid result
-        rows = pd.DataFrame(columns=["key", "source", "source_ref", "status"])
-    # a source reject no longer listed (a zip repaired since) leaves rejects.parquet too
-    from_source = rows["stage"] == "source" if "stage" in rows else False
-    gone = rows[from_source & ~rows["key"].isin(order.keys())]
-    gone_refs = set(zip(gone["source"], gone["source_ref"], strict=True))
-    # the last journal row of a key wins: source verdicts are redone on every run
-    rows = rows[rows["key"].isin(order.keys())].drop_duplicates("key", keep="last")
-    rows = rows.assign(_order=rows["key"].map(order)).sort_values("_order", kind="stable")
-    job_refs = set(zip(rows["source"], rows["source_ref"], strict=True))
-    base = read_processed_manifest(paths)
-    if len(base):
-        keep = [k not in job_refs for k in zip(base["source"], base["source_ref"], strict=True)]
-        base = base[keep]
-    seen_sha = dict(zip(base["sha256"], base["image_id"], strict=True))
-    seen_ids = set(base["image_id"])
-    accepted: list[pd.DataFrame] = []  # a frame per slice: 10^6 dicts would hold ~1 GB
-    n_accepted = 0
-    refused: list[dict[str, Any]] = []
-    duplicates = 0
-    for records in _slices(rows):
-        batch: list[dict[str, Any]] = []
-        for row in records:
-            ref = {"source": row["source"], "source_ref": row["source_ref"]}
-            if row["status"] != "accepted":
-                refused.append(ref | {"reason": row["reason"], "detail": row["detail"],
-                                      "stage": row["stage"]})  # fmt: skip
-                continue
-            sha = row["sha256"]
-            image_id = _value(row, "image_id") or sha[:16]
-            if sha in seen_sha:
-                duplicates += 1
-                detail = f"same content as image {seen_sha[sha]}"
-                refused.append(ref | {"reason": R.DUPLICATE, "detail": detail, "stage": "dedup"})
-                continue
-            if image_id in seen_ids:
-                detail = f"image_id {image_id} already used by different content"
-                refused.append(ref | {"reason": R.DUPLICATE_ID, "detail": detail,
-                                      "stage": "dedup"})  # fmt: skip
-                continue
-            seen_sha[sha] = image_id
-            seen_ids.add(image_id)
-            batch.append(ref | _manifest_fields(row, image_id))
-        if batch:
-            columns = MANIFEST_COLUMNS + _attribute_columns(batch)
-            accepted.append(pd.DataFrame(batch, columns=columns))
-            n_accepted += len(batch)
-    new = (pd.concat(accepted, ignore_index=True) if accepted
-           else pd.DataFrame(columns=MANIFEST_COLUMNS))  # fmt: skip
-    both = pd.concat([base, new], ignore_index=True) if len(base) else new
-    manifest = normalise_manifest(both)
-    manifest = manifest.sort_values("image_id", kind="stable").reset_index(drop=True)
-    write_parquet(paths.processed_manifest, manifest)
-    refused_df = pd.DataFrame(refused, columns=R.COLUMNS)
-    R.merge_rejects(paths.rejects, refused_df, job_refs | gone_refs)
-    reasons = Counter(r["reason"] for r in refused if r["reason"] != R.DUPLICATE)
-    read = len(rows)
-    report = IngestReport(
-        spec=spec,
-        source=source,
-        read=read,
-        accepted=n_accepted,
-        rejected=read - n_accepted - duplicates,
-        duplicates=duplicates,
-        reasons=dict(sorted(reasons.items())),
-    )
+        counts = finalize_journals([job.journal], job.listed, paths)
+    report = IngestReport(spec=spec, source=job.source, read=counts.read,
+                          accepted=counts.accepted, rejected=counts.rejected,
+                          duplicates=counts.duplicates, reasons=counts.reasons,
+                          resumed=job.resumed, seconds=time.perf_counter() - t0,
+                          errors=job.errors, notes=job.notes)  # fmt: skip
     log.info("ingest %s: %s", spec, report)
     return report

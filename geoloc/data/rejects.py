@@ -7,7 +7,6 @@ from (`source`, `source_ref`), a reason code, a human detail and the stage that 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -82,17 +81,9 @@ def read_rejects(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def merge_rejects(path: Path, new: pd.DataFrame, replace_refs: Iterable[tuple[str, str]]) -> None:
-    """Replace the rows of `replace_refs` ((source, source_ref) pairs) by `new`, atomically.
-
-    Re-running an ingest therefore never duplicates reject rows.
-    """
-    old = read_rejects(path)
-    drop = set(replace_refs)
-    if len(old) and drop:
-        keys = list(zip(old["source"], old["source_ref"], strict=True))
-        old = old[[k not in drop for k in keys]]
-    out = pd.concat([old, new[COLUMNS]], ignore_index=True) if len(new) else old
+def write_rejects(path: Path, kept: pd.DataFrame, new: pd.DataFrame) -> None:
+    """Write `kept` rows plus `new` ones as rejects.parquet, sorted, atomically."""
+    out = pd.concat([kept, new[COLUMNS]], ignore_index=True) if len(new) else kept
     out = out.astype({c: "str" for c in COLUMNS})
     out = out.sort_values(["source", "source_ref", "stage", "reason"], kind="stable")
     write_parquet(path, out.reset_index(drop=True))

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
 from geoloc.config import IndexConfig
-from geoloc.data.ingest import IngestReport, JournaledSource, finalize, journal_source
-from geoloc.data.state import Journal
+from geoloc.data.finalize import finalize_journals
+from geoloc.data.ingest import IngestReport, JournaledSource, journal_source
 from geoloc.errors import DataError
 from geoloc.locks import file_lock
 from geoloc.paths import DataPaths
@@ -43,7 +43,7 @@ def process_shard(
     """
     t0 = time.perf_counter()
     job = journal_source(spec, paths, cfg.model_copy(update={"workers": 1}), **(options or {}))
-    log.info("shard %s: %d items journaled in %.1fs", spec, len(job.keys),
+    log.info("shard %s: %d items journaled in %.1fs", spec, len(job.listed),
              time.perf_counter() - t0)  # fmt: skip
     return job
 
@@ -55,16 +55,18 @@ def merge_shards(shards: Sequence[JournaledSource], paths: DataPaths) -> IngestR
     """
     if not shards:
         raise DataError("no shards to merge: give at least one source")
-    order: dict[str, int] = {}
-    for shard in shards:
-        for key in shard.keys:
-            order.setdefault(key, len(order))
-    frames = [frame for s in shards if len(frame := Journal(s.journal).read())]
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    spec = " + ".join(s.spec for s in shards)
-    source = ",".join(sorted({s.source for s in shards}))
+    listed = np.concatenate([s.listed for s in shards])  # a key listed twice: its first place
     with file_lock(paths.state / "ingest.lock"):
-        return finalize(rows, order, paths, spec=spec, source=source)
+        counts = finalize_journals([s.journal for s in shards], listed, paths,
+                                   first_listed_wins=True)  # fmt: skip
+    report = IngestReport(
+        spec=" + ".join(s.spec for s in shards),
+        source=",".join(sorted({s.source for s in shards})),
+        read=counts.read, accepted=counts.accepted, rejected=counts.rejected,
+        duplicates=counts.duplicates, reasons=counts.reasons,
+    )  # fmt: skip
+    log.info("merged %d shards: %s", len(shards), report)
+    return report
 
 
 def ingest_shards(

@@ -41,7 +41,7 @@ class AnnSettings:
 
     min_gallery: int = 200_000
     nlist: int = 0  # 0: sqrt(N)
-    nprobe: int = 256
+    nprobe: int = 320
 
     @classmethod
     def from_config(cls, cfg: RerankConfig) -> AnnSettings:

@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+import numpy as np
 import pandas as pd
 
 from geoloc.data.attributes import ATTRIBUTE_ALIASES, parse_attribute, present_values
+from geoloc.data.digests import DIGEST, DigestIndex, digests
 from geoloc.data.rejects import (
     DUPLICATE_ID,
     MALFORMED_ROW,
@@ -143,7 +145,48 @@ def read_manifest(path_or_buffer: str | Path | IO[bytes], name: str) -> pd.DataF
     optional columns are None; a CSV row with more fields than the header keeps its place with
     `row_error` set. Raises `DataError` naming the file when it has no latitude/longitude columns.
     """
-    raw = _read_table(path_or_buffer, name)
+    return _normalise(_read_table(path_or_buffer, name), name)
+
+
+CHUNK_ROWS = 65_536
+
+
+def iter_manifest(path: Path, name: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """`read_manifest` of a file a chunk of rows at a time, rows in order (at least one chunk):
+    a 10^6-row manifest is never held whole. A CSV found to hold a malformed row mid-way is
+    read again whole by the slow path, which keeps such rows in place, from where it stopped."""
+    done, yielded = 0, False
+    try:
+        if _is_parquet(name):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=chunk_rows):
+                yielded = True
+                yield _normalise(batch.to_pandas(), name)
+            if not yielded:
+                yield _normalise(pf.schema_arrow.empty_table().to_pandas(), name)
+            return
+        sep = "\t" if name.lower().endswith(".tsv") else ","
+        with pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
+                         chunksize=chunk_rows) as reader:  # fmt: skip
+            for raw in reader:
+                chunk = _normalise(raw.reset_index(drop=True), name)
+                done, yielded = done + len(raw), True
+                yield chunk
+    except pd.errors.ParserError:  # a row with too many fields: the slow path, from row `done`
+        yield read_manifest(path, name).iloc[done:].reset_index(drop=True)
+        return
+    except FileNotFoundError as exc:
+        raise DataError(f"manifest '{name}' does not exist") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"manifest '{name}' could not be read: {exc}") from exc
+    if not yielded:  # a header and no rows
+        yield read_manifest(path, name)
+
+
+def _normalise(raw: pd.DataFrame, name: str) -> pd.DataFrame:
+    """A table as read into `COLUMNS` (see `read_manifest`)."""
     cols = [str(c) for c in raw.columns]
     raw.columns = cols
     found = {key: _find(cols, spellings) for key, spellings in ALIASES.items()}
@@ -248,14 +291,31 @@ def _attributes(table: pd.DataFrame) -> list[str]:
 
 
 def checked_rows(
-    table: pd.DataFrame, manifest_ref: str, source: str
+    table: pd.DataFrame | Iterable[pd.DataFrame], manifest_ref: str, source: str
 ) -> Iterator[ManifestRow | SourceReject]:
-    """Rows of a normalised manifest (`read_manifest`) with valid coordinates, a first-seen id
-    and an image; every other row as a reject with its reason. Local and S3 manifests share it,
-    so a bad row gets the same reason wherever the manifest lives."""
-    ids_seen: set[str] = set()
+    """Rows of a normalised manifest (`read_manifest`, or its chunks from `iter_manifest`) with
+    valid coordinates, a first-seen id and an image; every other row as a reject with its
+    reason. Local and S3 manifests share it, so a bad row gets the same reason wherever the
+    manifest lives. Ids seen are kept as 16-byte digests (`geoloc.data.digests`)."""
+    ids_seen = DigestIndex()  # ids of earlier chunks
+    first = 0  # the chunk's first row number
+    for chunk in [table] if isinstance(table, pd.DataFrame) else table:
+        chunk_ids: set[bytes] = set()
+        yield from _checked_chunk(chunk, first, ids_seen, chunk_ids, manifest_ref, source)
+        ids_seen.add(np.array(sorted(chunk_ids), DIGEST))
+        first += len(chunk)
+
+
+def _checked_chunk(
+    table: pd.DataFrame, first: int, ids_seen: DigestIndex, chunk_ids: set[bytes],
+    manifest_ref: str, source: str,
+) -> Iterator[ManifestRow | SourceReject]:  # fmt: skip
     attributes = _attributes(table)
-    for i, row in enumerate(table.itertuples(index=False)):
+    ids = table["image_id"].tolist()
+    id_digests = digests("" if v is None else v for v in ids)
+    seen_before = ids_seen.contains(id_digests)
+    for j, row in enumerate(table.itertuples(index=False)):
+        i = first + j
         image = row.image
         ref = f"{manifest_ref}:{i + 1}" + (f":{image}" if image is not None else "")
         if row.row_error is not None:
@@ -268,10 +328,10 @@ def checked_rows(
             yield SourceReject(source, ref, *problem)
             continue
         if row.image_id is not None:
-            if row.image_id in ids_seen:
+            if seen_before[j] or id_digests[j] in chunk_ids:
                 yield SourceReject(source, ref, DUPLICATE_ID, f"id {row.image_id} repeats")
                 continue
-            ids_seen.add(row.image_id)
+            chunk_ids.add(id_digests[j])
         if image is None:
             yield SourceReject(source, ref, MISSING_FILE, "row has no image path, key or URL")
             continue
@@ -304,7 +364,8 @@ class ManifestSource:
             raise DataError(f"manifest '{path}' does not exist")
         self.base_dir = Path(base_dir) if base_dir else self.path.parent
         self.fetch_urls = bool(fetch_urls)
-        self.table = read_manifest(self.path, self.path.name)
+        # the first chunk: checks the columns now; the rows are streamed by `items`
+        self.table = next(iter_manifest(self.path, self.path.name))
         self.breaker = HostBreaker(disk_hint=self.base_dir)
         self.notes: list[str] = []
         self._not_fetched = 0
@@ -350,7 +411,8 @@ class ManifestSource:
 
     def items(self) -> Iterator[RawItem | SourceReject]:
         # refs: the file as given + 1-based data row (+ the image column)
-        for row in checked_rows(self.table, self.path.as_posix(), self.name):
+        rows = iter_manifest(self.path, self.path.name)
+        for row in checked_rows(rows, self.path.as_posix(), self.name):
             if isinstance(row, SourceReject):
                 yield row
                 continue

@@ -33,7 +33,7 @@ from geoloc.data.sources.manifest import (
     ManifestRow,
     checked_rows,
     has_columns,
-    read_manifest,
+    iter_manifest,
     table_columns,
     url_hint,
     url_raw_name,
@@ -145,8 +145,8 @@ class OSV5MSource:
             yield from self._table_items(table, self.image_dirs[table])
 
     def _table_items(self, table: Path, images: Path | None) -> Iterator[RawItem | SourceReject]:
-        frame = read_manifest(table, table.name)
-        frame["image"] = frame["image_id"]  # refs name the id; the image is <id>.<ext>
+        # the table a chunk at a time; refs name the id, the image is <id>.<ext>
+        chunks = (c.assign(image=c["image_id"]) for c in iter_manifest(table, table.name))
         lookup = ImageLookup.scan(images, IMAGE_SUFFIXES) if images is not None else None
         if lookup is not None:
             yield from self._bad_archives(lookup)
@@ -155,7 +155,7 @@ class OSV5MSource:
         breaker = HostBreaker(disk_hint=images or table.parent)
         zipped: list[tuple[ZipMember, RawItem]] = []
         not_fetched = 0
-        for row in checked_rows(frame, table.as_posix(), self.name):
+        for row in checked_rows(chunks, table.as_posix(), self.name):
             if isinstance(row, SourceReject):
                 yield row
                 continue

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from geoloc.data.sources import RawItem, SourceReject, create_source
-from geoloc.data.sources.manifest import COLUMNS, read_manifest
+from geoloc.data.sources.manifest import COLUMNS, checked_rows, iter_manifest, read_manifest
 from geoloc.errors import DataError
 
 
@@ -122,3 +122,26 @@ def test_a_row_with_an_extra_field_is_a_reject_and_the_rest_is_read(
     assert bad.source_ref == f"{path.as_posix()}:2"
     assert entries[2].source_ref == f"{path.as_posix()}:3:c.jpg"  # later rows keep their numbers
     assert [e.lat for e in entries if isinstance(e, RawItem)] == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_manifest_streamed_in_chunks_gives_the_rows_of_the_whole_file(tmp_path, fmt) -> None:
+    """A 10^6-row manifest is read a chunk at a time; row numbers, repeated ids across chunks
+    and a malformed row after the first chunk come out as from the whole file."""
+    lines = ["image_id,path,lat,lon"] + [f"id{i % 7},p{i}.jpg,{i % 80}.5,10" for i in range(12)]
+    lines[4] = "id3,p3.jpg,nan,10"
+    if fmt == "csv":
+        lines.insert(9, "idx,px.jpg,1,2,extra,fields")  # malformed: more fields than the header
+        path = tmp_path / "m.csv"
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path = tmp_path / "m.parquet"
+        rows = [line.split(",") for line in lines[1:]]
+        pd.DataFrame(rows, columns=lines[0].split(",")).to_parquet(path)
+    whole = list(checked_rows(read_manifest(path, path.name), "m", "manifest"))
+    for chunk_rows in (1, 3, 5, 100):
+        chunked = checked_rows(iter_manifest(path, path.name, chunk_rows), "m", "manifest")
+        assert list(chunked) == whole
+    refs = [(r.ref if hasattr(r, "ref") else r.source_ref).split(":")[1] for r in whole]
+    assert refs == [str(i + 1) for i in range(len(whole))]
+    assert sum(getattr(r, "reason", "") == "duplicate_id" for r in whole) >= 4
