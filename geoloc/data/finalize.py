@@ -283,13 +283,18 @@ def _column(frame: pd.DataFrame, name: str, default: Any = None) -> pd.Series:
     return frame[name] if name in frame else pd.Series(default, index=frame.index, dtype=object)
 
 
+_ACCEPTED_COLUMNS = ["sha256", "path", "lat", "lon", "width", "height", "source", "source_ref"]
+"""Journal columns every accepted row carries (read as manifest columns below)."""
+
+
 def _dedup_slice(
     frame: pd.DataFrame, acc: _Accepted
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
     """One slice of journal rows in source order: the kept rows as manifest columns (with
     their sha256 and id digests), and the refused rows as rejects (duplicates included)."""
     ok = (frame["status"] == "accepted").to_numpy(dtype=bool, na_value=False)
-    good = frame[ok].reindex(columns=frame.columns.union(["sha256"], sort=False))
+    # a journal part of rejects only has no accepted-row columns: add them, empty
+    good = frame[ok].reindex(columns=frame.columns.union(_ACCEPTED_COLUMNS, sort=False))
     given = _column(good, "image_id")
     given = given.astype(object).where(given.notna(), "")  # missing: the content's sha prefix
     image_ids = [str(g) if g != "" else h[:16] for g, h in zip(given, good["sha256"],
