@@ -1,6 +1,6 @@
 """Rerun the measurements README and docs quote, and rewrite the blocks they own (issue 27.4).
 
-    python -m benchmarks figures [--seeds 0 1 2] [--quick] [--docs DIR] [--no-write]
+    python -m benchmarks figures [--seeds 0 1 2] [--quick] [--docs DIR] [--no-write] [--rerank]
     make figures
 
 What `make demo` does, once per seed: demo images -> ingest -> index (the `demo` presets),
@@ -13,7 +13,10 @@ Cached per seed: each seed trains into `$GEOLOC_RUNS_DIR/figures-<size>-seed<s>/
 summary says `completed`, its config.json equals the config asked for and its dataset
 fingerprint equals the index's; a run killed half-way resumes from its checkpoint, one with
 another config or data is trained again. So a rerun after a crash, or after a change to the
-rendering, retrains nothing it does not have to.
+rendering, retrains nothing it does not have to. Rerank is post-hoc: a run whose training
+config and data match but whose `rerank` section differs is only reranked again (and the
+shift split evaluated again), and `--rerank` does that for every seed after a change to the
+post-hoc code (rerank, calibration, OOD); the stamp then names both commits.
 
 Blocks are rewritten in place between `<!-- figures:<name> begin -->` and
 `<!-- figures:<name> end -->` (BLOCKS below says which file holds which); everything outside
@@ -123,8 +126,21 @@ def run_dir_of(size: Size, seed: int) -> Path:
     return runs_dir() / f"figures-{size.label}-seed{seed}"
 
 
-def cached(run_dir: Path, cfg: Any, fingerprint: str) -> str:
-    """`done` (reuse), `resume` (same config and data, killed before the end) or `new`."""
+def _training_part(cfg: Any) -> dict[str, Any]:
+    """What training reads: the whole config but its post-hoc `rerank` section."""
+    return cfg.model_dump(mode="json", exclude={"rerank"})
+
+
+def _reranked_with(run_dir: Path) -> dict[str, Any] | None:
+    """The rerank section `--rerank` last reranked this run with (`figures.json`), or None."""
+    path = run_dir / "figures.json"
+    return (json.loads(path.read_text()) or {}).get("rerank") if path.is_file() else None
+
+
+def cached(run_dir: Path, cfg: Any, fingerprint: str, rerank: bool = False) -> str:
+    """`done` (reuse), `rerank` (trained with this config and data, but reranked with another
+    rerank section, or `rerank` asked: rerank is post-hoc, no retraining), `resume` (same config
+    and data, killed before the end) or `new`."""
     from geoloc.config import load_config
 
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
@@ -132,46 +148,63 @@ def cached(run_dir: Path, cfg: Any, fingerprint: str) -> str:
         return "new"
     try:
         summary = json.loads(summary_path.read_text())
-        same_config = load_config(config_path) == cfg
+        saved = load_config(config_path)
     except Exception:  # noqa: BLE001 - an unreadable run is trained again
         return "new"
-    if not same_config or (summary.get("dataset") or {}).get("fingerprint") != fingerprint:
+    if (_training_part(saved) != _training_part(cfg)
+            or (summary.get("dataset") or {}).get("fingerprint") != fingerprint):  # fmt: skip
         return "new"
     tables = run_dir / "artifacts" / "tables"
     done = summary.get("status") == "completed" and (summary.get("rerank") or {}).get("variant")
     if done and (tables / f"rerank_eval_{SHIFT_NAME}.csv").is_file():
-        return "done"
+        used = _reranked_with(run_dir) or saved.rerank.model_dump(mode="json")
+        return "rerank" if rerank or used != cfg.rerank.model_dump(mode="json") else "done"
     return "resume" if (run_dir / "checkpoints" / "last.pt").is_file() else "new"
 
 
-def train_seed(size: Size, seed: int, fingerprint: str, shift: Path) -> Path:
-    """One seed's run, trained, reranked and evaluated on the shift split unless cached."""
+def train_seed(
+    size: Size, seed: int, fingerprint: str, shift: Path, rerank: bool = False
+) -> Path:
+    """One seed's run, trained, reranked and evaluated on the shift split unless cached
+    (`rerank`: rerank a cached trained run again with this code, without retraining)."""
     from geoloc.locks import file_lock
 
     cfg, run_dir = seed_config(size, seed), run_dir_of(size, seed)
     # seeds may train in parallel (`--seeds 1` and `--seeds 2` at once); one seed never twice
     with file_lock(run_dir.parent / f".{run_dir.name}.lock"):
-        return _train_locked(cfg, run_dir, seed, fingerprint, shift)
+        return _train_locked(cfg, run_dir, seed, fingerprint, shift, rerank)
 
 
-def _train_locked(cfg: Any, run_dir: Path, seed: int, fingerprint: str, shift: Path) -> Path:
-    from geoloc.compose.training import run_training
+def _train_locked(
+    cfg: Any, run_dir: Path, seed: int, fingerprint: str, shift: Path, rerank: bool
+) -> Path:
+    from geoloc.compose.training import rerank_and_publish, run_training
     from geoloc.infer.folder_eval import evaluate_folder
+    from geoloc.runfolder.summary import code_version
 
-    state = cached(run_dir, cfg, fingerprint)
+    state = cached(run_dir, cfg, fingerprint, rerank)
     if state == "done":
         log.info("seed %d: reusing %s", seed, run_dir)
         return run_dir
     t0 = time.perf_counter()
+    timing = json.loads((run_dir / "figures.json").read_text()) if state == "rerank" else {}
     if state == "new":
         shutil.rmtree(run_dir, ignore_errors=True)
         run_training(cfg, run_dir=run_dir, progress=False)
-    else:  # killed: training continues from last.pt, or (trained) starts again at rerank
+    elif state == "resume":  # killed: training continues from last.pt, or starts again at rerank
         run_training(cfg, resume=run_dir, progress=False)
+    else:  # trained: rerank is post-hoc, the checkpoints stay as they are
+        rerank_and_publish(run_dir, cfg=cfg.rerank)
     evaluate_folder(run_dir, [shift], name=SHIFT_NAME, progress=False)
-    timing = {"wall_s": round(time.perf_counter() - t0, 1), "resumed": state == "resume"}
+    wall = round(time.perf_counter() - t0, 1)
+    if state == "rerank":  # the training time stays the one measured when it trained
+        timing |= {"rerank_wall_s": wall, "rerank": cfg.rerank.model_dump(mode="json"),
+                   "rerank_commit": code_version().get("git_commit")}  # fmt: skip
+    else:
+        timing = {"wall_s": wall, "resumed": state == "resume",
+                  "rerank": cfg.rerank.model_dump(mode="json")}  # fmt: skip
     (run_dir / "figures.json").write_text(json.dumps(timing) + "\n")
-    log.info("seed %d: %s in %.0f s", seed, run_dir, timing["wall_s"])
+    log.info("seed %d: %s (%s) in %.0f s", seed, run_dir, state, wall)
     return run_dir
 
 
@@ -200,6 +233,7 @@ class SeedResult:
     wall_s: float | None  # the last (re)start's wall time (`figures.json`)
     resumed: bool
     num_classes: int | None
+    rerank_commit: str | None = None  # set when `--rerank` reranked the trained run again
 
 
 def read_seed(seed: int, run_dir: Path) -> SeedResult:
@@ -226,6 +260,7 @@ def read_seed(seed: int, run_dir: Path) -> SeedResult:
         str(summary.get("updated_at") or "")[:10],
         (summary.get("determinism") or {}).get("threads"), timing.get("wall_s"),
         bool(timing.get("resumed")), (summary.get("dataset") or {}).get("num_classes"),
+        timing.get("rerank_commit"),
     )  # fmt: skip
 
 
@@ -256,6 +291,9 @@ def stamp(results: list[SeedResult]) -> str:
     dirty = any(r.dirty for r in results)
     dirty_s = "yes" if dirty else ("unknown" if any(r.dirty is None for r in results) else "no")
     threads = sorted({str(r.threads) for r in results})
+    again = sorted({r.rerank_commit[:10] for r in results if r.rerank_commit})
+    if again:  # trained at one commit, the post-hoc stages rerun at another
+        commits = [f"{', '.join(commits)}, reranked at {', '.join(again)}"]
     return (f"<sub>Written by `make figures` (`python -m benchmarks figures`) from runs of commit "
             f"{', '.join(commits)} (dirty: {dirty_s}), finished {max(r.finished for r in results)}"
             f"; seeds {', '.join(str(r.seed) for r in results)}, {'/'.join(threads)} torch "
@@ -392,6 +430,9 @@ def parse(argv: Iterable[str]) -> argparse.Namespace:
                     help="root holding README.md and docs/ (default: the repository; "
                     "--quick writes only where this is given)")  # fmt: skip
     ap.add_argument("--no-write", action="store_true", help="train and print, rewrite nothing")
+    ap.add_argument("--rerank", action="store_true",
+                    help="rerank cached trained runs again with this code (post-hoc stages "
+                    "changed; no retraining)")  # fmt: skip
     return ap.parse_args(list(argv))
 
 
@@ -409,7 +450,8 @@ def main(argv: Iterable[str]) -> int:
         return 2
     try:
         _, shift, fingerprint = prepare_data(size)
-        results = [read_seed(s, train_seed(size, s, fingerprint, shift)) for s in seeds]
+        results = [read_seed(s, train_seed(size, s, fingerprint, shift, args.rerank))
+                   for s in seeds]  # fmt: skip
         for name, render in RENDERERS.items():
             print(f"\n<!-- figures:{name} -->\n{render(results)}")
         if docs is not None and not args.no_write:

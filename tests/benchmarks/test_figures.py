@@ -41,11 +41,13 @@ def _docs_root(root: Path) -> dict[Path, str]:
     return texts
 
 
-def _figures(tmp_path: Path, repo_root: Path, docs: Path) -> subprocess.CompletedProcess[str]:
+def _figures(
+    tmp_path: Path, repo_root: Path, docs: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GEOLOC_DATA_DIR": str(tmp_path / "data"),
            "GEOLOC_RUNS_DIR": str(tmp_path / "runs")}  # fmt: skip
     cmd = [sys.executable, "-m", "benchmarks", "figures", "--quick", "--seeds", "0", "1",
-           "--docs", str(docs)]  # fmt: skip
+           "--docs", str(docs), *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True,
                           timeout=1200)  # fmt: skip
 
@@ -107,6 +109,12 @@ def test_figures_rewrite_their_blocks_from_the_runs_and_reuse_finished_seeds(
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("reusing") == 2
     assert [(r / "checkpoints" / "best.pt").stat().st_mtime_ns for r in runs] == stamps
+    # post-hoc code changed: --rerank reranks each trained seed again, retraining nothing
+    reranked = _figures(tmp_path, repo_root, docs, "--rerank")
+    assert reranked.returncode == 0, reranked.stderr[-3000:]
+    assert reranked.stderr.count("(rerank)") == 2 and "reusing" not in reranked.stderr
+    assert [(r / "checkpoints" / "best.pt").stat().st_mtime_ns for r in runs] == stamps
+    assert "reranked at " in _block((docs / "docs/quality.md").read_text(), "demo-quality")
 
 
 def _result(seed: int, median: float) -> figures.SeedResult:
