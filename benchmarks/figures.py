@@ -240,17 +240,23 @@ def read_seed(seed: int, run_dir: Path) -> SeedResult:
     """A seed's numbers as its run recorded them. Test after rerank: summary.json `rerank`; the
     model alone: summary.json `test` (what `make demo`'s digest shows as the model's), its radius
     and set rows from rerank_eval.csv's `base` variant (the model's own calibrated
-    probabilities; `test` has none); the shift split: rerank_eval_shift.csv."""
+    probabilities; `test` has none); the shift split: rerank_eval_shift.csv's served row (the
+    chosen variant, or its `ood` row: the answer, radius and sets predict gives, as summary.json's
+    `rerank` metrics are)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     variant = summary["rerank"]["variant"]
     tables = run_dir / "artifacts" / "tables"
     base = pd.read_csv(tables / "rerank_eval.csv").set_index("variant").loc["base"]
     shift = pd.read_csv(tables / f"rerank_eval_{SHIFT_NAME}.csv").set_index("variant")
     test = summary.get("test") or {}
+    # what predict serves: the chosen variant, with the OOD step on top when the run has one
+    from geoloc.infer.ood import OOD_VARIANT
+
+    served = OOD_VARIANT if OOD_VARIANT in shift.index else variant
     rows = {
         ("test", "base"): {k: float(test.get(f"test_{k}", base[k])) for k, _, _ in METRICS},
         ("test", "chosen"): {k: float(summary["rerank"]["metrics"][k]) for k, _, _ in METRICS},
-        (SHIFT_NAME, "chosen"): {k: float(shift.loc[variant, k]) for k, _, _ in METRICS},
+        (SHIFT_NAME, "chosen"): {k: float(shift.loc[served, k]) for k, _, _ in METRICS},
     }
     timing_path = run_dir / "figures.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}

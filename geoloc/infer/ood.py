@@ -12,7 +12,7 @@ that widen with it. Everything is fitted on val; nothing sees a shifted split.
 - **How lost.** `lost(s) = P(error > lost_km | score s)`, a logistic fit of val errors of the
   chosen variant on the score (an error model that extrapolates with the score: val holds few
   off-map photos, but its highest scores are lost more often, and the slope carries on), and 1
-  above the `widen_quantile` (0.7) of the val scores: there the land prior takes over.
+  above the `widen_quantile` (0.9) of the val scores: there the land prior takes over.
 - **Widened distribution.** The answer's error follows `(1 - lost) * F_c + lost * F_land`:
   `F_c` is the val distribution of `error / scale(x)` (the conformal radius's normalised error,
   `geoloc.infer.radius`), `F_land` the distance from the answer to a point uniform over land
@@ -395,7 +395,7 @@ def fit_ood(
     *,
     k: int = 5,
     flag_quantile: float = 0.95,
-    widen_quantile: float = 0.7,
+    widen_quantile: float = 0.9,
     lost_km: float = 2500.0,
     decode: str = "none",
 ) -> OodModel:
