@@ -428,7 +428,9 @@ def run_variants(
 
     out = {"base": centroid_output(probs if model_probs is None else model_probs, closed)}
     out["prior"] = centroid_output(apply_prior(probs, params.log_prior), closed)
-    source = out["prior"] if params.gated_on_prior else out["base"]
+    # the gate reads `probs` (the k chosen on val, as the gate search did), never `model_probs`
+    chosen = out["base"] if model_probs is None else centroid_output(probs, closed)
+    source = out["prior"] if params.gated_on_prior else chosen
     g = params.gate
     votes = neighbour_votes(nbrs, label_space.num_classes, g.k, g.vote_temperature)
     scores, pred, gate = gated_rerank(source.scores, votes, g, label_space)
