@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -46,6 +47,8 @@ __all__ = [
     "apply_temperature",
     "calibration_metrics",
     "choose_conformal",
+    "conformal_candidates",
+    "cross_fitted_choice",
     "conformal_quantile",
     "conformal_scores",
     "conformal_sets",
@@ -413,27 +416,50 @@ def choose_conformal(
     (LAC first: it is the simplest). Fewer than 40 images: LAC without a choice.
     """
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
-    candidates: list[tuple[ConformalMethod, int, float]] = []
+
+    def mean_size(c: ConformalChoice, a: np.ndarray, b: np.ndarray) -> float:
+        thr = conformal_threshold(probs[a], y[a], coverage, *c)
+        return float(conformal_sets(probs[b], thr, *c).sum(axis=1).mean())
+
+    best = cross_fitted_choice(conformal_candidates(methods), y.size, mean_size, seed)
+    return fit_conformal(probs, y, coverage, *best)
+
+
+ConformalChoice = tuple[ConformalMethod, int, float]
+"""(method, k_reg, penalty) of a conformal set."""
+
+
+def conformal_candidates(methods: tuple[ConformalMethod, ...]) -> list[ConformalChoice]:
+    """Every (method, k_reg, penalty) `choose_conformal` tries: LAC, APS, RAPS x `RAPS_GRID`."""
+    candidates: list[ConformalChoice] = []
     for m in methods:
         if m not in ("lac", "aps", "raps"):
             raise GeolocError(f"unknown conformal method '{m}'; valid: lac, aps, raps")
         candidates += [(m, k, lam) for k, lam in RAPS_GRID] if m == "raps" else [(m, 0, 0.0)]
-    if y.size < 40 or len(candidates) == 1:
-        m, k, lam = candidates[0] if len(candidates) == 1 else ("lac", 0, 0.0)
-        return fit_conformal(probs, y, coverage, m, k, lam)
-    perm = np.random.default_rng(seed).permutation(y.size)
-    halves = (perm[: y.size // 2], perm[y.size // 2 :])
+    return candidates
+
+
+def cross_fitted_choice(
+    candidates: list[ConformalChoice],
+    n: int,
+    mean_size: Callable[[ConformalChoice, np.ndarray, np.ndarray], float],
+    seed: int = 0,
+) -> ConformalChoice:
+    """The candidate with the smallest mean set, fitted on one half of `n` images and measured
+    on the other, both ways (`mean_size(candidate, fit_rows, eval_rows)`); ties go to the
+    earlier candidate; fewer than 40 images or one candidate: no choice (LAC, or the one)."""
+    if n < 40 or len(candidates) == 1:
+        return candidates[0] if len(candidates) == 1 else ("lac", 0, 0.0)
+    perm = np.random.default_rng(seed).permutation(n)
+    halves = (perm[: n // 2], perm[n // 2 :])
     best, best_size = candidates[0], math.inf
-    for m, k, lam in candidates:
-        size = 0.0
-        for a, b in (halves, halves[::-1]):
-            thr = conformal_threshold(probs[a], y[a], coverage, m, k, lam)
-            size += conformal_sets(probs[b], thr, m, k, lam).sum(axis=1).mean() / 2
+    for c in candidates:
+        size = sum(mean_size(c, a, b) for a, b in (halves, halves[::-1])) / 2
         if size < best_size - 1e-9:
-            best, best_size = (m, k, lam), size
+            best, best_size = c, size
     log.info("conformal sets: %s (k_reg %d, penalty %g) chosen on val, cross-fitted mean size %.1f",
              *best, best_size)  # fmt: skip
-    return fit_conformal(probs, y, coverage, *best)
+    return best
 
 
 # --------------------------------------------------------------------------------------------

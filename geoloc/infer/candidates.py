@@ -28,13 +28,15 @@ from geoloc.errors import GeolocError
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.geo.metrics import expected_calibration_error
 from geoloc.infer.calibration import (
-    RAPS_GRID,
     SMOOTHING_GRID,
     Calibration,
+    ConformalChoice,
     ConformalMethod,
     ConformalSets,
     TemperatureObjective,
+    conformal_candidates,
     conformal_quantile,
+    cross_fitted_choice,
 )
 from geoloc.infer.radius import ErrorRadius
 
@@ -398,25 +400,13 @@ def choose_conformal_top(
 ) -> ConformalSets:
     """`calibration.choose_conformal` on calibrated candidates: the smallest cross-fitted sets."""
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
-    candidates: list[tuple[ConformalMethod, int, float]] = []
-    for m in methods:
-        if m not in ("lac", "aps", "raps"):
-            raise GeolocError(f"unknown conformal method '{m}'; valid: lac, aps, raps")
-        candidates += [(m, k, lam) for k, lam in RAPS_GRID] if m == "raps" else [(m, 0, 0.0)]
-    if y.size < 40 or len(candidates) == 1:
-        m, k, lam = candidates[0] if len(candidates) == 1 else ("lac", 0, 0.0)
-        return fit_conformal_top(top, y, coverage, m, k, lam)
-    perm = np.random.default_rng(seed).permutation(y.size)
-    halves = (perm[: y.size // 2], perm[y.size // 2 :])
-    best, best_size = candidates[0], math.inf
-    for m, k, lam in candidates:
-        size = 0.0
-        for a, b in (halves, halves[::-1]):
-            thr = fit_conformal_top(top.subset(a), y[a], coverage, m, k, lam).threshold
-            member, tail_in = set_members_top(top.subset(b), thr, m, k, lam)
-            size += (member.sum(axis=1) + tail_in).mean() / 2
-        if size < best_size - 1e-9:
-            best, best_size = (m, k, lam), size
+
+    def mean_size(c: ConformalChoice, a: np.ndarray, b: np.ndarray) -> float:
+        thr = fit_conformal_top(top.subset(a), y[a], coverage, *c).threshold
+        member, tail_in = set_members_top(top.subset(b), thr, *c)
+        return float((member.sum(axis=1) + tail_in).mean())
+
+    best = cross_fitted_choice(conformal_candidates(methods), y.size, mean_size, seed)
     return fit_conformal_top(top, y, coverage, *best)
 
 
