@@ -48,6 +48,7 @@ __all__ = [
     "calibration_metrics",
     "choose_conformal",
     "conformal_candidates",
+    "tie_group_end",
     "cross_fitted_choice",
     "conformal_quantile",
     "conformal_scores",
@@ -316,7 +317,7 @@ def conformal_sets(
         cum = np.cumsum(sorted_p, axis=1)
         if method == "aps":
             # ties share the mass of the whole tie group, as in `conformal_scores`
-            cum = np.take_along_axis(cum, _tie_group_end(sorted_p), axis=1)
+            cum = np.take_along_axis(cum, tie_group_end(sorted_p), axis=1)
         else:
             cum = cum + _rank_penalty(np.arange(1, p.shape[1] + 1)[None, :], k_reg, penalty)
         member = np.zeros_like(p, dtype=bool)
@@ -328,7 +329,7 @@ def conformal_sets(
     return member
 
 
-def _tie_group_end(sorted_desc: np.ndarray) -> np.ndarray:
+def tie_group_end(sorted_desc: np.ndarray) -> np.ndarray:
     """(N, K) index of the last position holding the same value, per row of a descending sort."""
     n, k = sorted_desc.shape
     idx = np.broadcast_to(np.arange(k), (n, k)).copy()

@@ -37,6 +37,7 @@ from geoloc.infer.calibration import (
     conformal_candidates,
     conformal_quantile,
     cross_fitted_choice,
+    tie_group_end,
 )
 from geoloc.infer.radius import ErrorRadius
 
@@ -305,7 +306,7 @@ def set_members_top(
         mass = values * weights
         cum = np.cumsum(mass, axis=1)
         if method == "aps":  # a tie group shares the mass of the whole group
-            ends = _tie_group_end(values)
+            ends = tie_group_end(values)
             inside = np.take_along_axis(cum, ends, axis=1) <= threshold
             tail_n = inside * weights
         else:
@@ -349,16 +350,6 @@ def _raps_count(
     n2 = np.clip(solve(room2, v + penalty), free, w)
     many = np.where(n1 < free, n1, n2)
     return np.where(w > 1, many, single * (w > 0))
-
-
-def _tie_group_end(sorted_desc: np.ndarray) -> np.ndarray:
-    """(N, C) index of the last position holding the same value, per row of a descending sort."""
-    n, k = sorted_desc.shape
-    idx = np.broadcast_to(np.arange(k), (n, k)).copy()
-    for j in range(k - 2, -1, -1):
-        same = sorted_desc[:, j] == sorted_desc[:, j + 1]
-        idx[same, j] = idx[same, j + 1]
-    return idx
 
 
 def set_stats_top(
