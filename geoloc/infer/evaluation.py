@@ -175,7 +175,8 @@ def fit_ood_on_val(
     lat, lon, pred = (np.concatenate(x) for x in zip(*answers, strict=True))
     return fit_ood(fit_nbrs, TopCells.concat(tops), lat, lon, pred, fit.lat, fit.lon,
                    radius, label_space, flag_quantile=cfg.ood_flag_quantile,
-                   widen_quantile=cfg.ood_widen_quantile, decode=cfg.ood_decode)  # fmt: skip
+                   widen_quantile=cfg.ood_widen_quantile, decode=cfg.ood_decode,
+                   set_level=cfg.coverage)  # fmt: skip
 
 
 def split_evaluation(
@@ -278,7 +279,7 @@ def answer_table(
     if ans is not None:
         lat, lon, pred, r = ans.lat, ans.lon, ans.pred, ans.radius_km
         if sets:
-            member, extra = widened_members(top, sets, ans, label_space)
+            member, extra = widened_members(top, sets, ans, params.ood)
             size = member.sum(axis=1) + extra
     error = haversine_km(true.lat, true.lon, lat, lon)
     return pd.DataFrame({

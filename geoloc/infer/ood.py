@@ -1,13 +1,15 @@
 """Honest off the map: an out-of-distribution score per photo, and a radius, cell set and answer
 that widen with it. Everything is fitted on val; nothing sees a shifted split.
 
-- **Score.** Two things the gallery search rerank already does tell for free: how far the
-  photo's embedding is from its `k` nearest train photos (`1 - mean cosine similarity`, deep
-  k-NN, Sun et al. 2022) and how far apart on the map those neighbours are (mean distance from
-  the nearest one to the others: photos like the training data have neighbours from one place).
-  Each is `log1p`'d and put on val's scale (minus the val median, over the val interquartile
-  range) and the two are added: 0 is a typical val photo. Model confidence was tried and is no
-  use (the model is *more* confident on off-map photos). The flag threshold is the
+- **Score.** Three things the gallery search rerank already does tell for free: how far the
+  photo's embedding is from its nearest train photo (`1 - cosine similarity`, deep k-NN, Sun et
+  al. 2022), how far apart on the map its `geo_k` nearest neighbours are (mean distance from the
+  nearest one to the others: photos like the training data have neighbours from one place) and
+  how far its answer is from its `spread_k` nearest neighbours (similarity-weighted, the radius's
+  neighbour spread). Each is `log1p`'d and put on val's scale (minus the val median, over the val
+  interquartile range) and they are added: 0 is a typical val photo. Model confidence was tried
+  and is no use (the model is *more* confident on off-map photos); Mahalanobis distance and
+  logit energies add nothing (docs/quality.md). The flag threshold is the
   `flag_quantile` (0.95) of the val scores: 5% of photos like the training data are flagged.
 - **How lost.** `lost(s) = P(error > lost_km | score s)`, a logistic fit of val errors of the
   chosen variant on the score (an error model that extrapolates with the score: val holds few
@@ -23,7 +25,9 @@ that widen with it. Everything is fitted on val; nothing sees a shifted split.
 - **Decoding** (`decode`, off by default: it lost on the demo, docs/quality.md). A widened
   photo's answer may become the point of least expected distance under the widened
   distribution, among the model's top cells (and a fixed set of land points).
-- **Sets.** A widened photo's cell set also holds every class centre inside its radius.
+- **Sets.** A widened photo's cell set also holds the land cells: the fewest cells that hold
+  `set_level` of the land (`geoloc.infer.land_prior.land_cells`), the cell-level twin of the land
+  radius, so a point uniform over land is in its set at `set_level`.
 - **Not photos.** Blank, one-colour and noise images (`is_degenerate`, on the pixels) are
   flagged and widened whatever their score: a model can embed them next to anything.
 
@@ -36,7 +40,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +47,8 @@ import numpy as np
 from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.calibration import ConformalSets, conformal_quantile
 from geoloc.infer.candidates import TopCells, radius_scale_top, set_members_top
+from geoloc.infer.land_prior import DECODE_LAND, hedge_answer, land_cdf, land_cells
+from geoloc.infer.radius import neighbour_spread_km
 
 if TYPE_CHECKING:
     from geoloc.infer.radius import ErrorRadius
@@ -58,7 +63,6 @@ __all__ = [
     "fit_ood",
     "is_degenerate",
     "knn_distance",
-    "land_points",
     "neighbour_dispersion_km",
     "ood_for",
     "widened_radius_km",
@@ -69,26 +73,14 @@ log = logging.getLogger(__name__)
 
 OOD_VARIANT = "ood"
 """Table row of the chosen variant with the OOD radius, sets and decoding on top."""
-LAND_POINTS = 1024
-"""Points uniform over land that stand for `F_land` (fixed seed: the same for every run)."""
-DECODE_LAND = 128
-"""Of those, the land points a flagged photo's answer may move to."""
-DECODE_CELLS = 10
-"""The model's most likely cells a flagged photo's answer may move to."""
 RADII_KM = np.geomspace(1.0, 20_038.0, 400)
 """Radii the mixture CDF is evaluated on (1 km to half the circumference)."""
-OOD_VERSION = 1
+OOD_VERSION = 2
 """Bumped when the saved OOD model changes meaning; an older one is ignored (rerank again)."""
 NORM_LEVELS = np.linspace(0.0, 1.0, 201)
 """Levels at which the val distribution of normalised errors is stored."""
-
-
-@lru_cache(maxsize=1)
-def land_points(n: int = LAND_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(lat, lon) of `n` points uniform over land (the basemap land mask, |lat| <= 85)."""
-    from geoloc.data.demo import sample_land_locations
-
-    return sample_land_locations(n, seed)
+SPREAD_TEMPERATURE = 0.02
+"""Softmax temperature over similarities of the score's neighbour spread (the radius's)."""
 
 
 def knn_distance(nbrs: Neighbours, k: int) -> np.ndarray:
@@ -112,9 +104,15 @@ def _robust_scale(x: np.ndarray) -> tuple[float, float]:
     return float(q50), float(max(q75 - q25, 1e-6))
 
 
-def score_features(nbrs: Neighbours, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) log1p of the embedding distance and of the neighbours' dispersion in km."""
-    return np.log1p(knn_distance(nbrs, k)), np.log1p(neighbour_dispersion_km(nbrs, k))
+def score_features(
+    nbrs: Neighbours, lat: np.ndarray, lon: np.ndarray, k: int = 1, geo_k: int = 5,
+    spread_k: int = 10,
+) -> np.ndarray:  # fmt: skip
+    """(N, 3) log1p of the embedding distance to the `k` nearest train photos, of the `geo_k`
+    neighbours' dispersion in km and of the answer's km from its `spread_k` neighbours."""
+    spread = neighbour_spread_km(nbrs, lat, lon, spread_k, SPREAD_TEMPERATURE)
+    return np.log1p(np.stack([knn_distance(nbrs, k), neighbour_dispersion_km(nbrs, geo_k),
+                              spread], axis=1))  # fmt: skip
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -156,11 +154,8 @@ def _logistic_fit(s: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float,
 class OodModel:
     """What `fit_ood` chose on val; `apply_ood` needs nothing else (and the run's radius)."""
 
-    k: int  # gallery neighbours the score reads
-    emb_centre: float  # val median and interquartile range of log1p(embedding distance)
-    emb_spread: float
-    geo_centre: float  # ... and of log1p(neighbour dispersion km)
-    geo_spread: float
+    centres: tuple[float, ...]  # val median of each of `score_features`
+    spreads: tuple[float, ...]  # ... and interquartile range
     threshold: float  # flag when the score is above (val quantile `flag_quantile`)
     flag_quantile: float
     lost_km: float  # an error above this is "lost" for the error model
@@ -175,11 +170,17 @@ class OodModel:
     widen_quantile: float = 1.0
     widened_lost: float = 1.0
     decode: str = "none"  # widened photos: "none", "cells" (top cells), "land" (+ land points)
+    land: tuple[int, ...] = ()  # the land cells a widened photo's set holds (`land_cells`)
+    set_level: float = 0.9  # the share of the land they hold
+    k: int = 1  # gallery neighbours of each score feature (`score_features`)
+    geo_k: int = 5
+    spread_k: int = 10
 
-    def score(self, nbrs: Neighbours) -> np.ndarray:
-        """(N,) the OOD score: 0 for a typical val photo, higher further from the gallery."""
-        emb, geo = score_features(nbrs, self.k)
-        return (emb - self.emb_centre) / self.emb_spread + (geo - self.geo_centre) / self.geo_spread
+    def score(self, nbrs: Neighbours, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        """(N,) the OOD score of answers (lat, lon): 0 for a typical val photo, higher further
+        from the gallery."""
+        x = score_features(nbrs, lat, lon, self.k, self.geo_k, self.spread_k)
+        return ((x - np.asarray(self.centres)) / np.asarray(self.spreads)).sum(axis=1)
 
     def lost(self, score: np.ndarray) -> np.ndarray:
         """(N,) P(error > lost_km) under the val error model, at least `widened_lost` above
@@ -198,8 +199,9 @@ class OodModel:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["norm_quantiles"] = [float(x) for x in self.norm_quantiles]
-        d["val_scores"] = [float(x) for x in self.val_scores]
+        for key in ("norm_quantiles", "val_scores", "centres", "spreads"):
+            d[key] = [float(x) for x in d[key]]
+        d["land"] = [int(c) for c in self.land]
         return {"version": OOD_VERSION, **d}
 
     @classmethod
@@ -212,8 +214,8 @@ class OodModel:
                         "`geoloc rerank` again", d.get("version"), OOD_VERSION)  # fmt: skip
             return None
         d = {k: v for k, v in d.items() if k != "version"}
-        return cls(**{**d, "norm_quantiles": tuple(d["norm_quantiles"]),
-                      "val_scores": tuple(d.get("val_scores", ()))})  # fmt: skip
+        seqs = ("norm_quantiles", "val_scores", "centres", "spreads", "land")
+        return cls(**{**d, **{k: tuple(d[k]) for k in seqs if k in d}})
 
 
 @dataclass(eq=False)
@@ -237,17 +239,6 @@ def _norm_cdf(model_q: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.interp(x, q, NORM_LEVELS, left=0.0, right=1.0)
 
 
-def _land_cdf(lat: np.ndarray, lon: np.ndarray, at_km: np.ndarray) -> np.ndarray:
-    """(N, G) share of the land points within each of `at_km` (N, G) of (lat, lon)."""
-    llat, llon = land_points()
-    out = np.empty(at_km.shape)
-    for s in range(0, len(lat), 256):
-        d = np.sort(haversine_km(lat[s : s + 256, None], lon[s : s + 256, None], llat, llon), 1)
-        for i, row in enumerate(d):
-            out[s + i] = np.searchsorted(row, at_km[s + i], side="right") / row.size
-    return out
-
-
 def mixture_cdf(
     model: OodModel, lost: np.ndarray, scale: np.ndarray, lat: np.ndarray, lon: np.ndarray,
     at_km: np.ndarray,
@@ -255,7 +246,7 @@ def mixture_cdf(
     """(N, G) P(error <= at_km) under (1 - lost) F_c(r / scale) + lost F_land(r)."""
     q = np.asarray(model.norm_quantiles)
     inside = _norm_cdf(q, at_km / scale[:, None])
-    return (1 - lost[:, None]) * inside + lost[:, None] * _land_cdf(lat, lon, at_km)
+    return (1 - lost[:, None]) * inside + lost[:, None] * land_cdf(lat, lon, at_km)
 
 
 def widened_radius_km(
@@ -275,56 +266,6 @@ def widened_radius_km(
     return np.where(cdf[:, 0] >= model.level, RADII_KM[0], r)
 
 
-def hedge_answer(
-    top: TopCells,
-    lost: np.ndarray,
-    label_space: LabelSpace,
-    cells: int = DECODE_CELLS,
-    n_land: int = DECODE_LAND,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(lat, lon) of least expected distance under (1 - lost) top + lost * land, among each
-    row's `cells` most likely class centres and `n_land` land points."""
-    from geoloc.infer.radius import RADIUS_CANDIDATES
-
-    llat, llon = land_points()
-    best, w = top.best(RADIUS_CANDIDATES)  # (N, m) the calibrated candidates' most likely
-    n = len(top)
-    w = w / np.clip(w.sum(axis=1, keepdims=True), 1e-300, None)
-    order = np.argsort(-w, axis=1)[:, : min(cells, w.shape[1])]
-    cand_cells = np.take_along_axis(best, order, axis=1)  # (N, c)
-    dl = haversine_km(llat[:n_land, None], llon[:n_land, None], llat, llon)
-    cand_lat = np.concatenate(
-        [
-            label_space.lat[cand_cells],
-            np.broadcast_to(llat[:n_land], (n, n_land)),
-        ],
-        1,
-    )
-    cand_lon = np.concatenate(
-        [
-            label_space.lon[cand_cells],
-            np.broadcast_to(llon[:n_land], (n, n_land)),
-        ],
-        1,
-    )
-    land_cost = np.concatenate([
-        haversine_km(label_space.lat[cand_cells][..., None], label_space.lon[cand_cells][..., None],
-                     llat, llon).mean(axis=2),
-        np.broadcast_to(dl.mean(axis=1), (n, n_land)),
-    ], axis=1)  # fmt: skip
-    d = haversine_km(
-        cand_lat[:, :, None],
-        cand_lon[:, :, None],
-        label_space.lat[best][:, None, :],
-        label_space.lon[best][:, None, :],
-    )
-    model_cost = np.einsum("ncm,nm->nc", d, w)
-    cost = (1 - lost[:, None]) * model_cost + lost[:, None] * land_cost
-    best = cost.argmin(axis=1)
-    rows = np.arange(n)
-    return cand_lat[rows, best], cand_lon[rows, best]
-
-
 def apply_ood(
     model: OodModel,
     top: TopCells,
@@ -338,7 +279,7 @@ def apply_ood(
 ) -> OodAnswer:
     """The OOD step on a variant's calibrated candidates `top` and answer (lat, lon, pred);
     `degenerate` rows are flagged and widened (P(lost) = 1) whatever their score."""
-    score = model.score(nbrs)
+    score = model.score(nbrs, lat, lon)
     bad = np.zeros(len(score), bool) if degenerate is None else np.asarray(degenerate, bool)
     wide = model.widen(score) | bad
     lost = np.where(bad, 1.0, model.lost(score))
@@ -358,12 +299,12 @@ def apply_ood(
 
 
 def widened_members(
-    top: TopCells, sets: ConformalSets, ans: OodAnswer, label_space: LabelSpace
+    top: TopCells, sets: ConformalSets, ans: OodAnswer, model: OodModel
 ) -> tuple[np.ndarray, np.ndarray]:
     """(member (N, K) bool, extra (N,) int) cell sets of a bounded block: the conformal set on
     the candidates (all tail cells when the set holds the whole tail), plus for widened photos
-    every class centre inside the widened radius (the truth's cell is the one its point falls
-    in or the nearest). `extra`: tail cells a RAPS set holds only in part (counted, not named)."""
+    the model's land cells (`land_prior.land_cells`). `extra`: tail cells a RAPS set holds only
+    in part (counted, not named)."""
     inside, tail_in = set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)
     n, m = top.cells.shape
     rows = np.repeat(np.arange(n), m)
@@ -375,10 +316,8 @@ def widened_members(
         out[~whole] = False
     out[rows, top.cells.ravel()] = inside.ravel()
     wide = np.flatnonzero(ans.widened)
-    if wide.size:
-        d = haversine_km(ans.lat[wide, None], ans.lon[wide, None], label_space.lat,
-                         label_space.lon)  # fmt: skip
-        out[wide] |= d <= ans.radius_km[wide, None]
+    if wide.size and model.land:
+        out[np.ix_(wide, np.asarray(model.land, dtype=np.int64))] = True
     return out, np.where(whole, 0, tail_in)
 
 
@@ -393,17 +332,18 @@ def fit_ood(
     radius: ErrorRadius,
     label_space: LabelSpace,
     *,
-    k: int = 5,
     flag_quantile: float = 0.95,
     widen_quantile: float = 0.9,
     lost_km: float = 2500.0,
     decode: str = "none",
+    set_level: float = 0.9,
 ) -> OodModel:
     """Fit the score's scale and threshold, the error model and the radius level on val (the
-    chosen variant's calibrated candidates `top`, answers, and the truth)."""
-    emb, geo = score_features(nbrs, k)
-    (ec, es), (gc, gs) = _robust_scale(emb), _robust_scale(geo)
-    score = (emb - ec) / es + (geo - gc) / gs
+    chosen variant's calibrated candidates `top`, answers, and the truth); widened sets hold the
+    land cells of `set_level` of the land (the sets' coverage)."""
+    x = score_features(nbrs, lat, lon)
+    centres, spreads = zip(*(_robust_scale(x[:, j]) for j in range(x.shape[1])), strict=True)
+    score = ((x - np.asarray(centres)) / np.asarray(spreads)).sum(axis=1)
     err = haversine_km(true_lat, true_lon, lat, lon)
     scale = radius_scale_top(radius, top, lat, lon, label_space, nbrs)
     norm_q = np.quantile(err / scale, NORM_LEVELS) if err.size else np.zeros(NORM_LEVELS.size)
@@ -419,12 +359,14 @@ def fit_ood(
 
     threshold, widen_threshold = at(flag_quantile), at(widen_quantile)
     val_scores = np.quantile(score, np.linspace(0, 1, 101)) if score.size else np.zeros(0)
+    land = land_cells(label_space.lat, label_space.lon, set_level)
     model = OodModel(
-        k=k, emb_centre=ec, emb_spread=es, geo_centre=gc, geo_spread=gs, threshold=threshold,
+        centres=tuple(centres), spreads=tuple(spreads), threshold=threshold,
         flag_quantile=flag_quantile, lost_km=lost_km, lost_a=a, lost_b=b, level=radius.coverage,
         coverage=radius.coverage, norm_quantiles=tuple(float(x) for x in norm_q),
         val_scores=tuple(float(x) for x in val_scores), n_calibration=int(err.size),
         widen_threshold=widen_threshold, widen_quantile=widen_quantile, decode=decode,
+        land=tuple(int(c) for c in land), set_level=set_level,
     )  # fmt: skip
     ans = apply_ood(model, top, lat, lon, pred, nbrs, radius, label_space)
     err = haversine_km(true_lat, true_lon, ans.lat, ans.lon)

@@ -14,16 +14,18 @@ from PIL import Image
 from geoloc.config import RerankConfig
 from geoloc.data.imagestore import ImageLocations
 from geoloc.geo import LabelSpace, haversine_km
+from geoloc.infer.candidates import set_members_top
 from geoloc.infer.evaluation import evaluate_rerank, variants_for
 from geoloc.infer.gallery import l2_normalize
+from geoloc.infer.land_prior import land_points
 from geoloc.infer.ood import (
     NORM_LEVELS,
     OOD_VARIANT,
     OodModel,
     auroc,
     knn_distance,
-    land_points,
     ood_for,
+    widened_members,
     widened_radius_km,
 )
 from geoloc.infer.outputs import SplitOutputs
@@ -98,12 +100,36 @@ def test_photos_off_the_map_score_higher_are_flagged_and_get_wide_radii(evaluate
     assert np.mean(sides["shift"][1] <= shift.radius_km) >= 0.85
 
 
+def test_a_widened_photos_set_holds_the_land_cells_and_only_widened_sets_grow(evaluated) -> None:  # type: ignore[no-untyped-def]
+    ls, outs, params, _ = evaluated
+    gallery = outs["train"].to_gallery()
+    shifted = _off_the_map(ls, 200, outs["test"].embeddings.shape[1], seed=5)
+    name, sets = params.best_variant, params.conformal[params.best_variant]
+    assert params.ood is not None and 0 < len(params.ood.land) < ls.num_classes
+    for out in (outs["test"], shifted):
+        v = variants_for(out, gallery, ls, params)[name]
+        top = params.calibrated_top(name, v)
+        ans = ood_for(params, name, v, v.nbrs, ls, cal=top)
+        assert ans is not None
+        member, _ = widened_members(top, sets, ans, params.ood)
+        base = set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)[0]
+        rows = np.arange(len(out))[:, None]
+        assert member[rows, top.cells][base].all(), "the conformal set stays inside"
+        land = np.zeros(ls.num_classes, dtype=bool)
+        land[list(params.ood.land)] = True
+        assert (member[ans.widened] >= land).all(), "a widened set holds every land cell"
+        narrow = member[~ans.widened].sum(axis=1)
+        assert (narrow <= base[~ans.widened].sum(axis=1)).all(), "other sets do not grow"
+    # truths uniform over land fall in a widened set (nearly all of the shift is widened)
+    assert member[np.arange(len(shifted)), shifted.labels].mean() >= 0.8
+
+
 def test_the_radius_never_shrinks_as_the_score_grows() -> None:
     norm = tuple(float(x) for x in np.quantile(np.random.default_rng(0).exponential(1, 500),
                                                NORM_LEVELS))  # fmt: skip
-    model = OodModel(k=5, emb_centre=0.0, emb_spread=1.0, geo_centre=0.0, geo_spread=1.0,
-                     threshold=0.9, flag_quantile=0.95, lost_km=2500.0, lost_a=-6.0, lost_b=6.0,
-                     level=0.9, coverage=0.9, norm_quantiles=norm, widen_threshold=1.0,
+    model = OodModel(centres=(0.0, 0.0, 0.0), spreads=(1.0, 1.0, 1.0), threshold=0.9,
+                     flag_quantile=0.95, lost_km=2500.0, lost_a=-6.0, lost_b=6.0, level=0.9,
+                     coverage=0.9, norm_quantiles=norm, widen_threshold=1.0,
                      widen_quantile=0.7)  # fmt: skip
     scores = np.linspace(-1.0, 1.2, 40)
     lat, lon = np.full(40, 48.86), np.full(40, 2.35)
