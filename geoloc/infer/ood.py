@@ -19,9 +19,11 @@ that widen with it. Everything is fitted on val; nothing sees a shifted split.
   `F_c` is the val distribution of `error / scale(x)` (the conformal radius's normalised error,
   `geoloc.infer.radius`), `F_land` the distance from the answer to a point uniform over land
   (where a photo can come from when the model has nothing to go on). The radius is the
-  distance where this mixture reaches `level`, and `level` is split-conformal on val (the val
-  images' mixture CDF at their own error), so val coverage stays at the asked 0.9 while a photo
-  far from everything seen gets a radius that covers the land it might be on.
+  distance where this mixture reaches `level`, at least `coverage` for a widened photo (its
+  radius holds that share of the land, whatever val says), and `level` is split-conformal on val
+  given those (the other val images' mixture CDF at their own error), so val coverage stays at
+  the asked 0.9 while a photo far from everything seen gets a radius that covers the land it
+  might be on.
 - **Decoding** (`decode`, off by default: it lost on the demo, docs/quality.md). A widened
   photo's answer may become the point of least expected distance under the widened
   distribution, among the model's top cells (and a fixed set of land points).
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geoloc.geo import LabelSpace, haversine_km
-from geoloc.infer.calibration import ConformalSets, conformal_quantile
+from geoloc.infer.calibration import ConformalSets
 from geoloc.infer.candidates import TopCells, radius_scale_top, set_members_top
 from geoloc.infer.land_prior import DECODE_LAND, hedge_answer, land_cdf, land_cells
 from geoloc.infer.radius import neighbour_spread_km
@@ -250,20 +252,30 @@ def mixture_cdf(
 
 
 def widened_radius_km(
-    model: OodModel, lost: np.ndarray, scale: np.ndarray, lat: np.ndarray, lon: np.ndarray
+    model: OodModel,
+    lost: np.ndarray,
+    scale: np.ndarray,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    widened: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(N,) the least radius where the mixture CDF reaches `model.level` (grid, log-interpolated);
-    a larger `lost` never gives a smaller radius where the land spreads wider than the answer."""
+    """(N,) the least radius where the mixture CDF reaches `model.level` (grid, log-interpolated),
+    and at least `model.coverage` for `widened` rows (the land prior's own promise: their radius
+    holds that share of the land); a larger `lost` never gives a smaller radius where the land
+    spreads wider than the answer."""
     n = len(lat)
+    level = np.full(n, model.level)
+    if widened is not None:
+        level[np.asarray(widened, bool)] = max(model.level, model.coverage)
     grid = np.broadcast_to(RADII_KM, (n, RADII_KM.size))
     cdf = np.maximum.accumulate(mixture_cdf(model, lost, scale, lat, lon, grid), axis=1)
-    j = np.clip((cdf < model.level).sum(axis=1), 1, RADII_KM.size - 1)  # first >= level
+    j = np.clip((cdf < level[:, None]).sum(axis=1), 1, RADII_KM.size - 1)  # first >= level
     rows = np.arange(n)
     c0, c1 = cdf[rows, j - 1], cdf[rows, j]
-    t = np.clip((model.level - c0) / np.clip(c1 - c0, 1e-12, None), 0.0, 1.0)
+    t = np.clip((level - c0) / np.clip(c1 - c0, 1e-12, None), 0.0, 1.0)
     logr = np.log(RADII_KM)
     r = np.exp(logr[j - 1] + t * (logr[j] - logr[j - 1]))
-    return np.where(cdf[:, 0] >= model.level, RADII_KM[0], r)
+    return np.where(cdf[:, 0] >= level, RADII_KM[0], r)
 
 
 def apply_ood(
@@ -294,7 +306,7 @@ def apply_ood(
         near = haversine_km(hl[:, None], ho[:, None], label_space.lat, label_space.lon)
         pred[wide] = near.argmin(axis=1)
     scale = radius_scale_top(radius, top, lat, lon, label_space, nbrs)
-    r = widened_radius_km(model, lost, scale, lat, lon)
+    r = widened_radius_km(model, lost, scale, lat, lon, wide)
     return OodAnswer(score, model.flag(score) | bad, wide, lost, lat, lon, pred, r, moved)
 
 
@@ -372,10 +384,23 @@ def fit_ood(
     err = haversine_km(true_lat, true_lon, ans.lat, ans.lon)
     scale = radius_scale_top(radius, top, ans.lat, ans.lon, label_space, nbrs)
     t = mixture_cdf(model, ans.lost, scale, ans.lat, ans.lon, err[:, None])[:, 0]
-    level = min(conformal_quantile(t, radius.coverage), 1.0)
+    level = _level(t[~ans.widened], int((err <= ans.radius_km)[ans.widened].sum()), err.size,
+                   radius.coverage)  # fmt: skip
     log.info("OOD on val: flag above %.4g (q%.2f), P(lost > %g km) = sigmoid(%.3g + %.3g s), "
              "radius level %.4f", model.threshold, flag_quantile, lost_km, a, b, level)  # fmt: skip
     return OodModel(**{**asdict(model), "level": float(level)})
+
+
+def _level(t: np.ndarray, covered_widened: int, n: int, coverage: float) -> float:
+    """The mixture-CDF level of the photos that are not widened (their CDF at their own error:
+    `t`) at which, with the `covered_widened` widened photos the land radius holds, `coverage`
+    of all `n` val photos are covered (split-conformal: ceil((n + 1) coverage) of them)."""
+    if t.size == 0:
+        return coverage
+    need = math.ceil((n + 1) * coverage) - covered_widened
+    if need > t.size:
+        return 1.0
+    return float(np.sort(t)[max(need, 1) - 1])
 
 
 def ood_for(

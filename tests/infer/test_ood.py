@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.candidates import set_members_top
 from geoloc.infer.evaluation import evaluate_rerank, variants_for
 from geoloc.infer.gallery import l2_normalize
-from geoloc.infer.land_prior import land_points
+from geoloc.infer.land_prior import land_cdf, land_points
 from geoloc.infer.ood import (
     NORM_LEVELS,
     OOD_VARIANT,
@@ -133,9 +134,16 @@ def test_the_radius_never_shrinks_as_the_score_grows() -> None:
                      widen_quantile=0.7)  # fmt: skip
     scores = np.linspace(-1.0, 1.2, 40)
     lat, lon = np.full(40, 48.86), np.full(40, 2.35)
-    radius = widened_radius_km(model, model.lost(scores), np.full(40, 100.0), lat, lon)
+    wide = model.widen(scores)
+    radius = widened_radius_km(model, model.lost(scores), np.full(40, 100.0), lat, lon, wide)
     assert np.all(np.diff(radius) >= -1e-6)
     assert radius[0] < 400 and radius[-1] > 5000
+    # a widened photo's radius holds `coverage` of the land even where val's level is lower
+    low = replace(model, level=0.6)
+    radius = widened_radius_km(low, low.lost(scores), np.full(40, 100.0), lat, lon, wide)
+    held = land_cdf(lat[wide], lon[wide], radius[wide, None])[:, 0]
+    assert wide.any() and (held >= 0.9 - 1e-3).all()
+    assert np.all(np.diff(radius) >= -1e-6)
 
 
 def test_knn_distance_is_smaller_for_photos_near_the_gallery() -> None:
