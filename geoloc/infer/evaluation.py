@@ -279,7 +279,7 @@ def answer_table(
     if ans is not None:
         lat, lon, pred, r = ans.lat, ans.lon, ans.pred, ans.radius_km
         if sets:
-            member, extra = widened_members(top, sets, ans, params.ood)
+            member, extra = widened_members(top, sets, ans)
             size = member.sum(axis=1) + extra
     error = haversine_km(true.lat, true.lon, lat, lon)
     return pd.DataFrame({

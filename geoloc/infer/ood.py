@@ -233,6 +233,7 @@ class OodAnswer:
     pred: np.ndarray  # (N,) class of the answer (nearest class centre when it moved)
     radius_km: np.ndarray  # (N,) widened radius
     moved: np.ndarray  # (N,) bool: the answer moved
+    land: tuple[int, ...] = ()  # the land cells a widened photo's set holds (`OodModel.land`)
 
 
 def _norm_cdf(model_q: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -307,15 +308,16 @@ def apply_ood(
         pred[wide] = near.argmin(axis=1)
     scale = radius_scale_top(radius, top, lat, lon, label_space, nbrs)
     r = widened_radius_km(model, lost, scale, lat, lon, wide)
-    return OodAnswer(score, model.flag(score) | bad, wide, lost, lat, lon, pred, r, moved)
+    return OodAnswer(score, model.flag(score) | bad, wide, lost, lat, lon, pred, r, moved,
+                     model.land)  # fmt: skip
 
 
 def widened_members(
-    top: TopCells, sets: ConformalSets, ans: OodAnswer, model: OodModel
+    top: TopCells, sets: ConformalSets, ans: OodAnswer
 ) -> tuple[np.ndarray, np.ndarray]:
     """(member (N, K) bool, extra (N,) int) cell sets of a bounded block: the conformal set on
     the candidates (all tail cells when the set holds the whole tail), plus for widened photos
-    the model's land cells (`land_prior.land_cells`). `extra`: tail cells a RAPS set holds only
+    the OOD model's land cells (`land_prior.land_cells`). `extra`: tail cells a RAPS set holds only
     in part (counted, not named)."""
     inside, tail_in = set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)
     n, m = top.cells.shape
@@ -328,8 +330,8 @@ def widened_members(
         out[~whole] = False
     out[rows, top.cells.ravel()] = inside.ravel()
     wide = np.flatnonzero(ans.widened)
-    if wide.size and model.land:
-        out[np.ix_(wide, np.asarray(model.land, dtype=np.int64))] = True
+    if wide.size and ans.land:
+        out[np.ix_(wide, np.asarray(ans.land, dtype=np.int64))] = True
     return out, np.where(whole, 0, tail_in)
 
 

@@ -270,7 +270,7 @@ class Predictor:
             top = TopCells.from_dense(answer.scores, None, 0)
         set_cells: list[np.ndarray] | None = None  # each row's set, most likely first
         if sets is not None and ood is not None:  # widened sets: the land cells too
-            dense = widened_members(top, sets, ood, self.params.ood)[0]
+            dense = widened_members(top, sets, ood)[0]
             set_cells = [np.flatnonzero(row) for row in dense]
         elif sets is not None:
             member = set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)[0]

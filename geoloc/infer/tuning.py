@@ -341,7 +341,7 @@ def ood_row_stats(
     stats["radius"], stats["within"] = ans.radius_km, stats["error"] <= ans.radius_km
     sets = params.conformal.get(name)
     if sets is not None:
-        member, extra = widened_members(cal, sets, ans, params.ood)
+        member, extra = widened_members(cal, sets, ans)
         stats["covered"] = member[np.arange(len(true.labels)), true.labels]
         stats["set_size"] = member.sum(axis=1) + extra
     return stats

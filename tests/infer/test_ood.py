@@ -112,7 +112,7 @@ def test_a_widened_photos_set_holds_the_land_cells_and_only_widened_sets_grow(ev
         top = params.calibrated_top(name, v)
         ans = ood_for(params, name, v, v.nbrs, ls, cal=top)
         assert ans is not None
-        member, _ = widened_members(top, sets, ans, params.ood)
+        member, _ = widened_members(top, sets, ans)
         base = set_members_top(top, sets.threshold, sets.method, sets.k_reg, sets.penalty)[0]
         rows = np.arange(len(out))[:, None]
         assert member[rows, top.cells][base].all(), "the conformal set stays inside"
