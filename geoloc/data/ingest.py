@@ -36,14 +36,9 @@ from geoloc.data.finalize import SLICE_ROWS, finalize_journals
 from geoloc.data.finalize import empty_manifest as empty_manifest
 from geoloc.data.finalize import normalise_manifest as normalise_manifest
 from geoloc.data.finalize import read_processed_manifest as read_processed_manifest
-from geoloc.data.imagestore import (
-    LOCATION_COLUMNS,
-    SHARDS_DIR,
-    ShardWriter,
-    members_of,
-    shard_relpath,
-)
+from geoloc.data.imagestore import LOCATION_COLUMNS, SHARDS_DIR, shard_relpath
 from geoloc.data.process import ProcessTask, process_one
+from geoloc.data.shardwriter import ShardWriter, members_of
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, maybe_fault, stable_hash
 from geoloc.errors import DataError
