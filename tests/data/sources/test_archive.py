@@ -4,12 +4,15 @@ name where a plain sorted walk would, with the same repeats and refusals."""
 from __future__ import annotations
 
 import os
+import random
+import tempfile
 import zipfile
 from pathlib import Path
 
+import pytest
 from fixtures.listing_reference import reference_listing
 
-from geoloc.data.sources.archive import ImageLookup, ZipMember
+from geoloc.data.sources.archive import ArchiveOrder, ImageLookup, ZipMember
 from geoloc.data.sources.folder import IMAGE_SUFFIXES
 
 SUFFIXES = frozenset(s.lower() for s in IMAGE_SUFFIXES)
@@ -67,3 +70,20 @@ def test_a_flat_folder_of_many_images_lists_every_one(tmp_path: Path) -> None:
     assert len(lookup.files) == 3000 and lookup.repeats == 0
     assert all(lookup.find(i) == tmp_path / f"{i}.jpg" for i in ids)
     assert lookup.find(str(10**14 + 1)) is None and lookup.find("") is None
+
+
+def test_zipped_items_come_out_by_archive_then_stored_order_from_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ArchiveOrder, "BUFFER", 7)  # most items go through the disk
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rng = random.Random(0)
+    archives = [tmp_path / name for name in ("b.zip", "a.zip", "a10.zip", "a2.zip")]
+    added = [(ZipMember(rng.choice(archives), "m.jpg", rng.randrange(20)), i) for i in range(200)]
+    order: ArchiveOrder[int] = ArchiveOrder()
+    for member, item in added:
+        order.add(member, item)
+    got = list(order.items())
+    # what a stable sort of everything in memory gives (the table order breaks ties)
+    assert got == [i for m, i in sorted(added, key=lambda p: (str(p[0].archive), p[0].order))]
+    assert not list(tmp_path.glob("geoloc-zipped-*"))  # the temporary folder is gone
