@@ -35,6 +35,7 @@ from geoloc.data.rejects import (
     NOT_REGULAR_FILE,
     PATH_ESCAPE,
 )
+from geoloc.errors import DiskFullError, is_disk_full
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -313,12 +314,22 @@ class ArchiveOrder(Generic[T]):
             self._flush()
 
     def _flush(self) -> None:
-        if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="geoloc-zipped-")
-        for archive, pairs in self._buffered.items():
-            path = self._files.setdefault(archive, Path(self._folder.name) / f"{len(self._files)}")
-            with open(path, "ab") as fh:
-                pickle.dump(pairs, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        path = Path(tempfile.gettempdir()) / "geoloc-zipped-*"
+        try:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="geoloc-zipped-")
+            for archive, pairs in self._buffered.items():
+                path = self._files.setdefault(
+                    archive, Path(self._folder.name) / str(len(self._files))
+                )
+                with open(path, "ab") as fh:
+                    pickle.dump(pairs, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError as exc:
+            if self._folder is not None:
+                self._folder.cleanup()
+            if is_disk_full(exc):  # one line naming TMPDIR's folder, not a traceback
+                raise DiskFullError.writing(path) from exc
+            raise
         self._buffered, self._count = {}, 0
 
     def items(self) -> Iterator[T]:
