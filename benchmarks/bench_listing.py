@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,8 @@ def main() -> None:
             print(f"{r['images']:>9,} {kind:>7} {r['seconds']:>7.1f} {r['peak_mb']:>8,} "
                   f"{per:>8.0f} {r['find_us']:>8.1f}", flush=True)  # fmt: skip
         print(f"  (imports alone: {base:,.0f} MB; {folder})")
+    if args.images is None:
+        shutil.rmtree(folders[0])
 
 
 if __name__ == "__main__":
