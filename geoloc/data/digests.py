@@ -66,6 +66,15 @@ class DigestIndex:
         at, hit = self._at(keys)
         return np.where(hit.reshape(-1, *[1] * (self.values.ndim - 1)), self.values[at], -1)
 
+    def position(self, key: bytes) -> int:
+        """Where one digest (`digest(...)`) lies in `keys`, -1 when absent: ~3 us, where the
+        vectorised `find`/`contains` of a single key take ~30."""
+        at = int(self.keys.searchsorted(key))
+        # an S16 item reads back without trailing NUL bytes: compare the key the same way
+        if at == len(self.keys) or self.keys[at] != key.rstrip(b"\0"):
+            return -1
+        return at
+
     def contains(self, keys: np.ndarray) -> np.ndarray:
         if not len(self.keys) or not len(keys):
             return np.zeros(len(keys), bool)

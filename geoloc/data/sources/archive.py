@@ -104,12 +104,8 @@ class NameTable:
 
     def find(self, name: str) -> tuple[int, ...] | None:
         """The columns stored for `name`, None when it is not in the table."""
-        key, keys = digest(name), self.index.keys
-        at = int(keys.searchsorted(key))  # one name: ~3 us, where DigestIndex.find takes ~30
-        # an S16 item reads back without trailing NUL bytes: compare the key the same way
-        if at == len(keys) or keys[at] != key.rstrip(b"\0"):
-            return None
-        return tuple(self.index.values[at].tolist())
+        at = self.index.position(digest(name))
+        return None if at < 0 else tuple(self.index.values[at].tolist())
 
 
 class _Codes:
