@@ -161,11 +161,10 @@ class ImageLookup:
             is_zip = name.lower().endswith(".zip")
             if not is_zip and suffix.lower() not in lookup.suffixes:
                 continue
-            path = Path(entry.path)
-            if not _plain_file(entry) and (problem := lookup._problem(path)) is not None:
+            if not _plain_file(entry) and (problem := lookup._problem(Path(entry.path))):
                 refused.append((folder, name, stem, problem))
             elif is_zip:
-                zips.append((folder, name, path))
+                zips.append((folder, name, Path(entry.path)))
             else:
                 lookup.files.add(stem, folder, lookup._suffix(suffix))
         for _, _, stem, problem in sorted(refused):  # the first in sorted path order
