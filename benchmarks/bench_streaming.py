@@ -35,7 +35,8 @@ from bench_shard_format import make_jpegs  # noqa: E402
 from geoloc.compute import seed_everything  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.data.dataset import GeoDataset, build_transforms  # noqa: E402
-from geoloc.data.imagestore import ShardWriter, shard_relpath  # noqa: E402
+from geoloc.data.imagestore import shard_relpath  # noqa: E402
+from geoloc.data.shardwriter import ShardWriter  # noqa: E402
 from geoloc.model import create_model  # noqa: E402
 from geoloc.train.epoch_loader import EpochLoader  # noqa: E402
 from geoloc.train.optim import build_optimizer  # noqa: E402

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fixtures.demo_data import DEMO_FIXTURE_CONFIG
 
 from geoloc.atomic import write_bytes, write_json
 from geoloc.cli import main
+from geoloc.data.sources.archive import ArchiveOrder, ZipMember
 from geoloc.errors import DiskFullError
 from geoloc.paths import DATA_DIR_ENV, DataPaths
 
@@ -153,3 +155,18 @@ def test_rerank_on_a_full_disk_is_one_error_line_and_the_run_records_it(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["failure_reason"] is None
     assert summary["rerank"]["variant"]
+
+
+def test_zipped_rows_put_aside_on_a_full_tmpdir_are_one_error_naming_it(
+    small_disk: Callable[[int], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = small_disk(64 << 10)
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))  # TMPDIR
+    monkeypatch.setattr(ArchiveOrder, "BUFFER", 10)
+    fill(disk, leave=4096)
+    order: ArchiveOrder[str] = ArchiveOrder()
+    with pytest.raises(DiskFullError) as caught:
+        for i in range(1000):  # OSV-5M rows whose images are in a zip, ~1 KB each pickled
+            order.add(ZipMember(disk / "00.zip", f"{i}.jpg", i), "x" * 1000)
+    assert f"no space left in '{disk}" in str(caught.value)
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # its temporary folder is gone

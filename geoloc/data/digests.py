@@ -16,10 +16,14 @@ import numpy as np
 DIGEST = "S16"
 
 
+def digest(value: str) -> bytes:
+    """The 16-byte blake2b digest of one string."""
+    return hashlib.blake2b(value.encode(), digest_size=16).digest()
+
+
 def digests(values: Iterable[str]) -> np.ndarray:
     """The 16-byte blake2b digest of each string (dtype S16)."""
-    blake = hashlib.blake2b
-    return np.fromiter((blake(v.encode(), digest_size=16).digest() for v in values), DIGEST)
+    return np.fromiter((digest(v) for v in values), DIGEST)
 
 
 def ref_digests(sources: Iterable[str], refs: Iterable[str]) -> np.ndarray:
@@ -31,8 +35,17 @@ class DigestIndex:
     """Digests kept sorted, optionally each with integer values (shape (n,) or (n, k)): a set
     (`contains`) or a map (`find`: -1 for absent keys), with vectorised lookups."""
 
-    def __init__(self, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        keys: np.ndarray | None = None,
+        values: np.ndarray | None = None,
+        presorted: bool = False,
+    ) -> None:
+        """`presorted`: the keys are sorted already and are kept as given (no copy)."""
         keys = np.empty(0, DIGEST) if keys is None else keys
+        if presorted:
+            self.keys, self.values = keys, values
+            return
         order = np.argsort(keys, kind="stable")
         self.keys = keys[order]
         self.values = None if values is None else values[order]
@@ -52,6 +65,15 @@ class DigestIndex:
             return np.full((len(keys), *self.values.shape[1:]), -1, self.values.dtype)
         at, hit = self._at(keys)
         return np.where(hit.reshape(-1, *[1] * (self.values.ndim - 1)), self.values[at], -1)
+
+    def position(self, key: bytes) -> int:
+        """Where one digest (`digest(...)`) lies in `keys`, -1 when absent: ~3 us, where the
+        vectorised `find`/`contains` of a single key take ~30."""
+        at = int(self.keys.searchsorted(key))
+        # an S16 item reads back without trailing NUL bytes: compare the key the same way
+        if at == len(self.keys) or self.keys[at] != key.rstrip(b"\0"):
+            return -1
+        return at
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         if not len(self.keys) or not len(keys):

@@ -15,8 +15,10 @@ Here no per-row Python object outlives a slice:
   id column alone, rows are spread over rank buckets of one slice each on disk, and each bucket
   is sorted and appended to the output as a row group.
 
-What still grows with N: ~80 bytes a row of digest sets and ids (measured: ~130-180 bytes a row,
-329 MB at 10^5 rows, 494 MB at 10^6, docs/data.md) and the refused rows
+What still grows with N: ~40 bytes a row of digest sets (content -> ordinal, ids seen; the ids
+themselves are read back from the runs, this job's refs wait in a file) and the transients of
+adding to them (measured before those two moved out of memory: ~130-180 bytes a row, 329 MB at
+10^5 rows, 494 MB at 10^6, docs/data.md) and the refused rows
 (the rejects table is merged whole). Deduplication follows source order exactly as before: the
 first accepted content and the first use of an id win.
 """
@@ -214,13 +216,14 @@ class MergeCounts:
 
 
 class _Accepted:
-    """Accepted rows so far: temp parquet runs in ordinal order, their ids, sha256s and ids
-    seen (digests), and which attribute columns hold a value."""
+    """Accepted rows so far: temp parquet runs in ordinal order, their sha256s and ids seen
+    (digests), and which attribute columns hold a value. The ids themselves are read back from
+    the runs when needed (~20 bytes a row not held through the merge)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.runs: list[Path] = []
-        self.ids: list[pa.Array] = []  # image_id per ordinal, one array per run
+        self.starts: list[int] = []  # the first ordinal of each run
         self.count = 0
         self.sha = DigestIndex(values=np.empty(0, np.int32))  # sha256 -> ordinal holding it
         self.id_seen = DigestIndex()
@@ -232,15 +235,32 @@ class _Accepted:
         frame = normalise_manifest(frame)  # typed columns, so every run writes as parquet
         self.sha.add(sha, np.arange(self.count, self.count + len(frame), dtype=np.int32))
         self.id_seen.add(ids)
-        self.ids.append(pa.array(frame["image_id"].astype(str).tolist(), pa.string()))
         self.attributes |= {c for c in ATTRIBUTE_COLUMNS if c in frame and frame[c].notna().any()}
         path = temp_path(self.folder / f"run-{len(self.runs)}.parquet")
         self.runs.append(path)
+        self.starts.append(self.count)
         frame.to_parquet(path, index=False)
         self.count += len(frame)
 
-    def image_id(self, ordinal: int) -> str:
-        return pa.chunked_array(self.ids, pa.string())[ordinal].as_py()
+    def _ids_of_run(self, run: int) -> pa.Array:
+        column = pq.read_table(self.runs[run], columns=["image_id"]).column(0)
+        return column.combine_chunks().cast(pa.string())
+
+    def image_ids(self, ordinals: np.ndarray) -> dict[int, str]:
+        """The image_id of each of `ordinals` (kept rows a duplicate points at: few), read back
+        from its run, each run once."""
+        want = np.unique(ordinals)
+        run_of = np.searchsorted(np.asarray(self.starts), want, side="right") - 1
+        found: dict[int, str] = {}
+        for run in np.unique(run_of):
+            ids = self._ids_of_run(int(run))
+            for o in want[run_of == run].tolist():
+                found[o] = ids[o - self.starts[run]].as_py()
+        return found
+
+    def all_ids(self) -> pa.ChunkedArray:
+        """Every accepted image_id in ordinal order, read back from the runs."""
+        return pa.chunked_array([self._ids_of_run(r) for r in range(len(self.runs))], pa.string())
 
 
 def _keep_base(paths: DataPaths, replace: DigestIndex, acc: _Accepted, slice_rows: int) -> None:
@@ -255,8 +275,14 @@ def _keep_base(paths: DataPaths, replace: DigestIndex, acc: _Accepted, slice_row
                     digests(frame["image_id"].astype(str)))  # fmt: skip
 
 
-def _decide(sha: np.ndarray, ids: np.ndarray, holder: np.ndarray, id_taken: np.ndarray,
-            image_ids: list[str], acc: _Accepted) -> tuple[np.ndarray, list[str]]:
+def _decide(
+    sha: np.ndarray,
+    ids: np.ndarray,
+    holder: np.ndarray,
+    id_taken: np.ndarray,
+    image_ids: list[str],
+    held: dict[int, str],
+) -> tuple[np.ndarray, list[str]]:
     """Per accepted journal row, in source order: 0 keep, 1 duplicate (same content as an
     image kept earlier), 2 duplicate_id (its id taken by other content); with the detail.
 
@@ -268,7 +294,7 @@ def _decide(sha: np.ndarray, ids: np.ndarray, holder: np.ndarray, id_taken: np.n
     for i, (s, d) in enumerate(zip(sha.tolist(), ids.tolist(), strict=True)):
         if holder[i] >= 0 or s in kept_sha:
             code[i] = 1
-            first = kept_sha[s] if s in kept_sha else acc.image_id(int(holder[i]))
+            first = kept_sha[s] if s in kept_sha else held[int(holder[i])]
             details[i] = f"same content as image {first}"
         elif id_taken[i] or d in kept_ids:
             code[i] = 2
@@ -300,8 +326,9 @@ def _dedup_slice(
     image_ids = [str(g) if g != "" else h[:16] for g, h in zip(given, good["sha256"],
                                                                 strict=True)]  # fmt: skip
     sha, ids = digests(good["sha256"]), digests(image_ids)
-    code, details = _decide(sha, ids, acc.sha.find(sha), acc.id_seen.contains(ids), image_ids,
-                            acc)  # fmt: skip
+    holder = acc.sha.find(sha)  # the ordinal of an earlier kept row of the same content
+    held = acc.image_ids(holder[holder >= 0])
+    code, details = _decide(sha, ids, holder, acc.id_seen.contains(ids), image_ids, held)
     refused = frame.loc[~ok].reindex(columns=R.COLUMNS)
     dropped = code > 0
     dedup = pd.DataFrame({
@@ -340,8 +367,8 @@ def _write_sorted(acc: _Accepted, path: Path, slice_rows: int) -> None:
         write_parquet(path, empty_manifest())
         return
     attributes = [c for c in ATTRIBUTE_COLUMNS if c in acc.attributes]
-    ids = pa.chunked_array(acc.ids, pa.string())
-    acc.ids, acc.sha, acc.id_seen = [], DigestIndex(), DigestIndex()  # done with: free them
+    acc.sha, acc.id_seen = DigestIndex(), DigestIndex()  # done with: free them
+    ids = acc.all_ids()
     rank = np.empty(acc.count, np.int32)
     rank[pc.sort_indices(ids).to_numpy()] = np.arange(acc.count, dtype=np.int32)  # ids distinct
     del ids
@@ -418,8 +445,12 @@ def finalize_journals(
     refused: list[pd.DataFrame] = []  # a frame per slice: ~10x smaller than as dicts
     reasons: Counter[str] = Counter()
     duplicates = 0
+    replaced = temp_path(folder / "replace.npy")  # not held through the merge: 16 bytes a row
     try:
         _keep_base(paths, replace, acc, slice_rows)
+        with open(replaced, "wb") as fh:  # a file object: np.save would add ".npy" to a name
+            np.save(fh, replace.keys, allow_pickle=False)
+        del replace
         n_base = acc.count
         for rows in _slices(sel, slice_rows):
             kept, sha, ids, slice_refused = _dedup_slice(rows, acc)
@@ -431,9 +462,11 @@ def finalize_journals(
         n_read = len(sel.part)
         del sel  # what the sort needs is in the runs and their ids
         _write_sorted(acc, paths.processed_manifest, slice_rows)
+        replace = DigestIndex(np.load(replaced, allow_pickle=False), presorted=True)
     finally:
         for run in acc.runs:
             run.unlink(missing_ok=True)
+        replaced.unlink(missing_ok=True)
     _merge_rejects(paths.rejects, refused, replace, gone)
     return MergeCounts(
         read=n_read,

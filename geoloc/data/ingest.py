@@ -28,7 +28,7 @@ import pandas as pd
 from geoloc.atomic import sweep_stale_temps, temp_path
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
-from geoloc.data.digests import digests
+from geoloc.data.digests import DigestIndex, digest, digests
 from geoloc.data.finalize import (  # the manifest contract, imported from here too
     MANIFEST_COLUMNS as MANIFEST_COLUMNS,
 )
@@ -36,14 +36,9 @@ from geoloc.data.finalize import SLICE_ROWS, finalize_journals
 from geoloc.data.finalize import empty_manifest as empty_manifest
 from geoloc.data.finalize import normalise_manifest as normalise_manifest
 from geoloc.data.finalize import read_processed_manifest as read_processed_manifest
-from geoloc.data.imagestore import (
-    LOCATION_COLUMNS,
-    SHARDS_DIR,
-    ShardWriter,
-    members_of,
-    shard_relpath,
-)
+from geoloc.data.imagestore import LOCATION_COLUMNS, SHARDS_DIR, shard_relpath
 from geoloc.data.process import ProcessTask, process_one
+from geoloc.data.shardwriter import ShardWriter, members_of
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, maybe_fault, stable_hash
 from geoloc.errors import DataError
@@ -305,10 +300,14 @@ def journal_source(
     for folder in (paths.processed, paths.raw / getattr(source, "name", ""), journal.folder):
         sweep_stale_temps(folder, recursive=True)
     done_rows = journal.read(columns=["key", "stage", *LOCATION_COLUMNS])
-    done = set(done_rows["key"]) if len(done_rows) else set()
+    # the keys done, as digests (16 bytes a key, not a Python set of strings)
+    keys = done_rows["key"] if len(done_rows) else pd.Series([], dtype=object)
+    done = DigestIndex(np.unique(digests(keys)), presorted=True)
     # a source's reject is not final: a file missing last time may be there now
-    redo = set(done_rows["key"][done_rows["stage"] == "source"]) if "stage" in done_rows else set()
-    if done:
+    again = keys[done_rows["stage"] == "source"] if "stage" in done_rows else keys[:0]
+    redo = DigestIndex(np.unique(digests(again)), presorted=True)
+    del keys, again
+    if len(done):
         log.info("ingest %s: resuming, %d items already done", spec, len(done) - len(redo))
     writer = _shard_writer(paths, cfg, journal.folder.name, done_rows, fresh)
     del done_rows
@@ -326,7 +325,7 @@ def journal_source(
             if len(block) == SLICE_ROWS:
                 listed.append(digests(block))
                 block.clear()
-            if key in done and not (key in redo and isinstance(entry, RawItem)):
+            if len(done) and _already_done(digest(key), entry, done, redo):
                 resumed += 1
                 continue
             chunk.append(entry)
@@ -370,6 +369,16 @@ def journal_source(
         errors=tuple(getattr(source, "errors", ())),
         notes=tuple(getattr(source, "notes", ())),
     )
+
+
+def _already_done(
+    key: bytes, entry: RawItem | SourceReject, done: DigestIndex, redo: DigestIndex
+) -> bool:
+    """Whether a resumed job did this key already (its source reject is redone once the item
+    is there: a file missing last time may be there now)."""
+    if done.position(key) < 0:
+        return False
+    return not (redo.position(key) >= 0 and isinstance(entry, RawItem))
 
 
 def _shard_writer(

@@ -59,6 +59,7 @@ class Journal:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._lock: Any = None
+        self._next: int | None = None  # the part number this writer tries next
 
     def parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
@@ -67,7 +68,8 @@ class Journal:
         """Commit `rows` as the next free part; returns the number of parts now committed."""
         df = pd.DataFrame(list(rows))
         self.folder.mkdir(parents=True, exist_ok=True)
-        n = len(self.parts())
+        # the folder is listed once per writer, not once a part (10^6 rows: ~4,000 parts)
+        n = len(self.parts()) if self._next is None else self._next
         tmp = temp_path(self.folder / "part.parquet")
         try:
             df.to_parquet(tmp, index=False)
@@ -81,6 +83,7 @@ class Journal:
                     n += 1
         finally:
             tmp.unlink(missing_ok=True)
+        self._next = n + 1
         return n + 1
 
     def lock(self) -> None:
@@ -123,6 +126,7 @@ class Journal:
     def clear(self) -> None:
         for p in self.parts():
             p.unlink()
+        self._next = None
 
 
 class StageState:

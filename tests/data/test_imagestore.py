@@ -11,94 +11,17 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from fixtures.shards import random_blobs, shard_tree
 from PIL import Image
 
 from geoloc.config import IndexConfig
-from geoloc.data.imagestore import (
-    ImageLocations,
-    Member,
-    ShardError,
-    ShardWriter,
-    shard_problems,
-)
+from geoloc.data.imagestore import ImageLocations, Member, ShardError, shard_problems
 from geoloc.data.index import build_index
 from geoloc.data.ingest import ingest
+from geoloc.data.shardwriter import ShardWriter
 from geoloc.paths import DataPaths
-
-
-def _blobs(n: int, size: int = 700, seed: int = 0) -> list[tuple[str, bytes]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        data = rng.integers(0, 255, size, dtype=np.uint8).tobytes()
-        out.append((hashlib.sha256(data).hexdigest(), data))
-    return out
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
-
-
-def test_members_are_read_back_by_offset_and_by_any_tar_tool(tmp_path: Path) -> None:
-    blobs = _blobs(20)
-    writer = ShardWriter(tmp_path, "job", max_bytes=6 * 1024)
-    members = [writer.add(sha, data) for sha, data in blobs]
-    writer.close()
-    shards = sorted(tmp_path.glob("job-*.tar"))
-    assert len(shards) == 5  # 4 members of 1.5 KiB (header + padded data) in 6 KiB
-    assert all(p.stat().st_size <= 6 * 1024 + 1024 for p in shards)  # + the end-of-archive
-    for (sha, data), m in zip(blobs, members, strict=True):
-        with tarfile.open(tmp_path / m.shard) as tar:  # a plain tar: the stdlib lists it
-            assert tar.extractfile(m.member).read() == data  # type: ignore[union-attr]
-        with open(tmp_path / m.shard, "rb") as fh:
-            fh.seek(m.offset)
-            assert fh.read(m.length) == data and m.member == f"{sha}.jpg"
-    # the same content again is not stored twice
-    again = ShardWriter(tmp_path, "job", 6 * 1024, members)
-    assert again.add(*blobs[3]) == members[3]
-    again.close()
-    assert sorted(tmp_path.glob("job-*.tar")) == shards
-
-
-def test_a_writer_killed_after_its_last_commit_resumes_to_the_same_bytes(tmp_path: Path) -> None:
-    blobs = _blobs(30)
-    whole = ShardWriter(tmp_path / "whole", "job", 8 * 1024)
-    for sha, data in blobs:
-        whole.add(sha, data)
-    whole.close()
-
-    first = ShardWriter(tmp_path / "cut", "job", 8 * 1024)
-    committed = [first.add(sha, data) for sha, data in blobs[:17]]
-    first.commit()
-    for sha, data in blobs[17:23]:  # written, never journaled: the kill came first
-        first.add(sha, data)
-    first.abort()
-    resumed = ShardWriter(tmp_path / "cut", "job", 8 * 1024, committed)
-    for sha, data in blobs[17:]:
-        resumed.add(sha, data)
-    resumed.close()
-    assert _tree(tmp_path / "cut") == _tree(tmp_path / "whole")
-
-
-def test_a_shard_cut_after_it_was_committed_is_named_and_fresh_stores_it_again(tmp_path):
-    blobs = _blobs(6)
-    writer = ShardWriter(tmp_path, "job", 1 << 20)
-    members = [writer.add(sha, data) for sha, data in blobs]
-    writer.close()
-    shard = tmp_path / members[0].shard
-    os.truncate(shard, members[3].offset)  # the disk lost the end of the shard
-    with pytest.raises(ShardError, match=f"{shard.name}.*cut after it was written.*--fresh"):
-        ShardWriter(tmp_path, "job", 1 << 20, members)
-    again = ShardWriter(tmp_path, "job", 1 << 20, members, drop_lost=True)
-    stored = [again.add(sha, data) for sha, data in blobs]
-    again.close()
-    assert stored[:3] == members[:3]  # what survived is kept where it was
-    table = pd.DataFrame([{"path": m.shard, **m.__dict__} for m in stored])
-    locations = ImageLocations(table, tmp_path)
-    assert [locations.read(i) for i in range(6)] == [d for _, d in blobs]
 
 
 def _locations(members: list[Member], root: Path) -> ImageLocations:
@@ -107,7 +30,7 @@ def _locations(members: list[Member], root: Path) -> ImageLocations:
 
 
 def test_a_truncated_or_corrupt_shard_names_itself_and_the_others_still_read(tmp_path: Path):
-    blobs = _blobs(12)
+    blobs = random_blobs(12)
     writer = ShardWriter(tmp_path, "job", 3 * 1024)
     members = [writer.add(sha, data) for sha, data in blobs]
     writer.close()
@@ -197,9 +120,11 @@ def test_an_ingest_killed_mid_way_resumes_to_the_same_shards_and_manifest(photos
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "24 resumed" in done.stdout
-    assert _tree(tail) == _tree(reference / "processed" / "shards")
-    pd.testing.assert_frame_equal(pd.read_parquet(paths.processed_manifest),
-                                  pd.read_parquet(reference / "processed" / "manifest.parquet"))
+    assert shard_tree(tail) == shard_tree(reference / "processed" / "shards")
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(paths.processed_manifest),
+        pd.read_parquet(reference / "processed" / "manifest.parquet"),
+    )
 
 
 def test_a_missing_shard_is_reported_by_the_index_check(photos: Path, caplog) -> None:

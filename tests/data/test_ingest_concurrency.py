@@ -28,6 +28,18 @@ def test_two_writers_that_saw_the_same_parts_both_keep_their_rows(tmp_path: Path
     assert not list((tmp_path / "job").glob("*.tmp"))  # no temp file left behind
 
 
+def test_writers_taking_turns_number_their_parts_in_order_and_replace_none(
+    tmp_path: Path,
+) -> None:
+    first, second = Journal(tmp_path / "job"), Journal(tmp_path / "job")
+    counts = [w.append([{"key": k}]) for w, k in zip([first, second] * 3, "abcdef", strict=True)]
+    assert counts == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in first.parts()] == [f"part-{n:06d}.parquet" for n in range(6)]
+    assert list(Journal(tmp_path / "job").read()["key"]) == list("abcdef")
+    first.clear()
+    assert first.append([{"key": "g"}]) == 1  # a cleared journal starts at part 0 again
+
+
 def test_a_second_writer_of_a_job_waits_for_the_first(tmp_path: Path) -> None:
     holder, waiter = Journal(tmp_path / "job"), Journal(tmp_path / "job")
     holder.lock()

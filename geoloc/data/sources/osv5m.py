@@ -26,7 +26,7 @@ from pathlib import Path
 
 from geoloc.data.rejects import CORRUPT, MISSING_FILE
 from geoloc.data.sources import RawItem, SourceReject, register_source
-from geoloc.data.sources.archive import ImageLookup, ZipMember
+from geoloc.data.sources.archive import ArchiveOrder, ImageLookup, ZipMember
 from geoloc.data.sources.folder import IMAGE_SUFFIXES
 from geoloc.data.sources.manifest import (
     MANIFEST_SUFFIXES,
@@ -153,7 +153,7 @@ class OSV5MSource:
             counts = (len(lookup.files), len(lookup.members), len(lookup.archives))
             log.info("%s: %d loose images and %d in %d zips under %s", table, *counts, images)
         breaker = HostBreaker(disk_hint=images or table.parent)
-        zipped: list[tuple[ZipMember, RawItem]] = []
+        zipped: ArchiveOrder[RawItem] = ArchiveOrder()  # each zip in stored order: one read
         not_fetched = 0
         for row in checked_rows(chunks, table.as_posix(), self.name):
             if isinstance(row, SourceReject):
@@ -166,7 +166,7 @@ class OSV5MSource:
                 yield SourceReject(self.name, row.ref, *refused)
             elif isinstance(found, ZipMember):
                 item = RawItem(**common, local_path=found.archive, member=found.member)
-                zipped.append((found, item))
+                zipped.add(found, item)
             elif found is not None:
                 yield RawItem(**common, local_path=found)
             elif row.url is not None and self.fetch_urls:
@@ -175,9 +175,7 @@ class OSV5MSource:
             else:
                 not_fetched += row.url is not None
                 yield self._missing(row, lookup)
-        # each zip's members in stored order: a worker reads one archive sequentially
-        zipped.sort(key=lambda pair: (str(pair[0].archive), pair[0].order))
-        yield from (item for _, item in zipped)
+        yield from zipped.items()
         if not_fetched:
             self.notes.append(url_hint(not_fetched))
 

@@ -90,6 +90,26 @@ def test_osv5m_zip_shards_are_read_in_place_and_give_the_same_images(tmp_path: P
     assert set(m["country"]) == {"FR", "DE", "US", "JP", "BR", "KE"}
 
 
+def test_osv5m_zipped_rows_put_aside_on_disk_come_out_as_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geoloc.data.sources.archive import ArchiveOrder
+
+    zipped = write_osv5m(tmp_path / "osv5m", n=40, form="zip", shards=3)
+    table = pd.read_csv(zipped.table, dtype=str)
+    table.sample(frac=1, random_state=0).to_csv(zipped.table, index=False)  # ids out of zip order
+
+    def listing() -> list[tuple]:
+        items = create_source(str(zipped.root)).items()
+        return [(i.source_ref, i.local_path, i.member, i.lat, i.attributes) for i in items]
+
+    in_memory = listing()
+    monkeypatch.setattr(ArchiveOrder, "BUFFER", 3)  # through pickles on disk, 3 rows at a time
+    assert listing() == in_memory and len(in_memory) == 40
+    # zip by zip, each in stored order (the fixture stores a zip's members sorted by name)
+    assert [(p, m) for _, p, m, *_ in in_memory] == sorted((p, m) for _, p, m, *_ in in_memory)
+
+
 def _osv5m_with_bad_input(root: Path) -> tuple[Path, list[str], bytes]:
     """30 good rows in 3 zips, the second truncated, plus rows whose zip member is text
     (`bad_text`), a truncated JPEG (`bad_cut`), or nothing at all (`bad_none`)."""
