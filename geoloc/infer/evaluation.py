@@ -69,6 +69,7 @@ __all__ = [
     "evaluate_rerank",
     "rerank_run",
     "split_evaluation",
+    "tuning_rows",
     "variants_for",
 ]
 
@@ -126,12 +127,10 @@ def evaluate_rerank(
         return base_probs(out.head_arrays(), label_space, hier_topk_parents)
 
     params = tune(params, val, nbrs, probs_of, label_space, cfg, grid, progress)
-    # the tuning sample is all of val up to `tune_images`: its neighbours are val's
-    val_nbrs = nbrs if len(val) == len(outs["val"]) else None
 
-    def val_table() -> pd.DataFrame:
-        return split_evaluation(outs["val"], gallery, label_space, params, "val",
-                                progress=progress, nbrs=val_nbrs)[0]  # fmt: skip
+    def val_table() -> pd.DataFrame:  # on the tuning sample (all of val up to `tune_images`)
+        return split_evaluation(val, gallery, label_space, params, "val", progress=progress,
+                                nbrs=nbrs)[0]  # fmt: skip
 
     tables = {"val": val_table()}
     params.best_variant = choose_best_variant(tables["val"])
@@ -322,8 +321,10 @@ def rerank_run(
         trained.model.topk_parents = max(trained.config.train.hier_topk_parents, *TOPK_PARENTS)
         key = f"{key}:parents{trained.model.topk_parents}"
     paths.data.mkdir(parents=True, exist_ok=True)
+    # val: the model's pass covers the tuning sample only (all of val up to `tune_images`)
+    rows = {"val": tuning_rows(index_dir, cfg.tune_images)}
     outs = {
-        s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress)
+        s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress, rows.get(s))
         for s in ("train", "val", "test")
     }
     gallery = outs["train"].to_gallery()
@@ -363,6 +364,15 @@ def rerank_run(
         fmt_km(metrics.get("p90_km")),
     )  # fmt: skip
     return RerankResult(paths.root, tables["test"], tables["val"], params, params.best_variant)
+
+
+def tuning_rows(index_dir: Path, tune_images: int) -> np.ndarray | None:
+    """The val rows rerank tunes on (`stratified_sample` of the index's val labels), None
+    when val has at most `tune_images` images (all of it)."""
+    from geoloc.data.dataset import read_split_table
+
+    labels = read_split_table(index_dir, "val")["label"].to_numpy(dtype=np.int64)
+    return stratified_sample(labels, tune_images) if len(labels) > tune_images else None
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:

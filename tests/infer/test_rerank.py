@@ -283,6 +283,50 @@ def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkey
     assert list(result.test_table["variant"]) == [*VARIANTS, OOD_VARIANT]
 
 
+def test_a_val_larger_than_the_tuning_sample_is_run_and_cached_for_the_sample_only(
+    reranked_run: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    import geoloc.infer.outputs as outputs
+    from geoloc.data.run_data import resolve_index_dir
+    from geoloc.infer.evaluation import rerank_run, tuning_rows
+    from geoloc.infer.trained import load_trained
+    from geoloc.runfolder.layout import RunPaths
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reranked_run, run_dir)
+    paths = RunPaths(run_dir)
+    cfg = load_trained(run_dir, "best").config
+    full = SplitOutputs.load(paths.outputs("val"), _cache_key(paths), heads=True)
+    assert full is not None and len(full) > 30
+    # the tiny run's val has 60 images: a 30-image sample (below the config's floor of 100)
+    small = cfg.rerank.model_copy(update={"tune_images": 30})
+    rows = tuning_rows(resolve_index_dir(cfg), 30)
+    assert rows is not None and len(rows) == 30
+    result = rerank_run(run_dir, cfg=small, grid=SMALL_GRID, progress=False)
+    cached = np.load(paths.outputs("val"))
+    assert cached["image_ids"].tolist() == full.image_ids[rows].tolist()
+    assert result.val_table[["median_km", "coverage"]].notna().all().all()
+
+    computed: list[int] = []
+    real = outputs.compute_outputs
+
+    def counting(model, dataset, *args, **kwargs):  # type: ignore[no-untyped-def]
+        computed.append(len(dataset.labels))
+        return real(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "compute_outputs", counting)
+    rerank_run(run_dir, cfg=small, grid=SMALL_GRID, progress=False)  # resumes from its cache
+    assert computed == []
+    rerank_run(run_dir, grid=SMALL_GRID, progress=False)  # all of val: the sample is no cache
+    assert computed == [len(full)]
+
+
+def _cache_key(paths) -> str:  # type: ignore[no-untyped-def]
+    return str(np.load(paths.outputs("test"))["key"])
+
+
 def test_cli_overrides_merge_into_the_runs_rerank_section(reranked_run: Path) -> None:
     from geoloc.cli import main
     from geoloc.cli.rerank import _rerank_config

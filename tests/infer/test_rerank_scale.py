@@ -38,6 +38,20 @@ def test_stratified_sample_keeps_every_class_share_and_is_reproducible() -> None
     np.testing.assert_array_equal(stratified_sample(labels[:500], 2_000), np.arange(500))
 
 
+def test_val_outputs_of_the_tuning_sample_only_give_the_same_choices_and_tables() -> None:
+    # rerank runs the model over the tuning sample only when val is larger: what it chooses and
+    # reports must be what the pass over all of val gave
+    ls, outs = synthetic_task(seed=5, n_val=600)
+    cfg = RerankConfig(k_neighbors=5, tune_images=250, calibration_images=120)
+    whole_params, whole = evaluate_rerank(outs, ls, cfg, grid=GRID, progress=False)
+    rows = stratified_sample(outs["val"].labels, cfg.tune_images)
+    sampled = {**outs, "val": outs["val"].subset(rows)}
+    params, tables = evaluate_rerank(sampled, ls, cfg, grid=GRID, progress=False)
+    assert params.to_dict() == whole_params.to_dict()
+    for split in ("val", "test"):
+        pd.testing.assert_frame_equal(tables[split], whole[split])
+
+
 def test_tuning_on_a_sample_of_val_keeps_the_tables_complete() -> None:
     ls, outs = synthetic_task(seed=4, n_val=600)
     cfg = RerankConfig(k_neighbors=5, tune_images=300, calibration_images=150)
