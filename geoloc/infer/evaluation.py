@@ -27,7 +27,7 @@ from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import Calibration
 from geoloc.infer.candidates import TopCells, radius_km_top, set_size_top
-from geoloc.infer.gallery import Gallery
+from geoloc.infer.gallery import Gallery, IndexKind
 from geoloc.infer.gate_search import block_rows
 from geoloc.infer.ood import (
     OOD_VARIANT,
@@ -68,12 +68,16 @@ __all__ = [
     "answer_table",
     "evaluate_rerank",
     "rerank_run",
+    "search_split",
     "split_evaluation",
     "tuning_rows",
     "variants_for",
 ]
 
 log = logging.getLogger(__name__)
+
+SEARCH_BATCH = 4_096
+"""Queries per gallery search call (`search_split`)."""
 
 
 @dataclass
@@ -114,7 +118,7 @@ def evaluate_rerank(
         hier_topk_parents, k_table = choose_topk_parents(val, label_space)
         log.info("factorised head: children of the top %d parents kept (chosen on val)\n%s",
                  hier_topk_parents, k_table.to_string(index=False))  # fmt: skip
-    nbrs = Neighbours.search(gallery, val.embeddings, k_search, kind=cfg.index)
+    nbrs = search_split(gallery, val.embeddings, k_search, cfg.index, "val", progress)
     params = RerankParams(
         log_prior=class_log_prior(label_space, cfg.prior_alpha, land_fraction),
         hier_topk_parents=hier_topk_parents,
@@ -195,6 +199,9 @@ def split_evaluation(
     names = (*VARIANTS, OOD_VARIANT) if params.ood is not None else VARIANTS
     stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
     answers = []
+    if nbrs is None:  # searched up front in large batches, not per block (the costly part)
+        k = min(params.neighbours, len(gallery))
+        nbrs = search_split(gallery, out.embeddings, k, params.index, split, progress)  # type: ignore[arg-type]
     block = block or block_rows(label_space.num_classes)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
     for s in track(starts, desc=f"rerank variants ({split})", unit="block", bars=progress):
@@ -218,6 +225,28 @@ def split_evaluation(
         rows.append(table_row(name, joined, params))
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return table, (pd.concat(answers, ignore_index=True) if answers else None)
+
+
+def search_split(
+    gallery: Gallery,
+    queries: np.ndarray,
+    k: int,
+    kind: IndexKind,
+    split: str,
+    progress: bool = True,
+    batch: int = SEARCH_BATCH,
+) -> Neighbours:
+    """The `k` gallery neighbours of every query of a split, searched `batch` at a time.
+
+    One call per few thousand queries, not per evaluation block of ~500: faiss's exact search
+    runs one parallel region per 1,024 gallery rows and call, so small calls pay that start-up
+    many times over (`benchmarks/bench_gallery.py --batch`, docs/scale.md); the answers are the
+    same neighbours whatever the batch."""
+    starts = range(0, max(len(queries), 1), batch)  # no queries: one empty search
+    bar = track(starts, desc=f"neighbours ({split})", unit="batch", bars=progress)
+    parts = [Neighbours.search(gallery, queries[s : s + batch], k, kind=kind)
+             for s in bar]  # fmt: skip
+    return Neighbours.concat(parts)
 
 
 def _calibrated_tops(

@@ -141,6 +141,12 @@ class Neighbours:
     def subset(self, rows: np.ndarray) -> Neighbours:
         return Neighbours(self.sims[rows], self.labels[rows], self.lat[rows], self.lon[rows])
 
+    @classmethod
+    def concat(cls, parts: list[Neighbours]) -> Neighbours:
+        """The neighbours of several query batches, in order."""
+        return cls(*(np.concatenate([getattr(p, a) for p in parts])
+                     for a in ("sims", "labels", "lat", "lon")))  # fmt: skip
+
 
 def neighbour_votes(nbrs: Neighbours, num_classes: int, k: int, temperature: float) -> np.ndarray:
     """(N, K) cell votes of the `k` nearest neighbours, weights softmax(sim / temperature).

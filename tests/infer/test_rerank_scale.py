@@ -7,7 +7,13 @@ import pandas as pd
 from fixtures.rerank_data import synthetic_task
 
 from geoloc.config import RerankConfig
-from geoloc.infer.evaluation import evaluate_rerank, split_evaluation, variants_for
+from geoloc.infer.evaluation import (
+    evaluate_rerank,
+    search_split,
+    split_evaluation,
+    variants_for,
+)
+from geoloc.infer.rerank import Neighbours
 from geoloc.infer.tuning import GateGrid, evaluation_table, stratified_sample
 
 GRID = GateGrid(k=(5, 20), vote_temperature=(0.05,), weight=(0.5, 1.0), max_top1=(0.5, 1.01))
@@ -24,6 +30,17 @@ def test_split_tables_in_blocks_equal_the_whole_split_table() -> None:
     pd.testing.assert_frame_equal(blocks, whole)
     assert answers is not None and len(answers) == len(test)
     assert answers["image_id"].tolist() == test.image_ids.tolist()
+
+
+def test_a_split_searched_in_batches_finds_the_neighbours_of_one_search() -> None:
+    _, outs = synthetic_task(seed=6)
+    gallery, queries = outs["train"].to_gallery(), outs["test"].embeddings
+    one = Neighbours.search(gallery, queries, 20)
+    batched = search_split(gallery, queries, 20, "auto", "test", progress=False, batch=7)
+    for name in ("sims", "labels", "lat", "lon"):
+        np.testing.assert_array_equal(getattr(batched, name), getattr(one, name))
+    empty = search_split(gallery, queries[:0], 20, "auto", "test", progress=False)
+    assert len(empty) == 0 and empty.k == 20
 
 
 def test_stratified_sample_keeps_every_class_share_and_is_reproducible() -> None:
