@@ -70,7 +70,7 @@ __all__ = [
     "rerank_run",
     "search_split",
     "split_evaluation",
-    "tuning_rows",
+    "split_sample",
     "variants_for",
 ]
 
@@ -350,8 +350,10 @@ def rerank_run(
         trained.model.topk_parents = max(trained.config.train.hier_topk_parents, *TOPK_PARENTS)
         key = f"{key}:parents{trained.model.topk_parents}"
     paths.data.mkdir(parents=True, exist_ok=True)
-    # val: the model's pass covers the tuning sample only (all of val up to `tune_images`)
-    rows = {"val": tuning_rows(index_dir, cfg.tune_images)}
+    # val: the model's pass covers the tuning sample only (all of val up to `tune_images`);
+    # train (the gallery): all of it, or a sample of `gallery_images`
+    rows = {"val": split_sample(index_dir, "val", cfg.tune_images),
+            "train": split_sample(index_dir, "train", cfg.gallery_images or None)}  # fmt: skip
     outs = {
         s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress, rows.get(s))
         for s in ("train", "val", "test")
@@ -395,13 +397,16 @@ def rerank_run(
     return RerankResult(paths.root, tables["test"], tables["val"], params, params.best_variant)
 
 
-def tuning_rows(index_dir: Path, tune_images: int) -> np.ndarray | None:
-    """The val rows rerank tunes on (`stratified_sample` of the index's val labels), None
-    when val has at most `tune_images` images (all of it)."""
+def split_sample(index_dir: Path, split: str, n: int | None) -> np.ndarray | None:
+    """The rows of a split rerank reads (`stratified_sample` of the index's labels: val's
+    tuning sample, the gallery's train sample); None when the split has at most `n` images
+    (all of it) or `n` is None."""
     from geoloc.data.dataset import read_split_table
 
-    labels = read_split_table(index_dir, "val")["label"].to_numpy(dtype=np.int64)
-    return stratified_sample(labels, tune_images) if len(labels) > tune_images else None
+    if n is None:
+        return None
+    labels = read_split_table(index_dir, split)["label"].to_numpy(dtype=np.int64)
+    return stratified_sample(labels, n) if len(labels) > n else None
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:

@@ -290,7 +290,7 @@ def test_a_val_larger_than_the_tuning_sample_is_run_and_cached_for_the_sample_on
 
     import geoloc.infer.outputs as outputs
     from geoloc.data.run_data import resolve_index_dir
-    from geoloc.infer.evaluation import rerank_run, tuning_rows
+    from geoloc.infer.evaluation import rerank_run, split_sample
     from geoloc.infer.trained import load_trained
     from geoloc.runfolder.layout import RunPaths
 
@@ -302,7 +302,7 @@ def test_a_val_larger_than_the_tuning_sample_is_run_and_cached_for_the_sample_on
     assert full is not None and len(full) > 30
     # the tiny run's val has 60 images: a 30-image sample (below the config's floor of 100)
     small = cfg.rerank.model_copy(update={"tune_images": 30})
-    rows = tuning_rows(resolve_index_dir(cfg), 30)
+    rows = split_sample(resolve_index_dir(cfg), "val", 30)
     assert rows is not None and len(rows) == 30
     result = rerank_run(run_dir, cfg=small, grid=SMALL_GRID, progress=False)
     cached = np.load(paths.outputs("val"))
@@ -321,6 +321,34 @@ def test_a_val_larger_than_the_tuning_sample_is_run_and_cached_for_the_sample_on
     assert computed == []
     rerank_run(run_dir, grid=SMALL_GRID, progress=False)  # all of val: the sample is no cache
     assert computed == [len(full)]
+
+
+def test_a_gallery_sample_is_the_gallery_rerank_searches_and_predict_loads(
+    reranked_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from geoloc.data.dataset import read_split_table
+    from geoloc.data.run_data import resolve_index_dir
+    from geoloc.infer.evaluation import rerank_run, split_sample
+    from geoloc.infer.gallery import Gallery
+    from geoloc.infer.trained import load_trained
+    from geoloc.runfolder.layout import RunPaths
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reranked_run, run_dir)
+    cfg = load_trained(run_dir, "best").config
+    train = read_split_table(resolve_index_dir(cfg), "train")
+    rows = split_sample(resolve_index_dir(cfg), "train", 200)
+    assert rows is not None and len(train) > 200
+    capped = cfg.rerank.model_copy(update={"gallery_images": 200})
+    result = rerank_run(run_dir, cfg=capped, grid=SMALL_GRID, progress=False)
+    gallery = Gallery.load(RunPaths(run_dir).gallery)
+    assert gallery.image_ids.tolist() == train["image_id"].astype(str).iloc[rows].tolist()
+    assert result.test_table[["median_km", "coverage"]].notna().all().all()
+    full = rerank_run(run_dir, grid=SMALL_GRID, progress=False)  # 0: all of train again
+    assert len(Gallery.load(RunPaths(run_dir).gallery)) == len(train)
+    assert full.test_table["variant"].tolist() == result.test_table["variant"].tolist()
 
 
 def _cache_key(paths) -> str:  # type: ignore[no-untyped-def]
