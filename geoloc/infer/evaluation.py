@@ -236,15 +236,17 @@ def search_split(
     progress: bool = True,
     batch: int = SEARCH_BATCH,
 ) -> Neighbours:
-    """The `k` gallery neighbours of every query of a split, searched `batch` at a time.
+    """The `k` gallery neighbours of every query of a split, exact, searched `batch` at a time.
 
     One call per few thousand queries, not per evaluation block of ~500: faiss's exact search
     runs one parallel region per 1,024 gallery rows and call, so small calls pay that start-up
-    many times over (`benchmarks/bench_gallery.py --batch`, docs/scale.md); the answers are the
-    same neighbours whatever the batch."""
+    many times over. In batches this large, exact search is also faster than the run's IVF
+    index at its default `ann_nprobe` (800,000 gallery vectors: 3.5 vs 5.6 ms a query), so the
+    IVF serves `geoloc predict`'s few photos only (`benchmarks/bench_gallery.py`, docs/scale.md).
+    """
     starts = range(0, max(len(queries), 1), batch)  # no queries: one empty search
     bar = track(starts, desc=f"neighbours ({split})", unit="batch", bars=progress)
-    parts = [Neighbours.search(gallery, queries[s : s + batch], k, kind=kind)
+    parts = [Neighbours.search(gallery, queries[s : s + batch], k, kind=kind, exact=True)
              for s in bar]  # fmt: skip
     return Neighbours.concat(parts)
 

@@ -126,9 +126,14 @@ class Neighbours:
 
     @classmethod
     def search(
-        cls, gallery: Gallery, queries: np.ndarray, k: int, kind: IndexKind = "auto"
+        cls,
+        gallery: Gallery,
+        queries: np.ndarray,
+        k: int,
+        kind: IndexKind = "auto",
+        exact: bool = False,
     ) -> Neighbours:
-        sims, ids = gallery.search(queries, k, kind=kind)
+        sims, ids = gallery.search(queries, k, kind=kind, exact=exact)
         return cls(sims, gallery.labels[ids], gallery.lat[ids], gallery.lon[ids])
 
     @property
