@@ -329,10 +329,16 @@ class RerankConfig(StrictModel):
         "distance under the widened distribution among the top cells (cells) or land points too.",
     )
     index: Literal["auto", "faiss", "brute"] = Field("auto", description="Neighbour search.")
+    gallery_images: int = Field(
+        0, ge=0,
+        description="Train images in the neighbour gallery (a class-stratified sample: the "
+        "model's pass over train and every search cost this many); 0: all of train.",
+    )  # fmt: skip
     tune_images: int = Field(
         20_000, ge=100,
         description="Val images (a class-stratified sample) the gate, prior and refinement are "
-        "chosen on; all of val when it is smaller.",
+        "chosen on, the model's val pass covers and the val table reports; all of val when it "
+        "is smaller.",
     )  # fmt: skip
     calibration_images: int = Field(
         2_000, ge=100,

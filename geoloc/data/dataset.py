@@ -158,6 +158,8 @@ class GeoDataset(Dataset[Sample]):
     `unreadable="skip"` leaves images that cannot be read out of the split, one warning line
     each naming the shard and member (training: the other shards still load); `"raise"` stops
     at the first with that line as a `DataError`.
+    `rows` keeps only those positions of the split's table (a sample: rerank's val tuning
+    sample), chosen before anything is decoded; `row` then counts within them.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class GeoDataset(Dataset[Sample]):
         shards_url: str | None = None,
         unreadable: str = "raise",
         progress: bool | None = None,
+        rows: np.ndarray | None = None,
     ) -> None:
         self.index_dir = Path(index_dir)
         self.split = split
@@ -181,7 +184,8 @@ class GeoDataset(Dataset[Sample]):
         self.unreadable = unreadable
         self.skipped = 0  # images left out as unreadable when decoded into memory
         self._cache: list[torch.Tensor] | None = None
-        self._set_table(read_split_table(self.index_dir, split))
+        table = read_split_table(self.index_dir, split)
+        self._set_table(table if rows is None else table.iloc[np.asarray(rows, dtype=np.int64)])
         use_cache = cache if cache is not None else self.decoded_bytes() <= cache_bytes
         if use_cache:
             self._cache = self._decode_all(progress)

@@ -27,7 +27,7 @@ from geoloc.geo import LabelSpace, haversine_km
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import Calibration
 from geoloc.infer.candidates import TopCells, radius_km_top, set_size_top
-from geoloc.infer.gallery import Gallery
+from geoloc.infer.gallery import Gallery, IndexKind
 from geoloc.infer.gate_search import block_rows
 from geoloc.infer.ood import (
     OOD_VARIANT,
@@ -68,11 +68,16 @@ __all__ = [
     "answer_table",
     "evaluate_rerank",
     "rerank_run",
+    "search_split",
     "split_evaluation",
+    "split_sample",
     "variants_for",
 ]
 
 log = logging.getLogger(__name__)
+
+SEARCH_BATCH = 4_096
+"""Queries per gallery search call (`search_split`)."""
 
 
 @dataclass
@@ -113,7 +118,7 @@ def evaluate_rerank(
         hier_topk_parents, k_table = choose_topk_parents(val, label_space)
         log.info("factorised head: children of the top %d parents kept (chosen on val)\n%s",
                  hier_topk_parents, k_table.to_string(index=False))  # fmt: skip
-    nbrs = Neighbours.search(gallery, val.embeddings, k_search, kind=cfg.index)
+    nbrs = search_split(gallery, val.embeddings, k_search, cfg.index, "val", progress)
     params = RerankParams(
         log_prior=class_log_prior(label_space, cfg.prior_alpha, land_fraction),
         hier_topk_parents=hier_topk_parents,
@@ -126,12 +131,10 @@ def evaluate_rerank(
         return base_probs(out.head_arrays(), label_space, hier_topk_parents)
 
     params = tune(params, val, nbrs, probs_of, label_space, cfg, grid, progress)
-    # the tuning sample is all of val up to `tune_images`: its neighbours are val's
-    val_nbrs = nbrs if len(val) == len(outs["val"]) else None
 
-    def val_table() -> pd.DataFrame:
-        return split_evaluation(outs["val"], gallery, label_space, params, "val",
-                                progress=progress, nbrs=val_nbrs)[0]  # fmt: skip
+    def val_table() -> pd.DataFrame:  # on the tuning sample (all of val up to `tune_images`)
+        return split_evaluation(val, gallery, label_space, params, "val", progress=progress,
+                                nbrs=nbrs)[0]  # fmt: skip
 
     tables = {"val": val_table()}
     params.best_variant = choose_best_variant(tables["val"])
@@ -197,6 +200,9 @@ def split_evaluation(
     names = (*VARIANTS, OOD_VARIANT) if params.ood is not None else VARIANTS
     stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
     answers = []
+    if nbrs is None:  # searched up front in large batches, not per block (the costly part)
+        k = min(params.neighbours, len(gallery))
+        nbrs = search_split(gallery, out.embeddings, k, params.index, split, progress)  # type: ignore[arg-type]
     block = block or block_rows(label_space.num_classes)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
     for s in track(starts, desc=f"rerank variants ({split})", unit="block", bars=progress):
@@ -220,6 +226,30 @@ def split_evaluation(
         rows.append(table_row(name, joined, params))
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return table, (pd.concat(answers, ignore_index=True) if answers else None)
+
+
+def search_split(
+    gallery: Gallery,
+    queries: np.ndarray,
+    k: int,
+    kind: IndexKind,
+    split: str,
+    progress: bool = True,
+    batch: int = SEARCH_BATCH,
+) -> Neighbours:
+    """The `k` gallery neighbours of every query of a split, exact, searched `batch` at a time.
+
+    One call per few thousand queries, not per evaluation block of ~500: faiss's exact search
+    runs one parallel region per 1,024 gallery rows and call, so small calls pay that start-up
+    many times over. In batches this large, exact search is also faster than the run's IVF
+    index at its default `ann_nprobe` (800,000 gallery vectors: 3.5 vs 5.6 ms a query), so the
+    IVF serves `geoloc predict`'s few photos only (`benchmarks/bench_gallery.py`, docs/scale.md).
+    """
+    starts = range(0, max(len(queries), 1), batch)  # no queries: one empty search
+    bar = track(starts, desc=f"neighbours ({split})", unit="batch", bars=progress)
+    parts = [Neighbours.search(gallery, queries[s : s + batch], k, kind=kind, exact=True)
+             for s in bar]  # fmt: skip
+    return Neighbours.concat(parts)
 
 
 def _calibrated_tops(
@@ -323,8 +353,12 @@ def rerank_run(
         trained.model.topk_parents = max(trained.config.train.hier_topk_parents, *TOPK_PARENTS)
         key = f"{key}:parents{trained.model.topk_parents}"
     paths.data.mkdir(parents=True, exist_ok=True)
+    # val: the model's pass covers the tuning sample only (all of val up to `tune_images`);
+    # train (the gallery): all of it, or a sample of `gallery_images`
+    rows = {"val": split_sample(index_dir, "val", cfg.tune_images),
+            "train": split_sample(index_dir, "train", cfg.gallery_images or None)}  # fmt: skip
     outs = {
-        s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress)
+        s: split_outputs(trained, index_dir, s, paths, key, use_cache, progress, rows.get(s))
         for s in ("train", "val", "test")
     }
     gallery = outs["train"].to_gallery()
@@ -364,6 +398,18 @@ def rerank_run(
         fmt_km(metrics.get("p90_km")),
     )  # fmt: skip
     return RerankResult(paths.root, tables["test"], tables["val"], params, params.best_variant)
+
+
+def split_sample(index_dir: Path, split: str, n: int | None) -> np.ndarray | None:
+    """The rows of a split rerank reads (`stratified_sample` of the index's labels: val's
+    tuning sample, the gallery's train sample); None when the split has at most `n` images
+    (all of it) or `n` is None."""
+    from geoloc.data.dataset import read_split_table
+
+    if n is None:
+        return None
+    labels = read_split_table(index_dir, split)["label"].to_numpy(dtype=np.int64)
+    return stratified_sample(labels, n) if len(labels) > n else None
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:

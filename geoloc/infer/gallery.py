@@ -290,10 +290,17 @@ class Gallery:
         self._saved = index
 
     def search(
-        self, queries: np.ndarray | torch.Tensor, k: int, kind: IndexKind = "auto"
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int,
+        kind: IndexKind = "auto",
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, k) similarities and gallery row ids of the `k` nearest gallery images."""
-        index = self._saved if self._saved is not None and kind != "brute" else self.index(kind)
+        """(Q, k) similarities and gallery row ids of the `k` nearest gallery images; `exact`
+        searches the exact index even where an approximate one is in use (`use_index`)."""
+        approximate = self._saved is not None and kind != "brute" and not exact
+        index = self._saved if approximate else self.index(kind)
+        assert index is not None
         return index.search(l2_normalize(queries), k)
 
     def save(self, path: Path) -> None:

@@ -7,6 +7,7 @@ checkpoint's sha256 and the label space's fingerprint (another checkpoint or ind
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -236,21 +237,31 @@ def split_outputs(
     key: str,
     use_cache: bool,
     progress: bool,
+    rows: np.ndarray | None = None,
 ) -> SplitOutputs:
-    """Cached model outputs for a split, computed (and cached) when missing or stale."""
+    """Cached model outputs for a split, computed (and cached) when missing or stale.
+
+    `rows`: only those positions of the split (sorted; rerank's val tuning sample), so the
+    model's pass costs the sample, not the split. The cache is keyed by them too: the outputs
+    of another sample, or of the whole split, are recomputed, never used in their place."""
     from geoloc.data.dataset import GeoDataset
 
     cache = paths.outputs(split)
     heads = split != "train"  # train is the gallery: embeddings, labels and places only
+    if rows is not None:
+        digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64)).hexdigest()
+        key = f"{key}:rows{len(rows)}-{digest[:16]}"
     if use_cache:
         cached = SplitOutputs.load(cache, key, heads=heads)
         if cached is not None:
             log.info("using cached %s outputs from %s", split, cache)
             return cached
     cfg = trained.config.train
+    stored = cfg.embeddings == "cache"  # the split's stored features are kept whole
     dataset: Any = GeoDataset(index_dir, split, trained.transform(), progress=progress,
-                              cache=False if cfg.embeddings == "cache" else None)  # fmt: skip
-    if cfg.embeddings == "cache":  # the heads run on the frozen backbone's stored features
+                              cache=False if stored else None,
+                              rows=None if stored else rows)  # fmt: skip
+    if stored:  # the heads run on the frozen backbone's stored features
         from geoloc.train.embeddings import embed_split
 
         dataset = embed_split(trained.model, dataset, trained.config, trained.device, index_dir,
@@ -259,5 +270,7 @@ def split_outputs(
         trained.model, dataset, trained.device, cfg.batch_size, cfg.num_workers, progress,
         keep_heads=heads,
     )  # fmt: skip
+    if stored and rows is not None:
+        out = out.subset(np.asarray(rows, dtype=np.int64))
     out.save(cache, key)
     return out

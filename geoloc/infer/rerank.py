@@ -126,9 +126,14 @@ class Neighbours:
 
     @classmethod
     def search(
-        cls, gallery: Gallery, queries: np.ndarray, k: int, kind: IndexKind = "auto"
+        cls,
+        gallery: Gallery,
+        queries: np.ndarray,
+        k: int,
+        kind: IndexKind = "auto",
+        exact: bool = False,
     ) -> Neighbours:
-        sims, ids = gallery.search(queries, k, kind=kind)
+        sims, ids = gallery.search(queries, k, kind=kind, exact=exact)
         return cls(sims, gallery.labels[ids], gallery.lat[ids], gallery.lon[ids])
 
     @property
@@ -140,6 +145,12 @@ class Neighbours:
 
     def subset(self, rows: np.ndarray) -> Neighbours:
         return Neighbours(self.sims[rows], self.labels[rows], self.lat[rows], self.lon[rows])
+
+    @classmethod
+    def concat(cls, parts: list[Neighbours]) -> Neighbours:
+        """The neighbours of several query batches, in order."""
+        return cls(*(np.concatenate([getattr(p, a) for p in parts])
+                     for a in ("sims", "labels", "lat", "lon")))  # fmt: skip
 
 
 def neighbour_votes(nbrs: Neighbours, num_classes: int, k: int, temperature: float) -> np.ndarray:

@@ -25,6 +25,18 @@ def test_samples_carry_labels_from_splits_and_their_row(tiny_index: Path) -> Non
         assert label == int(image_id[1]) and parent == label % 2
 
 
+def test_a_subset_of_rows_gives_those_images_cached_or_streamed(tiny_index: Path) -> None:
+    """`rows` (rerank's val sample) keeps those images of the split, in order, and nothing else."""
+    whole = GeoDataset(tiny_index, "val", None, cache=False)
+    rows = [1, 4, 5]
+    for cache in (True, False):
+        ds = GeoDataset(tiny_index, "val", None, cache=cache, rows=rows)
+        assert len(ds) == 3 and ds.labels.tolist() == whole.labels[rows].tolist()
+        assert ds.table["image_id"].tolist() == whole.table["image_id"].iloc[rows].tolist()
+        for i, row in enumerate(rows):
+            assert torch.equal(ds[i][0], whole[row][0]) and ds[i][3] == i
+
+
 def test_paths_are_relative_to_the_data_root(tiny_index: Path, tmp_path: Path) -> None:
     """An index copied with its data root elsewhere still finds its images."""
     moved = tmp_path / "elsewhere"

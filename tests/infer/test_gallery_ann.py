@@ -149,3 +149,17 @@ def test_predict_answers_are_unchanged_through_an_exact_ivf(
                   AnnSettings(min_gallery=1, nlist=8, nprobe=8))  # fmt: skip
     through_ivf = predictor.predict([photo_folder], progress=False)
     assert through_ivf[["cell", "lat", "lon"]].equals(plain[["cell", "lat", "lon"]])
+
+
+def test_rerank_tables_search_exactly_even_where_an_ivf_serves_predict(saved) -> None:
+    from geoloc.infer.evaluation import search_split
+
+    g, path = saved
+    q = clustered(200, seed=1)
+    sims, exact = g.index("brute").search(q, 10)
+    use_run_index(g, path, AnnSettings(min_gallery=1, nlist=16, nprobe=1))  # a poor IVF
+    _, approx = g.search(q, 10)
+    assert not np.array_equal(approx, exact)  # predict's search goes through the IVF...
+    nbrs = search_split(g, q, 10, "auto", "test", progress=False, batch=64)
+    np.testing.assert_allclose(nbrs.sims, sims, atol=1e-5)  # ...the split tables do not
+    assert np.array_equal(nbrs.labels, g.labels[exact])

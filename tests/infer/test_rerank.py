@@ -283,6 +283,78 @@ def test_rerank_reuses_cached_outputs(reranked_run: Path, tmp_path: Path, monkey
     assert list(result.test_table["variant"]) == [*VARIANTS, OOD_VARIANT]
 
 
+def test_a_val_larger_than_the_tuning_sample_is_run_and_cached_for_the_sample_only(
+    reranked_run: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    import geoloc.infer.outputs as outputs
+    from geoloc.data.run_data import resolve_index_dir
+    from geoloc.infer.evaluation import rerank_run, split_sample
+    from geoloc.infer.trained import load_trained
+    from geoloc.runfolder.layout import RunPaths
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reranked_run, run_dir)
+    paths = RunPaths(run_dir)
+    cfg = load_trained(run_dir, "best").config
+    full = SplitOutputs.load(paths.outputs("val"), _cache_key(paths), heads=True)
+    assert full is not None and len(full) > 30
+    # the tiny run's val has 60 images: a 30-image sample (below the config's floor of 100)
+    small = cfg.rerank.model_copy(update={"tune_images": 30})
+    rows = split_sample(resolve_index_dir(cfg), "val", 30)
+    assert rows is not None and len(rows) == 30
+    result = rerank_run(run_dir, cfg=small, grid=SMALL_GRID, progress=False)
+    cached = np.load(paths.outputs("val"))
+    assert cached["image_ids"].tolist() == full.image_ids[rows].tolist()
+    assert result.val_table[["median_km", "coverage"]].notna().all().all()
+
+    computed: list[int] = []
+    real = outputs.compute_outputs
+
+    def counting(model, dataset, *args, **kwargs):  # type: ignore[no-untyped-def]
+        computed.append(len(dataset.labels))
+        return real(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "compute_outputs", counting)
+    rerank_run(run_dir, cfg=small, grid=SMALL_GRID, progress=False)  # resumes from its cache
+    assert computed == []
+    rerank_run(run_dir, grid=SMALL_GRID, progress=False)  # all of val: the sample is no cache
+    assert computed == [len(full)]
+
+
+def test_a_gallery_sample_is_the_gallery_rerank_searches_and_predict_loads(
+    reranked_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from geoloc.data.dataset import read_split_table
+    from geoloc.data.run_data import resolve_index_dir
+    from geoloc.infer.evaluation import rerank_run, split_sample
+    from geoloc.infer.gallery import Gallery
+    from geoloc.infer.trained import load_trained
+    from geoloc.runfolder.layout import RunPaths
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reranked_run, run_dir)
+    cfg = load_trained(run_dir, "best").config
+    train = read_split_table(resolve_index_dir(cfg), "train")
+    rows = split_sample(resolve_index_dir(cfg), "train", 200)
+    assert rows is not None and len(train) > 200
+    capped = cfg.rerank.model_copy(update={"gallery_images": 200})
+    result = rerank_run(run_dir, cfg=capped, grid=SMALL_GRID, progress=False)
+    gallery = Gallery.load(RunPaths(run_dir).gallery)
+    assert gallery.image_ids.tolist() == train["image_id"].astype(str).iloc[rows].tolist()
+    assert result.test_table[["median_km", "coverage"]].notna().all().all()
+    full = rerank_run(run_dir, grid=SMALL_GRID, progress=False)  # 0: all of train again
+    assert len(Gallery.load(RunPaths(run_dir).gallery)) == len(train)
+    assert full.test_table["variant"].tolist() == result.test_table["variant"].tolist()
+
+
+def _cache_key(paths) -> str:  # type: ignore[no-untyped-def]
+    return str(np.load(paths.outputs("test"))["key"])
+
+
 def test_cli_overrides_merge_into_the_runs_rerank_section(reranked_run: Path) -> None:
     from geoloc.cli import main
     from geoloc.cli.rerank import _rerank_config

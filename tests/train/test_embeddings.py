@@ -160,6 +160,12 @@ def test_rerank_outputs_come_from_the_stored_embeddings(index: Path, tmp_path: P
     assert out.logits is None  # the train split is the gallery: no (images x classes) logits
     gallery = out.to_gallery()
     assert len(gallery) == 12 and gallery.dim == 16
+    rows = np.array([1, 5, 6, 10])  # a sample (rerank's gallery or val sample): its rows only
+    part = split_outputs(trained, index, "train", RunPaths(run), key="k", use_cache=False,
+                         progress=False, rows=rows)  # fmt: skip
+    assert CALLS["images"] == 12, "the sample is read from the stored features too"
+    assert part.image_ids.tolist() == out.image_ids[rows].tolist()
+    assert np.array_equal(part.embeddings, out.embeddings[rows])
 
 
 @pytest.mark.parametrize(
