@@ -7,8 +7,10 @@ its device here instead of climbing into `train/`, and torchrun's variables are 
 from __future__ import annotations
 
 import os
+import platform
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +75,17 @@ def seed_everything(seed: int, rank: int = 0, deterministic: bool = True) -> Non
     torch.backends.cudnn.deterministic = deterministic
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def determinism_settings(cfg: RunConfig, world_size: int = 1) -> dict[str, Any]:
     """What a rerun must match, besides code, data and library versions, to reproduce a run's
     numbers bit for bit (summary.json `determinism`; docs/training.md, "Determinism")."""
@@ -80,6 +93,10 @@ def determinism_settings(cfg: RunConfig, world_size: int = 1) -> dict[str, Any]:
     return {
         "seed": cfg.seed,
         "threads": torch.get_num_threads(),  # CPU kernels split their sums by thread count
+        # torch picks its CPU kernels by instruction set: the same run on another CPU can
+        # differ in the last digits, and those grow over an epoch (docs/training.md)
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "world_size": world_size,
         "device": cfg.train.device,
         "num_workers": cfg.train.num_workers,  # 0 and >= 1 workers draw other augmentations

@@ -309,7 +309,7 @@ def code_version() -> dict[str, Any]:
 def rerun_differences(
     recorded: Mapping[str, Any], current: Mapping[str, Any], sep: str = " -> "
 ) -> list[str]:
-    """What differs between two summaries' library versions, thread counts and ranks, e.g.
+    """What differs between two summaries' library versions, thread counts, ranks and CPUs, e.g.
     `['torch 2.14.1 -> 2.15.0', 'threads 2 -> 1']`; a key one of them lacks is not compared."""
     diffs = []
     libs_a = (recorded.get("code") or {}).get("libraries") or {}
@@ -319,7 +319,8 @@ def rerun_differences(
             diffs.append(f"{key} {libs_a[key]}{sep}{libs_b[key]}")
     det_a = recorded.get("determinism") or {}
     det_b = current.get("determinism") or {}
-    for key, label in (("threads", "threads"), ("world_size", "ranks")):
+    for key, label in (("threads", "threads"), ("world_size", "ranks"), ("cpu", "CPU"),
+                       ("cpu_capability", "CPU kernels")):  # fmt: skip
         if key in det_a and key in det_b and det_a[key] != det_b[key]:
             diffs.append(f"{label} {det_a[key]}{sep}{det_b[key]}")
     return diffs
