@@ -142,12 +142,14 @@ def compute_outputs(
     backbone features (`geoloc.train.embeddings.FeatureDataset`), read as evaluation reads it
     (sequentially from shards when the split is not in memory); arrays come back in row order.
     `keep_heads=False` keeps embeddings only (the train gallery: its (images x parents) logits
-    would be the largest array of a run and nothing reads them)."""
+    would be the largest array of a run and nothing reads them). A factorised head's parent
+    logits are compacted batch by batch (`compact_parents`): whole, they are images x parents
+    (at 10^6 images, 100,000 test images x ~50,000 r6 parents: 20 GB)."""
     from geoloc.data.streaming import eval_loader
 
     model.eval()
     loader = eval_loader(dataset, batch_size, num_workers)
-    heads: dict[str, list[torch.Tensor]] = {}
+    heads: dict[str, list[np.ndarray]] = {}
     embs, order = [], []
     for images, _, _, rows in track(
         loader, desc=f"embed {dataset.split}", unit="batch", bars=progress
@@ -155,23 +157,26 @@ def compute_outputs(
         order.append(rows)
         out = model(images.to(device))
         embs.append(out["embedding"].float().cpu())
-        for name in _HEAD_ARRAYS if keep_heads else ():
-            if name in out:
-                value = out[name]
-                heads.setdefault(name, []).append(
-                    (value.float() if value.is_floating_point() else value).cpu()
-                )
+        if keep_heads:
+            batch = {n: _host(out[n]) for n in _HEAD_ARRAYS if n in out}
+            for name, value in compact_parents(batch).items():
+                heads.setdefault(name, []).append(np.asarray(value))
     table = dataset.table
-    rank = torch.argsort(torch.cat(order))  # loader order -> row order
-    arrays = {n: torch.cat(heads[n])[rank].numpy() if n in heads else None for n in _HEAD_ARRAYS}
+    rank = torch.argsort(torch.cat(order)).numpy()  # loader order -> row order
+    arrays = {n: np.concatenate(heads[n])[rank] if n in heads else None for n in _HEAD_ARRAYS}
     return SplitOutputs(
-        **compact_parents(arrays),
+        **arrays,
         embeddings=stored_embeddings(torch.cat(embs)[rank]),
         labels=np.asarray(dataset.labels, dtype=np.int64),
         lat=table["lat"].to_numpy(dtype=np.float64),
         lon=table["lon"].to_numpy(dtype=np.float64),
         image_ids=table["image_id"].astype(str).to_numpy(),
     )
+
+
+def _host(value: torch.Tensor) -> np.ndarray:
+    """A head output as a host array (float32 for floating point)."""
+    return (value.float() if value.is_floating_point() else value).cpu().numpy()
 
 
 def stored_embeddings(x: np.ndarray | torch.Tensor) -> np.ndarray:
