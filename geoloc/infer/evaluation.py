@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from geoloc.atomic import atomic_path, file_sha256, write_text
+from geoloc.compute import bound_heap_growth
 from geoloc.config import RerankConfig
 from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
@@ -110,6 +111,7 @@ def evaluate_rerank(
     `answers`, when given, receives the chosen variant's per-image test answers
     (`answer_table`), made in the same pass as the test table.
     """
+    bound_heap_growth()  # thousands of (block x classes) arrays follow
     gallery = gallery or outs["train"].to_gallery()
     k_search = min(max(*grid.k, cfg.k_neighbors, 50), len(gallery))
     val = outs["val"].subset(stratified_sample(outs["val"].labels, cfg.tune_images))
@@ -197,6 +199,7 @@ def split_evaluation(
     classes array):
     the `TABLE_COLUMNS` table and, for the variant `answers_of`, the `answer_table`.
     `nbrs`: the split's gallery neighbours when already searched (row-aligned with `out`)."""
+    bound_heap_growth()  # also reached without evaluate_rerank (`geoloc evaluate`)
     names = (*VARIANTS, OOD_VARIANT) if params.ood is not None else VARIANTS
     stats: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
     answers = []

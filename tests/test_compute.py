@@ -1,0 +1,24 @@
+"""Process-level settings of `geoloc.compute` that the numbers never depend on."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")  # fmt: skip
+def test_rerank_block_loops_get_a_fixed_mmap_threshold_and_one_arena() -> None:
+    """glibc takes both settings (without them rerank's test table at 10^6 images grew ~15 MB
+    a block to an OOM kill at 23 GB; docs/scale.md), in a fresh process so this one's heap is
+    left alone, and asking twice is harmless."""
+    code = (
+        "from geoloc.compute import bound_heap_growth\n"
+        "assert bound_heap_growth() and bound_heap_growth(16 << 20)\n"
+        "import numpy as np\n"
+        "assert float(np.ones((64, 62_000)).sum()) == 64 * 62_000\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
