@@ -11,6 +11,7 @@ import ctypes.util
 import os
 import platform
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,28 @@ def bound_heap_growth(mmap_threshold: int = 32 << 20) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_ARENA_MAX, 1) == 1 and mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1)
+
+
+HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+"""`bound_heap_growth` as glibc's environment, which it reads before the first allocation:
+one arena and a fixed 32 MB mmap threshold. Set at run time, the arena limit comes too late
+(numpy's BLAS threads already hold theirs): the 10^6 test table still grew ~3 MB a block; with
+these variables set at start it stays at ~3 GB (docs/scale.md)."""
+HEAP_COMMANDS = ("rerank", "evaluate")
+"""`geoloc` commands whose block loops get `HEAP_ENV` (the console script re-executes once)."""
+
+
+def heap_exec(
+    argv: list[str], environ: dict[str, str], platform_name: str = sys.platform
+) -> dict[str, str] | None:
+    """The environment to re-execute `argv` (a `geoloc` command line) with so glibc starts with
+    `HEAP_ENV`, or None: not Linux, not a `HEAP_COMMANDS` command, or the user set
+    MALLOC_ARENA_MAX already (theirs wins; also what stops a second re-execution)."""
+    if platform_name != "linux" or len(argv) < 2 or argv[1] not in HEAP_COMMANDS:
+        return None
+    if "MALLOC_ARENA_MAX" in environ:
+        return None
+    return {**environ, **HEAP_ENV}
 
 
 def cpu_model() -> str:

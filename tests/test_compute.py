@@ -22,3 +22,19 @@ def test_rerank_block_loops_get_a_fixed_mmap_threshold_and_one_arena() -> None:
         "assert float(np.ones((64, 62_000)).sum()) == 64 * 62_000\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_rerank_and_evaluate_start_with_the_bounded_heap_settings() -> None:
+    """The console script re-executes `geoloc rerank|evaluate` once with glibc's variables set
+    (read before the first allocation); other commands, other systems and a user's own
+    MALLOC_ARENA_MAX are left alone, which is also what stops a second re-execution."""
+    from geoloc.compute import HEAP_ENV, heap_exec
+
+    env = heap_exec(["geoloc", "rerank", "runs/x"], {"PATH": "/bin"}, "linux")
+    assert env == {"PATH": "/bin", **HEAP_ENV}
+    assert heap_exec(["geoloc", "evaluate", "--run", "r", "photos"], {}, "linux") is not None
+    assert heap_exec(["geoloc", "rerank", "r"], env, "linux") is None  # already re-executed
+    assert heap_exec(["geoloc", "rerank", "r"], {"MALLOC_ARENA_MAX": "4"}, "linux") is None
+    assert heap_exec(["geoloc", "train"], {}, "linux") is None
+    assert heap_exec(["geoloc"], {}, "linux") is None
+    assert heap_exec(["geoloc", "rerank", "r"], {}, "darwin") is None

@@ -139,5 +139,10 @@ def _main(argv: list[str] | None) -> int:
 
 def run() -> None:
     """The `geoloc` console script."""
+    from geoloc.compute import heap_exec
+
+    env = heap_exec(sys.argv, dict(os.environ))
+    if env is not None:  # glibc reads its malloc settings at start: run again with them
+        os.execve(sys.executable, [sys.executable, "-m", "geoloc", *sys.argv[1:]], env)
     sys.excepthook = _redacted_excepthook
     sys.exit(main())
