@@ -76,29 +76,50 @@ class TopCells:
 
     @classmethod
     def from_dense(
-        cls, scores: np.ndarray, model: np.ndarray | None, m: int
+        cls,
+        scores: np.ndarray,
+        model: np.ndarray | None,
+        m: int,
+        cols: np.ndarray | None = None,
+        num_classes: int | None = None,
     ) -> TopCells:
-        """From a bounded (rows, K) block: the `m` cells with most `scores` (+ `model`) mass."""
+        """From a bounded (rows, K) block: the `m` cells with most `scores` (+ `model`) mass.
+
+        `cols`: the block has columns for those classes only (ascending) out of `num_classes`,
+        every other class holding no mass (`geoloc.infer.rerank.run_variants`); the result is
+        that of the (rows, K) block, up to which zero-mass cells fill the `m` places when fewer
+        classes have columns (a dense `argpartition` picks those arbitrarily too)."""
         scores = np.asarray(scores, dtype=np.float64)
-        n, k = scores.shape
-        if m <= 0 or m >= k:
-            cells = np.broadcast_to(np.arange(k, dtype=np.int64), (n, k)).copy()
+        n, u = scores.shape
+        k = u if num_classes is None else int(num_classes)
+        width = k if m <= 0 or m >= k else m
+        if width >= u:
+            local = np.broadcast_to(np.arange(u, dtype=np.int64), (n, u))
         else:
             key = scores if model is None else scores + model
-            cells = np.sort(np.argpartition(-key, m - 1, axis=1)[:, :m], axis=1)
+            local = np.sort(np.argpartition(-key, width - 1, axis=1)[:, :width], axis=1)
 
         def gather(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            p = np.take_along_axis(x, cells, axis=1)
+            p = np.take_along_axis(x, local, axis=1)
             return p, np.clip(x.sum(axis=1) - p.sum(axis=1), 0.0, None)
 
         p, tail = gather(scores)
         mp, mt = gather(np.asarray(model, dtype=np.float64)) if model is not None else (None, None)
+        cells = local.copy() if cols is None else np.asarray(cols, dtype=np.int64)[local]
+        if width > u:  # fewer columns than places: zero-mass classes fill them, in class order
+            fill = np.setdiff1d(np.arange(width, dtype=np.int64), cells[0])[: width - u]
+            order = np.argsort(np.concatenate([cells[0], fill]), kind="stable")
+            zeros = np.zeros((n, width - u))
+            cells = np.concatenate([cells, np.broadcast_to(fill, (n, width - u))], axis=1)[:, order]
+            p = np.concatenate([p, zeros], axis=1)[:, order]
+            mp = None if mp is None else np.concatenate([mp, zeros], axis=1)[:, order]
         return cls(cells, p, tail, k, mp, mt)
 
     @classmethod
     def concat(cls, parts: list[TopCells]) -> TopCells:
         """Row blocks of the same width, in order."""
         first = parts[0]
+
         def cat(name: str) -> np.ndarray | None:
             values = [getattr(t, name) for t in parts]
             return None if values[0] is None else np.concatenate(values)
@@ -115,7 +136,7 @@ class TopCells:
         return self.num_classes - self.cells.shape[1]
 
     def subset(self, rows: np.ndarray) -> TopCells:
-        pick = (lambda x: None if x is None else x[rows])  # noqa: E731
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
         return TopCells(self.cells[rows], self.p[rows], self.tail[rows], self.num_classes,
                         pick(self.model_p), pick(self.model_tail))  # fmt: skip
 

@@ -38,7 +38,13 @@ from geoloc.infer.ood import (
     ood_for,
     widened_members,
 )
-from geoloc.infer.outputs import SplitOutputs, base_probs, model_probs, split_outputs
+from geoloc.infer.outputs import (
+    SplitOutputs,
+    base_probs,
+    model_probs,
+    scored_columns,
+    split_outputs,
+)
 from geoloc.infer.rerank import (
     VARIANTS,
     Neighbours,
@@ -79,6 +85,9 @@ log = logging.getLogger(__name__)
 
 SEARCH_BATCH = 4_096
 """Queries per gallery search call (`search_split`)."""
+COMPACT_VALUES, COMPACT_MIN_ROWS = 2_048, 8
+"""A factorised head's evaluation block: about this many (scored children + neighbours) in
+all, at least this many rows (`table_block_rows`; `benchmarks/bench_rerank_classes.py`)."""
 
 
 @dataclass
@@ -206,7 +215,7 @@ def split_evaluation(
     if nbrs is None:  # searched up front in large batches, not per block (the costly part)
         k = min(params.neighbours, len(gallery))
         nbrs = search_split(gallery, out.embeddings, k, params.index, split, progress)  # type: ignore[arg-type]
-    block = block or block_rows(label_space.num_classes)
+    block = block or table_block_rows(out, label_space.num_classes, params.neighbours)
     starts = range(0, max(len(out), 1), block)  # an empty split is one empty block
     for s in track(starts, desc=f"rerank variants ({split})", unit="block", bars=progress):
         part = out.subset(slice(s, s + block))
@@ -229,6 +238,21 @@ def split_evaluation(
         rows.append(table_row(name, joined, params))
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return table, (pd.concat(answers, ignore_index=True) if answers else None)
+
+
+def table_block_rows(out: SplitOutputs, num_classes: int, neighbours: int) -> int:
+    """Images per evaluation block: `block_rows` for dense (images x classes) scores; fewer
+    when a factorised head's blocks are scored on their own classes only (`scored_columns`),
+    whose number grows with the rows (each adds its scored children and neighbours' classes),
+    so a block costs rows x columns: small blocks keep that well under rows x classes."""
+    dense = block_rows(num_classes)
+    if out.child_classes is None:
+        return dense
+    per_row = int(np.prod(out.child_classes.shape[1:])) + neighbours
+    rows = max(COMPACT_MIN_ROWS, COMPACT_VALUES // per_row)
+    if 2 * rows * per_row > num_classes:  # few classes: blocks would keep all K columns
+        return dense
+    return min(dense, rows)
 
 
 def search_split(
@@ -278,12 +302,13 @@ def variants_for(
 ) -> dict[str, VariantOutput]:
     """Every variant's answer for the images of `out`, with parameters chosen on val (`nbrs`:
     their gallery neighbours when already searched; the search is most of the cost)."""
-    probs = base_probs(out.head_arrays(), label_space, params.hier_topk_parents)
-    own = model_probs(out, label_space, params.hier_topk_parents, params.base_topk_parents)
     if nbrs is None:
         k = min(params.neighbours, len(gallery))
         nbrs = Neighbours.search(gallery, out.embeddings, k, kind=params.index)  # type: ignore[arg-type]
-    return run_variants(probs, nbrs, label_space, params, own)
+    cols = scored_columns(out, nbrs.labels, label_space.num_classes)
+    probs = base_probs(out.head_arrays(), label_space, params.hier_topk_parents, cols)
+    own = model_probs(out, label_space, params.hier_topk_parents, params.base_topk_parents, cols)
+    return run_variants(probs, nbrs, label_space, params, own, cols)
 
 
 def answer_table(

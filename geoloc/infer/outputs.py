@@ -29,6 +29,7 @@ __all__ = [
     "base_probs",
     "compact_parents",
     "compute_outputs",
+    "scored_columns",
     "split_outputs",
     "stored_embeddings",
 ]
@@ -208,10 +209,14 @@ def compact_parents(head: dict[str, np.ndarray | None]) -> dict[str, np.ndarray 
 
 
 def base_probs(
-    head: Mapping[str, np.ndarray], label_space: LabelSpace, hier_topk_parents: int
+    head: Mapping[str, np.ndarray],
+    label_space: LabelSpace,
+    hier_topk_parents: int,
+    cols: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, K) class probabilities exactly as training evaluates them (`class_scores`), from the
-    head's outputs (`SplitOutputs.head_arrays()`)."""
+    head's outputs (`SplitOutputs.head_arrays()`); (N, len(cols)) at the classes `cols` only
+    (ascending, holding every class a factorised head scored: `scored_columns`)."""
     from geoloc.model.scores import class_scores
 
     tensors = {
@@ -220,18 +225,34 @@ def base_probs(
         )
         for name, value in head.items()
     }
-    return class_scores(tensors, label_space.parent_of, hier_topk_parents).double().numpy()
+    columns = None if cols is None else torch.from_numpy(np.asarray(cols, dtype=np.int64))
+    scores = class_scores(tensors, label_space.parent_of, hier_topk_parents, columns)
+    return scores.double().numpy()
 
 
 def model_probs(
-    out: SplitOutputs, label_space: LabelSpace, used: int, model: int
+    out: SplitOutputs,
+    label_space: LabelSpace,
+    used: int,
+    model: int,
+    cols: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """(N, K) the model's own probabilities (its `model` parents kept) when a factorised head
     was scored with another number (`used`, chosen on val), else None: the `base` variant's
-    scores, so "base" is the model alone as training evaluated it."""
+    scores, so "base" is the model alone as training evaluated it. `cols` as in `base_probs`."""
     if not out.scored_parents or used == model:
         return None
-    return base_probs(out.head_arrays(), label_space, model)
+    return base_probs(out.head_arrays(), label_space, model, cols)
+
+
+def scored_columns(out: SplitOutputs, extra: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """The classes a block of images can have mass at, ascending: every child a factorised
+    head scored plus `extra` (the classes its neighbours vote for). None for other heads, or
+    when they are most of the classes (dense columns are then as cheap)."""
+    if out.child_classes is None:
+        return None
+    cols = np.unique(np.concatenate([np.ravel(out.child_classes), np.ravel(extra)]))
+    return cols if 2 * len(cols) <= num_classes else None
 
 
 def split_outputs(

@@ -47,6 +47,7 @@ from geoloc.infer.radius import ErrorRadius
 
 __all__ = [
     "VARIANTS",
+    "CellColumns",
     "GateParams",
     "Neighbours",
     "RefineParams",
@@ -188,7 +189,9 @@ class GateParams:
         return self.max_top1 <= 0.0
 
 
-def min_risk_cells(probs: np.ndarray, label_space: LabelSpace, candidates: int) -> np.ndarray:
+def min_risk_cells(
+    probs: np.ndarray, label_space: LabelSpace | CellColumns, candidates: int
+) -> np.ndarray:
     """(N,) the cell among each row's top `candidates` with the least expected distance.
 
     Expected distance to the truth under the (renormalised) top-candidate mass: a hedge between
@@ -200,7 +203,9 @@ def min_risk_cells(probs: np.ndarray, label_space: LabelSpace, candidates: int) 
     return min_risk_among(top, np.take_along_axis(probs, top, axis=1), label_space)
 
 
-def min_risk_among(cells: np.ndarray, p: np.ndarray, label_space: LabelSpace) -> np.ndarray:
+def min_risk_among(
+    cells: np.ndarray, p: np.ndarray, label_space: LabelSpace | CellColumns
+) -> np.ndarray:
     """(N,) the cell of `cells` (N, m) with the least expected distance under the mass `p`
     (renormalised per row). Only cells with mass compete: a zero-mass cell among the top m is
     there by an arbitrary tie (e.g. weight-1 votes leave all but the voted cells at 0), so it
@@ -228,13 +233,50 @@ class VariantOutput:
     refined: np.ndarray | None = None  # (N,) bool: coordinate from in-cell neighbours
     model: np.ndarray | None = None  # (N, K) the model's distribution the votes were blended into
     nbrs: Neighbours | None = None  # the gallery neighbours the votes came from
+    cols: np.ndarray | None = None  # (U,) class of each column of `scores`/`model`; None: all K
+
+    def top1(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) the largest score and its class (the lower class id on a tie)."""
+        col = self.scores.argmax(axis=1)
+        conf = self.scores[np.arange(len(col)), col]
+        return conf, (col if self.cols is None else self.cols[col])
+
+    def candidates(self, m: int, num_classes: int) -> TopCells:
+        """The `m` most likely cells of `scores` (+ `model`) and a tail (`TopCells.from_dense`)."""
+        return TopCells.from_dense(self.scores, self.model, m, self.cols, num_classes)
+
+
+@dataclass(frozen=True)
+class CellColumns:
+    """The classes a block's score columns stand for (`ids`, ascending), with their centroids:
+    what the variant chain reads of a `LabelSpace` when it works on those columns only."""
+
+    ids: np.ndarray  # (U,) int64 class ids
+    lat: np.ndarray  # (U,)
+    lon: np.ndarray  # (U,)
+
+    @classmethod
+    def of(cls, label_space: LabelSpace, ids: np.ndarray) -> CellColumns:
+        ids = np.asarray(ids, dtype=np.int64)
+        return cls(ids, label_space.lat[ids], label_space.lon[ids])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.ids)
+
+    def local(self, nbrs: Neighbours) -> Neighbours:
+        """`nbrs` with each label as its column (every label must be among `ids`)."""
+        col = np.searchsorted(self.ids, nbrs.labels)
+        if col.size and (col.max() >= len(self.ids) or (self.ids[col] != nbrs.labels).any()):
+            raise GeolocError("a neighbour's class has no column among the block's classes")
+        return Neighbours(nbrs.sims, col, nbrs.lat, nbrs.lon)
 
 
 def gated_rerank(
     probs: np.ndarray,
     votes: np.ndarray,
     params: GateParams,
-    label_space: LabelSpace,
+    label_space: LabelSpace | CellColumns,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blend votes into the model's distribution where the gate opens.
 
@@ -355,7 +397,7 @@ class RerankParams:
     def calibrated_top(self, name: str, v: VariantOutput) -> TopCells:
         """The calibrated distribution of variant `name` on its `calibration_cells` candidates
         and a tail term (`geoloc.infer.candidates`): what sets, radii and min-risk read."""
-        top = TopCells.from_dense(v.scores, v.model, self.calibration_cells)
+        top = v.candidates(self.calibration_cells, len(self.log_prior))
         return top.calibrated(self.calibration.get(name, Calibration()))
 
     def to_dict(self) -> dict[str, Any]:
@@ -402,8 +444,9 @@ class RerankParams:
             calibration_cells=int(d.get("calibration_cells", 0)),
             best_variant=str(d["best_variant"]),
             hier_topk_parents=int(d.get("hier_topk_parents", 0)),
-            model_topk_parents=(None if d.get("model_topk_parents") is None
-                                else int(d["model_topk_parents"])),  # fmt: skip
+            model_topk_parents=(
+                None if d.get("model_topk_parents") is None else int(d["model_topk_parents"])
+            ),  # fmt: skip
             neighbours=int(d.get("neighbours", 50)),
             index=str(d.get("index", "auto")),
             checkpoint_sha256=str(d.get("checkpoint_sha256", "")),
@@ -424,34 +467,50 @@ class RerankParams:
 
 
 def run_variants(
-    probs: np.ndarray, nbrs: Neighbours, label_space: LabelSpace, params: RerankParams,
+    probs: np.ndarray,
+    nbrs: Neighbours,
+    label_space: LabelSpace,
+    params: RerankParams,
     model_probs: np.ndarray | None = None,
+    cols: np.ndarray | None = None,
 ) -> dict[str, VariantOutput]:
     """base -> prior -> gated -> gated+refined -> min_risk for a batch of queries (evaluation
     and predict). `model_probs`: the model's own scores for `base` when they differ from
-    `probs` (a factorised head whose k rerank chose on val, see `RerankParams`)."""
+    `probs` (a factorised head whose k rerank chose on val, see `RerankParams`).
+
+    `cols`: the classes the columns of `probs` stand for (ascending; every class with mass and
+    every neighbour's class among them), when the block is scored on those only
+    (`geoloc.infer.outputs.scored_columns`): the same answers as on all K columns, since every
+    other class has probability 0 and gets no vote, at a cost that no longer grows with K."""
     n = probs.shape[0]
     closed = np.zeros(n, dtype=bool)
+    space = label_space if cols is None else CellColumns.of(label_space, cols)
+    local = nbrs if cols is None else space.local(nbrs)  # type: ignore[union-attr]
+    ids = (lambda c: c) if cols is None else (lambda c: cols[c])  # noqa: E731
+
+    def output(scores: np.ndarray, pred: np.ndarray, gate: np.ndarray, **kw: Any) -> VariantOutput:
+        return VariantOutput(scores, ids(pred), space.lat[pred], space.lon[pred], gate,
+                             cols=cols, **kw)  # fmt: skip
 
     def centroid_output(scores: np.ndarray, gate: np.ndarray) -> VariantOutput:
-        pred = scores.argmax(axis=1)
-        return VariantOutput(scores, pred, label_space.lat[pred], label_space.lon[pred], gate)
+        return output(scores, scores.argmax(axis=1), gate)
 
     out = {"base": centroid_output(probs if model_probs is None else model_probs, closed)}
-    out["prior"] = centroid_output(apply_prior(probs, params.log_prior), closed)
+    log_prior = params.log_prior if cols is None else params.log_prior[cols]
+    out["prior"] = centroid_output(apply_prior(probs, log_prior), closed)
     # the gate reads `probs` (the k chosen on val, as the gate search did), never `model_probs`
     chosen = out["base"] if model_probs is None else centroid_output(probs, closed)
     source = out["prior"] if params.gated_on_prior else chosen
     g = params.gate
-    votes = neighbour_votes(nbrs, label_space.num_classes, g.k, g.vote_temperature)
-    scores, pred, gate = gated_rerank(source.scores, votes, g, label_space)
+    votes = neighbour_votes(local, space.num_classes, g.k, g.vote_temperature)
+    scores, pred, gate = gated_rerank(source.scores, votes, g, space)
     model = source.scores
-    ls = label_space
-    out["gated"] = VariantOutput(scores, pred, ls.lat[pred], ls.lon[pred], gate, None, model, nbrs)
+    out["gated"] = output(scores, pred, gate, model=model, nbrs=nbrs)
+    pred = out["gated"].pred  # class ids from here on
     lat, lon, refined = refine_coordinates(pred, nbrs, label_space, params.refine)
-    out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined, model, nbrs)
+    out["gated+refined"] = VariantOutput(scores, pred, lat, lon, gate, refined, model, nbrs, cols)
     cells, mass = params.calibrated_top("gated", out["gated"]).best(params.min_risk_candidates)
     risk_pred = min_risk_among(cells, mass, label_space)
     lat, lon, refined = refine_coordinates(risk_pred, nbrs, label_space, params.refine)
-    out["min_risk"] = VariantOutput(scores, risk_pred, lat, lon, gate, refined, model, nbrs)
+    out["min_risk"] = VariantOutput(scores, risk_pred, lat, lon, gate, refined, model, nbrs, cols)
     return out

@@ -307,9 +307,10 @@ def row_stats(
         cal = params.calibrated_top(name, v)  # candidate cells: no (images x classes) array
     error = _errors(v.lat, v.lon, true)
     cal_cell, cal_conf = cal.top()
+    raw_conf, raw_cell = v.top1()
     stats = {
         "error": error, "hit": v.pred == y, "gate": np.asarray(v.gate, dtype=bool),
-        "raw_conf": v.scores.max(axis=1), "raw_ok": v.scores.argmax(axis=1) == y,
+        "raw_conf": raw_conf, "raw_ok": raw_cell == y,
         "cal_conf": cal_conf, "cal_ok": cal_cell == y,
     }  # fmt: skip
     sets, radius = params.conformal.get(name), params.radius.get(name)
@@ -503,7 +504,7 @@ def _fit_variants(
         for n in names:
             v, m = out[n], params.calibration_cells
             if id(v.scores) not in tops:
-                tops[id(v.scores)] = TopCells.from_dense(v.scores, v.model, m)
+                tops[id(v.scores)] = v.candidates(m, label_space.num_classes)
             parts[n].append((tops[id(v.scores)], v.lat, v.lon))
     joined: dict[str, FitVariant] = {}
     concatenated: dict[tuple[int, ...], TopCells] = {}  # one object per shared distribution

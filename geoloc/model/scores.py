@@ -23,6 +23,7 @@ def class_scores(
     outputs: Mapping[str, torch.Tensor],
     parent_of: np.ndarray | torch.Tensor,
     hier_topk_parents: int,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, K) class probabilities from model outputs, hierarchy-aware when asked.
 
@@ -32,12 +33,21 @@ def class_scores(
     outside the top-k parents are masked and child x parent probabilities decide. Both are
     renormalised so rows sum to 1 (which keeps the argmax and makes `prob` a probability).
     Otherwise the child softmax.
+
+    `columns` (factorised head only): (U,) ascending class ids that hold every class the head
+    scored; the scores come back as (B, U), one column per id, the same numbers as the (B, K)
+    ones at those classes (every other class is 0). Rerank's tables use it at 10^5 classes.
     """
     if "child_logits" in outputs:
         joint, classes = _factorised_joint(outputs, hier_topk_parents)
         k = int(parent_of.shape[0])
+        if columns is not None:
+            k, classes = int(columns.shape[0]), torch.searchsorted(columns, classes.contiguous())
         scores = joint.new_zeros(joint.shape[0], k).scatter_add_(1, classes, joint)
-        return scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        # the scored entries' own sum (= the row's): the same float for K or `columns` columns
+        return scores / joint.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    if columns is not None:
+        raise ValueError("class_scores: `columns` needs a factorised head's outputs")
     logits = outputs["logits"].float()  # (B, K)
     parent_logits = outputs.get("parent_logits")
     if parent_logits is None or hier_topk_parents <= 0:

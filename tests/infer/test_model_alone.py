@@ -7,44 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from fixtures.factorised import factorised_outputs
 from fixtures.labels import make_label_doc
 
 from geoloc.geo import LabelSpace
 from geoloc.infer.evaluation import variants_for
-from geoloc.infer.outputs import SplitOutputs
 from geoloc.infer.rerank import RerankParams
-from geoloc.model.heads import child_table
 from geoloc.model.scores import class_scores
-
-SCORED = 5  # parents the model scored (rerank asks for up to 10)
-
-
-def factorised_outputs(ls: LabelSpace, n: int, seed: int = 0) -> SplitOutputs:
-    """Outputs where keeping one parent is wrong for half the images (the parent head prefers a
-    wrong parent narrowly) and keeping two or more is right."""
-    rng = np.random.default_rng(seed)
-    table = child_table(ls.parent_of, ls.num_parents)
-    y = rng.integers(0, ls.num_classes, n)
-    true_parent = ls.parent_of[y]
-    parent_logits = np.full((n, ls.num_parents), -5.0, dtype=np.float32)
-    child_parents = np.zeros((n, SCORED), dtype=np.int64)
-    for i in range(n):
-        others = [p for p in range(ls.num_parents) if p != true_parent[i]]
-        wrong = rng.choice(others, size=SCORED - 1, replace=False)
-        order = [wrong[0], true_parent[i], *wrong[1:]] if i % 2 == 0 else [true_parent[i], *wrong]
-        child_parents[i] = order
-        parent_logits[i, order[0]], parent_logits[i, order[1]] = 1.0, 0.8
-    child_logits = np.where(table.mask[child_parents], 0.0, -np.inf).astype(np.float32)
-    slot = np.flatnonzero(child_parents == true_parent[:, None]) % SCORED
-    child_logits[np.arange(n), slot, table.slot_of[y]] = 5.0
-    emb = rng.standard_normal((n, 8)).astype(np.float32)
-    return SplitOutputs(
-        logits=None, parent_logits=parent_logits,
-        embeddings=emb / np.linalg.norm(emb, axis=1, keepdims=True), labels=y,
-        lat=ls.lat[y], lon=ls.lon[y], image_ids=np.arange(n).astype(str),
-        child_logits=child_logits, child_parents=child_parents,
-        child_classes=table.children[child_parents],
-    )  # fmt: skip
 
 
 def test_the_base_variant_is_the_model_as_training_evaluated_it() -> None:
