@@ -44,7 +44,14 @@ from geoloc.train.checkpoint import rank_rng_state, rng_state, save_checkpoint, 
 from geoloc.train.epoch_loader import EpochLoader
 from geoloc.train.margin import MarginTerm, Prototypes, epoch_margin_term
 from geoloc.train.optim import build_optimizer, build_scheduler, steps_per_epoch
-from geoloc.train.steps import EpochResult, EpochTally, epoch_seed, evaluate, train_one_epoch
+from geoloc.train.steps import (
+    EpochResult,
+    EpochTally,
+    EvalResult,
+    epoch_seed,
+    evaluate,
+    train_one_epoch,
+)
 
 if TYPE_CHECKING:
     from geoloc.train.distributed import DistContext
@@ -173,6 +180,9 @@ class FitResult:
     state: FitState
     stopped_early: bool
     skipped_train: int = 0  # distinct streamed training images left out as unreadable (all ranks)
+    best_val: EvalResult | None = None
+    """The last epoch's val evaluation when that epoch was the best: the model in memory is
+    then `best.pt`, and the final val numbers need no second pass (at 10^6 images, ~4 min)."""
 
 
 @dataclass
@@ -252,6 +262,7 @@ def fit(
     epochs_bar = tqdm(range(state.epoch, tc.epochs), initial=state.epoch, total=tc.epochs,
                       desc="train", unit="epoch", disable=not progress)  # fmt: skip
     session_start = (state.epoch, time.perf_counter())  # (epochs done, when) for the ETA
+    best_val: EvalResult | None = None
     for epoch_index in epochs_bar:
         start = time.perf_counter()
         order = None
@@ -280,6 +291,7 @@ def fit(
             state.prototypes = Prototypes.updated(state.prototypes, trained.margin)
             metrics["train_margin_loss"] = trained.margin.term_sum / max(trained.images, 1)
         improved, stop = state.record(metrics, tc)
+        best_val = evaluated if improved else None
         stop = stop if dist is None else dist.agree(stop)
         skipped = _skipped_train(train_loader, dist)
         if is_main:
@@ -292,9 +304,11 @@ def fit(
         if stop:
             log.info("early stopping after epoch %d (%s did not improve for %d epochs)",
                      state.epoch, tc.early_stopping_metric, state.epochs_since_best)  # fmt: skip
-            return FitResult(state=state, stopped_early=True, skipped_train=skipped)
+            return FitResult(state=state, stopped_early=True, skipped_train=skipped,
+                             best_val=best_val)  # fmt: skip
     return FitResult(state=state, stopped_early=False,
-                     skipped_train=_skipped_train(train_loader, dist))  # fmt: skip
+                     skipped_train=_skipped_train(train_loader, dist),
+                     best_val=best_val if state.epoch == tc.epochs else None)  # fmt: skip
 
 
 def _skipped_train(loader: EpochLoader, dist: DistContext | None) -> int:

@@ -283,11 +283,14 @@ def _train_and_evaluate(
         callbacks=hooks, resume_from=resume_ckpt, progress=progress, dist=dist,
     )  # fmt: skip
 
-    # final numbers come from the best checkpoint (last.pt when no epoch improved)
-    best_path = paths.best_checkpoint if paths.best_checkpoint.is_file() else paths.last_checkpoint
-    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-    val = _evaluate_split(model, data.val, criterion, data.label_space, cfg, device, "val",
-                          progress)  # fmt: skip
+    # final numbers come from the best checkpoint (last.pt when no epoch improved); when the
+    # last epoch was the best, the model in memory is it and its val pass is reused
+    val = result.best_val if dist is None else None
+    if val is None:
+        best = paths.best_checkpoint if paths.best_checkpoint.is_file() else paths.last_checkpoint
+        model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
+        val = _evaluate_split(model, data.val, criterion, data.label_space, cfg, device, "val",
+                              progress)  # fmt: skip
     write_parquet(paths.val_predictions, val.predictions)
     test_metrics = None
     skipped = {"train": getattr(data.train, "skipped", 0) + result.skipped_train,

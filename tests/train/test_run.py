@@ -132,6 +132,33 @@ def test_same_config_and_seed_give_identical_metrics(reference: Path, full_cfg: 
     )
 
 
+def test_the_best_last_epochs_val_pass_is_not_repeated(
+    demo_data: DataPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the last epoch is the best, the final val numbers are that epoch's pass (the model
+    in memory is best.pt), not a second pass: one fewer val pass (~4 min at 10^6 images), and
+    the written val predictions are still those of best.pt."""
+    import geoloc.train.loop as loop
+    import geoloc.train.run as run
+
+    passes: list[str] = []
+    for module in (loop, run):
+        real = module.evaluate
+        monkeypatch.setattr(module, "evaluate", lambda *a, _real=real, **k: (
+            passes.append(k["prefix"]), _real(*a, **k))[1])  # fmt: skip
+    run_dir = train_run(tiny_cfg(epochs=1))
+    assert read_summary(run_dir)["best_epoch"] == 1
+    assert passes == ["val", "test"]
+
+    trained = load_trained(run_dir, "best")
+    from geoloc.data.dataset import GeoDataset
+
+    ds = GeoDataset(demo_data.index, "val", trained.transform())
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    preds = pd.read_parquet(RunPaths(run_dir).val_predictions)
+    assert (trained.scores(images).argmax(dim=1).numpy() == preds["pred_label"].to_numpy()).all()
+
+
 def test_crash_then_resume_ends_like_an_uninterrupted_run(
     reference: Path, full_cfg: RunConfig
 ) -> None:
