@@ -44,6 +44,7 @@ from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
 from geoloc.data.digests import DigestIndex, digests, ref_digests
 from geoloc.data.journal_rows import listing_index, row_slices, select_rows
 from geoloc.data.tables import iter_frames, release_memory
+from geoloc.heap import bound_heap_growth
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,12 @@ MANIFEST_COLUMNS = [
     "length",
 ]
 SLICE_ROWS = 65_536  # journal rows (and manifest rows per sort bucket) in memory at once
+HEAP_MMAP_THRESHOLD = 256 << 10
+"""glibc's mmap threshold in an ingest process (`geoloc.heap.bound_heap_growth`): arrays from
+256 KB (a slice's columns, the digest sets and their growth copies) are mapped and handed back
+when freed. With glibc's default the threshold climbs to the largest array freed, and later
+arrays fragment the heap: the 10^6-row merge peaked ~40 MB higher, and the journaling's arrays
+stayed resident into the merge."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +364,7 @@ def finalize_journals(
     twice takes its last place (its first with `first_listed_wins`). Rows of keys not listed
     are left out; this job's earlier rows in both tables are replaced, never appended twice.
     """
+    bound_heap_growth(HEAP_MMAP_THRESHOLD)
     sel = select_rows(journals, listing_index(listed, first_listed_wins))
     replace = DigestIndex(sel.keys, presorted=True)  # this job's refs: replaced in both tables
     sel.keys, gone = sel.keys[:0], sel.gone
