@@ -15,12 +15,13 @@ Here no per-row Python object outlives a slice:
   id column alone, rows are spread over rank buckets of one slice each on disk, and each bucket
   is sorted and appended to the output as a row group.
 
-What still grows with N: ~40 bytes a row of digest sets (content -> ordinal, ids seen; the ids
-themselves are read back from the runs, this job's refs wait in a file) and the transients of
-adding to them (measured before those two moved out of memory: ~130-180 bytes a row, 329 MB at
-10^5 rows, 494 MB at 10^6, docs/data.md) and the refused rows
-(the rejects table is merged whole). Deduplication follows source order exactly as before: the
-first accepted content and the first use of an id win.
+What still grows with N: 16 bytes a row of listing digests (held by the caller), 8 of the
+chosen row of each listed key (`geoloc.data.journal_rows`), ~40 of digest sets (content ->
+ordinal, ids seen; the ids themselves are read back from the runs, this job's refs wait in a
+file) and the copies of adding to them, and the refused rows (the rejects table is merged
+whole). What does not: the 65,536-row slice and its copies (~250 MB of the merge's peak).
+Deduplication follows source order exactly as before: the first accepted content and the first
+use of an id win.
 """
 
 from __future__ import annotations
