@@ -139,7 +139,7 @@ def _main(argv: list[str] | None) -> int:
 
 def run() -> None:
     """The `geoloc` console script."""
-    from geoloc.compute import heap_exec
+    from geoloc.heap import heap_exec
 
     env = heap_exec(sys.argv, dict(os.environ))
     if env is not None:  # glibc reads its malloc settings at start: run again with them

@@ -15,20 +15,21 @@ Here no per-row Python object outlives a slice:
   id column alone, rows are spread over rank buckets of one slice each on disk, and each bucket
   is sorted and appended to the output as a row group.
 
-What still grows with N: ~40 bytes a row of digest sets (content -> ordinal, ids seen; the ids
-themselves are read back from the runs, this job's refs wait in a file) and the transients of
-adding to them (measured before those two moved out of memory: ~130-180 bytes a row, 329 MB at
-10^5 rows, 494 MB at 10^6, docs/data.md) and the refused rows
-(the rejects table is merged whole). Deduplication follows source order exactly as before: the
-first accepted content and the first use of an id win.
+What still grows with N: 16 bytes a row of listing digests (held by the caller), 8 of the
+chosen row of each listed key (`geoloc.data.journal_rows`), ~40 of digest sets (content ->
+ordinal, ids seen; the ids themselves are read back from the runs, this job's refs wait in a
+file) and the copies of adding to them, and the refused rows (the rejects table is merged
+whole). What does not: the 65,536-row slice and its copies (~250 MB of the merge's peak).
+Deduplication follows source order exactly as before: the first accepted content and the first
+use of an id win.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,10 @@ import pyarrow.parquet as pq
 from geoloc.atomic import atomic_path, temp_path, write_parquet
 from geoloc.data import rejects as R
 from geoloc.data.attributes import ATTRIBUTE_COLUMNS, attribute_dtype
-from geoloc.data.digests import DIGEST, DigestIndex, digests, ref_digests
-from geoloc.data.state import Journal
+from geoloc.data.digests import DigestIndex, digests, ref_digests
+from geoloc.data.journal_rows import listing_index, row_slices, select_rows
 from geoloc.data.tables import iter_frames, release_memory
+from geoloc.heap import bound_heap_growth
 from geoloc.paths import DataPaths
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,12 @@ MANIFEST_COLUMNS = [
     "length",
 ]
 SLICE_ROWS = 65_536  # journal rows (and manifest rows per sort bucket) in memory at once
+HEAP_MMAP_THRESHOLD = 256 << 10
+"""glibc's mmap threshold in an ingest process (`geoloc.heap.bound_heap_growth`): arrays from
+256 KB (a slice's columns, the digest sets and their growth copies) are mapped and handed back
+when freed. With glibc's default the threshold climbs to the largest array freed, and later
+arrays fragment the heap: the 10^6-row merge peaked ~40 MB higher, and the journaling's arrays
+stayed resident into the merge."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,85 +123,6 @@ def read_processed_manifest(paths: DataPaths) -> pd.DataFrame:
     if not paths.processed_manifest.is_file():
         return empty_manifest()
     return pd.read_parquet(paths.processed_manifest)
-
-
-def listing_index(listed: np.ndarray, first_wins: bool = False) -> DigestIndex:
-    """Each listed key's position in the listing (its first or its last, when listed twice)."""
-    n = len(listed)
-    uniq, at = np.unique(listed if first_wins else listed[::-1], return_index=True)
-    return DigestIndex(uniq, (at if first_wins else n - 1 - at).astype(np.int32))
-
-
-# --------------------------------------------------------------------------------------------
-# Which journal rows make the result, in source order
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Selection:
-    """The journal row that stands for each listed key, in listing order."""
-
-    parts: list[Path]
-    part: np.ndarray  # int32 (rows,): the part holding each chosen row
-    row: np.ndarray  # int32 (rows,): its row in that part
-    keys: np.ndarray  # S16 (rows,): its key's digest
-    gone: set[tuple[str, str]] = field(default_factory=set)  # source rejects no longer listed
-
-
-def _select(journals: Sequence[Path], order: DigestIndex) -> _Selection:
-    """The last journal row of each listed key (source verdicts are redone on every run),
-    sorted by the key's place in the listing; reading only each part's key columns."""
-    parts = [p for folder in journals for p in Journal(folder).parts()]
-    pos, part, row, keys = [], [], [], []
-    gone: set[tuple[str, str]] = set()
-    for i, path in enumerate(parts):
-        names = set(pq.read_schema(path).names)
-        if "key" not in names:
-            continue
-        cols = ["key"] + (["stage", "source", "source_ref"] if "stage" in names else [])
-        table = pq.read_table(path, columns=cols)
-        d = digests(table.column("key").to_pylist())
-        at = order.find(d)
-        if "stage" in names:
-            stage = table.column("stage").to_pylist()
-            for j in np.flatnonzero(at < 0):
-                if stage[j] == "source":  # a source reject no longer listed (a zip repaired)
-                    gone.add((table.column("source")[j].as_py(),
-                              table.column("source_ref")[j].as_py()))  # fmt: skip
-        listed = np.flatnonzero(at >= 0)
-        pos.append(at[listed])
-        part.append(np.full(len(listed), i, np.int32))
-        row.append(listed.astype(np.int32))
-        keys.append(d[listed])
-    if not pos:
-        empty = np.empty(0, np.int32)
-        return _Selection(parts, empty, empty, np.empty(0, DIGEST), gone)
-    pos_all, part_all, row_all = np.concatenate(pos), np.concatenate(part), np.concatenate(row)
-    key_all = np.concatenate(keys)
-    # by listing position, then journal order; the last row of each position wins
-    by = np.lexsort((np.arange(len(pos_all)), pos_all))
-    pos_all = pos_all[by]
-    last = np.flatnonzero(np.r_[pos_all[1:] != pos_all[:-1], True]) if len(by) else by
-    chosen = by[last]
-    return _Selection(parts, part_all[chosen], row_all[chosen], key_all[chosen], gone)
-
-
-def _slices(sel: _Selection, slice_rows: int) -> Iterator[pd.DataFrame]:
-    """The chosen journal rows, `slice_rows` at a time, in listing order (one frame each)."""
-    cache: dict[int, pa.Table] = {}  # the last part read: slices cut parts in two
-    for start in range(0, len(sel.part), slice_rows):
-        part, row = sel.part[start : start + slice_rows], sel.row[start : start + slice_rows]
-        tables, slots = [], []
-        for p in np.unique(part):
-            if int(p) not in cache:
-                cache = {int(p): pq.read_table(sel.parts[p])}
-            at = np.flatnonzero(part == p)
-            tables.append(cache[int(p)].take(pa.array(row[at])))
-            slots.append(at)
-        # parts differ in columns (a part of rejects has no sha256): missing ones are null
-        table = pa.concat_tables(tables, promote_options="permissive")
-        order = np.argsort(np.concatenate(slots), kind="stable")
-        yield table.take(pa.array(order)).to_pandas()
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,8 +365,9 @@ def finalize_journals(
     twice takes its last place (its first with `first_listed_wins`). Rows of keys not listed
     are left out; this job's earlier rows in both tables are replaced, never appended twice.
     """
-    sel = _select(journals, listing_index(listed, first_listed_wins))
-    replace = DigestIndex(sel.keys)  # this job's refs: its earlier rows are replaced
+    bound_heap_growth(HEAP_MMAP_THRESHOLD)
+    sel = select_rows(journals, listing_index(listed, first_listed_wins))
+    replace = DigestIndex(sel.keys, presorted=True)  # this job's refs: replaced in both tables
     sel.keys, gone = sel.keys[:0], sel.gone
     folder = paths.state / "merge"  # temp runs and buckets (not a job journal under ingest/)
     folder.mkdir(parents=True, exist_ok=True)
@@ -452,7 +382,7 @@ def finalize_journals(
             np.save(fh, replace.keys, allow_pickle=False)
         del replace
         n_base = acc.count
-        for rows in _slices(sel, slice_rows):
+        for rows in row_slices(sel, slice_rows):
             kept, sha, ids, slice_refused = _dedup_slice(rows, acc)
             acc.add_run(kept, sha, ids)
             counted = slice_refused["reason"].value_counts()

@@ -29,10 +29,10 @@ from geoloc.atomic import sweep_stale_temps, temp_path
 from geoloc.config import IndexConfig
 from geoloc.data import rejects as R
 from geoloc.data.digests import DigestIndex, digest, digests
+from geoloc.data.finalize import HEAP_MMAP_THRESHOLD, SLICE_ROWS, finalize_journals
 from geoloc.data.finalize import (  # the manifest contract, imported from here too
     MANIFEST_COLUMNS as MANIFEST_COLUMNS,
 )
-from geoloc.data.finalize import SLICE_ROWS, finalize_journals
 from geoloc.data.finalize import empty_manifest as empty_manifest
 from geoloc.data.finalize import normalise_manifest as normalise_manifest
 from geoloc.data.finalize import read_processed_manifest as read_processed_manifest
@@ -42,6 +42,7 @@ from geoloc.data.shardwriter import ShardWriter, members_of
 from geoloc.data.sources import FetchError, RawItem, SourceReject, create_source
 from geoloc.data.state import Journal, maybe_fault, stable_hash
 from geoloc.errors import DataError
+from geoloc.heap import bound_heap_growth
 from geoloc.locks import file_lock
 from geoloc.paths import DataPaths
 from geoloc.progress import track
@@ -289,6 +290,7 @@ def journal_source(
     The listing is streamed chunk by chunk (only a 16-byte digest of each item's key is kept,
     for the order the merge deduplicates in), so memory grows by 16 bytes per listed item.
     """
+    bound_heap_growth(HEAP_MMAP_THRESHOLD)  # before the listing's and shard writer's arrays
     resolved = _resolve_spec(spec, paths)
     source = create_source(resolved, **source_options)
     # the same photos under another data folder are the same job: no absolute path in its name

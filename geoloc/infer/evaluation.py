@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from geoloc.atomic import atomic_path, file_sha256, write_text
-from geoloc.compute import bound_heap_growth
 from geoloc.config import RerankConfig
 from geoloc.formatting import fmt_km
 from geoloc.geo import LabelSpace, haversine_km
+from geoloc.heap import bound_heap_growth
 from geoloc.infer.ann import AnnSettings, use_run_index
 from geoloc.infer.calibration import Calibration
 from geoloc.infer.candidates import TopCells, radius_km_top, set_size_top

@@ -122,3 +122,21 @@ def test_a_merge_killed_midway_leaves_nothing_the_next_merge_keeps(tmp_path: Pat
     counts = finalize_journals(journals, digests(keys), paths)
     assert counts.accepted == 4
     assert not list(folder.iterdir())
+
+
+def test_a_key_journaled_twice_in_one_part_takes_its_last_row(tmp_path: Path) -> None:
+    """A resumed job may journal a key again in the same part (a source reject redone once the
+    file is there): the merge takes the later verdict, as the whole-journal merge did."""
+    paths = DataPaths(tmp_path)
+    journal = Journal(paths.state / "ingest" / "job")
+    journal.append([
+        _refused("r1", R.MISSING_FILE, stage="source"), _accepted("r2", "b"),
+        _accepted("r1", "a", image_id="img-r1"), _accepted("r2", "c"),
+    ])  # fmt: skip
+    keys = ["job\tr1", "job\tr2"]
+    counts = finalize_journals([journal.folder], digests(keys), paths)
+    assert (counts.read, counts.accepted, counts.rejected) == (2, 2, 0)
+    got = pd.read_parquet(paths.processed_manifest)
+    stored = dict(zip(got["source_ref"], got["sha256"], strict=True))
+    assert stored == {"r1": "a" * 64, "r2": "c" * 64}
+    assert len(pd.read_parquet(paths.rejects)) == 0
