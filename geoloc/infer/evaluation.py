@@ -392,6 +392,7 @@ def rerank_run(
     gallery = outs["train"].to_gallery()
     gallery.save(paths.gallery)
     use_run_index(gallery, paths.gallery, AnnSettings.from_config(cfg), cfg.index)
+    gallery.use_index(None)  # built and saved for `geoloc predict`; the tables search exactly
     land = (
         land_fraction_for(label_space, index_dir / "h3_features.parquet")
         if cfg.use_land_prior
