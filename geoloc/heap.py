@@ -18,8 +18,9 @@ def bound_heap_growth(mmap_threshold: int = 32 << 20) -> bool:
     """Keep a long loop of same-sized numpy/torch blocks at flat resident memory (glibc only).
 
     glibc raises its mmap threshold each time a large block is freed, so later blocks come from
-    the heap, which fragments across per-thread arenas: rerank's test table at 10^6 images
-    (1,561 blocks of 64 x 62,154 classes) grew ~15 MB a block and was OOM-killed at 23 GB.
+    the heap, which fragments across per-thread arenas: rerank's test table at 10^6 images,
+    when it still scored 1,561 dense blocks of 64 x 62,154 classes, grew ~15 MB a block and was
+    OOM-killed at 23 GB (a flat head's blocks are still dense).
     A fixed threshold of 32 MB and one arena keep it at ~3 GB at the same speed (an 8 MB
     threshold is flat too but 50% slower: every block array is page-faulted anew). Allocation
     only: no number changes. Returns whether glibc took the settings (False elsewhere)."""

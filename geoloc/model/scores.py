@@ -36,7 +36,8 @@ def class_scores(
 
     `columns` (factorised head only): (U,) ascending class ids that hold every class the head
     scored; the scores come back as (B, U), one column per id, the same numbers as the (B, K)
-    ones at those classes (every other class is 0). Rerank's tables use it at 10^5 classes.
+    ones at those classes (every other class is 0): rerank's tables at tens of thousands of
+    classes.
     """
     if "child_logits" in outputs:
         joint, classes = _factorised_joint(outputs, hier_topk_parents)

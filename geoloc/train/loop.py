@@ -308,7 +308,7 @@ def fit(
                              best_val=best_val)  # fmt: skip
     return FitResult(state=state, stopped_early=False,
                      skipped_train=_skipped_train(train_loader, dist),
-                     best_val=best_val if state.epoch == tc.epochs else None)  # fmt: skip
+                     best_val=best_val)  # fmt: skip
 
 
 def _skipped_train(loader: EpochLoader, dist: DistContext | None) -> int:
